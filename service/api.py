@@ -1,0 +1,249 @@
+"""The HTTP API (FastAPI): validates requests at the boundary, then calls the store and runner.
+
+Every error leaves in one shape, ``{"error": {"type", "message", ...}}``, with the status
+its ``AnnotateError`` class names. The OpenAPI schema is published at ``/openapi.json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+
+from . import __version__
+from .api_models import JobCreated, JobRequest, JobStatus, SqlRequest, SqlResponse, TaxonomyCreated
+from .documents import batched, check_document, read_file
+from .errors import AnnotateError, Conflict, EngineUnavailable, InvalidInput, PayloadTooLarge, TaxonomyError
+from .jobs import JobRunner
+from .sandbox import run_sql
+from .settings import Settings
+from .store import Store, document_batch
+from .taxonomy import parse_taxonomy
+
+
+@dataclass
+class Context:
+    """What the routes need; ``attach`` sets it in the process that hosts the app."""
+
+    settings: Settings
+    store: Store
+    runner: JobRunner
+
+
+_hosted: Context | None = None
+
+
+def attach(context: Context | None) -> None:
+    """Make ``context`` the one the routes of this process use (Serve copies the app, not its state)."""
+    global _hosted
+    _hosted = context
+
+
+def create_api() -> FastAPI:
+    """Build the FastAPI application with its routes and error handlers."""
+    app = FastAPI(title="annotate", version=__version__, description="LLM-driven annotation service")
+    app.middleware("http")(_limit_body)
+    app.exception_handler(AnnotateError)(_render_error)
+    app.exception_handler(RequestValidationError)(_render_validation_error)
+    for route in ROUTES:
+        app.add_api_route(**route)
+    return app
+
+
+def _ctx(request: Request) -> Context:
+    """The hosting context of this process."""
+    if _hosted is None:
+        raise EngineUnavailable("the service is still starting; retry in a moment")
+    return _hosted
+
+
+async def _limit_body(request: Request, call_next):
+    """Refuse bodies over the configured size before reading them."""
+    limit = _ctx(request).settings.max_body_bytes
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:
+        return _render_error(request, PayloadTooLarge(f"request body of {int(length):,} bytes is over the limit of "
+                                                      f"{limit:,} (ANNOTATE_MAX_BODY_BYTES); use a server-side 'source' file"))
+    return await call_next(request)
+
+
+def _render_error(request: Request, exc: AnnotateError) -> JSONResponse:
+    """One body shape for every error the service raises."""
+    body: dict = {"type": type(exc).__name__, "message": str(exc)}
+    if isinstance(exc, TaxonomyError):
+        body["problems"] = [{"location": loc, "line": line, "message": msg} for loc, line, msg in exc.problems]
+    return JSONResponse({"error": body}, status_code=exc.status_code)
+
+
+def _render_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """Pydantic request errors in the same shape, each naming its field path."""
+    problems = []
+    for error in exc.errors():
+        location = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"][1:]).lstrip(".")
+        problems.append({"location": location or "body", "message": error["msg"]})
+    message = "; ".join(f"{p['location']}: {p['message']}" for p in problems)
+    body = {"type": "InvalidInput", "message": message, "problems": problems}
+    return JSONResponse({"error": body}, status_code=422)
+
+
+async def health(request: Request) -> dict:
+    """Liveness plus what engine the service labels with."""
+    runner = _ctx(request).runner
+    return {"status": "ok", "version": __version__, "engine": runner.engine.engine, "model": runner.engine.model}
+
+
+async def push_taxonomy(request: Request) -> JSONResponse:
+    """Store a taxonomy from its YAML body; a changed file becomes a new version."""
+    raw = await request.body()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TaxonomyError("<request body>", [("", None, f"not valid UTF-8 at byte {exc.start}")]) from exc
+    taxonomy = parse_taxonomy(text, source="<request body>")
+    version, created = await asyncio.to_thread(_ctx(request).store.put_taxonomy, taxonomy, text)
+    body = TaxonomyCreated(name=taxonomy.name, version=version, created=created)
+    return JSONResponse(body.model_dump(), status_code=201 if created else 200)
+
+
+async def list_taxonomies(request: Request) -> list[dict]:
+    """Every stored taxonomy version."""
+    return await asyncio.to_thread(_ctx(request).store.list_taxonomies)
+
+
+async def get_taxonomy(request: Request, name: str, version: str | None = None) -> dict:
+    """One taxonomy (newest version unless ``version``), with its YAML and all versions."""
+    store = _ctx(request).store
+    taxonomy, found, yaml_text = await asyncio.to_thread(store.get_taxonomy, name, version)
+    versions = await asyncio.to_thread(store.taxonomy_versions, name)
+    return {"name": name, "version": found, "yaml": yaml_text, "taxonomy": taxonomy.model_dump(), "versions": versions}
+
+
+async def create_job(request: Request, body: JobRequest) -> JSONResponse:
+    """Validate and store a job's documents, queue it, answer 202 with its id."""
+    ctx = _ctx(request)
+    labeller = await asyncio.to_thread(ctx.runner.labeller, body.taxonomy, body.taxonomy_version)
+    job_id = "job_" + uuid.uuid4().hex[:16]
+    rows = _job_rows(ctx.settings, body)
+    batches = (document_batch(job_id, batch, i * ctx.settings.batch_size)
+               for i, batch in enumerate(batched(rows, ctx.settings.batch_size)))
+    total = await asyncio.to_thread(
+        ctx.store.create_job, job_id=job_id, taxonomy=body.taxonomy, version=labeller.taxonomy_version,
+        annotator=labeller.key, annotator_spec=labeller.spec, batches=batches,
+    )
+    ctx.runner.submit(job_id)
+    created = JobCreated(job_id=job_id, status="queued", total=total, taxonomy_version=labeller.taxonomy_version)
+    return JSONResponse(created.model_dump(), status_code=202)
+
+
+def _job_rows(settings: Settings, body: JobRequest) -> Iterator[dict]:
+    """Validated document rows from the inline list or the server-side source file."""
+    if body.source is not None:
+        path = _source_path(settings, body.source)
+        rows = read_file(path, text_field=body.text_field, id_field=body.id_field, max_chars=settings.max_document_chars)
+        first = next(rows, None)
+        if first is None:
+            raise InvalidInput(f"source {body.source!r} holds no documents")
+        return chain([first], rows)
+    if len(body.documents) > settings.max_documents_per_job:
+        raise PayloadTooLarge(f"documents: {len(body.documents):,} documents is over the limit of "
+                              f"{settings.max_documents_per_job:,} per job (ANNOTATE_MAX_DOCUMENTS_PER_JOB)")
+    return (check_document(f"documents[{i}]", d.id if d.id is not None else i, d.text, d.meta,
+                           max_chars=settings.max_document_chars) for i, d in enumerate(body.documents))
+
+
+def _source_path(settings: Settings, source: str) -> Path:
+    """Resolve a server-side source inside the allowed input directory, refusing escapes."""
+    root = settings.input_dir.resolve()
+    path = (root / source).resolve()
+    if not path.is_relative_to(root):
+        raise InvalidInput(f"source {source!r} is outside the input directory {root} (ANNOTATE_INPUT_DIR)")
+    return path
+
+
+async def list_jobs(request: Request, limit: int = Query(100, ge=1, le=10_000)) -> list[dict]:
+    """The most recent jobs."""
+    return await asyncio.to_thread(_ctx(request).store.list_jobs, limit)
+
+
+async def get_job(request: Request, job_id: str) -> JobStatus:
+    """A job's status and progress counts."""
+    return JobStatus.from_row(await asyncio.to_thread(_ctx(request).store.job, job_id))
+
+
+async def cancel_job(request: Request, job_id: str) -> JobStatus:
+    """Cancel a queued or running job; finished work stays in the store."""
+    store = _ctx(request).store
+    if not await asyncio.to_thread(store.set_job_status, job_id, "cancelled", only_if_active=True):
+        job = await asyncio.to_thread(store.job, job_id)
+        raise Conflict(f"job {job_id} already ended with status {job['status']!r}; nothing to cancel")
+    return JobStatus.from_row(await asyncio.to_thread(store.job, job_id))
+
+
+async def job_labels(request: Request, job_id: str, format: str = Query("jsonl", pattern="^(jsonl|parquet)$")):
+    """A job's labels in input order: streamed JSONL, or a Parquet file."""
+    ctx = _ctx(request)
+    await asyncio.to_thread(ctx.store.job, job_id)
+    if format == "parquet":
+        path = await asyncio.to_thread(_write_parquet, ctx, job_id)
+        return FileResponse(path, media_type="application/vnd.apache.parquet", filename=f"{job_id}.parquet")
+    return StreamingResponse(_jsonl(ctx.store, job_id), media_type="application/x-ndjson")
+
+
+def _jsonl(store: Store, job_id: str) -> Iterator[bytes]:
+    """Label rows as JSON lines, one Arrow batch at a time."""
+    for batch in store.label_reader(job_id):
+        for row in batch.to_pylist():
+            row["distribution"] = dict(row["distribution"])
+            yield (json.dumps(row) + "\n").encode()
+
+
+def _write_parquet(ctx: Context, job_id: str) -> Path:
+    """Write a job's labels to the exports dir (readable from SQL with read_parquet) and return the path."""
+    path = ctx.settings.export_dir / f"{job_id}.labels.parquet"
+    reader = ctx.store.label_reader(job_id)
+    with pq.ParquetWriter(path, reader.schema) as writer:
+        for batch in reader:
+            writer.write_batch(batch)
+    return path
+
+
+async def job_failures(request: Request, job_id: str) -> list[dict]:
+    """Documents of a job that failed, with their errors."""
+    store = _ctx(request).store
+    await asyncio.to_thread(store.job, job_id)
+    return await asyncio.to_thread(store.failures, job_id)
+
+
+async def query_sql(request: Request, body: SqlRequest) -> SqlResponse:
+    """Run one read-only SQL statement in the sandbox."""
+    ctx = _ctx(request)
+    timeout = min(body.timeout_s or ctx.settings.sql_timeout_s, ctx.settings.sql_timeout_s)
+    max_rows = min(body.max_rows or ctx.settings.sql_max_rows, ctx.settings.sql_max_rows)
+    result = await asyncio.to_thread(run_sql, ctx.store.cursor(), body.sql, timeout_s=timeout, max_rows=max_rows)
+    return SqlResponse(**vars(result))
+
+
+ROUTES = [
+    dict(path="/healthz", endpoint=health, methods=["GET"], tags=["service"]),
+    dict(path="/v1/taxonomies", endpoint=push_taxonomy, methods=["POST"], status_code=201, tags=["taxonomies"],
+         response_model=TaxonomyCreated,
+         openapi_extra={"requestBody": {"required": True, "content": {"application/yaml": {"schema": {"type": "string"}}}}}),
+    dict(path="/v1/taxonomies", endpoint=list_taxonomies, methods=["GET"], tags=["taxonomies"]),
+    dict(path="/v1/taxonomies/{name}", endpoint=get_taxonomy, methods=["GET"], tags=["taxonomies"]),
+    dict(path="/v1/jobs", endpoint=create_job, methods=["POST"], status_code=202, tags=["jobs"], response_model=JobCreated),
+    dict(path="/v1/jobs", endpoint=list_jobs, methods=["GET"], tags=["jobs"]),
+    dict(path="/v1/jobs/{job_id}", endpoint=get_job, methods=["GET"], tags=["jobs"], response_model=JobStatus),
+    dict(path="/v1/jobs/{job_id}", endpoint=cancel_job, methods=["DELETE"], tags=["jobs"], response_model=JobStatus),
+    dict(path="/v1/jobs/{job_id}/labels", endpoint=job_labels, methods=["GET"], tags=["jobs"]),
+    dict(path="/v1/jobs/{job_id}/failures", endpoint=job_failures, methods=["GET"], tags=["jobs"]),
+    dict(path="/v1/sql", endpoint=query_sql, methods=["POST"], tags=["sql"], response_model=SqlResponse),
+]

@@ -1,0 +1,99 @@
+"""Pydantic models of the HTTP API's bodies: the public contract, published as OpenAPI."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class DocumentIn(BaseModel):
+    """One document of an inline job; ``id`` defaults to its position in the list."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str | int | None = None
+    text: str
+    meta: dict | None = None
+
+
+class JobRequest(BaseModel):
+    """A labelling job: a taxonomy and either inline documents or a server-side source file."""
+
+    model_config = ConfigDict(extra="forbid")
+    taxonomy: str = Field(min_length=1, description="Name of a pushed taxonomy.")
+    taxonomy_version: str | None = Field(None, description="A content-hash version; default the newest.")
+    documents: list[DocumentIn] | None = None
+    source: str | None = Field(None, description="Path of a .jsonl/.csv/.parquet file under ANNOTATE_INPUT_DIR.")
+    text_field: str = "text"
+    id_field: str = "id"
+
+    @model_validator(mode="after")
+    def _one_input(self) -> JobRequest:
+        """Exactly one of documents and source, and never an empty list."""
+        if (self.documents is None) == (self.source is None):
+            raise ValueError("give exactly one of 'documents' (inline) or 'source' (server-side file)")
+        if self.documents is not None and not self.documents:
+            raise ValueError("'documents' is empty; send at least one document")
+        return self
+
+
+class JobCreated(BaseModel):
+    """Answer to a submitted job."""
+
+    job_id: str
+    status: JobState
+    total: int
+    taxonomy_version: str
+
+
+class JobStatus(BaseModel):
+    """A job's state and progress."""
+
+    job_id: str
+    status: JobState
+    taxonomy: str
+    taxonomy_version: str
+    annotator: str
+    total: int
+    done: int
+    failed: int
+    abstained: int
+    cached: int
+    error: str | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    @classmethod
+    def from_row(cls, row: dict) -> JobStatus:
+        """Build from the store's job row (extra keys ignored)."""
+        return cls(**{k: v for k, v in row.items() if k in cls.model_fields})
+
+
+class TaxonomyCreated(BaseModel):
+    """Answer to a pushed taxonomy."""
+
+    name: str
+    version: str
+    created: bool
+
+
+class SqlRequest(BaseModel):
+    """One read-only SQL statement; limits may only be lowered."""
+
+    model_config = ConfigDict(extra="forbid")
+    sql: str = Field(min_length=1)
+    timeout_s: float | None = Field(None, gt=0)
+    max_rows: int | None = Field(None, ge=1)
+
+
+class SqlResponse(BaseModel):
+    """Columns and rows of a query; ``truncated`` when the row cap cut it."""
+
+    columns: list[str]
+    rows: list[list]
+    truncated: bool
+    elapsed_ms: float

@@ -1,0 +1,211 @@
+"""The ``annotate`` command line: runs the service and talks to it over HTTP.
+
+Every command but ``serve``, ``taxonomy validate``, ``models fetch`` and ``settings`` is an
+HTTP client of a running service (``--url`` or ``ANNOTATE_URL``). ``annotate sql`` opens
+the DuckDB file itself, read-only through the same sandbox, when no service is running.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import httpx
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .errors import AnnotateError
+from .settings import Settings
+
+app = typer.Typer(help="LLM-driven annotation: taxonomies in YAML, labelling jobs over HTTP, results in DuckDB.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+taxonomy_app = typer.Typer(help="Validate and push taxonomy YAML files.", no_args_is_help=True)
+models_app = typer.Typer(help="Embedded model weights.", no_args_is_help=True)
+app.add_typer(taxonomy_app, name="taxonomy")
+app.add_typer(models_app, name="models")
+console = Console()
+errors = Console(stderr=True)
+URL = typer.Option("http://127.0.0.1:8000", "--url", envvar="ANNOTATE_URL", help="Base URL of the service.")
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+def _fail(message: str, code: int = 1) -> None:
+    """Print an error and exit non-zero."""
+    errors.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _call(method: str, url: str, **kwargs) -> httpx.Response:
+    """An HTTP call whose errors become one readable line."""
+    try:
+        response = httpx.request(method, url, timeout=kwargs.pop("timeout", 60), **kwargs)
+    except httpx.ConnectError:
+        _fail(f"no service answers at {url.split('/v1')[0]}; start one with `annotate serve`")
+    if response.status_code >= 400:
+        try:
+            error = response.json()["error"]
+            message = error["message"]
+        except (ValueError, KeyError):
+            message = response.text
+        _fail(f"{response.status_code}: {message}")
+    return response
+
+
+@app.command()
+def serve(
+    host: str = typer.Option(None, help="Bind address [default: 127.0.0.1 or ANNOTATE_HOST]."),
+    port: int = typer.Option(None, help="Port [default: 8000 or ANNOTATE_PORT]."),
+    data_dir: Path = typer.Option(None, "--data-dir", help="Data directory [default: ./data or ANNOTATE_DATA_DIR]."),
+    engine: str = typer.Option(None, help="Engine backend [default: embedded]."),
+) -> None:
+    """Start the service (Ray Serve) in the foreground; Ctrl-C or SIGTERM stops it cleanly."""
+    from .server import serve_forever
+
+    overrides = {k: v for k, v in dict(host=host, port=port, data_dir=data_dir, engine=engine).items() if v is not None}
+    settings = Settings(**overrides)
+    try:
+        serve_forever(settings, on_ready=lambda line: console.print(line, highlight=False))
+    except AnnotateError as exc:
+        _fail(str(exc))
+
+
+@taxonomy_app.command("validate")
+def taxonomy_validate(file: Path) -> None:
+    """Check a taxonomy file; problems are printed as FILE:LINE: FIELD: MESSAGE."""
+    from .taxonomy import load_taxonomy
+
+    try:
+        taxonomy = load_taxonomy(file)
+    except AnnotateError as exc:
+        _fail(str(exc))
+    console.print(f"{file}: ok — {taxonomy.name}, {len(taxonomy.label_names())} labels, version {taxonomy.content_hash()}")
+
+
+@taxonomy_app.command("push")
+def taxonomy_push(file: Path, url: str = URL) -> None:
+    """Validate locally, then store the taxonomy in the service (a changed file becomes a new version)."""
+    taxonomy_validate(file)
+    body = _call("POST", f"{url}/v1/taxonomies", content=file.read_bytes(),
+                 headers={"content-type": "application/yaml"}).json()
+    state = "new version" if body["created"] else "unchanged"
+    console.print(f"pushed {body['name']} version {body['version']} ({state})")
+
+
+@app.command()
+def submit(
+    file: Path,
+    taxonomy: str = typer.Option(..., "--taxonomy", "-t", help="Name of a pushed taxonomy."),
+    text_field: str = typer.Option("text", help="Field or column holding the text."),
+    id_field: str = typer.Option("id", help="Field or column holding the document id (default: row number)."),
+    wait: bool = typer.Option(True, help="Show a progress bar until the job ends."),
+    url: str = URL,
+) -> None:
+    """Label a .jsonl, .csv or .parquet file with a taxonomy; prints the job id."""
+    from .documents import read_file
+
+    try:
+        rows = list(read_file(file, text_field=text_field, id_field=id_field, max_chars=Settings().max_document_chars))
+    except AnnotateError as exc:
+        _fail(str(exc))
+    documents = [{"id": r["doc_id"], "text": r["text"], "meta": r["meta"]} for r in rows]
+    job = _call("POST", f"{url}/v1/jobs", json={"taxonomy": taxonomy, "documents": documents}, timeout=600).json()
+    console.print(f"job {job['job_id']}: {job['total']} documents queued", highlight=False)
+    if wait:
+        final = _follow(url, job["job_id"], job["total"])
+        if final["status"] != "succeeded":
+            _fail(f"job {job['job_id']} ended {final['status']}: {final.get('error') or ''}")
+
+
+def _follow(url: str, job_id: str, total: int) -> dict:
+    """Poll a job and draw a progress bar until it ends."""
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+               TextColumn("{task.fields[extra]}")]
+    with Progress(*columns, console=errors, transient=False) as progress:
+        task = progress.add_task(job_id, total=total, extra="")
+        while True:
+            job = _call("GET", f"{url}/v1/jobs/{job_id}").json()
+            extra = f"failed {job['failed']} · abstained {job['abstained']} · cached {job['cached']}"
+            progress.update(task, completed=job["done"] + job["failed"], extra=extra)
+            if job["status"] in FINAL:
+                return job
+            time.sleep(0.5)
+
+
+@app.command()
+def status(job_id: str, url: str = URL) -> None:
+    """Show a job's status and counts."""
+    job = _call("GET", f"{url}/v1/jobs/{job_id}").json()
+    table = Table(show_header=False)
+    for key in ("job_id", "status", "taxonomy", "taxonomy_version", "total", "done", "failed", "abstained", "cached",
+                "error", "created_at", "finished_at"):
+        table.add_row(key, "" if job.get(key) is None else str(job[key]))
+    console.print(table)
+
+
+@app.command()
+def sql(query: str, url: str = URL, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Run read-only SQL against the results; prints a table."""
+    try:
+        result = httpx.post(f"{url}/v1/sql", json={"sql": query}, timeout=120)
+    except httpx.ConnectError:
+        result = None
+    if result is None:
+        body = _local_sql(query)
+    elif result.status_code >= 400:
+        _fail(f"{result.status_code}: {result.json()['error']['message']}")
+    else:
+        body = result.json()
+    if as_json:
+        sys.stdout.write(json.dumps(body) + "\n")
+        return
+    table = Table(*body["columns"])
+    for row in body["rows"]:
+        table.add_row(*["NULL" if v is None else json.dumps(v) if isinstance(v, (dict, list)) else str(v) for v in row])
+    console.print(table)
+    if body["truncated"]:
+        errors.print(f"(cut at {len(body['rows'])} rows)")
+
+
+def _local_sql(query: str) -> dict:
+    """No service is running: open the DuckDB file here, through the same sandbox."""
+    from dataclasses import asdict
+
+    from .sandbox import run_sql
+    from .store import Store
+
+    settings = Settings()
+    if not settings.db_path.exists():
+        _fail(f"no service answers and there is no database at {settings.db_path}")
+    try:
+        store = Store(settings.db_path, export_dir=settings.export_dir)
+        return asdict(run_sql(store.cursor(), query, timeout_s=settings.sql_timeout_s, max_rows=settings.sql_max_rows))
+    except AnnotateError as exc:
+        _fail(str(exc))
+
+
+@models_app.command("fetch")
+def models_fetch() -> None:
+    """Convert the packaged SmolLM2 GGUF into the fast-loading cache (run by `make`)."""
+    from .engines.embedded import fetch_model
+
+    path = fetch_model(Settings().models_dir)
+    console.print(f"embedded model ready at {path}")
+
+
+@app.command("settings")
+def settings_table() -> None:
+    """Print every setting with its environment variable, default and meaning (Markdown)."""
+    console.print("| variable | default | meaning |\n|---|---|---|", highlight=False, markup=False)
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        console.print(f"| `ANNOTATE_{name.upper()}` | `{default}` | {field.description} |", highlight=False, markup=False)
+
+
+def main() -> None:
+    """Entry point of the console script."""
+    app()

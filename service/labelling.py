@@ -1,0 +1,173 @@
+"""From a taxonomy and an engine's continuation scores to one document's annotation.
+
+Single-label: every leaf label (and "none of these" when the taxonomy allows it) is a
+continuation; a softmax over their log-probabilities is the distribution. The candidate
+set is the smallest set of labels whose probability mass reaches ``candidate_mass``.
+The document is abstained, with a reason, when "none of these" wins
+(``out_of_taxonomy``), the top probability is under the threshold (``below_threshold``)
+or the top two are closer than the ambiguity margin (``ambiguous``).
+
+Multi-label: each label gets its own probability P(yes) from a yes/no continuation pair,
+and every label at or above the selection threshold is chosen; no label chosen means
+abstained with ``below_threshold``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+
+from .engines.base import EngineInfo, ScoreRequest
+from .prompts import PromptTemplate
+from .taxonomy import NONE_LABEL, Taxonomy
+
+OUT_OF_TAXONOMY = "out_of_taxonomy"
+BELOW_THRESHOLD = "below_threshold"
+AMBIGUOUS = "ambiguous"
+
+
+@dataclass
+class Annotation:
+    """One annotator's verdict on one document."""
+
+    distribution: dict[str, float]
+    label: str | None
+    labels: list[str]
+    confidence: float
+    candidates: list[str]
+    abstained: bool
+    abstain_reason: str | None
+    truncated: bool = False
+    status: str = "ok"
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Labeller:
+    """Builds score requests for documents and turns the scores into annotations."""
+
+    taxonomy: Taxonomy
+    taxonomy_version: str
+    template: PromptTemplate
+    engine: EngineInfo
+    model_input_chars: int
+    system: str = field(init=False)
+    options: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self):
+        names = self.taxonomy.label_names()
+        allow_none = self.taxonomy.abstention.allow_none and not self.taxonomy.multi_label
+        system = self.template.render(
+            "system",
+            instruction=self.taxonomy.instruction,
+            labels=self.taxonomy.leaves(),
+            allow_none=allow_none,
+            none_label=NONE_LABEL,
+            multi_label=self.taxonomy.multi_label,
+        )
+        object.__setattr__(self, "system", system)
+        object.__setattr__(self, "options", tuple(names) + ((NONE_LABEL,) if allow_none else ()))
+
+    @property
+    def spec(self) -> dict:
+        """Everything that determines an annotation: recorded on the job and hashed into the cache key."""
+        return {
+            "engine": self.engine.engine,
+            "model": self.engine.model,
+            "decoding": self.engine.decoding,
+            "prompt": self.template.name,
+            "prompt_hash": self.template.hash,
+            "taxonomy": self.taxonomy.name,
+            "taxonomy_version": self.taxonomy_version,
+            "model_input_chars": self.model_input_chars,
+        }
+
+    @property
+    def key(self) -> str:
+        """Short stable id of this annotator (the cache key's second half, next to the text hash)."""
+        return hashlib.sha256(json.dumps(self.spec, sort_keys=True).encode()).hexdigest()[:16]
+
+    def request(self, text: str) -> tuple[ScoreRequest, bool]:
+        """The engine request for one document, and whether its text was truncated for the model."""
+        truncated = len(text) > self.model_input_chars
+        user = self.template.render("user", text=text[: self.model_input_chars])
+        answer = self.template.render("assistant")
+        return ScoreRequest(self.system, user, tuple(answer + c for c in self._continuations())), truncated
+
+    def _continuations(self) -> list[str]:
+        """The texts scored after the prompt, in the order ``decide`` reads them."""
+        if self.taxonomy.multi_label:
+            return [self.template.render(side, label=name) for name in self.options for side in ("yes", "no")]
+        return [self.template.render("choice", label=name) for name in self.options]
+
+    def decide(self, scores: list[float], *, truncated: bool = False) -> Annotation:
+        """Turn continuation log-probabilities into distribution, candidates and abstention."""
+        if len(scores) != len(self._continuations()):
+            raise ValueError(f"expected {len(self._continuations())} scores, got {len(scores)}")
+        if self.taxonomy.multi_label:
+            return self._decide_multi(scores, truncated)
+        return self._decide_single(scores, truncated)
+
+    def _decide_single(self, scores: list[float], truncated: bool) -> Annotation:
+        """Softmax over options, then candidates and abstention rules."""
+        probs = _softmax(scores)
+        distribution = dict(zip(self.options, probs))
+        ranked = sorted(distribution.items(), key=lambda kv: -kv[1])
+        top, confidence = ranked[0]
+        runner_up = ranked[1][1] if len(ranked) > 1 else 0.0
+        candidates = _candidate_set([kv for kv in ranked if kv[0] != NONE_LABEL], self.taxonomy.candidate_mass)
+        reason = None
+        if top == NONE_LABEL:
+            reason = OUT_OF_TAXONOMY
+        elif confidence < self.taxonomy.selection_threshold:
+            reason = BELOW_THRESHOLD
+        elif confidence - runner_up < self.taxonomy.abstention.ambiguity_margin:
+            reason = AMBIGUOUS
+        label = None if reason else top
+        return Annotation(
+            distribution=distribution, label=label, labels=[label] if label else [], confidence=confidence,
+            candidates=candidates, abstained=reason is not None, abstain_reason=reason, truncated=truncated,
+        )
+
+    def _decide_multi(self, scores: list[float], truncated: bool) -> Annotation:
+        """Independent P(yes) per label; choose all at or above the threshold."""
+        distribution = {
+            name: 1.0 / (1.0 + math.exp(scores[2 * i + 1] - scores[2 * i])) for i, name in enumerate(self.options)
+        }
+        ranked = sorted(distribution.items(), key=lambda kv: -kv[1])
+        chosen = [name for name, p in ranked if p >= self.taxonomy.selection_threshold]
+        return Annotation(
+            distribution=distribution, label=chosen[0] if chosen else None, labels=chosen,
+            confidence=ranked[0][1], candidates=chosen, abstained=not chosen,
+            abstain_reason=None if chosen else BELOW_THRESHOLD, truncated=truncated,
+        )
+
+
+def failed(error: str) -> Annotation:
+    """The record of a document the engine could not label."""
+    return Annotation(
+        distribution={}, label=None, labels=[], confidence=0.0, candidates=[], abstained=False,
+        abstain_reason=None, status="failed", error=error,
+    )
+
+
+def _softmax(scores: list[float]) -> list[float]:
+    """Numerically stable softmax of log-probabilities."""
+    peak = max(scores)
+    exps = [math.exp(s - peak) for s in scores]
+    total = sum(exps)
+    return [e / total for e in exps]
+
+
+def _candidate_set(ranked: list[tuple[str, float]], mass: float) -> list[str]:
+    """Smallest prefix of the ranked labels whose probability reaches ``mass`` (of the labels' own mass)."""
+    total = sum(p for _, p in ranked)
+    chosen, reached = [], 0.0
+    for name, p in ranked:
+        chosen.append(name)
+        reached += p
+        if reached >= mass * total - 1e-12:
+            break
+    return chosen

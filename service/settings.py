@@ -1,0 +1,54 @@
+"""Every setting of the service, declared once; each reads ``ANNOTATE_<NAME>`` from the environment.
+
+The README's "Configuration" table is generated from this class's field descriptions
+(``annotate settings``), so a setting cannot exist undocumented.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Service configuration; override with ANNOTATE_* variables or CLI flags."""
+
+    model_config = SettingsConfigDict(env_prefix="ANNOTATE_", extra="ignore")
+
+    data_dir: Path = Field(Path("data"), description="Directory holding the DuckDB file, exports and caches.")
+    input_dir: Path = Field(
+        Path("."), description="Server-side job sources ('source' in POST /v1/jobs) must lie under this directory."
+    )
+    job_workers: int = Field(1, ge=1, description="Jobs labelled at the same time (they share the model deployment).")
+    models_dir: Path = Field(
+        Path.home() / ".cache" / "annotate" / "models",
+        description="Where converted model weights are cached (the GGUF is converted once, then loaded fast).",
+    )
+    host: str = Field("127.0.0.1", description="Address the HTTP service binds.")
+    port: int = Field(8000, description="Port the HTTP service binds.")
+    engine: str = Field("embedded", description="Engine backend: 'embedded' (SmolLM2 on CPU) or 'fake' (tests, demos).")
+    batch_size: int = Field(32, ge=1, description="Documents per job batch; progress is committed once per batch.")
+    engine_max_batch: int = Field(16, ge=1, description="Most documents the model deployment scores in one forward pass.")
+    engine_batch_wait_s: float = Field(0.01, ge=0, description="How long the model deployment waits to fill a batch.")
+    engine_threads: int = Field(0, ge=0, description="Torch threads for the embedded engine (0: one per core).")
+    model_input_chars: int = Field(
+        2000, ge=100, description="The model sees at most this many characters of a document; longer ones are flagged truncated."
+    )
+    max_document_chars: int = Field(1_000_000, ge=1, description="Documents longer than this are rejected with 413.")
+    max_documents_per_job: int = Field(100_000, ge=1, description="Most documents one inline job may carry.")
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest HTTP request body accepted.")
+    sql_timeout_s: float = Field(10.0, gt=0, description="Time limit of a user SQL query; a request may only lower it.")
+    sql_max_rows: int = Field(10_000, ge=1, description="Most rows a user SQL query returns; the answer says when it was cut.")
+    log_level: str = Field("WARNING", description="Log level of the service's structured (JSON) logs.")
+
+    @property
+    def db_path(self) -> Path:
+        """The DuckDB file inside the data dir."""
+        return self.data_dir / "annotate.duckdb"
+
+    @property
+    def export_dir(self) -> Path:
+        """The only directory user SQL may read files from (Parquet exports)."""
+        return self.data_dir / "exports"

@@ -1,0 +1,319 @@
+"""The one owner of DuckDB: the connection, the schema and every SQL statement.
+
+DuckDB allows one writer process, so exactly one ``Store`` (inside the service's ingress
+replica, or the CLI when no service runs) holds the file. Every caller uses its methods;
+each method takes a fresh cursor of the same instance, writes are serialised by one
+lock, and bulk writes go through Arrow. User SQL goes through ``service.sandbox``, which
+also runs on cursors of this instance, after ``_lock_down`` has closed file and network
+access for the whole instance (DESIGN.md, "Known constraints").
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from .errors import AnnotateError, NotFound
+from .labelling import Annotation
+from .taxonomy import Taxonomy, parse_taxonomy
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS taxonomies (
+    name VARCHAR NOT NULL, version VARCHAR NOT NULL, label_version VARCHAR, description VARCHAR,
+    multi_label BOOLEAN, yaml VARCHAR NOT NULL, created_at TIMESTAMP NOT NULL,
+    PRIMARY KEY (name, version));
+CREATE TABLE IF NOT EXISTS taxonomy_labels (
+    taxonomy VARCHAR NOT NULL, version VARCHAR NOT NULL, label VARCHAR NOT NULL, parent VARCHAR,
+    description VARCHAR, is_leaf BOOLEAN, position INTEGER,
+    PRIMARY KEY (taxonomy, version, label));
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id VARCHAR PRIMARY KEY, taxonomy VARCHAR NOT NULL, taxonomy_version VARCHAR NOT NULL,
+    annotator VARCHAR NOT NULL, annotator_spec JSON, status VARCHAR NOT NULL, total INTEGER NOT NULL,
+    error VARCHAR, created_at TIMESTAMP NOT NULL, started_at TIMESTAMP, finished_at TIMESTAMP);
+CREATE TABLE IF NOT EXISTS documents (
+    job_id VARCHAR NOT NULL, doc_id VARCHAR NOT NULL, position BIGINT NOT NULL, text VARCHAR NOT NULL,
+    text_hash VARCHAR NOT NULL, meta JSON,
+    PRIMARY KEY (job_id, doc_id));
+CREATE TABLE IF NOT EXISTS annotations (
+    job_id VARCHAR NOT NULL, doc_id VARCHAR NOT NULL, annotator VARCHAR NOT NULL, status VARCHAR NOT NULL,
+    distribution MAP(VARCHAR, DOUBLE), label VARCHAR, labels VARCHAR[], confidence DOUBLE,
+    candidates VARCHAR[], abstained BOOLEAN, abstain_reason VARCHAR, truncated BOOLEAN, error VARCHAR,
+    model VARCHAR, engine VARCHAR, prompt_hash VARCHAR, taxonomy_version VARCHAR, decoding JSON,
+    text_hash VARCHAR NOT NULL, cached BOOLEAN NOT NULL, latency_ms DOUBLE, created_at TIMESTAMP NOT NULL,
+    PRIMARY KEY (job_id, doc_id, annotator));
+CREATE OR REPLACE VIEW labels AS
+    SELECT a.job_id, a.doc_id, a.label, a.labels, a.confidence, a.candidates, a.abstained,
+           a.abstain_reason, a.distribution, a.truncated, a.cached, d.text, d.meta
+    FROM annotations a JOIN documents d USING (job_id, doc_id)
+    WHERE a.status = 'ok';
+"""
+
+ANNOTATION_SCHEMA = pa.schema(
+    [
+        ("job_id", pa.string()), ("doc_id", pa.string()), ("annotator", pa.string()), ("status", pa.string()),
+        ("distribution", pa.map_(pa.string(), pa.float64())), ("label", pa.string()),
+        ("labels", pa.list_(pa.string())), ("confidence", pa.float64()), ("candidates", pa.list_(pa.string())),
+        ("abstained", pa.bool_()), ("abstain_reason", pa.string()), ("truncated", pa.bool_()),
+        ("error", pa.string()), ("model", pa.string()), ("engine", pa.string()), ("prompt_hash", pa.string()),
+        ("taxonomy_version", pa.string()), ("decoding", pa.string()), ("text_hash", pa.string()),
+        ("cached", pa.bool_()), ("latency_ms", pa.float64()), ("created_at", pa.timestamp("us")),
+    ]
+)
+DOCUMENT_SCHEMA = pa.schema(
+    [("job_id", pa.string()), ("doc_id", pa.string()), ("position", pa.int64()), ("text", pa.string()),
+     ("text_hash", pa.string()), ("meta", pa.string())]
+)
+ACTIVE_STATUSES = ("queued", "running")
+
+
+def _now() -> datetime:
+    """Timestamps are stored as naive UTC (TIMESTAMP), which needs no time-zone library."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class Store:
+    """DuckDB file owner; all reads and writes of the service go through its methods."""
+
+    def __init__(self, path: Path, *, export_dir: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        export_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = duckdb.connect(str(path))
+        except duckdb.IOException as exc:
+            raise AnnotateError(
+                f"cannot open {path}: {exc}. Another process (a running service?) holds it; "
+                "talk to that service over HTTP instead"
+            ) from exc
+        self._write_lock = threading.Lock()
+        self._db.execute(SCHEMA)
+        self._lock_down(path.parent / "tmp", export_dir)
+
+    def _lock_down(self, temp_dir: Path, export_dir: Path) -> None:
+        """Close file and network access for the whole instance; order matters (DESIGN.md)."""
+        self._db.execute(f"SET temp_directory = '{temp_dir}'")
+        self._db.execute(f"SET allowed_directories = ['{export_dir}/']")
+        self._db.execute("SET enable_external_access = false")
+        self._db.execute("SET lock_configuration = true")
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """A new cursor of the single instance, for one call on one thread."""
+        return self._db.cursor()
+
+    def close(self) -> None:
+        """Checkpoint and release the file."""
+        self._db.close()
+
+    # taxonomies ---------------------------------------------------------------
+    def put_taxonomy(self, taxonomy: Taxonomy, yaml_text: str) -> tuple[str, bool]:
+        """Store a taxonomy version (content hash); returns (version, created)."""
+        version = taxonomy.content_hash()
+        with self._write_lock:
+            cur = self.cursor()
+            if cur.execute(
+                "SELECT 1 FROM taxonomies WHERE name = ? AND version = ?", [taxonomy.name, version]
+            ).fetchone():
+                return version, False
+            cur.execute("BEGIN")
+            cur.execute(
+                "INSERT INTO taxonomies VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [taxonomy.name, version, taxonomy.version, taxonomy.description, taxonomy.multi_label, yaml_text, _now()],
+            )
+            leaves = set(taxonomy.label_names())
+            cur.executemany(
+                "INSERT INTO taxonomy_labels VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [[taxonomy.name, version, label.name, label.parent, label.description, label.name in leaves, i]
+                 for i, label in enumerate(taxonomy.labels)],
+            )
+            cur.execute("COMMIT")
+        return version, True
+
+    def get_taxonomy(self, name: str, version: str | None = None) -> tuple[Taxonomy, str, str]:
+        """(taxonomy, version, yaml) of a named taxonomy, the newest version unless one is given."""
+        sql = "SELECT version, yaml FROM taxonomies WHERE name = ?"
+        params: list = [name]
+        if version:
+            sql += " AND version = ?"
+            params.append(version)
+        row = self.cursor().execute(sql + " ORDER BY created_at DESC LIMIT 1", params).fetchone()
+        if row is None:
+            known = [r[0] for r in self.cursor().execute("SELECT DISTINCT name FROM taxonomies ORDER BY 1").fetchall()]
+            what = f"taxonomy {name!r}" + (f" version {version!r}" if version else "")
+            raise NotFound(f"unknown {what}; known taxonomies: {', '.join(known) or 'none (push one first)'}")
+        return parse_taxonomy(row[1], source=f"store:{name}@{row[0]}"), row[0], row[1]
+
+    def list_taxonomies(self) -> list[dict]:
+        """Every taxonomy version, newest first."""
+        return self._dicts(
+            "SELECT name, version, label_version, description, multi_label, created_at,"
+            " (SELECT count(*) FROM taxonomy_labels l WHERE l.taxonomy = t.name AND l.version = t.version) AS labels"
+            " FROM taxonomies t ORDER BY name, created_at DESC"
+        )
+
+    def taxonomy_versions(self, name: str) -> list[dict]:
+        """The versions of one taxonomy, newest first."""
+        rows = self._dicts(
+            "SELECT version, label_version, created_at FROM taxonomies WHERE name = ? ORDER BY created_at DESC", [name]
+        )
+        if not rows:
+            self.get_taxonomy(name)  # raises NotFound with the known names
+        return rows
+
+    # jobs ---------------------------------------------------------------------
+    def create_job(self, *, job_id: str, taxonomy: str, version: str, annotator: str, annotator_spec: dict,
+                   batches: Iterator[pa.RecordBatch]) -> int:
+        """Insert a job and its documents in one transaction; returns the document count."""
+        with self._write_lock:
+            cur = self.cursor()
+            cur.execute("BEGIN")
+            try:
+                cur.execute(
+                    "INSERT INTO jobs (job_id, taxonomy, taxonomy_version, annotator, annotator_spec, status, total,"
+                    " created_at) VALUES (?, ?, ?, ?, ?, 'queued', 0, ?)",
+                    [job_id, taxonomy, version, annotator, json.dumps(annotator_spec), _now()],
+                )
+                for batch in batches:
+                    cur.register("document_batch", batch)
+                    cur.execute("INSERT INTO documents SELECT * FROM document_batch")
+                    cur.unregister("document_batch")
+                total = cur.execute("SELECT count(*) FROM documents WHERE job_id = ?", [job_id]).fetchone()[0]
+                cur.execute("UPDATE jobs SET total = ? WHERE job_id = ?", [total, job_id])
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+        return total
+
+    def job(self, job_id: str) -> dict:
+        """A job's row with live counts of done, failed and abstained documents."""
+        rows = self._dicts(
+            "SELECT j.job_id, j.taxonomy, j.taxonomy_version, j.annotator, j.status, j.total, j.error,"
+            " j.created_at, j.started_at, j.finished_at,"
+            " count(a.doc_id) FILTER (WHERE a.status = 'ok') AS done,"
+            " count(a.doc_id) FILTER (WHERE a.status = 'failed') AS failed,"
+            " count(a.doc_id) FILTER (WHERE a.abstained) AS abstained,"
+            " count(a.doc_id) FILTER (WHERE a.cached) AS cached"
+            " FROM jobs j LEFT JOIN annotations a ON a.job_id = j.job_id AND a.annotator = j.annotator"
+            " WHERE j.job_id = ? GROUP BY ALL",
+            [job_id],
+        )
+        if not rows:
+            raise NotFound(f"unknown job {job_id!r}")
+        row = rows[0]
+        row["annotator_spec"] = json.loads(
+            self.cursor().execute("SELECT annotator_spec FROM jobs WHERE job_id = ?", [job_id]).fetchone()[0]
+        )
+        return row
+
+    def list_jobs(self, limit: int = 100) -> list[dict]:
+        """The most recent jobs, newest first."""
+        return self._dicts(
+            "SELECT job_id, taxonomy, taxonomy_version, status, total, created_at, finished_at FROM jobs"
+            " ORDER BY created_at DESC LIMIT ?",
+            [limit],
+        )
+
+    def active_jobs(self) -> list[str]:
+        """Jobs to (re)start: queued or interrupted while running, oldest first."""
+        rows = self.cursor().execute(
+            "SELECT job_id FROM jobs WHERE status IN ('queued', 'running') ORDER BY created_at"
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def set_job_status(self, job_id: str, status: str, *, error: str | None = None,
+                       only_if_active: bool = False) -> bool:
+        """Move a job to a status; returns False when only_if_active and it had already ended."""
+        stamp = {"running": "started_at = coalesce(started_at, ?)"}.get(status, "finished_at = ?")
+        sql = f"UPDATE jobs SET status = ?, error = coalesce(?, error), {stamp} WHERE job_id = ?"
+        if only_if_active:
+            sql += " AND status IN ('queued', 'running')"
+        with self._write_lock:
+            changed = self.cursor().execute(sql + " RETURNING job_id", [status, error, _now(), job_id]).fetchall()
+        return bool(changed)
+
+    def pending_documents(self, job_id: str, annotator: str, limit: int) -> list[tuple[str, str, str]]:
+        """(doc_id, text, text_hash) of documents without an annotation yet, in input order."""
+        return self.cursor().execute(
+            "SELECT d.doc_id, d.text, d.text_hash FROM documents d"
+            " ANTI JOIN annotations a ON a.job_id = d.job_id AND a.doc_id = d.doc_id AND a.annotator = ?"
+            " WHERE d.job_id = ? ORDER BY d.position LIMIT ?",
+            [annotator, job_id, limit],
+        ).fetchall()
+
+    def cached_annotations(self, annotator: str, text_hashes: list[str]) -> dict[str, Annotation]:
+        """Earlier successful annotations of the same text by the same annotator, by text hash."""
+        if not text_hashes:
+            return {}
+        cur = self.cursor()
+        cur.execute(
+            "SELECT DISTINCT ON (text_hash) text_hash, distribution, label, labels, confidence, candidates,"
+            " abstained, abstain_reason, truncated FROM annotations"
+            " WHERE annotator = ? AND status = 'ok' AND text_hash IN (SELECT unnest(?::VARCHAR[]))",
+            [annotator, text_hashes],
+        )
+        found = {}
+        for text_hash, dist, label, labels, confidence, candidates, abstained, reason, truncated in cur.fetchall():
+            found[text_hash] = Annotation(
+                distribution=dict(dist), label=label, labels=list(labels), confidence=confidence,
+                candidates=list(candidates), abstained=abstained, abstain_reason=reason, truncated=truncated,
+            )
+        return found
+
+    def write_annotations(self, rows: list[dict]) -> None:
+        """Append a batch of annotation rows atomically; rows already present are kept as they were."""
+        if not rows:
+            return
+        table = pa.Table.from_pylist(rows, schema=ANNOTATION_SCHEMA)
+        with self._write_lock:
+            cur = self.cursor()
+            cur.register("annotation_batch", table)
+            try:
+                cur.execute("INSERT OR IGNORE INTO annotations SELECT * FROM annotation_batch")
+            finally:
+                cur.unregister("annotation_batch")
+
+    def label_reader(self, job_id: str, batch_size: int = 10_000) -> pa.RecordBatchReader:
+        """A job's labels as a stream of Arrow batches in input order (bounded memory for exports)."""
+        self.job(job_id)
+        return self.cursor().sql(
+            "SELECT a.doc_id, a.label, a.labels, a.confidence, a.candidates, a.abstained, a.abstain_reason,"
+            " a.distribution, a.truncated, a.cached FROM annotations a JOIN documents d USING (job_id, doc_id)"
+            " WHERE a.job_id = ? AND a.status = 'ok' ORDER BY d.position",
+            params=[job_id],
+        ).to_arrow_reader(batch_size)
+
+    def failures(self, job_id: str) -> list[dict]:
+        """Documents that failed, with their errors."""
+        return self._dicts(
+            "SELECT doc_id, error FROM annotations WHERE job_id = ? AND status = 'failed' ORDER BY doc_id", [job_id]
+        )
+
+    def _dicts(self, sql: str, params: list | None = None) -> list[dict]:
+        """Run a read and return rows as plain dicts."""
+        cur = self.cursor().execute(sql, params or [])
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
+
+
+def document_batch(job_id: str, rows: list[dict], start: int) -> pa.RecordBatch:
+    """Arrow batch of validated documents (dicts with doc_id, text, text_hash, meta) for create_job."""
+    return pa.RecordBatch.from_pylist(
+        [{"job_id": job_id, "doc_id": r["doc_id"], "position": start + i, "text": r["text"],
+          "text_hash": r["text_hash"], "meta": json.dumps(r.get("meta") or {})} for i, r in enumerate(rows)],
+        schema=DOCUMENT_SCHEMA,
+    )
+
+
+def annotation_row(annotation: Annotation, **keys) -> dict:
+    """Flatten an Annotation plus its identifying keys into a row of ANNOTATION_SCHEMA."""
+    row = asdict(annotation)
+    row["distribution"] = list(row["distribution"].items())
+    row.update(keys)
+    row.setdefault("created_at", _now())
+    return row

@@ -1,0 +1,366 @@
+"""Taxonomies: the labels an annotator chooses between, loaded from YAML.
+
+A taxonomy file names its labels, describes each one for the annotator model and says
+when the service abstains. ``load_taxonomy`` and ``parse_taxonomy`` turn YAML into a
+frozen ``Taxonomy``. Every problem in a file is reported at once, as one
+``TaxonomyError`` whose problems carry the field's location and line:
+
+    taxonomy/x.yaml:14: labels[3].name: duplicate label 'sports' (first defined at line 12)
+
+Labels may name a ``parent``. Labels that are no one's parent (``leaves()``) are the
+options the model scores; parents only group them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
+
+from service.errors import NotFound, TaxonomyError
+
+__all__ = ["NONE_LABEL", "Abstention", "Label", "Taxonomy", "load_taxonomy", "parse_taxonomy"]
+
+NONE_LABEL = "none_of_these"
+_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+_CROSS_CHECKED = "taxonomy_cross_checked"  # context flag: parse_taxonomy runs the cross checks itself
+
+Loc = tuple[str | int, ...]
+Problem = tuple[str, int | None, str]
+LineOf = Callable[[Loc], int | None]
+
+
+def _not_blank(value: str) -> str:
+    """Strip surrounding whitespace (so '>' and '>-' blocks are the same text); refuse blanks."""
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value.strip()
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+class Label(_Model):
+    """One option: its name, what it means, examples, and optionally a parent."""
+
+    name: str = Field(description="the label as the model outputs it")
+    description: str = Field(description="what belongs in this label, shown to the annotator model")
+    examples: list[str] = Field(default=[], description="texts that belong in this label")
+    counter_examples: list[str] = Field(default=[], description="similar texts that do not belong")
+    parent: str | None = Field(default=None, description="name of the label that groups this one")
+
+    @field_validator("examples", "counter_examples", mode="before")
+    @classmethod
+    def _null_is_empty(cls, value: Any) -> Any:
+        return [] if value is None else value
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str) -> str:
+        if not 1 <= len(name) <= 64:
+            raise ValueError(f"label names must be 1-64 characters long; this one has {len(name)}")
+        if name != name.strip() or "\n" in name or "\r" in name:
+            raise ValueError(f"label name {name!r} has surrounding whitespace or a line break; "
+                             "remove it")
+        if name == NONE_LABEL:
+            raise ValueError(f"'{NONE_LABEL}' is reserved for the abstention option "
+                             "(abstention.allow_none: true); rename this label")
+        return name
+
+    _check_description = field_validator("description")(_not_blank)
+
+
+class Abstention(_Model):
+    """When the service declines to pick a label."""
+
+    threshold: float | None = Field(default=None, ge=0.0, le=1.0, strict=True)
+    allow_none: bool = Field(default=False, strict=True)
+    ambiguity_margin: float = Field(default=0.0, ge=0.0, lt=1.0, strict=True)
+
+
+class Taxonomy(_Model):
+    """A validated taxonomy; build it with ``parse_taxonomy`` or ``load_taxonomy``."""
+
+    name: str = Field(description="the taxonomy's id: lowercase letters, digits, '_' or '-'")
+    version: str = Field(default="1", description="a human version string")
+    description: str = Field(description="one sentence on what is being labelled")
+    instruction: str = Field(description="the instruction shown to the annotator model")
+    multi_label: bool = Field(default=False, strict=True)
+    candidate_mass: float = Field(default=0.9, gt=0.0, le=1.0, strict=True)
+    abstention: Abstention = Abstention()
+    labels: list[Label] = Field(description="the labels, each with at least name and description")
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str) -> str:
+        if not _NAME.fullmatch(name):
+            raise ValueError(f"invalid name {name!r}: use 1-64 characters from a-z, 0-9, '_' "
+                             "and '-', starting with a letter or digit")
+        return name
+
+    _check_text = field_validator("version", "description", "instruction")(_not_blank)
+
+    @field_validator("abstention", mode="before")
+    @classmethod
+    def _null_is_default(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+    @model_validator(mode="after")
+    def _check_labels(self, info: ValidationInfo) -> Taxonomy:
+        if info.context and info.context.get(_CROSS_CHECKED):
+            return self
+        entries = [(label.name, label.parent) for label in self.labels]
+        problems = _cross_problems(entries, self.multi_label, lambda loc: None)
+        if problems:
+            raise ValueError("; ".join(f"{_format_loc(loc)}: {msg}" for loc, msg in problems))
+        return self
+
+    def leaves(self) -> list[Label]:
+        """Labels that are no one's parent, in file order: the options the model scores."""
+        parents = {label.parent for label in self.labels}
+        return [label for label in self.labels if label.name not in parents]
+
+    def label_names(self) -> list[str]:
+        """Names of ``leaves()``."""
+        return [label.name for label in self.leaves()]
+
+    def ancestors(self, name: str) -> list[str]:
+        """The parent chain of label ``name``, nearest first."""
+        parent_of = {label.name: label.parent for label in self.labels}
+        if name not in parent_of:
+            raise NotFound(f"unknown label {name!r} in taxonomy '{self.name}'; "
+                           f"labels: {', '.join(parent_of)}")
+        chain: list[str] = []
+        while (parent := parent_of[name]) is not None:
+            chain.append(parent)
+            name = parent
+        return chain
+
+    @property
+    def selection_threshold(self) -> float:
+        """abstention.threshold if set, else 0.5 for multi-label and 0.0 for single-label."""
+        threshold = self.abstention.threshold
+        return threshold if threshold is not None else (0.5 if self.multi_label else 0.0)
+
+    def content_hash(self) -> str:
+        """First 12 hex chars of sha256 over canonical JSON: changes only with meaning."""
+        canonical = json.dumps(self.model_dump(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:12]
+
+
+def load_taxonomy(path: str | Path) -> Taxonomy:
+    """Read a UTF-8 YAML file and validate it; problems name the file as their source."""
+    source = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise TaxonomyError(source, [("", None, f"cannot read file: {exc.strerror}")]) from exc
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        message = f"not valid UTF-8 (byte 0x{raw[exc.start]:02x}); save the file as UTF-8"
+        raise TaxonomyError(source, [("", line, message)]) from exc
+    return parse_taxonomy(text, source=source)
+
+
+def parse_taxonomy(text: str, *, source: str = "<taxonomy>") -> Taxonomy:
+    """Validate YAML text as a taxonomy, reporting every problem at once."""
+    if not isinstance(text, str):
+        raise TypeError(f"parse_taxonomy takes str, got {type(text).__name__}; decode it first")
+    root, data, problems = _read_yaml(text, source)
+    line_of = partial(_line_of, root)
+    taxonomy = None
+    try:
+        taxonomy = Taxonomy.model_validate(data, context={_CROSS_CHECKED: True})
+    except ValidationError as exc:
+        problems += [_pydantic_problem(err, line_of) for err in exc.errors(include_url=False)]
+    if isinstance(labels := data.get("labels"), list):  # cross checks run beside pydantic's
+        entries = [(_text_at(item, "name"), _text_at(item, "parent")) for item in labels]
+        cross = _cross_problems(entries, data.get("multi_label") is True, line_of)
+        problems += [(_format_loc(loc), line_of(loc), msg) for loc, msg in cross]
+    if problems:
+        raise TaxonomyError(source, sorted(problems, key=lambda p: (p[1] is None, p[1] or 0)))
+    return taxonomy
+
+
+def _read_yaml(text: str, source: str) -> tuple[yaml.Node, dict, list[Problem]]:
+    """Parse once into nodes (for lines) and data; syntax and shape errors raise at once."""
+    try:
+        loader = yaml.SafeLoader(text)
+        try:
+            root = loader.get_single_node()
+            problems = _duplicate_keys(root, (), set()) if root is not None else []
+            data = loader.construct_document(root) if root is not None else None
+        finally:
+            loader.dispose()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
+        where = f" (column {mark.column + 1})" if mark else ""
+        problem = exc.problem or "invalid YAML"
+        problem = f"{exc.context}, {problem}" if problem.startswith("but") else problem
+        message = (f"YAML syntax error: {problem}{where}; check the indentation, and quote "
+                   "text that contains ': ' or starts with a special character")
+        raise TaxonomyError(source, [("", line, message)]) from exc
+    except yaml.reader.ReaderError as exc:
+        line = text[: exc.position].count("\n") + 1
+        message = f"character #x{exc.character:04x} is not allowed in YAML; remove it"
+        raise TaxonomyError(source, [("", line, message)]) from exc
+    keys = ", ".join(n for n, f in Taxonomy.model_fields.items() if f.is_required())
+    if root is None:
+        raise TaxonomyError(source, [("", None, f"the file is empty; a taxonomy needs the keys {keys}")])
+    if not isinstance(data, dict):
+        message = f"the top level must be a mapping with the keys {keys}; found {_describe(data)}"
+        raise TaxonomyError(source, [("", root.start_mark.line + 1, message)])
+    return root, data, problems
+
+
+def _duplicate_keys(node: yaml.Node, loc: Loc, seen: set[int]) -> list[Problem]:
+    """YAML lets a later key silently replace an earlier one; report it instead."""
+    if id(node) in seen:  # aliases may share or even nest nodes
+        return []
+    seen.add(id(node))
+    problems: list[Problem] = []
+    if isinstance(node, yaml.MappingNode):
+        first: dict[str, int] = {}
+        for key, value in node.value:
+            name, line = str(key.value), key.start_mark.line + 1
+            if name in first:
+                problems.append((_format_loc(loc + (name,)), line,
+                                 f"duplicate key '{name}' (first at line {first[name]}); keep one"))
+            first.setdefault(name, line)
+            problems += _duplicate_keys(value, loc + (name,), seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            problems += _duplicate_keys(item, loc + (i,), seen)
+    return problems
+
+
+def _line_of(root: yaml.Node, loc: Loc) -> int | None:
+    """1-based line of the key or item at ``loc``, or of the nearest enclosing node."""
+    node, line = root, root.start_mark.line
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = [(k, v) for k, v in node.value if str(k.value) == str(part)]
+            if not match:
+                break
+            key, node = match[-1]  # the last duplicate is the one that counts
+            line = key.start_mark.line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line
+        else:
+            break
+    return line + 1
+
+
+def _format_loc(loc: Loc) -> str:
+    """('labels', 3, 'name') -> 'labels[3].name'."""
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).removeprefix(".")
+
+
+def _describe(value: Any) -> str:
+    """How a YAML value reads in a message: 'integer 5', "text 'abc'", 'a list'."""
+    if value is None or isinstance(value, (list, dict)):
+        return {list: "a list", dict: "a mapping"}.get(type(value), "an empty value (null)")
+    if isinstance(value, str):
+        return f"text {value[:40]!r}"
+    kind = {bool: "boolean", int: "integer", float: "number"}.get(type(value), "value")
+    return f"{kind} {json.dumps(value, default=str)}"
+
+
+def _model_at(loc: Loc) -> type[BaseModel]:
+    """The model whose fields live at ``loc``: the top level, abstention or a label."""
+    return Taxonomy if not loc else Abstention if loc[0] == "abstention" else Label
+
+
+_EXPECTED = {"string_type": "text", "bool_type": "true or false", "float_type": "a number",
+             "float_parsing": "a number", "list_type": "a list", "model_type": "a mapping",
+             "model_attributes_type": "a mapping", "dict_type": "a mapping"}
+
+
+def _pydantic_problem(err: dict, line_of: LineOf) -> Problem:
+    """Reword one pydantic error so that it names the key and says how to fix it."""
+    loc, kind, value = tuple(err["loc"]), err["type"], err.get("input")
+    if kind == "missing":
+        field = _model_at(loc[:-1]).model_fields.get(str(loc[-1]))
+        what = f" ({field.description})" if field and field.description else ""
+        message = f"missing required key '{loc[-1]}'{what}"
+    elif kind == "extra_forbidden":
+        allowed = list(_model_at(loc[:-1]).model_fields)
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        message = f"unknown key '{loc[-1]}'{hint}; allowed keys: {', '.join(allowed)}"
+    elif kind in _EXPECTED:
+        message = f"expected {_EXPECTED[kind]}, got {_describe(value)}"
+        if _EXPECTED[kind] == "a mapping":
+            message += f"; give the keys {', '.join(_model_at(loc).model_fields)}"
+        elif kind == "string_type" and isinstance(value, (int, float, bool)):
+            message += "; put it in quotes if it is meant as text"
+    elif kind == "value_error":
+        message = str(err["ctx"]["error"])
+    else:
+        message = err["msg"].replace("Input should be", "must be", 1) + f"; got {_describe(value)}"
+    return _format_loc(loc), line_of(loc), message
+
+
+def _text_at(item: Any, key: str) -> str | None:
+    """item[key] of a raw label if it is text, else None."""
+    value = item.get(key) if isinstance(item, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _cross_problems(entries: list[tuple[str | None, str | None]], multi_label: bool,
+                    line_of: LineOf) -> list[tuple[Loc, str]]:
+    """Checks across labels: unique names, known parents, no cycles, enough options."""
+    problems: list[tuple[Loc, str]] = []
+    first: dict[str, int] = {}
+    for i, (name, _) in enumerate(entries):
+        if name is None:
+            continue
+        if name in first:
+            line = line_of(("labels", first[name], "name"))
+            where = f"line {line}" if line else _format_loc(("labels", first[name]))
+            problems.append((("labels", i, "name"), f"duplicate label '{name}' (first defined at "
+                                                    f"{where}); label names must be unique"))
+        first.setdefault(name, i)
+    parent_of = {name: entries[i][1] for name, i in first.items()}
+    for i, (name, parent) in enumerate(entries):
+        if parent is not None and parent not in first:
+            valid = [n for n in first if n != name]
+            close = difflib.get_close_matches(parent, valid, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            problems.append((("labels", i, "parent"), f"unknown parent '{parent}'; {hint}valid "
+                             f"parents: {', '.join(repr(n) for n in valid)}"))
+    in_cycle: set[str] = set()
+    for name, i in first.items():
+        chain, current = [name], parent_of[name]
+        while current in parent_of and current not in chain:
+            chain.append(current)
+            current = parent_of[current]
+        if chain[0] != current or name in in_cycle:
+            continue
+        in_cycle.update(chain)
+        problems.append((("labels", i, "parent"), f"parent cycle {' -> '.join(chain + [name])}; a "
+                         "label cannot be its own ancestor, so remove one of these parents"))
+    parents = {parent for _, parent in entries if parent is not None}
+    leaves = [name for name, _ in entries if name not in parents]
+    need = 1 if multi_label else 2
+    if not problems and None not in leaves and len(leaves) < need:
+        kind = "multi-label" if multi_label else "single-label"
+        fix = "add a label" if multi_label else "add a label or set multi_label: true"
+        grouped = " (a label that is a parent only groups others)" if parents else ""
+        problems.append((("labels",), f"a {kind} taxonomy needs at least {need} label"
+                                      f"{'s' if need > 1 else ''} to choose from, found "
+                                      f"{len(leaves)}{grouped}; {fix}"))
+    return problems
