@@ -92,7 +92,7 @@ class Labeller:
     def request(self, text: str) -> tuple[ScoreRequest, bool]:
         """The engine request for one document, and whether its text was truncated for the model."""
         truncated = len(text) > self.model_input_chars
-        user = self.template.render("user", text=text[: self.model_input_chars])
+        user = self.template.render("user", text=text[: self.model_input_chars], options=self.options)
         answer = self.template.render("assistant")
         return ScoreRequest(self.system, user, tuple(answer + c for c in self._continuations())), truncated
 

