@@ -1,0 +1,121 @@
+"""Shared fixtures: one real service (Ray Serve + embedded model) per test session, and real stores.
+
+The service is started once, as a user would (`annotate serve` in a subprocess on a free
+loopback port, its own data dir), because Ray Serve on 2 cores is slow to start and its
+proxy can miss readiness checks when tests starve the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+ANNOTATE = Path(sys.executable).parent / "annotate"
+STARTUP_TIMEOUT_S = 600
+
+
+@dataclass
+class Service:
+    """A running service: its base URL, data dir, process and environment for CLI calls."""
+
+    url: str
+    data_dir: Path
+    input_dir: Path
+    process: subprocess.Popen
+    env: dict
+
+    def client(self) -> httpx.Client:
+        """An HTTP client for this service."""
+        return httpx.Client(base_url=self.url, timeout=120)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """Run the `annotate` command against this service."""
+        result = subprocess.run([str(ANNOTATE), *args], env=self.env, capture_output=True, text=True, timeout=600)
+        if check and result.returncode != 0:
+            raise AssertionError(f"annotate {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+        return result
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_ready(url: str, process: subprocess.Popen, log: Path) -> None:
+    """Wait for /healthz; fail with the server's log when it dies or stays silent."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"annotate serve exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    pytest.fail(f"annotate serve not healthy after {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory) -> Service:
+    """The real service with the embedded model, started once; stopped with SIGTERM at the end."""
+    data_dir = tmp_path_factory.mktemp("service-data")
+    input_dir = tmp_path_factory.mktemp("service-inputs")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "ANNOTATE_DATA_DIR": str(data_dir), "ANNOTATE_PORT": str(port),
+           "ANNOTATE_INPUT_DIR": str(input_dir), "ANNOTATE_URL": url, "HF_HUB_OFFLINE": "1"}
+    log = data_dir / "serve.log"
+    with open(log, "w") as handle:
+        process = subprocess.Popen([str(ANNOTATE), "serve"], env=env, stdout=handle, stderr=subprocess.STDOUT)
+    _wait_ready(url, process, log)
+    running = Service(url=url, data_dir=data_dir, input_dir=input_dir, process=process, env=env)
+    yield running
+    children = psutil.Process(process.pid).children(recursive=True)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
+    _, alive = psutil.wait_procs(children, timeout=60)
+    leftovers = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not leftovers, f"processes left behind after SIGTERM: {[p.cmdline()[:2] for p in leftovers]}"
+
+
+def wait_for_job(client: httpx.Client, job_id: str, timeout_s: float = 600) -> dict:
+    """Poll a job until it ends; return its final status."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not finish in {timeout_s} s: {job}")
+
+
+def sql(client: httpx.Client, query: str) -> list[dict]:
+    """Run SQL through the API and return rows as dicts."""
+    response = client.post("/v1/sql", json={"sql": query})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    return [dict(zip(body["columns"], row)) for row in body["rows"]]
+
+
+@pytest.fixture(scope="session")
+def labelled_taxonomy(service) -> str:
+    """The SMS spam taxonomy pushed to the service; returns its version."""
+    with service.client() as client:
+        response = client.post("/v1/taxonomies", content=(REPO / "taxonomy" / "sms-spam.yaml").read_bytes())
+    assert response.status_code in (200, 201), response.text
+    return response.json()["version"]

@@ -1,0 +1,142 @@
+"""Bad input over real HTTP: each gets a 4xx with a message that names the problem, and nothing breaks.
+
+These run against the same real service as the end-to-end tests; none of them reaches
+the model, so they are quick.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import REPO
+
+GOOD_YAML = (REPO / "taxonomy" / "sms-spam.yaml").read_text()
+
+
+def _error(response, status: int) -> dict:
+    """Assert the status and the one error shape; return the error body."""
+    assert response.status_code == status, response.text
+    body = response.json()["error"]
+    assert body["message"]
+    return body
+
+
+def test_malformed_yaml_points_at_the_line(service):
+    """A YAML syntax error names the line."""
+    with service.client() as client:
+        body = _error(client.post("/v1/taxonomies", content=b"name: x\nlabels: [a, b\ndescription: y\n"), 422)
+    assert body["type"] == "TaxonomyError"
+    assert body["problems"][0]["line"] is not None
+    assert "YAML syntax error" in body["message"]
+
+
+def test_unknown_label_field_is_an_error(service):
+    """A misspelt key inside a label names its path and line and lists the allowed keys."""
+    bad = GOOD_YAML.replace("  - name: spam\n", "  - name: spam\n    colour: red\n")
+    with service.client() as client:
+        body = _error(client.post("/v1/taxonomies", content=bad.encode()), 422)
+    problem = body["problems"][0]
+    assert problem["location"] == "labels[1].colour"
+    assert problem["line"] == bad.splitlines().index("    colour: red") + 1
+    assert "allowed keys" in problem["message"]
+
+
+def test_non_utf8_taxonomy_body(service):
+    """Bytes that are not UTF-8 are refused with a message, not a 500."""
+    with service.client() as client:
+        body = _error(client.post("/v1/taxonomies", content=b"name: caf\xe9\n"), 422)
+    assert "UTF-8" in body["message"]
+
+
+def test_job_for_unknown_taxonomy(service):
+    """404 naming the taxonomy and the known ones."""
+    with service.client() as client:
+        body = _error(client.post("/v1/jobs", json={"taxonomy": "nope", "documents": [{"text": "hi"}]}), 404)
+    assert "unknown taxonomy 'nope'" in body["message"]
+
+
+@pytest.mark.parametrize(
+    ("payload", "fragment"),
+    [
+        ({"taxonomy": "sms-spam", "documents": []}, "'documents' is empty"),
+        ({"taxonomy": "sms-spam"}, "exactly one of 'documents'"),
+        ({"taxonomy": "sms-spam", "documents": [{"id": 1}]}, "documents[0].text"),
+        ({"taxonomy": "sms-spam", "documents": [{"text": "a", "lang": "en"}]}, "documents[0].lang"),
+        ({"taxonomy": "sms-spam", "documents": [{"id": "x", "text": "a"}, {"id": "x", "text": "b"}]},
+         "duplicate id 'x'"),
+        ({"taxonomy": "sms-spam", "source": "../../etc/passwd.csv"}, "outside the input directory"),
+        ({"taxonomy": "sms-spam", "source": "missing.jsonl"}, "no such file"),
+    ],
+)
+def test_bad_job_bodies(service, labelled_taxonomy, payload, fragment):
+    """Each malformed job body is a 4xx naming the field."""
+    with service.client() as client:
+        response = client.post("/v1/jobs", json=payload)
+    assert 400 <= response.status_code < 500, response.text
+    assert fragment in response.json()["error"]["message"]
+
+
+def test_lone_surrogate_text_is_refused(service, labelled_taxonomy):
+    """JSON can smuggle a lone surrogate (not encodable as UTF-8); it is a 422, not a crash."""
+    body = b'{"taxonomy": "sms-spam", "documents": [{"id": 1, "text": "bad \\ud800 text"}]}'
+    with service.client() as client:
+        error = _error(client.post("/v1/jobs", content=body, headers={"content-type": "application/json"}), 422)
+    assert "documents[0].text" in error["message"] and "surrogate" in error["message"]
+
+
+def test_invalid_utf8_job_body(service, labelled_taxonomy):
+    """A body with raw invalid UTF-8 bytes is a 4xx."""
+    body = b'{"taxonomy": "sms-spam", "documents": [{"id": 1, "text": "caf\xe9"}]}'
+    with service.client() as client:
+        response = client.post("/v1/jobs", content=body, headers={"content-type": "application/json"})
+    assert 400 <= response.status_code < 500
+
+
+def test_ten_megabyte_document(service, labelled_taxonomy):
+    """A 10 MB document is over the per-document limit: 413 naming it and the setting."""
+    with service.client() as client:
+        body = _error(client.post("/v1/jobs", json={"taxonomy": "sms-spam",
+                                                    "documents": [{"id": "big", "text": "a" * 10_000_000}]}), 413)
+    assert "documents[0].text" in body["message"] and "ANNOTATE_MAX_DOCUMENT_CHARS" in body["message"]
+
+
+@pytest.mark.parametrize(
+    ("query", "fragment"),
+    [
+        ("DELETE FROM jobs", "DELETE statements are not allowed"),
+        ("INSERT INTO jobs SELECT * FROM jobs", "INSERT statements are not allowed"),
+        ("CREATE TABLE x AS SELECT 1", "CREATE statements are not allowed"),
+        ("SELECT * FROM read_csv('/etc/passwd')", "not allowed"),
+        ("COPY jobs TO '/tmp/out.csv'", "COPY statements are not allowed"),
+        ("ATTACH '/tmp/other.duckdb' AS other", "ATTACH statements are not allowed"),
+        ("SELECT 1; DROP TABLE jobs", "one statement at a time"),
+    ],
+)
+def test_sql_that_writes_or_reads_files(service, query, fragment):
+    """Writes and file access are refused with 400 saying why."""
+    with service.client() as client:
+        body = _error(client.post("/v1/sql", json={"sql": query}), 400)
+    assert fragment in body["message"]
+
+
+def test_sql_that_runs_forever_is_cut_off(service):
+    """A runaway recursive query is interrupted at the (lowered) time limit; the service stays healthy."""
+    forever = "WITH RECURSIVE r(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM r) SELECT count(*) FROM r"
+    with service.client() as client:
+        body = _error(client.post("/v1/sql", json={"sql": forever, "timeout_s": 1}), 408)
+        assert "time limit" in body["message"]
+        assert client.get("/healthz").status_code == 200
+        assert client.post("/v1/sql", json={"sql": "SELECT 42 AS answer"}).json()["rows"] == [[42]]
+
+
+def test_sql_row_cap_says_it_cut(service):
+    """Rows past the cap are dropped and the answer says so."""
+    with service.client() as client:
+        body = client.post("/v1/sql", json={"sql": "SELECT * FROM range(100)", "max_rows": 7}).json()
+    assert len(body["rows"]) == 7 and body["truncated"] is True
+
+
+def test_unknown_job(service):
+    """404 for a job id that does not exist."""
+    with service.client() as client:
+        assert _error(client.get("/v1/jobs/job_missing"), 404)["type"] == "NotFound"
