@@ -200,10 +200,10 @@ def models_fetch() -> None:
 @app.command("settings")
 def settings_table() -> None:
     """Print every setting with its environment variable, default and meaning (Markdown)."""
-    console.print("| variable | default | meaning |\n|---|---|---|", highlight=False, markup=False)
-    for name, field in Settings.model_fields.items():
-        default = field.default
-        console.print(f"| `ANNOTATE_{name.upper()}` | `{default}` | {field.description} |", highlight=False, markup=False)
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    lines += [f"| `ANNOTATE_{name.upper()}` | `{field.default}` | {field.description} |"
+              for name, field in Settings.model_fields.items()]
+    sys.stdout.write("\n".join(lines) + "\n")
 
 
 def main() -> None:

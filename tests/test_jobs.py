@@ -1,0 +1,156 @@
+"""The job runner on a real DuckDB file: failures isolated, cancellation, cache, resume after restart.
+
+The engine here is the package's FakeEngine (word overlap, with failure triggers)
+because these tests inject faults the real model cannot be made to produce on demand;
+the labelling quality path is covered by the end-to-end tests with the real model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from conftest import REPO
+from service.documents import check_document
+from service.engines.fake import FakeEngine
+from service.jobs import JobRunner, engine_scorer
+from service.store import Store, document_batch
+from service.taxonomy import load_taxonomy
+
+TAXONOMY = REPO / "taxonomy" / "sms-spam.yaml"
+
+
+def _store(tmp_path) -> Store:
+    """A real store in a temp dir with the SMS taxonomy pushed."""
+    store = Store(tmp_path / "db.duckdb", export_dir=tmp_path / "exports")
+    store.put_taxonomy(load_taxonomy(TAXONOMY), TAXONOMY.read_text())
+    return store
+
+
+def _submit(store: Store, runner: JobRunner, job_id: str, texts: list[str], batch_size: int = 4) -> None:
+    """Create a job the way the API does, without queueing it."""
+    labeller = runner.labeller("sms-spam")
+    rows = [check_document(f"documents[{i}]", f"d{i:03d}", text, None, max_chars=10_000) for i, text in enumerate(texts)]
+    batches = [document_batch(job_id, rows[i:i + batch_size], i) for i in range(0, len(rows), batch_size)]
+    store.create_job(job_id=job_id, taxonomy="sms-spam", version=labeller.taxonomy_version,
+                     annotator=labeller.key, annotator_spec=labeller.spec, batches=iter(batches))
+
+
+async def _runner(store: Store, engine: FakeEngine, batch_size: int = 4) -> JobRunner:
+    """A runner with the fake engine (must be built inside the event loop)."""
+    return JobRunner(store, engine_scorer(engine), engine.info, batch_size=batch_size, model_input_chars=100)
+
+
+def test_failing_documents_are_recorded_and_the_rest_finish(tmp_path):
+    """One document makes the engine raise, one gets malformed output; the other eight finish."""
+    store = _store(tmp_path)
+    texts = [f"spam offer number {i}" for i in range(8)] + ["FAIL_ENGINE please", "MALFORMED_OUTPUT here"]
+
+    async def scenario():
+        runner = await _runner(store, FakeEngine())
+        _submit(store, runner, "job_faults", texts)
+        await runner.run("job_faults")
+        await runner.close()
+
+    asyncio.run(scenario())
+    job = store.job("job_faults")
+    assert (job["status"], job["done"], job["failed"]) == ("succeeded", 8, 2)
+    errors = {row["doc_id"]: row["error"] for row in store.failures("job_faults")}
+    assert errors["d008"].startswith("EngineError: fake engine failure")
+    assert errors["d009"].startswith("malformed engine output: expected 2 scores, got 1")
+
+
+def test_resume_after_restart_neither_loses_nor_duplicates(tmp_path):
+    """Stop a runner mid-job, reopen the file in a new store, resume: every document once."""
+    texts = [f"message {i} about a free prize" for i in range(40)]
+
+    async def first_process():
+        store = _store(tmp_path)
+        runner = await _runner(store, FakeEngine(delay_s=0.05))
+        _submit(store, runner, "job_restart", texts)
+        runner.submit("job_restart")
+        while store.job("job_restart")["done"] < 8:
+            await asyncio.sleep(0.01)
+        await runner.close()  # like a killed service: the job stays 'running'
+        done = store.job("job_restart")["done"]
+        store.close()
+        return done
+
+    done_before = asyncio.run(first_process())
+    assert 8 <= done_before < 40
+
+    async def second_process():
+        store = Store(tmp_path / "db.duckdb", export_dir=tmp_path / "exports")
+        engine = FakeEngine()
+        runner = await _runner(store, engine)
+        assert runner.resume() == ["job_restart"]
+        while store.job("job_restart")["status"] == "running":
+            await asyncio.sleep(0.02)
+        await runner.close()
+        return store, engine
+
+    store, engine = asyncio.run(second_process())
+    job = store.job("job_restart")
+    assert (job["status"], job["done"], job["failed"]) == ("succeeded", 40, 0)
+    counts = store.cursor().execute(
+        "SELECT count(*), count(DISTINCT doc_id) FROM annotations WHERE job_id = 'job_restart'").fetchone()
+    assert counts == (40, 40)
+    assert engine.calls == -(-(40 - done_before) // 4)  # only the remaining batches were scored
+
+
+def test_cancel_stops_between_batches(tmp_path):
+    """A cancelled job keeps what it finished and labels nothing more."""
+    store = _store(tmp_path)
+
+    async def scenario():
+        runner = await _runner(store, FakeEngine(delay_s=0.05), batch_size=2)
+        _submit(store, runner, "job_cancel", [f"text {i}" for i in range(30)])
+        runner.submit("job_cancel")
+        while store.job("job_cancel")["done"] < 2:
+            await asyncio.sleep(0.01)
+        assert store.set_job_status("job_cancel", "cancelled", only_if_active=True)
+        await asyncio.sleep(0.3)
+        await runner.close()
+
+    asyncio.run(scenario())
+    job = store.job("job_cancel")
+    assert job["status"] == "cancelled" and 2 <= job["done"] <= 6
+    assert not store.set_job_status("job_cancel", "cancelled", only_if_active=True)
+
+
+def test_cache_serves_repeated_texts_across_jobs(tmp_path):
+    """A second job with the same texts and annotator is answered from stored annotations."""
+    store = _store(tmp_path)
+    engine = FakeEngine()
+
+    async def scenario():
+        runner = await _runner(store, engine)
+        _submit(store, runner, "job_a", ["free spam prize", "hello friend"])
+        await runner.run("job_a")
+        calls = engine.calls
+        _submit(store, runner, "job_b", ["hello friend", "free spam prize", "a new text"])
+        await runner.run("job_b")
+        await runner.close()
+        return calls
+
+    calls_after_first = asyncio.run(scenario())
+    assert engine.calls == calls_after_first + 1
+    job = store.job("job_b")
+    assert (job["done"], job["cached"]) == (3, 2)
+
+
+@pytest.mark.parametrize("status", ["succeeded", "failed", "cancelled"])
+def test_finished_jobs_are_not_resumed(tmp_path, status):
+    """Only queued and running jobs come back after a restart."""
+    store = _store(tmp_path)
+
+    async def scenario():
+        runner = await _runner(store, FakeEngine())
+        _submit(store, runner, "job_done", ["text"])
+        store.set_job_status("job_done", status)
+        resumed = runner.resume()
+        await runner.close()
+        return resumed
+
+    assert asyncio.run(scenario()) == []

@@ -1,0 +1,107 @@
+"""The SQL sandbox on a real store: a list of good queries and a list of hostile ones."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.errors import SqlRejected, SqlTimeout
+from service.sandbox import check_sql, run_sql
+from service.store import Store
+
+GOOD = [
+    "SELECT 1 AS one",
+    "select count(*) from jobs",
+    "WITH x AS (SELECT 1 AS a) SELECT a FROM x",
+    "FROM taxonomies",
+    "VALUES (1), (2)",
+    "DESCRIBE annotations",
+    "SHOW TABLES",
+    "SUMMARIZE jobs",
+    "SELECT * FROM labels LIMIT 3",
+    "SELECT map_keys(distribution) FROM annotations",
+    "SELECT 1 UNION ALL SELECT 2",
+]
+
+HOSTILE = [
+    ("INSERT INTO jobs (job_id) VALUES ('x')", "INSERT"),
+    ("UPDATE jobs SET status = 'failed'", "UPDATE"),
+    ("DELETE FROM annotations", "DELETE"),
+    ("DROP TABLE jobs", "DROP"),
+    ("CREATE TABLE evil (a INT)", "CREATE"),
+    ("ALTER TABLE jobs ADD COLUMN x INT", "ALTER"),
+    ("COPY jobs TO '/tmp/leak.csv'", "COPY"),
+    ("EXPORT DATABASE '/tmp/dump'", "EXPORT"),
+    ("ATTACH '/tmp/other.duckdb'", "ATTACH"),
+    ("DETACH memory", "DETACH"),
+    ("INSTALL httpfs", "LOAD statements are not allowed"),
+    ("LOAD httpfs", "LOAD"),
+    ("SET enable_external_access = true", "SET"),
+    ("RESET lock_configuration", "SET"),
+    ("PRAGMA enable_profiling", "PRAGMA"),
+    ("CALL dbgen(sf = 1)", "CALL"),
+    ("CHECKPOINT", "CALL statements are not allowed"),
+    ("BEGIN TRANSACTION", "TRANSACTION"),
+    ("EXPLAIN ANALYZE DELETE FROM jobs", "EXPLAIN"),
+    ("SELECT 1; SELECT 2", "one statement"),
+    ("SELECT * FROM read_csv('/etc/passwd')", "not allowed"),
+    ("SELECT * FROM read_text('/etc/hostname')", "not allowed"),
+    ("SELECT * FROM read_parquet('/tmp/x.parquet')", "not allowed"),
+    ("SELECT * FROM 'http://example.com/x.csv'", "not allowed"),
+    ("SELECT * FROM glob('/*')", "not allowed"),
+    ("", "empty SQL"),
+    ("SELEC 1", "does not parse"),
+]
+
+
+@pytest.fixture
+def store(tmp_path) -> Store:
+    """A real, locked-down store in a temp dir."""
+    return Store(tmp_path / "db.duckdb", export_dir=tmp_path / "exports")
+
+
+@pytest.mark.parametrize("query", GOOD)
+def test_good_queries_run(store, query):
+    """Read-only queries are accepted and answered."""
+    result = run_sql(store.cursor(), query, timeout_s=5, max_rows=100)
+    assert isinstance(result.columns, list) and result.truncated is False
+
+
+@pytest.mark.parametrize(("query", "fragment"), HOSTILE)
+def test_hostile_queries_are_refused(store, query, fragment):
+    """Writes, file and network access, configuration changes and stacked statements are refused."""
+    with pytest.raises(SqlRejected) as caught:
+        run_sql(store.cursor(), query, timeout_s=5, max_rows=100)
+    assert fragment in str(caught.value)
+    assert store.cursor().execute("SELECT count(*) FROM jobs").fetchone() == (0,)
+
+
+def test_runaway_query_is_interrupted(store):
+    """A query that would run forever stops at the time limit, and the store still answers."""
+    with pytest.raises(SqlTimeout):
+        run_sql(store.cursor(), "SELECT count(*) FROM range(1000000000) a, range(1000000000) b",
+                timeout_s=0.5, max_rows=10)
+    assert run_sql(store.cursor(), "SELECT 2", timeout_s=5, max_rows=10).rows == [[2]]
+
+
+def test_row_cap_detected_by_fetching_one_more(store):
+    """Exactly max_rows rows is not truncated; one more is."""
+    exact = run_sql(store.cursor(), "SELECT * FROM range(5)", timeout_s=5, max_rows=5)
+    over = run_sql(store.cursor(), "SELECT * FROM range(6)", timeout_s=5, max_rows=5)
+    assert (len(exact.rows), exact.truncated) == (5, False)
+    assert (len(over.rows), over.truncated) == (5, True)
+
+
+def test_exports_dir_is_readable(store, tmp_path):
+    """Parquet exports under the data dir's exports folder can be queried."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"a": [1, 2]}), tmp_path / "exports" / "x.parquet")
+    result = run_sql(store.cursor(), f"SELECT sum(a) FROM read_parquet('{tmp_path}/exports/x.parquet')",
+                     timeout_s=5, max_rows=10)
+    assert result.rows == [[3]]
+
+
+def test_check_sql_returns_the_statement():
+    """check_sql hands back the single statement it accepted."""
+    assert check_sql("SELECT 1;").startswith("SELECT 1")
