@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -53,8 +54,6 @@ def check_sql(sql: str) -> str:
 
 def run_sql(cursor: duckdb.DuckDBPyConnection, sql: str, *, timeout_s: float, max_rows: int) -> SqlResult:
     """Run a checked statement under the time limit and the row cap."""
-    import time
-
     query = check_sql(sql)
     timer = threading.Timer(timeout_s, cursor.interrupt)
     started = time.perf_counter()

@@ -33,12 +33,29 @@ class Service:
     url: str
     data_dir: Path
     input_dir: Path
-    process: subprocess.Popen
+    process: subprocess.Popen | None
     env: dict
 
     def client(self) -> httpx.Client:
         """An HTTP client for this service."""
         return httpx.Client(base_url=self.url, timeout=120)
+
+    def start(self) -> None:
+        """Start `annotate serve` on this data dir and port and wait until it answers."""
+        log = self.data_dir / "serve.log"
+        with open(log, "a") as handle:
+            self.process = subprocess.Popen([str(ANNOTATE), "serve"], env=self.env, stdout=handle,
+                                            stderr=subprocess.STDOUT)
+        _wait_ready(self.url, self.process, log)
+
+    def stop(self) -> None:
+        """SIGTERM, as a supervisor would; assert no Ray process outlives it."""
+        children = psutil.Process(self.process.pid).children(recursive=True)
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=120)
+        _, alive = psutil.wait_procs(children, timeout=60)
+        leftovers = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not leftovers, f"processes left behind after SIGTERM: {[p.cmdline()[:2] for p in leftovers]}"
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """Run the `annotate` command against this service."""
@@ -79,18 +96,10 @@ def service(tmp_path_factory) -> Service:
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "ANNOTATE_DATA_DIR": str(data_dir), "ANNOTATE_PORT": str(port),
            "ANNOTATE_INPUT_DIR": str(input_dir), "ANNOTATE_URL": url, "HF_HUB_OFFLINE": "1"}
-    log = data_dir / "serve.log"
-    with open(log, "w") as handle:
-        process = subprocess.Popen([str(ANNOTATE), "serve"], env=env, stdout=handle, stderr=subprocess.STDOUT)
-    _wait_ready(url, process, log)
-    running = Service(url=url, data_dir=data_dir, input_dir=input_dir, process=process, env=env)
+    running = Service(url=url, data_dir=data_dir, input_dir=input_dir, process=None, env=env)
+    running.start()
     yield running
-    children = psutil.Process(process.pid).children(recursive=True)
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=120)
-    _, alive = psutil.wait_procs(children, timeout=60)
-    leftovers = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    assert not leftovers, f"processes left behind after SIGTERM: {[p.cmdline()[:2] for p in leftovers]}"
+    running.stop()
 
 
 def wait_for_job(client: httpx.Client, job_id: str, timeout_s: float = 600) -> dict:
