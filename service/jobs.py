@@ -85,16 +85,16 @@ class JobRunner:
                 f"job {job_id} was submitted for annotator {job['annotator']} but this service would run "
                 f"{labeller.key}: engine or prompt changed since; resubmit the job"
             )
-        await asyncio.to_thread(self.store.set_job_status, job_id, "running")
-        while True:
-            job = await asyncio.to_thread(self.store.job, job_id)
-            if job["status"] != "running":
-                return  # cancelled meanwhile
-            pending = await asyncio.to_thread(self.store.pending_documents, job_id, labeller.key, self.batch_size)
+        await asyncio.to_thread(self.store.set_job_status, job_id, "running", only_if_active=True)
+        position = 0  # every batch is committed whole, so later pending documents lie after it
+        while await asyncio.to_thread(self.store.job_state, job_id) == "running":
+            pending = await asyncio.to_thread(
+                self.store.pending_documents, job_id, labeller.key, self.batch_size, position)
             if not pending:
                 await asyncio.to_thread(self.store.set_job_status, job_id, "succeeded", only_if_active=True)
                 return
-            rows = await self._label_batch(job_id, labeller, pending)
+            position = pending[-1][0] + 1
+            rows = await self._label_batch(job_id, labeller, [p[1:] for p in pending])
             await asyncio.to_thread(self.store.write_annotations, rows)
 
     async def _label_batch(self, job_id: str, labeller: Labeller, pending: list[tuple[str, str, str]]) -> list[dict]:

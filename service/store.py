@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS annotations (
     model VARCHAR, engine VARCHAR, prompt_hash VARCHAR, taxonomy_version VARCHAR, decoding JSON,
     text_hash VARCHAR NOT NULL, cached BOOLEAN NOT NULL, latency_ms DOUBLE, created_at TIMESTAMP NOT NULL,
     PRIMARY KEY (job_id, doc_id, annotator));
+CREATE INDEX IF NOT EXISTS annotations_by_text ON annotations (text_hash);
 CREATE OR REPLACE VIEW labels AS
     SELECT a.job_id, a.doc_id, a.label, a.labels, a.confidence, a.candidates, a.abstained,
            a.abstain_reason, a.distribution, a.truncated, a.cached, d.text, d.meta
@@ -237,13 +238,21 @@ class Store:
             changed = self.cursor().execute(sql + " RETURNING job_id", [status, error, _now(), job_id]).fetchall()
         return bool(changed)
 
-    def pending_documents(self, job_id: str, annotator: str, limit: int) -> list[tuple[str, str, str]]:
-        """(doc_id, text, text_hash) of documents without an annotation yet, in input order."""
+    def job_state(self, job_id: str) -> str:
+        """Just a job's status: cheap enough to check between batches."""
+        row = self.cursor().execute("SELECT status FROM jobs WHERE job_id = ?", [job_id]).fetchone()
+        if row is None:
+            raise NotFound(f"unknown job {job_id!r}")
+        return row[0]
+
+    def pending_documents(self, job_id: str, annotator: str, limit: int,
+                          from_position: int = 0) -> list[tuple[int, str, str, str]]:
+        """(position, doc_id, text, text_hash) of unannotated documents at or after a position, in input order."""
         return self.cursor().execute(
-            "SELECT d.doc_id, d.text, d.text_hash FROM documents d"
+            "SELECT d.position, d.doc_id, d.text, d.text_hash FROM documents d"
             " ANTI JOIN annotations a ON a.job_id = d.job_id AND a.doc_id = d.doc_id AND a.annotator = ?"
-            " WHERE d.job_id = ? ORDER BY d.position LIMIT ?",
-            [annotator, job_id, limit],
+            " WHERE d.job_id = ? AND d.position >= ? ORDER BY d.position LIMIT ?",
+            [annotator, job_id, from_position, limit],
         ).fetchall()
 
     def cached_annotations(self, annotator: str, text_hashes: list[str]) -> dict[str, Annotation]:

@@ -93,11 +93,13 @@ class EmbeddedEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.set_num_threads(threads or os.cpu_count() or 1)  # Ray sets OMP threads to 1 in actors
+        from . import prefix_attention
+
         model_dir = fetch_model(models_dir)
         self._torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=torch.bfloat16, attn_implementation="sdpa"
+            model_dir, dtype=torch.bfloat16, attn_implementation=prefix_attention.NAME
         ).eval()
         self._end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self._prefixes: OrderedDict[str, tuple] = OrderedDict()
@@ -176,20 +178,17 @@ class EmbeddedEngine:
     def _forward(self, prefix: tuple, batch: list[_Packed]) -> list[list[float]]:
         """One forward pass over a batch; returns summed log-probs per continuation."""
         torch = self._torch
-        from transformers import DynamicCache
-
         layers, prefix_len, _ = prefix
         width = max(len(p.tokens) for p in batch)
         size = len(batch)
         input_ids = torch.full((size, width), self._end, dtype=torch.long)
         position_ids = torch.full((size, width), prefix_len, dtype=torch.long)
-        mask = torch.zeros((size, 1, width, prefix_len + width), dtype=torch.bool)
-        mask[:, :, :, :prefix_len] = True
+        mask = torch.zeros((size, 1, width, width), dtype=torch.bool)  # own tokens; the prefix is always visible
         for row, packed in enumerate(batch):
             n = len(packed.tokens)
             input_ids[row, :n] = torch.tensor(packed.tokens)
             position_ids[row, :n] = torch.tensor(packed.positions)
-            query = mask[row, 0, :, prefix_len:]
+            query = mask[row, 0]
             query[: packed.body_len, : packed.body_len] = torch.tril(
                 torch.ones(packed.body_len, packed.body_len, dtype=torch.bool)
             )
@@ -198,11 +197,8 @@ class EmbeddedEngine:
                 query[start : start + length, start : start + length] = torch.tril(
                     torch.ones(length, length, dtype=torch.bool)
                 )
-        cache = DynamicCache(
-            ddp_cache_data=[(k.expand(size, -1, -1, -1), v.expand(size, -1, -1, -1)) for k, v in layers]
-        )
         hidden = self.model.model(
-            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False, prefix_kv=layers
         ).last_hidden_state
         rows, cols, token_ids, owners = [], [], [], []
         for row, packed in enumerate(batch):
