@@ -7,6 +7,7 @@ until SIGTERM or Ctrl-C and shuts Serve and Ray down so no Ray process outlives 
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -33,6 +34,7 @@ def serve_forever(settings: Settings, *, on_ready=print) -> None:
     for name, value in settings.model_dump(mode="json").items():
         os.environ[f"ANNOTATE_{name.upper()}"] = str(value)
     stop = threading.Event()
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # quiet by default; our own logs are JSON
     ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=settings.log_level.upper() == "DEBUG",
              configure_logging=True, num_cpus=os.cpu_count())
     for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own handlers

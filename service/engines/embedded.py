@@ -7,9 +7,10 @@ safetensors copy under the models dir, which later loads in about a second.
 Scoring shares work three ways (DESIGN.md, "Scoring, not parsing"):
 1. the system message (instruction + taxonomy, identical for every document) is run
    once and its key/value cache reused for every batch;
-2. all continuations of one document are packed after the document in one sequence,
-   each attending to the document and to its own earlier tokens only (a custom 4-D
-   attention mask with repeated position ids), so a document costs one forward pass;
+2. all continuations of one document are packed after the document in one sequence as
+   a token trie (shared leading tokens appear once), each token attending to the
+   document and to its own earlier tokens only (a custom attention mask with repeated
+   position ids), so a document costs one forward pass;
 3. documents are batched, shortest first, under a token budget.
 Only positions whose next token is scored go through the vocabulary projection.
 """
@@ -80,7 +81,7 @@ class _Packed:
 
     tokens: list[int]
     positions: list[int]
-    segments: list[tuple[int, int]]  # (start, length) of each continuation's input tokens
+    ancestors: dict[int, list[int]]  # continuation token index -> indices of the tokens before it
     body_len: int
     targets: list[list[tuple[int, int]]]  # per continuation: (query index predicting it, token id)
 
@@ -158,22 +159,31 @@ class EmbeddedEngine:
         return entry
 
     def _pack(self, request: ScoreRequest, prefix: tuple) -> _Packed:
-        """Lay out document tokens, then each continuation's tokens at repeated positions."""
+        """Lay out document tokens, then the continuations as a token trie at repeated positions.
+
+        Continuations that share leading tokens ("HUM:ind", "HUM:gr") share those input
+        tokens, so a 50-label hierarchy costs far fewer tokens than 50 separate suffixes.
+        """
         _, prefix_len, suffix = prefix
         body = self.tokenizer(request.user + suffix, add_special_tokens=False)["input_ids"]
         tokens = list(body)
         positions = list(range(prefix_len, prefix_len + len(body)))
-        segments, targets = [], []
+        nodes: dict[tuple[int, int], int] = {}
+        ancestors: dict[int, list[int]] = {}
+        targets = []
         for continuation in request.continuations:
             ids = self.tokenizer(continuation, add_special_tokens=False)["input_ids"] + [self._end]
-            start = len(tokens)
-            inputs = ids[:-1]
-            tokens.extend(inputs)
-            positions.extend(range(prefix_len + len(body), prefix_len + len(body) + len(inputs)))
-            segments.append((start, len(inputs)))
-            predictors = [len(body) - 1] + [start + k for k in range(len(inputs))]
-            targets.append(list(zip(predictors, ids)))
-        return _Packed(tokens, positions, segments, len(body), targets)
+            predictor, path = len(body) - 1, []
+            for depth, token in enumerate(ids[:-1]):
+                if (predictor, token) not in nodes:
+                    nodes[(predictor, token)] = len(tokens)
+                    ancestors[len(tokens)] = list(path)
+                    tokens.append(token)
+                    positions.append(prefix_len + len(body) + depth)
+                predictor = nodes[(predictor, token)]
+                path.append(predictor)
+            targets.append(list(zip([len(body) - 1] + path, ids)))
+        return _Packed(tokens, positions, ancestors, len(body), targets)
 
     def _forward(self, prefix: tuple, batch: list[_Packed]) -> list[list[float]]:
         """One forward pass over a batch; returns summed log-probs per continuation."""
@@ -192,11 +202,9 @@ class EmbeddedEngine:
             query[: packed.body_len, : packed.body_len] = torch.tril(
                 torch.ones(packed.body_len, packed.body_len, dtype=torch.bool)
             )
-            for start, length in packed.segments:
-                query[start : start + length, : packed.body_len] = True
-                query[start : start + length, start : start + length] = torch.tril(
-                    torch.ones(length, length, dtype=torch.bool)
-                )
+            for node, before in packed.ancestors.items():
+                query[node, : packed.body_len] = True
+                query[node, before + [node]] = True
         hidden = self.model.model(
             input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False, prefix_kv=layers
         ).last_hidden_state
