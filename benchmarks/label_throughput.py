@@ -37,8 +37,7 @@ METHODS = {  # method -> (taxonomy file, description for the table)
 def read_rows(path: Path, n: int) -> list[dict]:
     """The first ``n`` rows of the CSV (columns text, coarse, fine)."""
     with path.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    return rows[:n]
+        return list(csv.DictReader(f))[:n]
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -62,9 +61,7 @@ def peak_rss_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return float("nan")
 
 
 def load(taxonomy_file: str):

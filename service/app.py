@@ -83,7 +83,14 @@ class Ingress:
         resumed = runner.resume()
         if resumed:
             log.warning("resuming unfinished jobs", extra={"jobs": resumed})
-        attach(Context(parsed, store, runner))
+        self._context = Context(parsed, store, runner)
+        attach(self._context)
+
+    async def __del__(self):
+        """Graceful stop (Serve calls this): stop labelling between batches, then release the file."""
+        attach(None)
+        await self._context.runner.close()
+        self._context.store.close()
 
 
 def build(args: dict | None = None) -> serve.Application:

@@ -108,8 +108,9 @@ class Store:
         return self._db.cursor()
 
     def close(self) -> None:
-        """Checkpoint and release the file."""
-        self._db.close()
+        """Release the file once any write in flight has committed."""
+        with self._write_lock:
+            self._db.close()
 
     # taxonomies ---------------------------------------------------------------
     def put_taxonomy(self, taxonomy: Taxonomy, yaml_text: str) -> tuple[str, bool]:

