@@ -158,3 +158,24 @@ def test_cli_push_submit_status_sql(service, labelled, tmp_path):
     assert "succeeded" in status.stdout
     answer = service.cli("sql", "--json", f"SELECT count(*) AS n FROM labels WHERE job_id = '{job_id}'")
     assert json.loads(answer.stdout)["rows"] == [[3]]
+
+
+def test_strict_taxonomy_abstains_with_reasons(service):
+    """With "none of these" allowed and a 0.999 threshold the model must abstain, each time with a reason."""
+    strict = TAXONOMY.read_text().replace("name: sms-spam", "name: sms-strict") + (
+        "abstention:\n  threshold: 0.999\n  allow_none: true\n")
+    with service.client() as client:
+        assert client.post("/v1/taxonomies", content=strict.encode()).status_code in (200, 201)
+        job_id = client.post("/v1/jobs", json={"taxonomy": "sms-strict", "documents": _documents()}).json()["job_id"]
+        job = wait_for_job(client, job_id)
+        rows = sql(client, "SELECT label, abstained, abstain_reason, candidates, distribution"
+                           f" FROM labels WHERE job_id = '{job_id}'")
+    assert job["abstained"] == sum(r["abstained"] for r in rows) > 0
+    for row in rows:
+        assert set(row["distribution"]) == {"ham", "spam", "none_of_these"}
+        assert "none_of_these" not in row["candidates"] and row["candidates"]
+        if row["abstained"]:
+            assert row["label"] is None
+            expected = "out_of_taxonomy" if max(row["distribution"], key=row["distribution"].get) == "none_of_these" \
+                else "below_threshold"
+            assert row["abstain_reason"] == expected
