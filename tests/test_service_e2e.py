@@ -179,3 +179,29 @@ def test_strict_taxonomy_abstains_with_reasons(service):
             expected = "out_of_taxonomy" if max(row["distribution"], key=row["distribution"].get) == "none_of_these" \
                 else "below_threshold"
             assert row["abstain_reason"] == expected
+
+
+def test_multi_label_gives_each_label_its_own_probability(service):
+    """A multi-label taxonomy: independent probabilities in [0, 1]; chosen labels are exactly those >= 0.5."""
+    with service.client() as client:
+        pushed = client.post("/v1/taxonomies", content=(FIXTURES / "message-topics.yaml").read_bytes())
+        assert pushed.status_code in (200, 201), pushed.text
+        job_id = client.post("/v1/jobs", json={"taxonomy": "message-topics", "documents": _documents()}).json()["job_id"]
+        assert wait_for_job(client, job_id)["done"] == 10
+        rows = sql(client, f"SELECT labels, label, distribution, abstained FROM labels WHERE job_id = '{job_id}'")
+    assert len(rows) == 10
+    for row in rows:
+        assert set(row["distribution"]) == {"food", "money", "travel"}
+        assert all(0.0 <= p <= 1.0 for p in row["distribution"].values())
+        chosen = sorted((name for name, p in row["distribution"].items() if p >= 0.5),
+                        key=lambda name: -row["distribution"][name])
+        assert row["labels"] == chosen
+        assert row["abstained"] == (not chosen) and row["label"] == (chosen[0] if chosen else None)
+
+
+def test_openapi_is_published(service):
+    """The public contract is published with the issue's paths."""
+    with service.client() as client:
+        paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/taxonomies", "/v1/taxonomies/{name}", "/v1/jobs", "/v1/jobs/{job_id}",
+            "/v1/jobs/{job_id}/labels", "/v1/sql"} <= set(paths)
