@@ -7,9 +7,12 @@ its ``AnnotateError`` class names. The OpenAPI schema is published at ``/openapi
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import os
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -40,6 +43,7 @@ class Context:
 
 
 _hosted: Context | None = None
+_SQL_THREADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="user-sql")  # slow user SQL never starves jobs
 
 
 def attach(context: Context | None) -> None:
@@ -111,7 +115,7 @@ async def push_taxonomy(request: Request) -> JSONResponse:
     taxonomy = parse_taxonomy(text, source="<request body>")
     version, created = await asyncio.to_thread(_ctx(request).store.put_taxonomy, taxonomy, text)
     body = TaxonomyCreated(name=taxonomy.name, version=version, created=created)
-    return JSONResponse(body.model_dump(), status_code=201 if created else 200)
+    return JSONResponse(body.model_dump(), status_code=201)  # "created" says whether the version is new
 
 
 async def list_taxonomies(request: Request) -> list[dict]:
@@ -209,10 +213,12 @@ def _jsonl(store: Store, job_id: str) -> Iterator[bytes]:
 def _write_parquet(ctx: Context, job_id: str) -> Path:
     """Write a job's labels to the exports dir (readable from SQL with read_parquet) and return the path."""
     path = ctx.settings.export_dir / f"{job_id}.labels.parquet"
+    partial = path.with_name(f".{uuid.uuid4().hex}.partial")
     reader = ctx.store.label_reader(job_id)
-    with pq.ParquetWriter(path, reader.schema) as writer:
+    with pq.ParquetWriter(partial, reader.schema) as writer:
         for batch in reader:
             writer.write_batch(batch)
+    os.replace(partial, path)  # readers (SQL, other downloads) never see a half-written file
     return path
 
 
@@ -228,7 +234,8 @@ async def query_sql(request: Request, body: SqlRequest) -> SqlResponse:
     ctx = _ctx(request)
     timeout = min(body.timeout_s or ctx.settings.sql_timeout_s, ctx.settings.sql_timeout_s)
     max_rows = min(body.max_rows or ctx.settings.sql_max_rows, ctx.settings.sql_max_rows)
-    result = await asyncio.to_thread(run_sql, ctx.store.cursor(), body.sql, timeout_s=timeout, max_rows=max_rows)
+    call = functools.partial(run_sql, ctx.store.cursor(), body.sql, timeout_s=timeout, max_rows=max_rows)
+    result = await asyncio.get_running_loop().run_in_executor(_SQL_THREADS, call)
     return SqlResponse(**vars(result))
 
 

@@ -86,7 +86,7 @@ class SqlRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     sql: str = Field(min_length=1)
-    timeout_s: float | None = Field(None, gt=0)
+    timeout_s: float | None = Field(None, ge=0.1)
     max_rows: int | None = Field(None, ge=1)
 
 

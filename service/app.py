@@ -39,22 +39,15 @@ class ModelServer:
         self.engine = create_engine(parsed)
         self.score.set_max_batch_size(parsed.engine_max_batch)
         self.score.set_batch_wait_timeout_s(parsed.engine_batch_wait_s)
-        self.scored = 0
 
     def info(self) -> EngineInfo:
         """Identity of the engine, recorded on every annotation."""
         return self.engine.info
 
-    def stats(self) -> dict:
-        """Documents scored since start."""
-        return {"scored": self.scored}
-
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def score(self, requests: list[ScoreRequest]) -> list[list[float]]:
         """Score a batch gathered from concurrent callers."""
-        scores = await self.engine.score(requests)
-        self.scored += len(requests)
-        return scores
+        return await self.engine.score(requests)
 
 
 def handle_scorer(model: DeploymentHandle):
@@ -96,5 +89,7 @@ class Ingress:
 def build(args: dict | None = None) -> serve.Application:
     """Application builder: settings from ANNOTATE_* variables, overridden by ``args``."""
     settings = Settings(**(args or {}))
+    for name in ("data_dir", "input_dir", "models_dir"):  # replicas may not share the caller's working dir
+        setattr(settings, name, getattr(settings, name).resolve())
     dumped = settings.model_dump(mode="json")
     return Ingress.bind(ModelServer.bind(dumped), dumped)

@@ -47,13 +47,16 @@ def _call(method: str, url: str, **kwargs) -> httpx.Response:
     except httpx.ConnectError:
         _fail(f"no service answers at {url.split('/v1')[0]}; start one with `annotate serve`")
     if response.status_code >= 400:
-        try:
-            error = response.json()["error"]
-            message = error["message"]
-        except (ValueError, KeyError):
-            message = response.text
-        _fail(f"{response.status_code}: {message}")
+        _fail(f"{response.status_code}: {_error_message(response)}")
     return response
+
+
+def _error_message(response: httpx.Response) -> str:
+    """The service's error message, or the raw body when it is not our JSON shape."""
+    try:
+        return response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return response.text
 
 
 @app.command()
@@ -157,7 +160,7 @@ def sql(query: str, url: str = URL, as_json: bool = typer.Option(False, "--json"
     if result is None:
         body = _local_sql(query)
     elif result.status_code >= 400:
-        _fail(f"{result.status_code}: {result.json()['error']['message']}")
+        _fail(f"{result.status_code}: {_error_message(result)}")
     else:
         body = result.json()
     if as_json:
@@ -182,7 +185,7 @@ def _local_sql(query: str) -> dict:
     if not settings.db_path.exists():
         _fail(f"no service answers and there is no database at {settings.db_path}")
     try:
-        store = Store(settings.db_path, export_dir=settings.export_dir)
+        store = Store(settings.db_path, export_dir=settings.export_dir, read_only=True)
         return asdict(run_sql(store.cursor(), query, timeout_s=settings.sql_timeout_s, max_rows=settings.sql_max_rows))
     except AnnotateError as exc:
         _fail(str(exc))

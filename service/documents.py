@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -112,7 +113,9 @@ def _read_columnar(path: Path, kind: str, text_field: str, id_field: str, max_ch
         batches = (
             pq.ParquetFile(path).iter_batches(batch_size=READ_BATCH)
             if kind == "parquet"
-            else pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=1 << 22))
+            else pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=1 << 22),
+                                convert_options=pacsv.ConvertOptions(
+                                    column_types={text_field: pa.string(), id_field: pa.string()}))
         )
         row_number = 0
         for batch in batches:

@@ -72,7 +72,8 @@ class JobRunner:
                 raise
             except Exception as exc:  # a job-level failure: record it, keep serving others
                 log.exception("job failed", extra={"job_id": job_id})
-                await asyncio.to_thread(self.store.set_job_status, job_id, "failed", error=f"{type(exc).__name__}: {exc}")
+                await asyncio.to_thread(self.store.set_job_status, job_id, "failed",
+                                        error=f"{type(exc).__name__}: {exc}", only_if_active=True)
 
     async def run(self, job_id: str) -> None:
         """Label every pending document of a job, batch by batch."""
@@ -115,7 +116,17 @@ class JobRunner:
         return rows
 
     async def _score(self, labeller: Labeller, texts: list[str]) -> list[Annotation]:
-        """Score texts; a failure is retried alone once, then recorded as a failed annotation."""
+        """Score texts (blank ones abstain unscored); a failure is retried alone once, then recorded as failed."""
+        scored = [i for i, text in enumerate(texts) if text.strip()]
+        annotations = [labeller.empty() for _ in texts]
+        for i, annotation in zip(scored, await self._score_texts(labeller, [texts[i] for i in scored])):
+            annotations[i] = annotation
+        return annotations
+
+    async def _score_texts(self, labeller: Labeller, texts: list[str]) -> list[Annotation]:
+        """Scores for non-blank texts, with one solo retry of each failure."""
+        if not texts:
+            return []
         requests = [labeller.request(text) for text in texts]
         results = await self.scorer([r for r, _ in requests])
         for i, result in enumerate(results):

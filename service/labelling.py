@@ -9,7 +9,11 @@ or the top two are closer than the ambiguity margin (``ambiguous``).
 
 Multi-label: each label gets its own probability P(yes) from a yes/no continuation pair,
 and every label at or above the selection threshold is chosen; no label chosen means
-abstained with ``below_threshold``.
+abstained, ``out_of_taxonomy`` when the taxonomy allows "none of these" (in multi-label
+that is what choosing nothing means) and ``below_threshold`` otherwise. The ambiguity
+margin applies to single-label taxonomies only.
+
+A blank document (empty or whitespace) is not scored: abstained with ``empty_text``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from .prompts import PromptTemplate
 from .taxonomy import NONE_LABEL, Taxonomy
 
 OUT_OF_TAXONOMY = "out_of_taxonomy"
+EMPTY_TEXT = "empty_text"
 BELOW_THRESHOLD = "below_threshold"
 AMBIGUOUS = "ambiguous"
 
@@ -138,10 +143,18 @@ class Labeller:
         }
         ranked = sorted(distribution.items(), key=lambda kv: -kv[1])
         chosen = [name for name, p in ranked if p >= self.taxonomy.selection_threshold]
+        none_reason = OUT_OF_TAXONOMY if self.taxonomy.abstention.allow_none else BELOW_THRESHOLD
         return Annotation(
             distribution=distribution, label=chosen[0] if chosen else None, labels=chosen,
             confidence=ranked[0][1], candidates=chosen, abstained=not chosen,
-            abstain_reason=None if chosen else BELOW_THRESHOLD, truncated=truncated,
+            abstain_reason=None if chosen else none_reason, truncated=truncated,
+        )
+
+    def empty(self) -> Annotation:
+        """A blank document is not sent to the model: abstained, with every option at probability 0."""
+        return Annotation(
+            distribution={name: 0.0 for name in self.options}, label=None, labels=[], confidence=0.0,
+            candidates=[], abstained=True, abstain_reason=EMPTY_TEXT,
         )
 
 

@@ -5,7 +5,8 @@
 2. It runs on a cursor of the store's instance, which ``Store`` has locked down: no
    file access outside the exports dir, no network, no extension installs, and its
    configuration cannot be changed.
-3. A timer interrupts it at the time limit (a request may lower, never raise, it).
+3. A watchdog interrupts it at the time limit, again and again until it stops (a request
+   may lower the limit, never raise it, and never below 0.1 s).
 4. At most ``max_rows`` rows are returned; fetching one more tells whether it was cut.
 """
 
@@ -55,9 +56,10 @@ def check_sql(sql: str) -> str:
 def run_sql(cursor: duckdb.DuckDBPyConnection, sql: str, *, timeout_s: float, max_rows: int) -> SqlResult:
     """Run a checked statement under the time limit and the row cap."""
     query = check_sql(sql)
-    timer = threading.Timer(timeout_s, cursor.interrupt)
+    finished = threading.Event()
+    watchdog = threading.Thread(target=_interrupt_after, args=(cursor, timeout_s, finished), daemon=True)
     started = time.perf_counter()
-    timer.start()
+    watchdog.start()
     try:
         cursor.execute(query)
         columns = [d[0] for d in cursor.description or []]
@@ -69,7 +71,8 @@ def run_sql(cursor: duckdb.DuckDBPyConnection, sql: str, *, timeout_s: float, ma
     except duckdb.Error as exc:
         raise SqlRejected(f"{type(exc).__name__}: {exc}") from exc
     finally:
-        timer.cancel()
+        finished.set()
+        watchdog.join()
         cursor.close()
     return SqlResult(
         columns=columns,
@@ -77,6 +80,15 @@ def run_sql(cursor: duckdb.DuckDBPyConnection, sql: str, *, timeout_s: float, ma
         truncated=len(rows) > max_rows,
         elapsed_ms=1000 * (time.perf_counter() - started),
     )
+
+
+def _interrupt_after(cursor: duckdb.DuckDBPyConnection, timeout_s: float, finished: threading.Event) -> None:
+    """After the deadline, interrupt until the query returns (an interrupt that lands before it starts is lost)."""
+    if finished.wait(timeout_s):
+        return
+    while not finished.is_set():
+        cursor.interrupt()
+        finished.wait(0.05)
 
 
 def _jsonable(value):

@@ -27,7 +27,7 @@ from .taxonomy import Taxonomy, parse_taxonomy
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS taxonomies (
     name VARCHAR NOT NULL, version VARCHAR NOT NULL, label_version VARCHAR, description VARCHAR,
-    multi_label BOOLEAN, yaml VARCHAR NOT NULL, created_at TIMESTAMP NOT NULL,
+    multi_label BOOLEAN, yaml VARCHAR NOT NULL, created_at TIMESTAMP NOT NULL, pushed_at TIMESTAMP NOT NULL,
     PRIMARY KEY (name, version));
 CREATE TABLE IF NOT EXISTS taxonomy_labels (
     taxonomy VARCHAR NOT NULL, version VARCHAR NOT NULL, label VARCHAR NOT NULL, parent VARCHAR,
@@ -71,7 +71,11 @@ DOCUMENT_SCHEMA = pa.schema(
     [("job_id", pa.string()), ("doc_id", pa.string()), ("position", pa.int64()), ("text", pa.string()),
      ("text_hash", pa.string()), ("meta", pa.string())]
 )
-ACTIVE_STATUSES = ("queued", "running")
+
+
+def _quote(value: object) -> str:
+    """A SQL string literal (SET takes no bound parameters)."""
+    return "'" + str(value).replace("'", "''") + "'"
 
 
 def _now() -> datetime:
@@ -82,24 +86,25 @@ def _now() -> datetime:
 class Store:
     """DuckDB file owner; all reads and writes of the service go through its methods."""
 
-    def __init__(self, path: Path, *, export_dir: Path):
+    def __init__(self, path: Path, *, export_dir: Path, read_only: bool = False):
         path.parent.mkdir(parents=True, exist_ok=True)
         export_dir.mkdir(parents=True, exist_ok=True)
         try:
-            self._db = duckdb.connect(str(path))
+            self._db = duckdb.connect(str(path), read_only=read_only)
         except duckdb.IOException as exc:
             raise AnnotateError(
                 f"cannot open {path}: {exc}. Another process (a running service?) holds it; "
                 "talk to that service over HTTP instead"
             ) from exc
         self._write_lock = threading.Lock()
-        self._db.execute(SCHEMA)
+        if not read_only:
+            self._db.execute(SCHEMA)
         self._lock_down(path.parent / "tmp", export_dir)
 
     def _lock_down(self, temp_dir: Path, export_dir: Path) -> None:
         """Close file and network access for the whole instance; order matters (DESIGN.md)."""
-        self._db.execute(f"SET temp_directory = '{temp_dir}'")
-        self._db.execute(f"SET allowed_directories = ['{export_dir}/']")
+        self._db.execute(f"SET temp_directory = {_quote(temp_dir)}")
+        self._db.execute(f"SET allowed_directories = [{_quote(f'{export_dir}/')}]")
         self._db.execute("SET enable_external_access = false")
         self._db.execute("SET lock_configuration = true")
 
@@ -114,18 +119,20 @@ class Store:
 
     # taxonomies ---------------------------------------------------------------
     def put_taxonomy(self, taxonomy: Taxonomy, yaml_text: str) -> tuple[str, bool]:
-        """Store a taxonomy version (content hash); returns (version, created)."""
+        """Store a taxonomy version (content hash) and make it the current one; returns (version, created)."""
         version = taxonomy.content_hash()
         with self._write_lock:
             cur = self.cursor()
             if cur.execute(
-                "SELECT 1 FROM taxonomies WHERE name = ? AND version = ?", [taxonomy.name, version]
-            ).fetchone():
+                "UPDATE taxonomies SET pushed_at = ? WHERE name = ? AND version = ? RETURNING 1",
+                [_now(), taxonomy.name, version],
+            ).fetchall():
                 return version, False
             cur.execute("BEGIN")
             cur.execute(
-                "INSERT INTO taxonomies VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [taxonomy.name, version, taxonomy.version, taxonomy.description, taxonomy.multi_label, yaml_text, _now()],
+                "INSERT INTO taxonomies VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [taxonomy.name, version, taxonomy.version, taxonomy.description, taxonomy.multi_label, yaml_text,
+                 _now(), _now()],
             )
             leaves = set(taxonomy.label_names())
             cur.executemany(
@@ -137,13 +144,13 @@ class Store:
         return version, True
 
     def get_taxonomy(self, name: str, version: str | None = None) -> tuple[Taxonomy, str, str]:
-        """(taxonomy, version, yaml) of a named taxonomy, the newest version unless one is given."""
+        """(taxonomy, version, yaml) of a named taxonomy: the last pushed version unless one is given."""
         sql = "SELECT version, yaml FROM taxonomies WHERE name = ?"
         params: list = [name]
         if version:
             sql += " AND version = ?"
             params.append(version)
-        row = self.cursor().execute(sql + " ORDER BY created_at DESC LIMIT 1", params).fetchone()
+        row = self.cursor().execute(sql + " ORDER BY pushed_at DESC LIMIT 1", params).fetchone()
         if row is None:
             known = [r[0] for r in self.cursor().execute("SELECT DISTINCT name FROM taxonomies ORDER BY 1").fetchall()]
             what = f"taxonomy {name!r}" + (f" version {version!r}" if version else "")
@@ -159,9 +166,10 @@ class Store:
         )
 
     def taxonomy_versions(self, name: str) -> list[dict]:
-        """The versions of one taxonomy, newest first."""
+        """The versions of one taxonomy, the current (last pushed) first."""
         rows = self._dicts(
-            "SELECT version, label_version, created_at FROM taxonomies WHERE name = ? ORDER BY created_at DESC", [name]
+            "SELECT version, label_version, created_at, pushed_at FROM taxonomies WHERE name = ? ORDER BY pushed_at DESC",
+            [name],
         )
         if not rows:
             self.get_taxonomy(name)  # raises NotFound with the known names

@@ -69,3 +69,10 @@ def test_batched_refuses_duplicate_ids():
     with pytest.raises(InvalidInput, match="document 2: duplicate id 'a' \\(first used by document 0\\)"):
         list(batched(rows, 2))
     assert [len(b) for b in batched(rows[:2] + [{"doc_id": "c"}], 2)] == [2, 1]
+
+
+def test_csv_ids_and_texts_stay_strings(tmp_path):
+    """Numeric-looking ids keep their leading zeros and numeric texts are texts."""
+    (tmp_path / "d.csv").write_text("id,text\n007,5\n12345678901234567890123,42\n")
+    rows = list(read_file(tmp_path / "d.csv", max_chars=100))
+    assert [(r["doc_id"], r["text"]) for r in rows] == [("007", "5"), ("12345678901234567890123", "42")]

@@ -16,7 +16,7 @@ from service.documents import check_document
 from service.engines.fake import FakeEngine
 from service.jobs import JobRunner, engine_scorer
 from service.store import Store, document_batch
-from service.taxonomy import load_taxonomy
+from service.taxonomy import load_taxonomy, parse_taxonomy
 
 TAXONOMY = REPO / "taxonomy" / "sms-spam.yaml"
 
@@ -154,3 +154,34 @@ def test_finished_jobs_are_not_resumed(tmp_path, status):
         return resumed
 
     assert asyncio.run(scenario()) == []
+
+
+def test_blank_documents_abstain_without_the_engine(tmp_path):
+    """Empty and whitespace-only texts are abstained as empty_text and never scored."""
+    store = _store(tmp_path)
+    engine = FakeEngine()
+
+    async def scenario():
+        runner = await _runner(store, engine)
+        _submit(store, runner, "job_blank", ["", "   \n", "free spam prize"])
+        await runner.run("job_blank")
+        await runner.close()
+
+    asyncio.run(scenario())
+    rows = store.cursor().execute(
+        "SELECT doc_id, abstained, abstain_reason FROM annotations WHERE job_id = 'job_blank' ORDER BY doc_id").fetchall()
+    assert rows == [("d000", True, "empty_text"), ("d001", True, "empty_text"), ("d002", False, None)]
+    assert engine.calls == 1
+
+
+def test_pushing_an_older_version_again_makes_it_current(tmp_path):
+    """Push A, push B, push A: new jobs use A."""
+    store = Store(tmp_path / "db.duckdb", export_dir=tmp_path / "exports")
+    text_a = TAXONOMY.read_text()
+    text_b = text_a.replace("Short text messages (SMS)", "Short mobile messages (SMS)")
+    version_a, created_a = store.put_taxonomy(load_taxonomy(TAXONOMY), text_a)
+    version_b, _ = store.put_taxonomy(parse_taxonomy(text_b), text_b)
+    assert store.get_taxonomy("sms-spam")[1] == version_b
+    assert store.put_taxonomy(load_taxonomy(TAXONOMY), text_a) == (version_a, False) and created_a
+    assert store.get_taxonomy("sms-spam")[1] == version_a
+    assert [v["version"] for v in store.taxonomy_versions("sms-spam")] == [version_a, version_b]

@@ -113,3 +113,16 @@ def test_annotator_key_changes_with_what_determines_the_output():
     assert key == Labeller(taxonomy, "v1", template, ENGINE, 50).key
     assert key != Labeller(taxonomy, "v2", template, ENGINE, 50).key
     assert key != Labeller(taxonomy, "v1", template, EngineInfo("other", "none", {}), 50).key
+
+
+def test_multi_label_with_none_allowed_abstains_out_of_taxonomy():
+    """In multi-label, choosing nothing is "none of these" when the taxonomy allows it."""
+    result = _labeller(multi_label=True, allow_none=True).decide(_logs(0.3, 0.7) * 3)
+    assert (result.abstained, result.abstain_reason) == (True, "out_of_taxonomy")
+
+
+def test_blank_document_annotation():
+    """The empty-text verdict has the taxonomy's options at zero and no candidates."""
+    result = _labeller().empty()
+    assert result.distribution == {"a": 0.0, "b": 0.0, "c": 0.0}
+    assert (result.abstained, result.abstain_reason, result.candidates) == (True, "empty_text", [])

@@ -105,3 +105,15 @@ def test_exports_dir_is_readable(store, tmp_path):
 def test_check_sql_returns_the_statement():
     """check_sql hands back the single statement it accepted."""
     assert check_sql("SELECT 1;").startswith("SELECT 1")
+
+
+def test_interrupt_keeps_firing_until_the_query_stops(store):
+    """Even a limit shorter than query start-up stops a runaway query (the watchdog re-interrupts)."""
+    with pytest.raises(SqlTimeout):
+        run_sql(store.cursor(), "WITH RECURSIVE r(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM r) SELECT count(*) FROM r",
+                timeout_s=0.000001, max_rows=10)
+
+
+def test_timestamptz_values_are_returned(store):
+    """now() returns a time-zone aware timestamp as ISO text."""
+    assert "T" in run_sql(store.cursor(), "SELECT now() AS t", timeout_s=5, max_rows=1).rows[0][0]

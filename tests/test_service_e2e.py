@@ -116,7 +116,7 @@ def test_changed_taxonomy_is_a_new_version_and_old_jobs_keep_theirs(service, lab
         described = client.get("/v1/taxonomies/sms-spam").json()
         old_job = client.get(f"/v1/jobs/{labelled['job']['job_id']}").json()
     assert again.status_code == 201 and again.json()["version"] != labelled["version"]
-    assert same.status_code == 200 and same.json() == {**again.json(), "created": False}
+    assert same.status_code == 201 and same.json() == {**again.json(), "created": False}
     assert described["version"] == again.json()["version"]
     assert {v["version"] for v in described["versions"]} >= {labelled["version"], again.json()["version"]}
     assert old_job["taxonomy_version"] == labelled["version"]

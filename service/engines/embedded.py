@@ -170,7 +170,8 @@ class EmbeddedEngine:
         tokens, so a 50-label hierarchy costs far fewer tokens than 50 separate suffixes.
         """
         _, prefix_len, suffix = prefix
-        body = self.tokenizer(request.user + suffix, add_special_tokens=False)["input_ids"]
+        body = (self.tokenizer(request.user, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+                + self.tokenizer(suffix, add_special_tokens=False)["input_ids"])  # a document cannot forge chat tokens
         tokens = list(body)
         positions = list(range(prefix_len, prefix_len + len(body)))
         nodes: dict[tuple[int, int], int] = {}
