@@ -20,6 +20,7 @@ from ray.serve.handle import DeploymentHandle
 
 from .api import Context, attach, create_api
 from .engines import EngineInfo, ScoreRequest, create_engine
+from .errors import EngineError
 from .jobs import JobRunner
 from .logs import configure_logging
 from .settings import Settings
@@ -55,9 +56,18 @@ def handle_scorer(model: DeploymentHandle):
 
     async def score(requests: list[ScoreRequest]) -> list:
         calls = [model.score.remote(request) for request in requests]
-        return await asyncio.gather(*calls, return_exceptions=True)
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        return [_unwrap(r) if isinstance(r, BaseException) else r for r in results]
 
     return score
+
+
+def _unwrap(error: BaseException) -> BaseException:
+    """The engine's own error inside Ray's wrapper, so failures are recorded by their real name."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, BaseException):
+        return cause
+    return EngineError(f"{type(error).__name__}: {error}")
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=512,

@@ -178,26 +178,29 @@ class Store:
     # jobs ---------------------------------------------------------------------
     def create_job(self, *, job_id: str, taxonomy: str, version: str, annotator: str, annotator_spec: dict,
                    batches: Iterator[pa.RecordBatch]) -> int:
-        """Insert a job and its documents in one transaction; returns the document count."""
-        with self._write_lock:
-            cur = self.cursor()
-            cur.execute("BEGIN")
-            try:
-                cur.execute(
-                    "INSERT INTO jobs (job_id, taxonomy, taxonomy_version, annotator, annotator_spec, status, total,"
-                    " created_at) VALUES (?, ?, ?, ?, ?, 'queued', 0, ?)",
-                    [job_id, taxonomy, version, annotator, json.dumps(annotator_spec), _now()],
-                )
-                for batch in batches:
-                    cur.register("document_batch", batch)
-                    cur.execute("INSERT INTO documents SELECT * FROM document_batch")
-                    cur.unregister("document_batch")
-                total = cur.execute("SELECT count(*) FROM documents WHERE job_id = ?", [job_id]).fetchone()[0]
-                cur.execute("UPDATE jobs SET total = ? WHERE job_id = ?", [total, job_id])
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
+        """Insert a job and its documents in one transaction; returns the document count.
+
+        No write lock: the batches may come from a large file, and DuckDB appends of a new
+        job never conflict with other jobs' annotation commits, which go on meanwhile.
+        """
+        cur = self.cursor()
+        cur.execute("BEGIN")
+        try:
+            cur.execute(
+                "INSERT INTO jobs (job_id, taxonomy, taxonomy_version, annotator, annotator_spec, status, total,"
+                " created_at) VALUES (?, ?, ?, ?, ?, 'queued', 0, ?)",
+                [job_id, taxonomy, version, annotator, json.dumps(annotator_spec), _now()],
+            )
+            for batch in batches:
+                cur.register("document_batch", batch)
+                cur.execute("INSERT INTO documents SELECT * FROM document_batch")
+                cur.unregister("document_batch")
+            total = cur.execute("SELECT count(*) FROM documents WHERE job_id = ?", [job_id]).fetchone()[0]
+            cur.execute("UPDATE jobs SET total = ? WHERE job_id = ?", [total, job_id])
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
         return total
 
     def job(self, job_id: str) -> dict:
