@@ -30,7 +30,7 @@ from .jobs import JobRunner
 from .sandbox import run_sql
 from .settings import Settings
 from .store import Store, document_batch
-from .taxonomy import parse_taxonomy
+from .taxonomy import format_loc, parse_taxonomy
 
 
 @dataclass
@@ -92,7 +92,7 @@ def _render_validation_error(request: Request, exc: RequestValidationError) -> J
     """Pydantic request errors in the same shape, each naming its field path."""
     problems = []
     for error in exc.errors():
-        location = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"][1:]).lstrip(".")
+        location = format_loc(error["loc"][1:])
         problems.append({"location": location or "body", "message": error["msg"]})
     message = "; ".join(f"{p['location']}: {p['message']}" for p in problems)
     body = {"type": "InvalidInput", "message": message, "problems": problems}

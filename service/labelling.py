@@ -60,6 +60,7 @@ class Labeller:
     model_input_chars: int
     system: str = field(init=False)
     options: tuple[str, ...] = field(init=False)
+    continuations: tuple[str, ...] = field(init=False)  # rendered once: the same after every document
 
     def __post_init__(self):
         names = self.taxonomy.label_names()
@@ -74,6 +75,8 @@ class Labeller:
         )
         object.__setattr__(self, "system", system)
         object.__setattr__(self, "options", tuple(names) + ((NONE_LABEL,) if allow_none else ()))
+        answer = self.template.render("assistant")
+        object.__setattr__(self, "continuations", tuple(answer + c for c in self._render_continuations()))
 
     @property
     def spec(self) -> dict:
@@ -98,10 +101,9 @@ class Labeller:
         """The engine request for one document, and whether its text was truncated for the model."""
         truncated = len(text) > self.model_input_chars
         user = self.template.render("user", text=text[: self.model_input_chars], options=self.options)
-        answer = self.template.render("assistant")
-        return ScoreRequest(self.system, user, tuple(answer + c for c in self._continuations())), truncated
+        return ScoreRequest(self.system, user, self.continuations), truncated
 
-    def _continuations(self) -> list[str]:
+    def _render_continuations(self) -> list[str]:
         """The texts scored after the prompt, in the order ``decide`` reads them."""
         if self.taxonomy.multi_label:
             return [self.template.render(side, label=name) for name in self.options for side in ("yes", "no")]
@@ -109,8 +111,8 @@ class Labeller:
 
     def decide(self, scores: list[float], *, truncated: bool = False) -> Annotation:
         """Turn continuation log-probabilities into distribution, candidates and abstention."""
-        if len(scores) != len(self._continuations()):
-            raise ValueError(f"expected {len(self._continuations())} scores, got {len(scores)}")
+        if len(scores) != len(self.continuations):
+            raise ValueError(f"expected {len(self.continuations)} scores, got {len(scores)}")
         if self.taxonomy.multi_label:
             return self._decide_multi(scores, truncated)
         return self._decide_single(scores, truncated)

@@ -206,7 +206,7 @@ class Store:
     def job(self, job_id: str) -> dict:
         """A job's row with live counts of done, failed and abstained documents."""
         rows = self._dicts(
-            "SELECT j.job_id, j.taxonomy, j.taxonomy_version, j.annotator, j.status, j.total, j.error,"
+            "SELECT j.job_id, j.taxonomy, j.taxonomy_version, j.annotator, j.annotator_spec, j.status, j.total, j.error,"
             " j.created_at, j.started_at, j.finished_at,"
             " count(a.doc_id) FILTER (WHERE a.status = 'ok') AS done,"
             " count(a.doc_id) FILTER (WHERE a.status = 'failed') AS failed,"
@@ -219,9 +219,7 @@ class Store:
         if not rows:
             raise NotFound(f"unknown job {job_id!r}")
         row = rows[0]
-        row["annotator_spec"] = json.loads(
-            self.cursor().execute("SELECT annotator_spec FROM jobs WHERE job_id = ?", [job_id]).fetchone()[0]
-        )
+        row["annotator_spec"] = json.loads(row["annotator_spec"])
         return row
 
     def list_jobs(self, limit: int = 100) -> list[dict]:

@@ -27,7 +27,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
 
 from service.errors import NotFound, TaxonomyError
 
-__all__ = ["NONE_LABEL", "Abstention", "Label", "Taxonomy", "load_taxonomy", "parse_taxonomy"]
+__all__ = ["NONE_LABEL", "Abstention", "Label", "Taxonomy", "format_loc", "load_taxonomy", "parse_taxonomy"]
 
 NONE_LABEL = "none_of_these"
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
@@ -121,7 +121,7 @@ class Taxonomy(_Model):
         entries = [(label.name, label.parent) for label in self.labels]
         problems = _cross_problems(entries, self.multi_label, lambda loc: None)
         if problems:
-            raise ValueError("; ".join(f"{_format_loc(loc)}: {msg}" for loc, msg in problems))
+            raise ValueError("; ".join(f"{format_loc(loc)}: {msg}" for loc, msg in problems))
         return self
 
     def leaves(self) -> list[Label]:
@@ -187,7 +187,7 @@ def parse_taxonomy(text: str, *, source: str = "<taxonomy>") -> Taxonomy:
     if isinstance(labels := data.get("labels"), list):  # cross checks run beside pydantic's
         entries = [(_text_at(item, "name"), _text_at(item, "parent")) for item in labels]
         cross = _cross_problems(entries, data.get("multi_label") is True, line_of)
-        problems += [(_format_loc(loc), line_of(loc), msg) for loc, msg in cross]
+        problems += [(format_loc(loc), line_of(loc), msg) for loc, msg in cross]
     if problems:
         raise TaxonomyError(source, sorted(problems, key=lambda p: (p[1] is None, p[1] or 0)))
     return taxonomy
@@ -236,7 +236,7 @@ def _duplicate_keys(node: yaml.Node, loc: Loc, seen: set[int]) -> list[Problem]:
         for key, value in node.value:
             name, line = str(key.value), key.start_mark.line + 1
             if name in first:
-                problems.append((_format_loc(loc + (name,)), line,
+                problems.append((format_loc(loc + (name,)), line,
                                  f"duplicate key '{name}' (first at line {first[name]}); keep one"))
             first.setdefault(name, line)
             problems += _duplicate_keys(value, loc + (name,), seen)
@@ -264,7 +264,7 @@ def _line_of(root: yaml.Node, loc: Loc) -> int | None:
     return line + 1
 
 
-def _format_loc(loc: Loc) -> str:
+def format_loc(loc: Loc) -> str:
     """('labels', 3, 'name') -> 'labels[3].name'."""
     return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).removeprefix(".")
 
@@ -311,7 +311,7 @@ def _pydantic_problem(err: dict, line_of: LineOf) -> Problem:
         message = str(err["ctx"]["error"])
     else:
         message = err["msg"].replace("Input should be", "must be", 1) + f"; got {_describe(value)}"
-    return _format_loc(loc), line_of(loc), message
+    return format_loc(loc), line_of(loc), message
 
 
 def _text_at(item: Any, key: str) -> str | None:
@@ -330,7 +330,7 @@ def _cross_problems(entries: list[tuple[str | None, str | None]], multi_label: b
             continue
         if name in first:
             line = line_of(("labels", first[name], "name"))
-            where = f"line {line}" if line else _format_loc(("labels", first[name]))
+            where = f"line {line}" if line else format_loc(("labels", first[name]))
             problems.append((("labels", i, "name"), f"duplicate label '{name}' (first defined at "
                                                     f"{where}); label names must be unique"))
         first.setdefault(name, i)

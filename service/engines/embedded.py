@@ -25,6 +25,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from ..errors import EngineUnavailable
 from .base import EngineInfo, ScoreRequest
@@ -78,6 +79,16 @@ def fetch_model(models_dir: Path) -> Path:
         if not (target / "model.safetensors").exists():
             raise
     return target
+
+
+class _Prefix(NamedTuple):
+    """A system prompt's shared work: its key/values, and the token ids every document reuses."""
+
+    layers: list
+    length: int
+    suffix: str
+    suffix_ids: list[int]
+    continuation_ids: dict[str, list[int]]  # filled lazily: the same labels follow every document
 
 
 @dataclass
@@ -146,7 +157,7 @@ class EmbeddedEngine:
         before, after = text.split(marker)
         return before, after
 
-    def _prefix(self, system: str) -> tuple:
+    def _prefix(self, system: str) -> _Prefix:
         """Key/value cache of the shared prefix, computed once per distinct system prompt."""
         key = hashlib.sha256(system.encode()).hexdigest()
         if key in self._prefixes:
@@ -157,28 +168,31 @@ class EmbeddedEngine:
         tensor = self._torch.tensor([ids])
         out = self.model.model(input_ids=tensor, use_cache=True)
         layers = expand_heads([(k, v) for k, v, *_ in out.past_key_values], self.model.config.num_attention_heads)
-        entry = (layers, len(ids), after)
+        entry = _Prefix(layers, len(ids), after, self.tokenizer(after, add_special_tokens=False)["input_ids"], {})
         self._prefixes[key] = entry
         if len(self._prefixes) > PREFIX_CACHE_SIZE:
             self._prefixes.popitem(last=False)
         return entry
 
-    def _pack(self, request: ScoreRequest, prefix: tuple) -> _Packed:
+    def _pack(self, request: ScoreRequest, prefix: _Prefix) -> _Packed:
         """Lay out document tokens, then the continuations as a token trie at repeated positions.
 
         Continuations that share leading tokens ("HUM:ind", "HUM:gr") share those input
         tokens, so a 50-label hierarchy costs far fewer tokens than 50 separate suffixes.
         """
-        _, prefix_len, suffix = prefix
+        prefix_len = prefix.length
         body = (self.tokenizer(request.user, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-                + self.tokenizer(suffix, add_special_tokens=False)["input_ids"])  # a document cannot forge chat tokens
+                + prefix.suffix_ids)  # a document cannot forge chat tokens
         tokens = list(body)
         positions = list(range(prefix_len, prefix_len + len(body)))
         nodes: dict[tuple[int, int], int] = {}
         ancestors: dict[int, list[int]] = {}
         targets = []
         for continuation in request.continuations:
-            ids = self.tokenizer(continuation, add_special_tokens=False)["input_ids"] + [self._end]
+            ids = prefix.continuation_ids.get(continuation)
+            if ids is None:
+                ids = self.tokenizer(continuation, add_special_tokens=False)["input_ids"] + [self._end]
+                prefix.continuation_ids[continuation] = ids
             predictor, path = len(body) - 1, []
             for depth, token in enumerate(ids[:-1]):
                 if (predictor, token) not in nodes:
@@ -191,10 +205,10 @@ class EmbeddedEngine:
             targets.append(list(zip([len(body) - 1] + path, ids)))
         return _Packed(tokens, positions, ancestors, len(body), targets)
 
-    def _forward(self, prefix: tuple, batch: list[_Packed]) -> list[list[float]]:
+    def _forward(self, prefix: _Prefix, batch: list[_Packed]) -> list[list[float]]:
         """One forward pass over a batch; returns summed log-probs per continuation."""
         torch = self._torch
-        layers, prefix_len, _ = prefix
+        layers, prefix_len = prefix.layers, prefix.length
         width = max(len(p.tokens) for p in batch)
         size = len(batch)
         input_ids = torch.full((size, width), self._end, dtype=torch.long)
