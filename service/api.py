@@ -40,6 +40,7 @@ class Context:
     settings: Settings
     store: Store
     runner: JobRunner
+    models: dict  # model name -> its ModelServer deployment handle
 
 
 _hosted: Context | None = None
@@ -102,7 +103,20 @@ def _render_validation_error(request: Request, exc: RequestValidationError) -> J
 async def health(request: Request) -> dict:
     """Liveness plus what engine the service labels with."""
     runner = _ctx(request).runner
-    return {"status": "ok", "version": __version__, "engine": runner.engine.engine, "model": runner.engine.model}
+    default = runner.models[runner.default_model].info
+    return {"status": "ok", "version": __version__, "engine": default.engine, "model": default.model,
+            "default_model": runner.default_model}
+
+
+async def list_models(request: Request) -> list[dict]:
+    """Every configured model with its engine and the live queue depth and throughput of its replicas."""
+    ctx = _ctx(request)
+    reports = await asyncio.gather(*(handle.report.remote() for handle in ctx.models.values()),
+                                   return_exceptions=True)
+    return [{"name": name, "engine": model.info.engine, "model": model.info.model,
+             "default": name == ctx.runner.default_model,
+             "stats": None if isinstance(report, BaseException) else report}
+            for (name, model), report in zip(ctx.runner.models.items(), reports)]
 
 
 async def push_taxonomy(request: Request) -> JSONResponse:
@@ -134,17 +148,22 @@ async def get_taxonomy(request: Request, name: str, version: str | None = None) 
 async def create_job(request: Request, body: JobRequest) -> JSONResponse:
     """Validate and store a job's documents, queue it, answer 202 with its id."""
     ctx = _ctx(request)
-    labeller = await asyncio.to_thread(ctx.runner.labeller, body.taxonomy, body.taxonomy_version)
+    labeller = await asyncio.to_thread(ctx.runner.labeller, body.taxonomy, body.taxonomy_version, body.model)
     job_id = "job_" + uuid.uuid4().hex[:16]
-    rows = _job_rows(ctx.settings, body)
-    batches = (document_batch(job_id, batch, i * ctx.settings.batch_size)
-               for i, batch in enumerate(batched(rows, ctx.settings.batch_size)))
-    total = await asyncio.to_thread(
-        ctx.store.create_job, job_id=job_id, taxonomy=body.taxonomy, version=labeller.taxonomy_version,
-        annotator=labeller.key, annotator_spec=labeller.spec, batches=batches,
-    )
+    job = dict(job_id=job_id, taxonomy=body.taxonomy, version=labeller.taxonomy_version, model=labeller.model,
+               annotator=labeller.key, annotator_spec=labeller.spec)
+    if body.mode == "batch":
+        shards = await asyncio.to_thread(ctx.runner.batch_runner.plan, body.source)
+        batch = {"source": body.source, "text_field": body.text_field, "id_field": body.id_field}
+        total = await asyncio.to_thread(ctx.store.create_job, **job, batch=batch, shards=shards)
+    else:
+        rows = _job_rows(ctx.settings, body)
+        batches = (document_batch(job_id, batch, i * ctx.settings.batch_size)
+                   for i, batch in enumerate(batched(rows, ctx.settings.batch_size)))
+        total = await asyncio.to_thread(ctx.store.create_job, **job, batches=batches)
     ctx.runner.submit(job_id)
-    created = JobCreated(job_id=job_id, status="queued", total=total, taxonomy_version=labeller.taxonomy_version)
+    created = JobCreated(job_id=job_id, status="queued", total=total, taxonomy_version=labeller.taxonomy_version,
+                         model=labeller.model, mode=body.mode)
     return JSONResponse(created.model_dump(), status_code=202)
 
 
@@ -241,6 +260,7 @@ async def query_sql(request: Request, body: SqlRequest) -> SqlResponse:
 
 ROUTES = [
     dict(path="/healthz", endpoint=health, methods=["GET"], tags=["service"]),
+    dict(path="/v1/models", endpoint=list_models, methods=["GET"], tags=["service"]),
     dict(path="/v1/taxonomies", endpoint=push_taxonomy, methods=["POST"], status_code=201, tags=["taxonomies"],
          response_model=TaxonomyCreated,
          openapi_extra={"requestBody": {"required": True, "content": {"application/yaml": {"schema": {"type": "string"}}}}}),

@@ -25,18 +25,25 @@ class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     taxonomy: str = Field(min_length=1, description="Name of a pushed taxonomy.")
     taxonomy_version: str | None = Field(None, description="A content-hash version; default the newest.")
+    model: str | None = Field(None, description="A model from the models config; default the taxonomy's, else the service's.")
     documents: list[DocumentIn] | None = None
-    source: str | None = Field(None, description="Path of a .jsonl/.csv/.parquet file under ANNOTATE_INPUT_DIR.")
+    source: str | None = Field(None, description="A .jsonl/.csv/.parquet file under ANNOTATE_INPUT_DIR (batch mode: "
+                                                 ".jsonl/.parquet, or an s3:// or gs:// URI if allowed).")
+    mode: Literal["stream", "batch"] = Field(
+        "stream", description="stream: documents stored with the job, labelled batch by batch; batch: a large "
+                              "source labelled shard by shard on Ray Data, results written as Parquet shards.")
     text_field: str = "text"
     id_field: str = "id"
 
     @model_validator(mode="after")
     def _one_input(self) -> JobRequest:
-        """Exactly one of documents and source, and never an empty list."""
+        """Exactly one of documents and source, never an empty list, and batch mode only for a source."""
         if (self.documents is None) == (self.source is None):
             raise ValueError("give exactly one of 'documents' (inline) or 'source' (server-side file)")
         if self.documents is not None and not self.documents:
             raise ValueError("'documents' is empty; send at least one document")
+        if self.mode == "batch" and self.source is None:
+            raise ValueError("mode 'batch' labels a server-side 'source'; inline documents use mode 'stream'")
         return self
 
 
@@ -47,6 +54,8 @@ class JobCreated(BaseModel):
     status: JobState
     total: int
     taxonomy_version: str
+    model: str
+    mode: Literal["stream", "batch"] = "stream"
 
 
 class JobStatus(BaseModel):
@@ -56,8 +65,12 @@ class JobStatus(BaseModel):
     status: JobState
     taxonomy: str
     taxonomy_version: str
+    model: str | None = None
+    mode: Literal["stream", "batch"] = "stream"
     annotator: str
     total: int
+    shards: int = 0
+    shards_done: int = 0
     done: int
     failed: int
     abstained: int
@@ -70,7 +83,8 @@ class JobStatus(BaseModel):
     @classmethod
     def from_row(cls, row: dict) -> JobStatus:
         """Build from the store's job row (extra keys ignored)."""
-        return cls(**{k: v for k, v in row.items() if k in cls.model_fields})
+        fields = {k: v for k, v in row.items() if k in cls.model_fields}
+        return cls(**fields, mode="stream" if row.get("batch") is None else "batch")
 
 
 class TaxonomyCreated(BaseModel):

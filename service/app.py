@@ -1,9 +1,10 @@
 """The Ray Serve application: a FastAPI ingress that owns the store, and a model deployment.
 
     HTTP ─▶ Ingress (1 replica: FastAPI routes, DuckDB store, job runner)
-                │  DeploymentHandle, one call per document
-                ▼
-            ModelServer (engine; @serve.batch gathers concurrent calls into one forward pass)
+                │  DeploymentHandle, one call per document      ▲ shards registered
+                ▼                                               │
+            ModelServer-<name>, one deployment per model   ◀── Ray Data tasks (batch jobs,
+            (engine; @serve.batch gathers concurrent calls)     ``service.batch``)
 
 The ingress is the single DuckDB owner (DESIGN.md), so it runs exactly one replica;
 the model deployment can be scaled out. ``build`` is the application builder named by
@@ -19,9 +20,11 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from .api import Context, attach, create_api
-from .engines import EngineInfo, ScoreRequest, create_engine
+from .batch import BatchRunner
+from .engines import EngineInfo, ModelSpec, ScoreRequest, create_engine, load_models
 from .errors import EngineError
-from .jobs import JobRunner
+from .jobs import JobRunner, Model
+from .metrics import ModelStats
 from .logs import configure_logging
 from .settings import Settings
 from .store import Store
@@ -32,23 +35,50 @@ log = logging.getLogger(__name__)
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256, health_check_timeout_s=60)
 class ModelServer:
-    """Hosts one engine and batches concurrent score calls."""
+    """Hosts one named model's engine, batches concurrent score calls, and counts its work."""
 
-    def __init__(self, settings: dict):
+    def __init__(self, settings: dict, name: str, spec: dict):
         parsed = Settings(**settings)
         configure_logging(parsed.log_level)
-        self.engine = create_engine(parsed)
-        self.score.set_max_batch_size(parsed.engine_max_batch)
-        self.score.set_batch_wait_timeout_s(parsed.engine_batch_wait_s)
+        model_spec = ModelSpec(**spec)
+        self.name = name
+        self.engine = create_engine(model_spec, parsed)
+        self._score_batch.set_max_batch_size(model_spec.max_batch or parsed.engine_max_batch)
+        self._score_batch.set_batch_wait_timeout_s(parsed.engine_batch_wait_s)
+        self.stats = ModelStats(name)
 
     def info(self) -> EngineInfo:
         """Identity of the engine, recorded on every annotation."""
         return self.engine.info
 
+    def report(self) -> dict:
+        """Queue depth and throughput of this replica (also exported as Ray metrics)."""
+        return self.stats.report()
+
+    async def score(self, request: ScoreRequest) -> list[float]:
+        """Score one document; concurrent callers are gathered into batches."""
+        with self.stats.waiting():
+            return await self._score_batch(request)
+
+    async def score_many(self, requests: list[ScoreRequest]) -> list:
+        """Score a batch a caller already formed (Ray Data shards); failures come back per request."""
+        with self.stats.waiting(len(requests)):
+            return await self._timed(requests)
+
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def score(self, requests: list[ScoreRequest]) -> list[list[float]]:
+    async def _score_batch(self, requests: list[ScoreRequest]) -> list[list[float]]:
         """Score a batch gathered from concurrent callers."""
-        return await self.engine.score(requests)
+        return await self._timed(requests, raise_errors=True)
+
+    async def _timed(self, requests: list[ScoreRequest], raise_errors: bool = False) -> list:
+        """Run the engine on a batch and record it; a failed batch fails each of its requests."""
+        with self.stats.busy(len(requests)):
+            try:
+                return await self.engine.score(requests)
+            except Exception as exc:
+                if raise_errors:
+                    raise
+                return [exc] * len(requests)
 
 
 def handle_scorer(model: DeploymentHandle):
@@ -76,17 +106,20 @@ def _unwrap(error: BaseException) -> BaseException:
 class Ingress:
     """The HTTP front: owns the DuckDB store and runs jobs in the background."""
 
-    async def __init__(self, model: DeploymentHandle, settings: dict):
+    async def __init__(self, models: dict[str, DeploymentHandle], default_model: str, settings: dict):
         parsed = Settings(**settings)
         configure_logging(parsed.log_level)
-        engine = await model.info.remote()
+        infos = await asyncio.gather(*(handle.info.remote() for handle in models.values()))
+        named = {name: Model(name, handle_scorer(handle), info) for (name, handle), info in zip(models.items(), infos)}
         store = Store(parsed.db_path, export_dir=parsed.export_dir)
-        runner = JobRunner(store, handle_scorer(model), engine, batch_size=parsed.batch_size,
-                           model_input_chars=parsed.model_input_chars, workers=parsed.job_workers)
+        batch = BatchRunner(store, parsed, {name: handle.deployment_name for name, handle in models.items()},
+                            app_name=serve.get_replica_context().app_name)
+        runner = JobRunner(store, named, default_model, batch_size=parsed.batch_size,
+                           model_input_chars=parsed.model_input_chars, workers=parsed.job_workers, batch_runner=batch)
         resumed = runner.resume()
         if resumed:
             log.warning("resuming unfinished jobs", extra={"jobs": resumed})
-        self._context = Context(parsed, store, runner)
+        self._context = Context(parsed, store, runner, models)
         attach(self._context)
 
     async def __del__(self):
@@ -97,9 +130,13 @@ class Ingress:
 
 
 def build(args: dict | None = None) -> serve.Application:
-    """Application builder: settings from ANNOTATE_* variables, overridden by ``args``."""
+    """Application builder: settings from ANNOTATE_* variables, overridden by ``args``; one ModelServer per model."""
     settings = Settings(**(args or {}))
-    for name in ("data_dir", "input_dir", "models_dir"):  # replicas may not share the caller's working dir
-        setattr(settings, name, getattr(settings, name).resolve())
+    for name in ("data_dir", "input_dir", "models_dir", "models_file"):  # replicas may not share the caller's working dir
+        if getattr(settings, name) is not None:
+            setattr(settings, name, getattr(settings, name).resolve())
+    config = load_models(settings)
     dumped = settings.model_dump(mode="json")
-    return Ingress.bind(ModelServer.bind(dumped), dumped)
+    models = {name: ModelServer.options(name=f"ModelServer-{name}", num_replicas=spec.replicas)
+              .bind(dumped, name, spec.model_dump()) for name, spec in config.models.items()}
+    return Ingress.bind(models, config.default, dumped)

@@ -64,12 +64,14 @@ def serve(
     host: str = typer.Option(None, help="Bind address [default: 127.0.0.1 or ANNOTATE_HOST]."),
     port: int = typer.Option(None, help="Port [default: 8000 or ANNOTATE_PORT]."),
     data_dir: Path = typer.Option(None, "--data-dir", help="Data directory [default: ./data or ANNOTATE_DATA_DIR]."),
-    engine: str = typer.Option(None, help="Engine backend [default: embedded]."),
+    models_file: Path = typer.Option(None, "--models-file", help="Models config [default: built-in embedded and fake]."),
+    model: str = typer.Option(None, help="Default model, a name from the models config."),
 ) -> None:
     """Start the service (Ray Serve) in the foreground; Ctrl-C or SIGTERM stops it cleanly."""
     from .server import serve_forever
 
-    overrides = {k: v for k, v in dict(host=host, port=port, data_dir=data_dir, engine=engine).items() if v is not None}
+    overrides = {k: v for k, v in dict(host=host, port=port, data_dir=data_dir, models_file=models_file,
+                                               model=model).items() if v is not None}
     settings = Settings(**overrides)
     try:
         serve_forever(settings, on_ready=lambda line: console.print(line, highlight=False))
@@ -105,6 +107,7 @@ def submit(
     taxonomy: str = typer.Option(..., "--taxonomy", "-t", help="Name of a pushed taxonomy."),
     text_field: str = typer.Option("text", help="Field or column holding the text."),
     id_field: str = typer.Option("id", help="Field or column holding the document id (default: row number)."),
+    model: str = typer.Option(None, help="A model from the service's models config [default: the taxonomy's or service's]."),
     wait: bool = typer.Option(True, help="Show a progress bar until the job ends."),
     url: str = URL,
 ) -> None:
@@ -116,7 +119,7 @@ def submit(
     except AnnotateError as exc:
         _fail(str(exc))
     documents = [{"id": r["doc_id"], "text": r["text"], "meta": r["meta"]} for r in rows]
-    job = _call("POST", f"{url}/v1/jobs", json={"taxonomy": taxonomy, "documents": documents}, timeout=600).json()
+    job = _call("POST", f"{url}/v1/jobs", json={"taxonomy": taxonomy, "documents": documents, "model": model}, timeout=600).json()
     console.print(f"job {job['job_id']}: {job['total']} documents queued", highlight=False)
     if wait:
         final = _follow(url, job["job_id"], job["total"])

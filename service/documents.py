@@ -52,6 +52,15 @@ def check_document(where: str, doc_id: object, text: object, meta: object, *, ma
             "meta": meta or {}}
 
 
+def check_record(where: str, record: object, number: int, *, text_field: str, id_field: str, max_chars: int) -> dict:
+    """A JSON object or table row as a validated document: other fields become ``meta``, ids default to ``number``."""
+    if not isinstance(record, dict) or text_field not in record:
+        raise InvalidInput(f"{where}: expected an object with a {text_field!r} field")
+    meta = record.get("meta", {k: v for k, v in record.items() if k not in (text_field, id_field) and v is not None})
+    return check_document(where, record.get(id_field, number), record[text_field],
+                          json.loads(json.dumps(meta, default=str)), max_chars=max_chars)
+
+
 def batched(rows: Iterable[dict], size: int) -> Iterator[list[dict]]:
     """Group rows into lists of ``size``, refusing duplicate ids across the whole stream."""
     seen: dict[str, int] = {}
@@ -101,10 +110,7 @@ def _read_jsonl(path: Path, text_field: str, id_field: str, max_chars: int) -> I
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise InvalidInput(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
-            if not isinstance(record, dict) or text_field not in record:
-                raise InvalidInput(f"{where}: expected an object with a {text_field!r} field")
-            meta = record.get("meta", {k: v for k, v in record.items() if k not in (text_field, id_field)})
-            yield check_document(where, record.get(id_field, number), record[text_field], meta, max_chars=max_chars)
+            yield check_record(where, record, number, text_field=text_field, id_field=id_field, max_chars=max_chars)
 
 
 def _read_columnar(path: Path, kind: str, text_field: str, id_field: str, max_chars: int) -> Iterator[dict]:
@@ -124,10 +130,8 @@ def _read_columnar(path: Path, kind: str, text_field: str, id_field: str, max_ch
                 raise InvalidInput(f"{path.name}: no {text_field!r} column; columns are {', '.join(columns)}")
             for record in batch.to_pylist():
                 row_number += 1
-                where = f"{path.name} row {row_number}"
-                meta = {k: v for k, v in record.items() if k not in (text_field, id_field) and v is not None}
-                yield check_document(where, record.get(id_field, row_number), record[text_field],
-                                     json.loads(json.dumps(meta, default=str)), max_chars=max_chars)
+                yield check_record(f"{path.name} row {row_number}", record, row_number, text_field=text_field,
+                                   id_field=id_field, max_chars=max_chars)
     except (OSError, ValueError) as exc:
         if isinstance(exc, InvalidInput):
             raise

@@ -15,8 +15,10 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from .engines.base import EngineInfo, ScoreRequest
+from .errors import InvalidInput
 from .labelling import Annotation, Labeller, failed
 from .prompts import load_template
 from .store import Store, annotation_row
@@ -26,24 +28,42 @@ log = logging.getLogger(__name__)
 Scorer = Callable[[list[ScoreRequest]], Awaitable[list["list[float] | BaseException"]]]
 
 
-class JobRunner:
-    """Runs queued jobs with a small pool of workers; one instance per store."""
+@dataclass(frozen=True)
+class Model:
+    """A named model jobs can label with: how to call it, and what identifies its outputs."""
 
-    def __init__(self, store: Store, scorer: Scorer, engine: EngineInfo, *, batch_size: int,
-                 model_input_chars: int, workers: int = 1):
+    name: str
+    scorer: Scorer
+    info: EngineInfo
+
+
+class JobRunner:
+    """Runs queued jobs with a small pool of workers; one instance per store.
+
+    Jobs stream through ``run_stream`` batch by batch; jobs created with a ``batch``
+    plan (large server-side corpora) go to ``batch_runner`` (Ray Data, ``service.batch``).
+    """
+
+    def __init__(self, store: Store, models: dict[str, Model], default_model: str, *, batch_size: int,
+                 model_input_chars: int, workers: int = 1, batch_runner=None):
         self.store = store
-        self.scorer = scorer
-        self.engine = engine
+        self.models = models
+        self.default_model = default_model
         self.batch_size = batch_size
         self.model_input_chars = model_input_chars
+        self.batch_runner = batch_runner
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._workers = [asyncio.create_task(self._work()) for _ in range(workers)]
 
-    def labeller(self, taxonomy_name: str, version: str | None = None) -> Labeller:
-        """The annotator for a taxonomy version with this runner's engine and the matching template."""
+    def labeller(self, taxonomy_name: str, version: str | None = None, model: str | None = None) -> Labeller:
+        """The annotator for a taxonomy version on a model: the one named, else the taxonomy's, else the default."""
         taxonomy, version, _ = self.store.get_taxonomy(taxonomy_name, version)
+        name = model or taxonomy.model or self.default_model
+        if name not in self.models:
+            raise InvalidInput(f"unknown model {name!r}; this service has {', '.join(sorted(self.models))} "
+                               "(ANNOTATE_MODELS_FILE)")
         template = load_template("classify_multi" if taxonomy.multi_label else "classify")
-        return Labeller(taxonomy, version, template, self.engine, self.model_input_chars)
+        return Labeller(taxonomy, version, template, self.models[name].info, self.model_input_chars, model=name)
 
     def submit(self, job_id: str) -> None:
         """Queue a job that the store already holds."""
@@ -58,6 +78,8 @@ class JobRunner:
 
     async def close(self) -> None:
         """Stop the workers; unfinished jobs stay active in the store and resume on restart."""
+        if self.batch_runner is not None:
+            self.batch_runner.stop()
         for task in self._workers:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
@@ -76,72 +98,84 @@ class JobRunner:
                                         error=f"{type(exc).__name__}: {exc}", only_if_active=True)
 
     async def run(self, job_id: str) -> None:
-        """Label every pending document of a job, batch by batch."""
+        """Label every pending document of a job, streamed or through the batch runner."""
         job = await asyncio.to_thread(self.store.job, job_id)
         if job["status"] not in ("queued", "running"):
             return
-        labeller = await asyncio.to_thread(self.labeller, job["taxonomy"], job["taxonomy_version"])
+        labeller = await asyncio.to_thread(self.labeller, job["taxonomy"], job["taxonomy_version"], job["model"])
         if labeller.key != job["annotator"]:
             raise RuntimeError(
                 f"job {job_id} was submitted for annotator {job['annotator']} but this service would run "
                 f"{labeller.key}: engine or prompt changed since; resubmit the job"
             )
         await asyncio.to_thread(self.store.set_job_status, job_id, "running", only_if_active=True)
+        if job["batch"] is not None:
+            if self.batch_runner is None:
+                raise RuntimeError("this service runs no batch runner (Ray Data); resubmit without 'mode': 'batch'")
+            finished = await asyncio.to_thread(self.batch_runner.run, job_id, labeller)
+        else:
+            finished = await self.run_stream(job_id, labeller)
+        if finished:
+            await asyncio.to_thread(self.store.set_job_status, job_id, "succeeded", only_if_active=True)
+
+    async def run_stream(self, job_id: str, labeller: Labeller) -> bool:
+        """Label the job's stored documents batch by batch; False if it stopped being active first."""
+        scorer = self.models[labeller.model].scorer
         position = 0  # every batch is committed whole, so later pending documents lie after it
         while await asyncio.to_thread(self.store.job_state, job_id) == "running":
             pending = await asyncio.to_thread(
                 self.store.pending_documents, job_id, labeller.key, self.batch_size, position)
             if not pending:
-                await asyncio.to_thread(self.store.set_job_status, job_id, "succeeded", only_if_active=True)
-                return
+                return True
             position = pending[-1][0] + 1
-            rows = await self._label_batch(job_id, labeller, [p[1:] for p in pending])
+            rows = await self._label_batch(job_id, labeller, scorer, [p[1:] for p in pending])
             await asyncio.to_thread(self.store.write_annotations, rows)
+        return False
 
-    async def _label_batch(self, job_id: str, labeller: Labeller, pending: list[tuple[str, str, str]]) -> list[dict]:
+    async def _label_batch(self, job_id: str, labeller: Labeller, scorer: Scorer,
+                           pending: list[tuple[str, str, str]]) -> list[dict]:
         """Annotation rows for one batch: cache hits, fresh scores, and failures."""
         cached = await asyncio.to_thread(self.store.cached_annotations, labeller.key, [h for _, _, h in pending])
         fresh = [(doc_id, text, h) for doc_id, text, h in pending if h not in cached]
         started = time.perf_counter()
-        outcomes = await self._score(labeller, [text for _, text, _ in fresh])
+        outcomes = await annotate_texts(labeller, [text for _, text, _ in fresh], scorer)
         per_doc_ms = 1000 * (time.perf_counter() - started) / max(len(fresh), 1)
-        spec = labeller.spec
-        keys = dict(job_id=job_id, annotator=labeller.key, model=spec["model"], engine=spec["engine"],
-                    prompt_hash=spec["prompt_hash"], taxonomy_version=spec["taxonomy_version"],
-                    decoding=_json(spec["decoding"]))
+        keys = annotation_keys(job_id, labeller)
         rows = [annotation_row(cached[h], doc_id=doc_id, text_hash=h, cached=True, latency_ms=0.0, **keys)
                 for doc_id, _, h in pending if h in cached]
         rows += [annotation_row(outcome, doc_id=doc_id, text_hash=h, cached=False, latency_ms=per_doc_ms, **keys)
                  for (doc_id, _, h), outcome in zip(fresh, outcomes)]
         return rows
 
-    async def _score(self, labeller: Labeller, texts: list[str]) -> list[Annotation]:
-        """Score texts (blank ones abstain unscored); a failure is retried alone once, then recorded as failed."""
-        scored = [i for i, text in enumerate(texts) if text.strip()]
-        annotations = [labeller.empty() for _ in texts]
-        for i, annotation in zip(scored, await self._score_texts(labeller, [texts[i] for i in scored])):
-            annotations[i] = annotation
-        return annotations
 
-    async def _score_texts(self, labeller: Labeller, texts: list[str]) -> list[Annotation]:
-        """Scores for non-blank texts, with one solo retry of each failure."""
-        if not texts:
-            return []
-        requests = [labeller.request(text) for text in texts]
-        results = await self.scorer([r for r, _ in requests])
-        for i, result in enumerate(results):
-            if isinstance(result, BaseException):
-                results[i] = (await self.scorer([requests[i][0]]))[0]
-        annotations = []
-        for (_, truncated), result in zip(requests, results):
-            if isinstance(result, BaseException):
-                annotations.append(failed(f"{type(result).__name__}: {result}"))
-                continue
-            try:
-                annotations.append(labeller.decide(result, truncated=truncated))
-            except (ValueError, OverflowError) as exc:
-                annotations.append(failed(f"malformed engine output: {exc}"))
-        return annotations
+async def annotate_texts(labeller: Labeller, texts: list[str], scorer: Scorer) -> list[Annotation]:
+    """Annotate texts (blank ones abstain unscored); a failure is retried alone once, then recorded as failed."""
+    scored = [i for i, text in enumerate(texts) if text.strip()]
+    annotations = [labeller.empty() for _ in texts]
+    for i, annotation in zip(scored, await _score_texts(labeller, [texts[i] for i in scored], scorer)):
+        annotations[i] = annotation
+    return annotations
+
+
+async def _score_texts(labeller: Labeller, texts: list[str], scorer: Scorer) -> list[Annotation]:
+    """Annotations of non-blank texts, with one solo retry of each failure."""
+    if not texts:
+        return []
+    requests = [labeller.request(text) for text in texts]
+    results = await scorer([r for r, _ in requests])
+    for i, result in enumerate(results):
+        if isinstance(result, BaseException):
+            results[i] = (await scorer([requests[i][0]]))[0]
+    annotations = []
+    for (_, truncated), result in zip(requests, results):
+        if isinstance(result, BaseException):
+            annotations.append(failed(f"{type(result).__name__}: {result}"))
+            continue
+        try:
+            annotations.append(labeller.decide(result, truncated=truncated))
+        except (ValueError, OverflowError) as exc:
+            annotations.append(failed(f"malformed engine output: {exc}"))
+    return annotations
 
 
 def engine_scorer(engine) -> Scorer:
@@ -156,6 +190,9 @@ def engine_scorer(engine) -> Scorer:
     return score
 
 
-def _json(value: dict) -> str:
-    """Stable JSON text for the store."""
-    return json.dumps(value, sort_keys=True)
+def annotation_keys(job_id: str, labeller: Labeller) -> dict:
+    """The columns that identify who made an annotation, shared by every row of a job."""
+    spec = labeller.spec
+    return dict(job_id=job_id, annotator=labeller.key, model=spec["model"], engine=spec["engine"],
+                prompt_hash=spec["prompt_hash"], taxonomy_version=spec["taxonomy_version"],
+                decoding=json.dumps(spec["decoding"], sort_keys=True))

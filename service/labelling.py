@@ -58,6 +58,7 @@ class Labeller:
     template: PromptTemplate
     engine: EngineInfo
     model_input_chars: int
+    model: str = ""  # the models-config name jobs call; not part of the key (``engine`` identifies outputs)
     system: str = field(init=False)
     options: tuple[str, ...] = field(init=False)
     continuations: tuple[str, ...] = field(init=False)  # rendered once: the same after every document

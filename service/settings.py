@@ -28,8 +28,15 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="Address the HTTP service binds.")
     port: int = Field(8000, description="Port the HTTP service binds.")
-    engine: str = Field("embedded", description="Engine backend: 'embedded' (SmolLM2 on CPU) or 'fake' (tests, demos).")
+    models_file: Path | None = Field(
+        None, description="Models config (e.g. deploy/models.yaml) naming engines and models; unset: 'embedded' and 'fake'."
+    )
+    model: str | None = Field(None, description="Default model, a name from the models config (unset: the file's default).")
     batch_size: int = Field(32, ge=1, description="Documents per job batch; progress is committed once per batch.")
+    shard_size: int = Field(2000, ge=1, description="Rows per shard of a batch job (mode 'batch'): the unit of Ray Data tasks and of resuming.")
+    batch_concurrency: int = Field(2, ge=1, description="Shards of a batch job labelled at the same time (Ray Data tasks in flight).")
+    batch_task_cpus: float = Field(0.25, gt=0, description="CPUs Ray reserves per batch task (they mostly wait on the model deployment).")
+    allow_remote_sources: bool = Field(False, description="Let batch jobs read object-store URIs (s3://, gs://) with the service's credentials.")
     engine_max_batch: int = Field(16, ge=1, description="Most documents the model deployment scores in one forward pass.")
     engine_batch_wait_s: float = Field(0.01, ge=0, description="How long the model deployment waits to fill a batch.")
     engine_threads: int = Field(0, ge=0, description="Torch threads for the embedded engine (0: one per core).")

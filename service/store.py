@@ -37,6 +37,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     job_id VARCHAR PRIMARY KEY, taxonomy VARCHAR NOT NULL, taxonomy_version VARCHAR NOT NULL,
     annotator VARCHAR NOT NULL, annotator_spec JSON, status VARCHAR NOT NULL, total INTEGER NOT NULL,
     error VARCHAR, created_at TIMESTAMP NOT NULL, started_at TIMESTAMP, finished_at TIMESTAMP);
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS model VARCHAR;
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS batch JSON;
+CREATE TABLE IF NOT EXISTS job_shards (
+    job_id VARCHAR NOT NULL, shard INTEGER NOT NULL, plan JSON NOT NULL, rows BIGINT NOT NULL,
+    path VARCHAR, registered_at TIMESTAMP,
+    PRIMARY KEY (job_id, shard));
 CREATE TABLE IF NOT EXISTS documents (
     job_id VARCHAR NOT NULL, doc_id VARCHAR NOT NULL, position BIGINT NOT NULL, text VARCHAR NOT NULL,
     text_hash VARCHAR NOT NULL, meta JSON,
@@ -71,6 +77,10 @@ DOCUMENT_SCHEMA = pa.schema(
     [("job_id", pa.string()), ("doc_id", pa.string()), ("position", pa.int64()), ("text", pa.string()),
      ("text_hash", pa.string()), ("meta", pa.string())]
 )
+
+
+ANNOTATION_COLUMNS = ", ".join(ANNOTATION_SCHEMA.names)
+DOCUMENT_COLUMNS = ", ".join(DOCUMENT_SCHEMA.names)
 
 
 def _quote(value: object) -> str:
@@ -176,9 +186,10 @@ class Store:
         return rows
 
     # jobs ---------------------------------------------------------------------
-    def create_job(self, *, job_id: str, taxonomy: str, version: str, annotator: str, annotator_spec: dict,
-                   batches: Iterator[pa.RecordBatch]) -> int:
-        """Insert a job and its documents in one transaction; returns the document count.
+    def create_job(self, *, job_id: str, taxonomy: str, version: str, model: str, annotator: str,
+                   annotator_spec: dict, batches: Iterator[pa.RecordBatch] = iter(()), batch: dict | None = None,
+                   shards: list[dict] | None = None) -> int:
+        """Insert a job with its documents (or, for a batch job, its shard plan) in one transaction; returns the total.
 
         No write lock: the batches may come from a large file, and DuckDB appends of a new
         job never conflict with other jobs' annotation commits, which go on meanwhile.
@@ -188,11 +199,18 @@ class Store:
         try:
             cur.execute(
                 "INSERT INTO jobs (job_id, taxonomy, taxonomy_version, annotator, annotator_spec, status, total,"
-                " created_at) VALUES (?, ?, ?, ?, ?, 'queued', 0, ?)",
-                [job_id, taxonomy, version, annotator, json.dumps(annotator_spec), _now()],
+                " created_at, model, batch) VALUES (?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?)",
+                [job_id, taxonomy, version, annotator, json.dumps(annotator_spec), _now(), model,
+                 None if batch is None else json.dumps(batch)],
             )
-            for batch in batches:
-                cur.register("document_batch", batch)
+            if shards:
+                cur.executemany("INSERT INTO job_shards (job_id, shard, plan, rows) VALUES (?, ?, ?, ?)",
+                                [[job_id, p["shard"], json.dumps(p), p["rows"]] for p in shards])
+                cur.execute("UPDATE jobs SET total = ? WHERE job_id = ?", [sum(p["rows"] for p in shards), job_id])
+                cur.execute("COMMIT")
+                return sum(p["rows"] for p in shards)
+            for batch_rows in batches:
+                cur.register("document_batch", batch_rows)
                 cur.execute("INSERT INTO documents SELECT * FROM document_batch")
                 cur.unregister("document_batch")
             total = cur.execute("SELECT count(*) FROM documents WHERE job_id = ?", [job_id]).fetchone()[0]
@@ -206,8 +224,11 @@ class Store:
     def job(self, job_id: str) -> dict:
         """A job's row with live counts of done, failed and abstained documents."""
         rows = self._dicts(
-            "SELECT j.job_id, j.taxonomy, j.taxonomy_version, j.annotator, j.annotator_spec, j.status, j.total, j.error,"
-            " j.created_at, j.started_at, j.finished_at,"
+            "SELECT j.job_id, j.taxonomy, j.taxonomy_version, j.model, j.batch, j.annotator, j.annotator_spec, j.status,"
+            " j.total, j.error, j.created_at, j.started_at, j.finished_at,"
+            " (SELECT count(*) FROM job_shards s WHERE s.job_id = j.job_id) AS shards,"
+            " (SELECT count(*) FROM job_shards s WHERE s.job_id = j.job_id AND s.registered_at IS NOT NULL)"
+            " AS shards_done,"
             " count(a.doc_id) FILTER (WHERE a.status = 'ok') AS done,"
             " count(a.doc_id) FILTER (WHERE a.status = 'failed') AS failed,"
             " count(a.doc_id) FILTER (WHERE a.abstained) AS abstained,"
@@ -220,6 +241,7 @@ class Store:
             raise NotFound(f"unknown job {job_id!r}")
         row = rows[0]
         row["annotator_spec"] = json.loads(row["annotator_spec"])
+        row["batch"] = None if row["batch"] is None else json.loads(row["batch"])
         return row
 
     def list_jobs(self, limit: int = 100) -> list[dict]:
@@ -264,6 +286,29 @@ class Store:
             " WHERE d.job_id = ? AND d.position >= ? ORDER BY d.position LIMIT ?",
             [annotator, job_id, from_position, limit],
         ).fetchall()
+
+    def pending_shards(self, job_id: str) -> list[dict]:
+        """Shard plans of a batch job that are not registered yet, in order."""
+        rows = self.cursor().execute(
+            "SELECT plan FROM job_shards WHERE job_id = ? AND registered_at IS NULL ORDER BY shard", [job_id]
+        ).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    def register_shard(self, job_id: str, shard: int, path: Path) -> None:
+        """Load a finished shard file's documents and annotations, and mark the shard done, in one transaction."""
+        with self._write_lock:
+            cur = self.cursor()
+            cur.execute("BEGIN")
+            try:
+                cur.execute(f"INSERT OR IGNORE INTO documents SELECT {DOCUMENT_COLUMNS} FROM read_parquet(?)", [str(path)])
+                cur.execute(f"INSERT OR IGNORE INTO annotations SELECT {ANNOTATION_COLUMNS} FROM read_parquet(?)",
+                            [str(path)])
+                cur.execute("UPDATE job_shards SET path = ?, registered_at = ? WHERE job_id = ? AND shard = ?",
+                            [str(path), _now(), job_id, shard])
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
 
     def cached_annotations(self, annotator: str, text_hashes: list[str]) -> dict[str, Annotation]:
         """Earlier successful annotations of the same text by the same annotator, by text hash."""

@@ -97,6 +97,8 @@ class Taxonomy(_Model):
     multi_label: bool = Field(default=False, strict=True)
     candidate_mass: float = Field(default=0.9, gt=0.0, le=1.0, strict=True)
     abstention: Abstention = Abstention()
+    model: str | None = Field(default=None, description="default model for jobs on this taxonomy, "
+                                                        "a name from the models config")
     labels: list[Label] = Field(description="the labels, each with at least name and description")
 
     @field_validator("name")
@@ -178,7 +180,7 @@ def parse_taxonomy(text: str, *, source: str = "<taxonomy>") -> Taxonomy:
     if not isinstance(text, str):
         raise TypeError(f"parse_taxonomy takes str, got {type(text).__name__}; decode it first")
     root, data, problems = _read_yaml(text, source)
-    line_of = partial(_line_of, root)
+    line_of = partial(yaml_line, root)
     taxonomy = None
     try:
         taxonomy = Taxonomy.model_validate(data, context={_CROSS_CHECKED: True})
@@ -246,7 +248,7 @@ def _duplicate_keys(node: yaml.Node, loc: Loc, seen: set[int]) -> list[Problem]:
     return problems
 
 
-def _line_of(root: yaml.Node, loc: Loc) -> int | None:
+def yaml_line(root: yaml.Node, loc: Loc) -> int | None:
     """1-based line of the key or item at ``loc``, or of the nearest enclosing node."""
     node, line = root, root.start_mark.line
     for part in loc:

@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO
 from service.documents import check_document
 from service.engines.fake import FakeEngine
-from service.jobs import JobRunner, engine_scorer
+from service.jobs import JobRunner, Model, engine_scorer
 from service.store import Store, document_batch
 from service.taxonomy import load_taxonomy, parse_taxonomy
 
@@ -33,13 +33,14 @@ def _submit(store: Store, runner: JobRunner, job_id: str, texts: list[str], batc
     labeller = runner.labeller("sms-spam")
     rows = [check_document(f"documents[{i}]", f"d{i:03d}", text, None, max_chars=10_000) for i, text in enumerate(texts)]
     batches = [document_batch(job_id, rows[i:i + batch_size], i) for i in range(0, len(rows), batch_size)]
-    store.create_job(job_id=job_id, taxonomy="sms-spam", version=labeller.taxonomy_version,
+    store.create_job(job_id=job_id, taxonomy="sms-spam", version=labeller.taxonomy_version, model=labeller.model,
                      annotator=labeller.key, annotator_spec=labeller.spec, batches=iter(batches))
 
 
 async def _runner(store: Store, engine: FakeEngine, batch_size: int = 4) -> JobRunner:
     """A runner with the fake engine (must be built inside the event loop)."""
-    return JobRunner(store, engine_scorer(engine), engine.info, batch_size=batch_size, model_input_chars=100)
+    models = {"fake": Model("fake", engine_scorer(engine), engine.info)}
+    return JobRunner(store, models, "fake", batch_size=batch_size, model_input_chars=100)
 
 
 def test_failing_documents_are_recorded_and_the_rest_finish(tmp_path):

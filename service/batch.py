@@ -1,0 +1,241 @@
+"""Batch jobs over large corpora through Ray Data: shards in, Parquet shards out, resumable per shard.
+
+    POST /v1/jobs {"source": ..., "mode": "batch"}
+        │ plan_shards: a cheap scan cuts the source into shards of ``shard_size`` rows
+        │ (JSONL: byte ranges; Parquet: row-group slices); the plan is stored with the job
+        ▼
+    Ray Data: from_items(pending shards).map(label_shard)   ── tasks anywhere in the cluster
+        │ each task reads only its shard, labels it on the model deployment
+        │ (``ModelServer.score_many``, one call per ``batch_size`` documents, all in flight)
+        │ and writes ``exports/shards/<job>/part-<n>.parquet`` atomically
+        ▼
+    BatchRunner (in the ingress, the DuckDB owner) registers each finished shard:
+    its documents and annotations are loaded into the store in one transaction.
+
+Shard boundaries come from the plan, not from Ray Data's block layout, so they are the
+same after a restart: the runner skips registered shards, registers shard files that
+were written but not yet registered, and relabels only the rest. Memory stays bounded
+by the shard size whatever the corpus size. Sources are local paths under
+ANNOTATE_INPUT_DIR or, with ANNOTATE_ALLOW_REMOTE_SOURCES, object-store URIs (s3://,
+gs://) read through pyarrow's filesystems. On a multi-node cluster the data dir must be
+a shared filesystem, since tasks write the shards that the ingress reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from .documents import check_record
+from .errors import AnnotateError, InvalidInput
+from .jobs import annotate_texts, annotation_keys
+from .labelling import Labeller, failed
+from .prompts import load_template
+from .settings import Settings
+from .store import ANNOTATION_SCHEMA, Store, annotation_row
+
+log = logging.getLogger(__name__)
+
+SHARD_SCHEMA = pa.schema(list(ANNOTATION_SCHEMA) + [pa.field("position", pa.int64()), pa.field("text", pa.string()),
+                                                     pa.field("meta", pa.string())])
+REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "hdfs://")
+
+
+def open_source(source: str, settings: Settings) -> tuple[pafs.FileSystem, str, str]:
+    """(filesystem, path, kind) of a batch source; local paths must lie under the input dir."""
+    if source.startswith(REMOTE_SCHEMES):
+        if not settings.allow_remote_sources:
+            raise InvalidInput(f"source {source!r} is remote; set ANNOTATE_ALLOW_REMOTE_SOURCES=true to allow it")
+        filesystem, path = pafs.FileSystem.from_uri(source)
+    else:
+        root = settings.input_dir.resolve()
+        local = (root / source).resolve()
+        if not local.is_relative_to(root):
+            raise InvalidInput(f"source {source!r} is outside the input directory {root} (ANNOTATE_INPUT_DIR)")
+        filesystem, path = pafs.LocalFileSystem(), str(local)
+    kind = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}.get(Path(path).suffix.lower())
+    if kind is None:
+        raise InvalidInput(f"source {source!r}: batch jobs read .jsonl or .parquet files")
+    if filesystem.get_file_info(path).type != pafs.FileType.File:
+        raise InvalidInput(f"source {source!r}: no such file")
+    return filesystem, path, kind
+
+
+def plan_shards(filesystem: pafs.FileSystem, path: str, kind: str, shard_size: int) -> Iterator[dict]:
+    """Cut a source into shards of at most ``shard_size`` rows, each readable on its own."""
+    first_row = 0
+    if kind == "parquet":
+        metadata = pq.ParquetFile(filesystem.open_input_file(path)).metadata
+        for group in range(metadata.num_row_groups):
+            rows = metadata.row_group(group).num_rows
+            for offset in range(0, rows, shard_size):
+                length = min(shard_size, rows - offset)
+                yield {"first_row": first_row, "rows": length, "group": group, "offset": offset}
+                first_row += length
+        return
+    with filesystem.open_input_stream(path) as stream:
+        start = position = rows = 0
+        for line in _lines(stream):
+            position += len(line)
+            rows += 1
+            if rows == shard_size:
+                yield {"first_row": first_row, "rows": rows, "start": start, "stop": position}
+                first_row, start, rows = first_row + rows, position, 0
+        if rows:
+            yield {"first_row": first_row, "rows": rows, "start": start, "stop": position}
+
+
+def _lines(stream, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """The lines of a byte stream (each with its newline), in bounded memory."""
+    pending = b""
+    while data := stream.read(chunk):
+        pending += data
+        *complete, pending = pending.split(b"\n")
+        for line in complete:
+            yield line + b"\n"
+    if pending:
+        yield pending
+
+
+def read_shard(filesystem: pafs.FileSystem, path: str, kind: str, shard: dict, *, text_field: str,
+               id_field: str) -> list[tuple[int, object]]:
+    """(row number, record or error text) for each row of one shard."""
+    first = shard["first_row"]
+    if kind == "parquet":
+        table = pq.ParquetFile(filesystem.open_input_file(path)).read_row_group(shard["group"])
+        return list(enumerate(table.slice(shard["offset"], shard["rows"]).to_pylist(), start=first + 1))
+    with filesystem.open_input_file(path) as handle:
+        handle.seek(shard["start"])
+        raw = handle.read(shard["stop"] - shard["start"])
+    records: list[tuple[int, object]] = []
+    for number, line in enumerate(raw.split(b"\n")[: shard["rows"]], start=first + 1):
+        if not line.strip():
+            continue
+        try:
+            records.append((number, json.loads(line)))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            records.append((number, f"invalid JSON: {exc}"))
+    return records
+
+
+def label_shard(shard: dict, job: dict) -> dict:
+    """Ray Data task: read one shard, label it on the model deployment, write its Parquet file."""
+    from ray import serve
+
+    settings = Settings(**job["settings"])
+    filesystem, path, kind = open_source(job["source"], settings)
+    labeller = Labeller(job["taxonomy"], job["taxonomy_version"], load_template(job["template"]), job["engine"],
+                        settings.model_input_chars, model=job["model"])
+    handle = serve.get_deployment_handle(job["deployment"], app_name=job["app_name"])
+    started = time.perf_counter()
+    documents, problems = [], {}
+    for number, record in read_shard(filesystem, path, kind, shard, text_field=job["text_field"],
+                                     id_field=job["id_field"]):
+        where = f"{Path(path).name} {'row' if kind == 'parquet' else 'line'} {number}"
+        try:
+            if isinstance(record, str):
+                raise InvalidInput(f"{where}: {record}")
+            documents.append((number, check_record(where, record, number, text_field=job["text_field"],
+                                                   id_field=job["id_field"], max_chars=settings.max_document_chars)))
+        except AnnotateError as exc:
+            problems[number] = str(exc)
+            documents.append((number, {"doc_id": f"#{number}", "text": "", "text_hash": "", "meta": {}}))
+    annotations = asyncio.run(_annotate(labeller, handle, [d["text"] for n, d in documents if n not in problems],
+                                        settings.batch_size))
+    per_doc_ms = 1000 * (time.perf_counter() - started) / max(len(documents), 1)
+    keys = annotation_keys(job["job_id"], labeller)
+    outcomes = iter(annotations)
+    rows = []
+    for number, doc in documents:
+        annotation = failed(problems[number]) if number in problems else next(outcomes)
+        row = annotation_row(annotation, doc_id=doc["doc_id"], text_hash=doc["text_hash"], cached=False,
+                             latency_ms=per_doc_ms, **keys)
+        row.update(position=number - 1, text=doc["text"], meta=json.dumps(doc["meta"]))
+        rows.append(row)
+    out = Path(job["out_dir"]) / f"part-{shard['shard']:05d}.parquet"
+    partial = out.with_name(f".{uuid.uuid4().hex}.partial")
+    pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), partial)
+    os.replace(partial, out)  # the registrar never sees a half-written shard
+    return {"shard": shard["shard"], "path": str(out)}
+
+
+async def _annotate(labeller: Labeller, handle, texts: list[str], batch_size: int) -> list:
+    """Annotate texts in ``batch_size`` calls to the model deployment, all in flight together."""
+
+    async def scorer(requests):
+        return await handle.score_many.remote(requests)
+
+    chunks = [texts[i: i + batch_size] for i in range(0, len(texts), batch_size)]
+    results = await asyncio.gather(*(annotate_texts(labeller, chunk, scorer) for chunk in chunks))
+    return [annotation for chunk in results for annotation in chunk]
+
+
+class BatchRunner:
+    """Runs batch jobs' pending shards on Ray Data and registers the finished ones in the store."""
+
+    def __init__(self, store: Store, settings: Settings, deployments: dict[str, str], app_name: str):
+        self.store = store
+        self.settings = settings
+        self.deployments = deployments
+        self.app_name = app_name
+        self._stopping = threading.Event()
+
+    def plan(self, source: str) -> list[dict]:
+        """Validate a source and cut it into numbered shards (before the job is stored)."""
+        filesystem, path, kind = open_source(source, self.settings)
+        shards = [dict(plan, shard=i) for i, plan in enumerate(plan_shards(filesystem, path, kind, self.settings.shard_size))]
+        if not shards:
+            raise InvalidInput(f"source {source!r} holds no documents")
+        return shards
+
+    def stop(self) -> None:
+        """Stop registering between shards (service shutdown); the job resumes on restart."""
+        self._stopping.set()
+
+    def run(self, job_id: str, labeller: Labeller) -> bool:
+        """Label and register every pending shard; False if the job stopped being active first."""
+        job = self.store.job(job_id)
+        out_dir = self.settings.export_dir / "shards" / job_id
+        out_dir.mkdir(parents=True, exist_ok=True)
+        pending = []
+        for shard in self.store.pending_shards(job_id):
+            written = out_dir / f"part-{shard['shard']:05d}.parquet"
+            if written.exists():  # written before a restart, never registered
+                self.store.register_shard(job_id, shard["shard"], written)
+            else:
+                pending.append(shard)
+        if not pending:
+            return True
+        task = {"job_id": job_id, "settings": self.settings.model_dump(mode="json"), "source": job["batch"]["source"],
+                "text_field": job["batch"]["text_field"], "id_field": job["batch"]["id_field"],
+                "taxonomy": labeller.taxonomy, "taxonomy_version": labeller.taxonomy_version,
+                "template": labeller.template.name, "engine": labeller.engine, "model": labeller.model,
+                "deployment": self.deployments[labeller.model], "app_name": self.app_name, "out_dir": str(out_dir)}
+        for result in self._dataset(pending, task).iter_rows():
+            if self._stopping.is_set():
+                return False
+            self.store.register_shard(job_id, result["shard"], Path(result["path"]))
+            if self.store.job_state(job_id) != "running":
+                return False
+        return True
+
+    def _dataset(self, pending: list[dict], task: dict):
+        """The Ray Data pipeline over pending shards: one task per shard, a few in flight."""
+        import ray.data
+
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # progress is the job's own counters
+        return ray.data.from_items(pending, override_num_blocks=len(pending)).map(
+            label_shard, fn_kwargs={"job": task}, compute=ray.data.TaskPoolStrategy(size=self.settings.batch_concurrency),
+            num_cpus=self.settings.batch_task_cpus, max_retries=2)
