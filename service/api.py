@@ -153,7 +153,7 @@ async def create_job(request: Request, body: JobRequest) -> JSONResponse:
     job = dict(job_id=job_id, taxonomy=body.taxonomy, version=labeller.taxonomy_version, model=labeller.model,
                annotator=labeller.key, annotator_spec=labeller.spec)
     if body.mode == "batch":
-        shards = await asyncio.to_thread(ctx.runner.batch_runner.plan, body.source)
+        shards = await asyncio.to_thread(ctx.runner.batch_runner.plan, body.source, body.shard_size)
         batch = {"source": body.source, "text_field": body.text_field, "id_field": body.id_field}
         total = await asyncio.to_thread(ctx.store.create_job, **job, batch=batch, shards=shards)
     else:

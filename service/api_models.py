@@ -32,6 +32,7 @@ class JobRequest(BaseModel):
     mode: Literal["stream", "batch"] = Field(
         "stream", description="stream: documents stored with the job, labelled batch by batch; batch: a large "
                               "source labelled shard by shard on Ray Data, results written as Parquet shards.")
+    shard_size: int | None = Field(None, ge=1, description="Batch mode: rows per shard (default ANNOTATE_SHARD_SIZE).")
     text_field: str = "text"
     id_field: str = "id"
 

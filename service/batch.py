@@ -150,7 +150,9 @@ def label_shard(shard: dict, job: dict) -> dict:
                                                    id_field=job["id_field"], max_chars=settings.max_document_chars)))
         except AnnotateError as exc:
             problems[number] = str(exc)
-            documents.append((number, {"doc_id": f"#{number}", "text": "", "text_hash": "", "meta": {}}))
+            given = record.get(job["id_field"]) if isinstance(record, dict) else None
+            doc_id = str(given) if isinstance(given, (str, int)) else f"#{number}"
+            documents.append((number, {"doc_id": doc_id, "text": "", "text_hash": "", "meta": {}}))
     annotations = asyncio.run(_annotate(labeller, handle, [d["text"] for n, d in documents if n not in problems],
                                         settings.batch_size))
     per_doc_ms = 1000 * (time.perf_counter() - started) / max(len(documents), 1)
@@ -191,10 +193,11 @@ class BatchRunner:
         self.app_name = app_name
         self._stopping = threading.Event()
 
-    def plan(self, source: str) -> list[dict]:
+    def plan(self, source: str, shard_size: int | None = None) -> list[dict]:
         """Validate a source and cut it into numbered shards (before the job is stored)."""
         filesystem, path, kind = open_source(source, self.settings)
-        shards = [dict(plan, shard=i) for i, plan in enumerate(plan_shards(filesystem, path, kind, self.settings.shard_size))]
+        size = shard_size or self.settings.shard_size
+        shards = [dict(plan, shard=i) for i, plan in enumerate(plan_shards(filesystem, path, kind, size))]
         if not shards:
             raise InvalidInput(f"source {source!r} holds no documents")
         return shards

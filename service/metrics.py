@@ -25,27 +25,24 @@ class ModelStats:
         self.batches = 0
         self.busy_s = 0.0
         self.started = time.monotonic()
-        tags = {"model": model}
+        self._tags = {"model": model}  # Serve adds deployment, replica and application tags itself
         self._queue = metrics.Gauge("annotate_model_queue_depth", description="documents waiting or being scored",
                                     tag_keys=("model",))
-        self._queue.set_default_tags(tags)
         self._done = metrics.Counter("annotate_model_documents_total", description="documents scored",
                                      tag_keys=("model",))
-        self._done.set_default_tags(tags)
         self._batch = metrics.Histogram("annotate_model_batch_size", description="documents per engine call",
                                         boundaries=BATCH_BOUNDARIES, tag_keys=("model",))
-        self._batch.set_default_tags(tags)
 
     @contextmanager
     def waiting(self, documents: int = 1):
         """Count documents from their arrival until they are scored."""
         self.queued += documents
-        self._queue.set(self.queued)
+        self._queue.set(self.queued, tags=self._tags)
         try:
             yield
         finally:
             self.queued -= documents
-            self._queue.set(self.queued)
+            self._queue.set(self.queued, tags=self._tags)
 
     @contextmanager
     def busy(self, documents: int):
@@ -57,8 +54,8 @@ class ModelStats:
             self.busy_s += time.monotonic() - started
             self.documents += documents
             self.batches += 1
-            self._done.inc(documents)
-            self._batch.observe(documents)
+            self._done.inc(documents, tags=self._tags)
+            self._batch.observe(documents, tags=self._tags)
 
     def report(self) -> dict:
         """The numbers as plain JSON."""

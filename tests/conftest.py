@@ -88,14 +88,57 @@ def _wait_ready(url: str, process: subprocess.Popen, log: Path) -> None:
 
 
 @pytest.fixture(scope="session")
-def service(tmp_path_factory) -> Service:
+def llama_server(tmp_path_factory) -> str:
+    """A real llama.cpp server (llama-cpp-python) serving the SmolLM2 GGUF on loopback; yields its /v1 URL."""
+    from service.engines.embedded import gguf_path
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("llama-server") / "server.log"
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path()), "--host", "127.0.0.1",
+               "--port", str(port), "--model_alias", "smollm2", "--n_ctx", "4096", "--n_threads", "1",
+               "--logits_all", "true"]
+    with open(log, "w") as handle:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + 180
+    while True:
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"llama.cpp server did not start ({' '.join(command)}):\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{url}/models", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def models_file(directory: Path, llama_url: str) -> Path:
+    """The test models config: the embedded default, the fake engine (also slowed down), the llama.cpp server."""
+    path = directory / "models.yaml"
+    path.write_text(f"""default: smollm2
+models:
+  smollm2: {{engine: embedded}}
+  fake: {{engine: fake}}
+  slow-fake: {{engine: fake, delay_ms: 1}}
+  llama: {{engine: openai, base_url: "{llama_url}", model: smollm2, scoring: top_logprobs, top_logprobs: 1000,
+           max_concurrency: 2, timeout_s: 300}}
+""")
+    return path
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory, llama_server) -> Service:
     """The real service with the embedded model, started once; stopped with SIGTERM at the end."""
     data_dir = tmp_path_factory.mktemp("service-data")
     input_dir = tmp_path_factory.mktemp("service-inputs")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "ANNOTATE_DATA_DIR": str(data_dir), "ANNOTATE_PORT": str(port),
-           "ANNOTATE_INPUT_DIR": str(input_dir), "ANNOTATE_URL": url, "HF_HUB_OFFLINE": "1"}
+           "ANNOTATE_INPUT_DIR": str(input_dir), "ANNOTATE_URL": url, "HF_HUB_OFFLINE": "1",
+           "ANNOTATE_MODELS_FILE": str(models_file(data_dir.parent, llama_server))}
     running = Service(url=url, data_dir=data_dir, input_dir=input_dir, process=None, env=env)
     running.start()
     yield running

@@ -21,7 +21,8 @@ class FakeEngine:
     """Word-overlap scorer with failure triggers."""
 
     def __init__(self, *, delay_s: float = 0.0):
-        self.delay_s = delay_s  # simulated latency per document
+        self.delay_s = delay_s  # simulated compute per document, one batch at a time (like one accelerator)
+        self._device: asyncio.Lock | None = None
         self.calls = 0
         self.info = EngineInfo(engine="fake", model="word-overlap", decoding={"method": "word-overlap"})
 
@@ -29,7 +30,9 @@ class FakeEngine:
         """Score every request; raise for the whole batch when one asks to fail."""
         self.calls += 1
         if self.delay_s:
-            await asyncio.sleep(self.delay_s * len(requests))
+            self._device = self._device or asyncio.Lock()
+            async with self._device:
+                await asyncio.sleep(self.delay_s * len(requests))
         if any("FAIL_ENGINE" in r.user for r in requests):
             raise EngineError("fake engine failure requested by the document")
         return [self._score_one(r) for r in requests]

@@ -99,17 +99,34 @@ class OpenAIEngine:
         return list(await asyncio.gather(*(self._score_one(r) for r in requests)))
 
     async def generate_json(self, system: str, user: str, schema: dict, *, max_tokens: int = 512) -> dict:
-        """A reply constrained to a JSON schema (greedy), parsed."""
+        """A reply constrained to a JSON schema (greedy), parsed.
+
+        Asks in the OpenAI form (``json_schema``, as vLLM takes it) and, if the server
+        refuses that, in the llama.cpp form (``json_object`` with a ``schema``).
+        """
         body = {"model": self.spec.model, "temperature": 0, "max_tokens": max_tokens,
-                "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
-                "response_format": {"type": "json_schema",
-                                    "json_schema": {"name": "output", "schema": schema, "strict": True}}}
-        reply = await self._post("/chat/completions", body)
-        content = reply["choices"][0]["message"]["content"]
-        try:
-            return json.loads(content)
-        except json.JSONDecodeError as exc:
-            raise EngineError(f"{self.base_url} returned output that is not the requested JSON: {content[:200]!r}") from exc
+                "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]}
+        formats = self._json_formats(schema)
+        for response_format in formats:
+            try:
+                reply = await self._post("/chat/completions", {**body, "response_format": response_format})
+            except EngineError:
+                if response_format is formats[-1]:
+                    raise
+                continue
+            content = reply["choices"][0]["message"]["content"]
+            try:
+                return json.loads(content)
+            except json.JSONDecodeError as exc:
+                raise EngineError(f"{self.base_url} returned output that is not the requested JSON: "
+                                  f"{content[:200]!r}") from exc
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _json_formats(schema: dict) -> list[dict]:
+        """The ways servers accept a JSON-schema constraint, the standard one first."""
+        return [{"type": "json_schema", "json_schema": {"name": "output", "schema": schema, "strict": True}},
+                {"type": "json_object", "schema": schema}]
 
     async def close(self) -> None:
         """Release pooled connections."""

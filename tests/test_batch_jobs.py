@@ -1,0 +1,119 @@
+"""Batch jobs through Ray Data: shards planned, labelled on the model deployment, written as Parquet, registered.
+
+Real parts throughout: the service under test (Ray Serve, DuckDB file), Ray Data tasks
+calling the model deployment, Parquet shard files. The large corpus is labelled by the
+``slow-fake`` model (word overlap, 1 ms of simulated compute per document, one batch at
+a time): 20,000 documents through SmolLM2 would take about 40 minutes on 2 cores, and
+what this test checks is the shard pipeline and its restart, not labelling quality. The
+small-corpus test runs the real embedded model and compares against stream jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pyarrow.parquet as pq
+
+from conftest import FIXTURES, sql, wait_for_job
+
+LARGE = 20_000
+SHARD = 2_000
+
+
+def _texts() -> list[str]:
+    """The fixture's SMS texts."""
+    return [json.loads(line)["text"] for line in (FIXTURES / "sms.jsonl").read_text().splitlines()]
+
+
+def test_batch_job_labels_like_a_stream_job(service, labelled_taxonomy):
+    """The same 48 documents as a 3-shard batch job and as a stream job get the same labels."""
+    texts = [f"{t} (message {i})" for i, t in enumerate(_texts() * 5)][:48]
+    source = service.input_dir / "small.jsonl"
+    source.write_text("".join(json.dumps({"id": f"s{i:02d}", "text": t}) + "\n" for i, t in enumerate(texts)))
+    with service.client() as client:
+        created = client.post("/v1/jobs", json={"taxonomy": "sms-spam", "source": "small.jsonl", "mode": "batch",
+                                                "shard_size": 16})
+        assert created.status_code == 202, created.text
+        batch_job = created.json()["job_id"]
+        assert created.json()["total"] == 48
+        stream_job = client.post("/v1/jobs", json={"taxonomy": "sms-spam", "documents": [
+            {"id": f"s{i:02d}", "text": t} for i, t in enumerate(texts)]}).json()["job_id"]
+        finished = wait_for_job(client, batch_job)
+        wait_for_job(client, stream_job)
+        pairs = sql(client, "SELECT b.doc_id, b.label AS batch_label, s.label AS stream_label FROM labels b"
+                            f" JOIN labels s ON s.doc_id = b.doc_id AND s.job_id = '{stream_job}'"
+                            f" WHERE b.job_id = '{batch_job}'")
+        shards = sql(client, f"SELECT shard, rows, path FROM job_shards WHERE job_id = '{batch_job}' ORDER BY shard")
+    assert (finished["status"], finished["mode"], finished["done"], finished["shards_done"]) == \
+        ("succeeded", "batch", 48, 3)
+    assert len(pairs) == 48
+    assert all(p["batch_label"] == p["stream_label"] for p in pairs), pairs
+    assert [s["rows"] for s in shards] == [16, 16, 16]
+    assert sum(pq.read_metadata(s["path"]).num_rows for s in shards) == 48
+
+
+def test_bad_rows_fail_alone_in_a_batch_job(service, labelled_taxonomy):
+    """A line of broken JSON and a row without text are recorded as failed; the other rows are labelled."""
+    lines = [json.dumps({"id": "ok1", "text": "Free entry to win a prize"}), "{not json",
+             json.dumps({"id": "notext"}), json.dumps({"id": "ok2", "text": "See you at lunch"})]
+    (service.input_dir / "broken.jsonl").write_text("\n".join(lines) + "\n")
+    with service.client() as client:
+        job_id = client.post("/v1/jobs", json={"taxonomy": "sms-spam", "source": "broken.jsonl", "mode": "batch",
+                                               "model": "fake"}).json()["job_id"]
+        job = wait_for_job(client, job_id)
+        failures = client.get(f"/v1/jobs/{job_id}/failures").json()
+    assert (job["status"], job["done"], job["failed"]) == ("succeeded", 2, 2)
+    assert {f["doc_id"] for f in failures} == {"#2", "notext"}
+    assert "invalid JSON" in next(f["error"] for f in failures if f["doc_id"] == "#2")
+
+
+def test_batch_job_rejects_what_it_cannot_read(service, labelled_taxonomy):
+    """Batch mode needs a server-side .jsonl or .parquet source inside the input dir."""
+    (service.input_dir / "docs.csv").write_text("id,text\n1,hello\n")
+    with service.client() as client:
+        inline = client.post("/v1/jobs", json={"taxonomy": "sms-spam", "mode": "batch", "documents": [{"text": "x"}]})
+        csv = client.post("/v1/jobs", json={"taxonomy": "sms-spam", "mode": "batch", "source": "docs.csv"})
+        escape = client.post("/v1/jobs", json={"taxonomy": "sms-spam", "mode": "batch", "source": "../x.jsonl"})
+        remote = client.post("/v1/jobs", json={"taxonomy": "sms-spam", "mode": "batch", "source": "s3://b/x.jsonl"})
+    assert inline.status_code == 422 and "mode 'batch'" in inline.json()["error"]["message"]
+    assert csv.status_code == 422 and ".jsonl or .parquet" in csv.json()["error"]["message"]
+    assert escape.status_code == 422 and "outside the input directory" in escape.json()["error"]["message"]
+    assert remote.status_code == 422 and "ANNOTATE_ALLOW_REMOTE_SOURCES" in remote.json()["error"]["message"]
+
+
+def test_batch_restart_mid_job_loses_and_duplicates_nothing(service, labelled_taxonomy):
+    """20,000 documents in 10 shards; SIGTERM after 2 shards; after restart every document is labelled once.
+
+    Shards registered before the stop are neither relabelled nor registered again.
+    """
+    texts = _texts()
+    source = service.input_dir / "large.jsonl"
+    with open(source, "w") as handle:
+        for i in range(LARGE):
+            handle.write(json.dumps({"id": f"L{i:05d}", "text": f"{texts[i % len(texts)]} #{i}"}) + "\n")
+    with service.client() as client:
+        created = client.post("/v1/jobs", json={"taxonomy": "sms-spam", "source": "large.jsonl", "mode": "batch",
+                                                "model": "slow-fake"}).json()
+        job_id = created["job_id"]
+        deadline = time.monotonic() + 300
+        while client.get(f"/v1/jobs/{job_id}").json()["shards_done"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        registered = sql(client, f"SELECT shard, registered_at FROM job_shards WHERE job_id = '{job_id}'"
+                                 " AND registered_at IS NOT NULL")
+    service.stop()
+    service.start()
+    with service.client() as client:
+        job = wait_for_job(client, job_id, timeout_s=900)
+        counts = sql(client, "SELECT count(*) AS n, count(DISTINCT doc_id) AS docs FROM annotations"
+                             f" WHERE job_id = '{job_id}'")
+        kept = sql(client, f"SELECT shard, registered_at FROM job_shards WHERE job_id = '{job_id}'"
+                           f" AND shard IN ({', '.join(str(r['shard']) for r in registered)})")
+        shard_files = sql(client, f"SELECT count(*) AS n FROM job_shards WHERE job_id = '{job_id}'"
+                                  " AND registered_at IS NOT NULL")
+    assert created["total"] == LARGE
+    assert 2 <= len(registered) < LARGE // SHARD, "the stop should land mid-job"
+    assert (job["status"], job["done"], job["failed"], job["shards"]) == ("succeeded", LARGE, 0, LARGE // SHARD)
+    assert counts == [{"n": LARGE, "docs": LARGE}]
+    assert sorted(kept, key=lambda r: r["shard"]) == sorted(registered, key=lambda r: r["shard"])
+    assert shard_files == [{"n": LARGE // SHARD}]
