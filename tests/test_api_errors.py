@@ -140,3 +140,23 @@ def test_unknown_job(service):
     """404 for a job id that does not exist."""
     with service.client() as client:
         assert _error(client.get("/v1/jobs/job_missing"), 404)["type"] == "NotFound"
+
+
+def test_unknown_model_is_named_with_the_known_ones(service, labelled_taxonomy):
+    """A job naming a model the models file lacks gets 422 listing the models there are."""
+    with service.client() as client:
+        body = _error(client.post("/v1/jobs", json={"taxonomy": "sms-spam", "model": "gpt-9",
+                                                    "documents": [{"text": "hi"}]}), 422)
+    assert "unknown model 'gpt-9'" in body["message"] and "smollm2" in body["message"]
+
+
+def test_a_taxonomy_can_name_its_model(service):
+    """A taxonomy with `model: fake` labels on the fake engine unless the job names another model."""
+    yaml_text = GOOD_YAML.replace("name: sms-spam", "name: sms-spam-fake").replace("labels:", "model: fake\nlabels:", 1)
+    with service.client() as client:
+        assert client.post("/v1/taxonomies", content=yaml_text.encode()).status_code == 201
+        by_taxonomy = client.post("/v1/jobs", json={"taxonomy": "sms-spam-fake", "documents": [{"text": "hi"}]})
+        by_job = client.post("/v1/jobs", json={"taxonomy": "sms-spam-fake", "model": "slow-fake",
+                                               "documents": [{"text": "hi"}]})
+    assert by_taxonomy.status_code == 202 and by_taxonomy.json()["model"] == "fake"
+    assert by_job.status_code == 202 and by_job.json()["model"] == "slow-fake"

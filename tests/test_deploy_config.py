@@ -98,10 +98,7 @@ def test_annotate_args_are_settings_and_build(monkeypatch):
     args = _app(_serve_gpu(), "annotate")["args"]
     assert set(args) <= set(Settings.model_fields), f"not settings: {set(args) - set(Settings.model_fields)}"
     monkeypatch.chdir(REPO)  # the args' paths are relative to where `ray start` ran: the repository
-    settings = Settings(**args)
-    from service.engines import load_models
-
-    models = load_models(settings)
+    models = load_models(Settings(**args))
     assert models.default == args["model"]
     application = build(args)
     assert type(application).__name__ == "Application"
@@ -114,7 +111,6 @@ def test_annotate_reaches_the_llm_through_the_in_cluster_route(monkeypatch):
     llm = _app(config, "llm")
     (llm_config,) = llm["args"]["llm_configs"]
     monkeypatch.chdir(REPO)
-    from service.engines import load_models
 
     spec = load_models(Settings(**args)).models[args["model"]]
     assert spec.engine == "openai"
