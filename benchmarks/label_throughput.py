@@ -1,11 +1,31 @@
-"""Label throughput: the service's continuation scoring against naive generate-and-parse.
+"""Label throughput: the service's continuation scoring against the naive ways, in one run.
 
-Runs on the first N rows (file order, no shuffle) of ``shared/data/trec_questions.csv``
-with the embedded engine (SmolLM2-135M-Instruct, bf16, CPU). Each method runs in its own
-subprocess (this script re-invoked with ``--worker METHOD``) so its peak RSS is its own;
-the parent prints one table with docs/s, latency, peak memory and accuracy (95% Wilson).
+Three sections, each with its naive baseline measured in the same run:
 
-    .venv/bin/python benchmarks/label_throughput.py [--n 500] [--naive-n 500] [--skip-fine]
+``engine``: the embedded engine in-process (SmolLM2-135M-Instruct, bf16, CPU) on the
+first N rows (file order) of ``../shared/data/trec_questions.csv``: scoring against
+generate-and-parse. Each method runs in its own subprocess (this script re-invoked with
+``--worker METHOD``) so its peak RSS is its own; accuracy with 95% Wilson intervals.
+Skipped, with a note, when the data file is absent.
+
+``service``: the embedded model through the real service (`annotate serve`, a temporary
+data dir): one stream job and one Ray Data batch job of ``--docs`` SMS texts for every
+ModelServer replica count (``--replicas``) and engine batch size (``--engine-batches``,
+the model entry's ``max_batch``), against the naive client that submits one-document
+jobs one after another and waits for each.
+
+``server``: a llama.cpp server (llama-cpp-python, the same SmolLM2 GGUF) labelled by the
+service's OpenAI-compatible engine (``scoring: top_logprobs``) against the naive loop:
+one ``/v1/chat/completions`` request per document, up to 8 generated tokens, label parsed.
+
+    .venv/bin/python benchmarks/label_throughput.py [--sections engine,service,server]
+        [--n 200] [--naive-n 50] [--skip-fine]                     # engine section
+        [--docs 64] [--naive-docs 32] [--replicas 1,2] [--engine-batches 1,8,32]
+        [--shard-size 16] [--server-docs 32] [--server-concurrency 2]  # service and server sections
+
+SMS texts come from ``../shared/data/sms_spam.csv`` when present, else from
+``tests/fixtures/sms.jsonl`` (with numbered variants), so those sections need only the
+repository.
 """
 
 from __future__ import annotations
@@ -18,9 +38,14 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
+from contextlib import ExitStack
 from pathlib import Path
+
+import _service
+from _report import fmt, machine_facts, percentile, print_facts, print_table
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,12 +73,6 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100)."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)] if ordered else float("nan")
 
 
 def peak_rss_mb() -> float:
@@ -172,17 +191,6 @@ def spawn(method: str, n: int, data: Path) -> dict:
     if proc.returncode != 0:
         sys.exit(f"worker {method!r} failed with exit status {proc.returncode}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def machine_facts() -> list[str]:
-    """CPU model, core count and load, read from /proc and os."""
-    cpu = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    load1, load5, _ = os.getloadavg()
-    return [f"CPU: {cpu}", f"cores (os.cpu_count): {os.cpu_count()}", f"load average before run: {load1:.2f} (1 min), {load5:.2f} (5 min)"]
 
 
 def fmt_acc(k: int, n: int) -> str:

@@ -1,0 +1,55 @@
+"""What every benchmark prints: machine facts, nearest-rank percentiles, plain Markdown tables."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100); NaN for no values."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)] if ordered else float("nan")
+
+
+def machine_facts() -> list[str]:
+    """CPU model, core count, memory and load, read from /proc and os."""
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    memory = "unknown"
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            memory = f"{int(line.split()[1]) / 2**20:.1f} GiB"
+    load1, load5, _ = os.getloadavg()
+    return [f"CPU: {cpu}", f"cores (os.cpu_count): {os.cpu_count()}", f"memory: {memory}",
+            f"load average at start: {load1:.2f} (1 min), {load5:.2f} (5 min)"]
+
+
+def print_facts(title: str, facts: list[str]) -> None:
+    """A section title and its bullet list of facts."""
+    print(f"## {title}\n")
+    for fact in facts:
+        print(f"- {fact}")
+    print()
+
+
+def print_table(headers: list[str], rows: list[list], note: str = "") -> None:
+    """A Markdown table (columns after the first right-aligned) and a one-line note under it."""
+    print("| " + " | ".join(headers) + " |")
+    print("|---|" + "---:|" * (len(headers) - 1))
+    for row in rows:
+        print("| " + " | ".join("—" if cell is None else str(cell) for cell in row) + " |")
+    if note:
+        print(f"\n{note}")
+    print(flush=True)
+
+
+def fmt(value: float | None, digits: int = 1) -> str | None:
+    """A number with ``digits`` decimals; None (printed as —) for missing or NaN."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return f"{value:.{digits}f}"
