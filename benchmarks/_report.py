@@ -1,9 +1,10 @@
-"""What every benchmark prints: machine facts, nearest-rank percentiles, plain Markdown tables."""
+"""What the benchmarks share in their reports: machine facts, percentiles, accuracy, the naive parser, tables."""
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
 
@@ -11,6 +12,29 @@ def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..100); NaN for no values."""
     ordered = sorted(values)
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)] if ordered else float("nan")
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for k successes out of n."""
+    if n == 0:
+        return (0.0, 0.0)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def fmt_acc(k: int, n: int) -> str:
+    """Accuracy with its 95% Wilson interval."""
+    low, high = wilson(k, n)
+    return f"{k / n:.1%} [{low:.1%}, {high:.1%}]"
+
+
+def parse_label(output: str, options: tuple[str, ...]) -> str | None:
+    """The label name (case-insensitive, whole word) that appears first in the output, else None."""
+    alternatives = "|".join(re.escape(o) for o in sorted(options, key=len, reverse=True))
+    match = re.search(rf"(?<![A-Za-z0-9])({alternatives})(?![A-Za-z0-9])", output, re.IGNORECASE)
+    return None if match is None else next(o for o in options if o.lower() == match.group(1).lower())
 
 
 def machine_facts() -> list[str]:

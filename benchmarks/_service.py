@@ -27,6 +27,8 @@ import httpx
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # the `service` package, for the helpers that render its prompts
 SHARED_SMS = ROOT / ".." / "shared" / "data" / "sms_spam.csv"
 FIXTURE_SMS = ROOT / "tests" / "fixtures" / "sms.jsonl"
 SMS_TAXONOMY = ROOT / "taxonomy" / "sms-spam.yaml"
@@ -101,7 +103,6 @@ def service(workdir: Path, models_yaml: str, env: dict[str, str] | None = None, 
 @contextlib.contextmanager
 def llama_server(workdir: Path, *, threads: int) -> Iterator[tuple[str, subprocess.Popen]]:
     """llama-cpp-python's OpenAI-compatible server on the SmolLM2 GGUF; yields (its /v1 URL, process)."""
-    sys.path.insert(0, str(ROOT))
     from service.engines.embedded import gguf_path
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -245,12 +246,15 @@ def run_job(client: httpx.Client, body: dict, *, poll_s: float = 0.2, timeout_s:
     return JobRun(job, elapsed, done_at)
 
 
-def measured_job(running: Service, body: dict, *, tag: str, taxonomy: Path = SMS_TAXONOMY,
-                 poll_s: float = 0.2) -> tuple[JobRun, RssSampler]:
-    """Run one job on a fresh taxonomy version (so nothing comes from the cache) while sampling the service's RSS."""
+def measured_job(running: Service, body: dict, *, tag: str, taxonomy: Path = SMS_TAXONOMY, poll_s: float = 0.2,
+                 also: list[int] = ()) -> tuple[JobRun, RssSampler]:
+    """Run one job on a fresh taxonomy version (so nothing comes from the cache) while sampling RSS.
+
+    The RSS is the service's process tree plus the trees of the ``also`` pids.
+    """
     version = running.push_taxonomy(taxonomy, tag)
     name = body.get("taxonomy") or _taxonomy_name(taxonomy)
-    with running.client() as client, RssSampler([running.process.pid]) as rss:
+    with running.client() as client, RssSampler([running.process.pid, *also]) as rss:
         run = run_job(client, {**body, "taxonomy": name, "taxonomy_version": version}, poll_s=poll_s)
     return run, rss
 

@@ -33,9 +33,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -45,11 +43,11 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import _service
-from _report import fmt, machine_facts, percentile, print_facts, print_table
+import _service_paths as paths
+from _report import fmt, fmt_acc, machine_facts, parse_label, percentile, print_facts, print_table
 
 os.environ["HF_HUB_OFFLINE"] = "1"
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+ROOT = _service.ROOT
 DEFAULT_DATA = ROOT / ".." / "shared" / "data" / "trec_questions.csv"
 WARMUP_TEXT = "What is the capital of Peru ?"  # not in the measured set; excluded from timings
 METHODS = {  # method -> (taxonomy file, description for the table)
@@ -63,16 +61,6 @@ def read_rows(path: Path, n: int) -> list[dict]:
     """The first ``n`` rows of the CSV (columns text, coarse, fine)."""
     with path.open(newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))[:n]
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval for k successes out of n."""
-    if n == 0:
-        return (0.0, 0.0)
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def peak_rss_mb() -> float:
@@ -120,13 +108,6 @@ def run_scoring(engine, labeller, rows: list[dict]) -> tuple[list[str], list[flo
     print(file=sys.stderr)
     per_doc = [1000 * seconds / size for seconds, size in batches]
     return [a.candidates[0] for a in annotations], per_doc, {"run_s": elapsed, "batches": len(batches)}
-
-
-def parse_label(output: str, options: tuple[str, ...]) -> str | None:
-    """The label name (case-insensitive, whole word) that appears first in the output, else None."""
-    alternatives = "|".join(re.escape(o) for o in sorted(options, key=len, reverse=True))
-    match = re.search(rf"(?<![A-Za-z0-9])({alternatives})(?![A-Za-z0-9])", output, re.IGNORECASE)
-    return None if match is None else next(o for o in options if o.lower() == match.group(1).lower())
 
 
 def generate_one(engine, labeller, text: str) -> str:
@@ -193,54 +174,12 @@ def spawn(method: str, n: int, data: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def fmt_acc(k: int, n: int) -> str:
-    """Accuracy with its 95% Wilson interval."""
-    low, high = wilson(k, n)
-    return f"{k / n:.1%} [{low:.1%}, {high:.1%}]"
-
-
-def print_report(results: list[dict], rows: list[dict], prepare_s: float, wall_s: float) -> None:
-    """Print machine facts, the comparison table and notes."""
-    print("## Label throughput: embedded engine (SmolLM2-135M-Instruct)\n")
-    for fact in machine_facts() + [f"torch threads: {results[0]['torch_threads']}", f"dtype: {results[0]['dtype']}"]:
-        print(f"- {fact}")
-    print(f"- data: first {len(rows)} rows of trec_questions.csv (file order, no shuffle)")
-    print(f"- one-time model conversion/check (fetch_model): {prepare_s:.1f} s; whole benchmark wall time: {wall_s:.1f} s\n")
-    print("| method | docs | load s | run s | docs/s | ms/doc p50 | ms/doc p95 | RSS after load MB | peak RSS MB | coarse acc [95% CI] | fine acc [95% CI] | unparsed |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|")
-    for r in results:
-        fine = fmt_acc(r["fine_correct"], r["n"]) if "fine_correct" in r else "—"
-        unparsed = str(r["unparsed"]) if r["method"] == "naive" else "—"
-        print(f"| {METHODS[r['method']][1]} | {r['n']} | {r['load_s']:.1f} | {r['run_s']:.1f} | {r['n'] / r['run_s']:.2f} "
-              f"| {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['rss_after_load_mb']:.0f} | {r['peak_rss_mb']:.0f} "
-              f"| {fmt_acc(r['correct'], r['n'])} | {fine} | {unparsed} |")
-    label, count = Counter(row["coarse"] for row in rows).most_common(1)[0]
-    print(f"| majority class ({label}, in-sample) | {len(rows)} | | | | | | | | {fmt_acc(count, len(rows))} | — | — |\n")
-    print("Notes: scoring ms/doc p50/p95 are per internal engine batch (forward time / batch size); its docs/s "
-          "also counts prompt rendering, tokenisation and packing. Naive ms/doc are per-document wall latencies. "
-          "Fine accuracy rolls the top leaf up to its coarse parent via taxonomy.ancestors. Naive output is "
-          "parsed as the first whole-word label name (case-insensitive); unparsed counts as wrong. Each method ran "
-          "in its own subprocess after one un-timed warm-up document. The machine is shared with other jobs, so "
-          "timings are noisy.")
-    for r in results:
-        if r.get("unparsed_samples"):
-            print(f"\nUnparsed naive outputs (first {len(r['unparsed_samples'])}): {r['unparsed_samples']!r}")
-
-
-def main() -> None:
-    """Parse flags, then run each method in a subprocess (or, with --worker, one method here)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=500, help="documents for the scoring methods")
-    parser.add_argument("--naive-n", type=int, default=500, help="documents for naive generate+parse (first of --n)")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="CSV with columns text, coarse, fine")
-    parser.add_argument("--skip-fine", action="store_true", help="skip the 50-leaf two-level scoring run")
-    parser.add_argument("--worker", choices=sorted(METHODS), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+def engine_section(args) -> None:
+    """Scoring vs naive generate+parse, each in its own subprocess; prints its table."""
     data = args.data.resolve()
     if not data.exists():
-        sys.exit(f"data file not found: {data}; pass --data PATH to a CSV with columns text, coarse, fine")
-    if args.worker:
-        print(json.dumps(worker(args.worker, read_rows(data, args.n))))
+        print_facts("Label throughput: embedded engine in-process", [
+            f"skipped: {data} not found (pass --data PATH to a CSV with columns text, coarse, fine)"])
         return
     wall = time.perf_counter()
     rows = read_rows(data, args.n)
@@ -252,7 +191,90 @@ def main() -> None:
     prepare_s = time.perf_counter() - start
     plan = [("scoring", len(rows)), ("naive", min(args.naive_n, len(rows)))] + ([] if args.skip_fine else [("fine", len(rows))])
     results = [spawn(method, n, data) for method, n in plan]
-    print_report(results, rows, prepare_s, time.perf_counter() - wall)
+    print_engine(results, rows, prepare_s, time.perf_counter() - wall)
+
+
+def print_engine(results: list[dict], rows: list[dict], prepare_s: float, wall_s: float) -> None:
+    """Machine facts, the engine comparison table and notes."""
+    print_facts("Label throughput: embedded engine in-process (SmolLM2-135M-Instruct)", [
+        f"cores: {os.cpu_count()}; torch threads: {results[0]['torch_threads']}; dtype: {results[0]['dtype']}",
+        f"data: first {len(rows)} rows of trec_questions.csv (file order, no shuffle)",
+        f"one-time model conversion/check (fetch_model): {prepare_s:.1f} s; section wall time: {wall_s:.1f} s"])
+    table = []
+    for r in results:
+        table.append([METHODS[r["method"]][1], r["n"], fmt(r["load_s"]), fmt(r["run_s"]), fmt(r["n"] / r["run_s"], 2),
+                      fmt(r["p50_ms"], 0), fmt(r["p95_ms"], 0), fmt(r["rss_after_load_mb"], 0), fmt(r["peak_rss_mb"], 0),
+                      fmt_acc(r["correct"], r["n"]), fmt_acc(r["fine_correct"], r["n"]) if "fine_correct" in r else None,
+                      r["unparsed"] if r["method"] == "naive" else None])
+    label, count = Counter(row["coarse"] for row in rows).most_common(1)[0]
+    table.append([f"majority class ({label}, in-sample)", len(rows)] + [""] * 7 + [fmt_acc(count, len(rows)), None, None])
+    speed = {r["method"]: r["n"] / r["run_s"] for r in results}
+    verdict = (f"Scoring labels {speed['scoring'] / speed['naive']:.1f}× as many documents per second as "
+               "generate+parse. " if {"scoring", "naive"} <= speed.keys() else "")
+    print_table(["method", "docs", "load s", "run s", "docs/s", "ms/doc p50", "ms/doc p95", "RSS after load MB",
+                 "peak RSS MB", "coarse acc [95% CI]", "fine acc [95% CI]", "unparsed"], table,
+                verdict + "Scoring ms/doc p50/p95 are per internal engine batch (forward time / batch size); its "
+                "docs/s also counts prompt rendering, tokenisation and packing. Naive ms/doc are per-document wall "
+                "latencies. Fine accuracy rolls the top leaf up to its coarse parent via taxonomy.ancestors. Naive "
+                "output is parsed as the first whole-word label name (case-insensitive); unparsed counts as wrong. "
+                "Each method ran in its own subprocess after one un-timed warm-up document.")
+    for r in results:
+        if r.get("unparsed_samples"):
+            print(f"Unparsed naive outputs (first {len(r['unparsed_samples'])}): {r['unparsed_samples']!r}\n")
+
+
+def int_list(text: str) -> list[int]:
+    """Comma-separated integers."""
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def main() -> None:
+    """Parse flags, then run the chosen sections (or, with --worker, one engine-section method here)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--sections", default="engine,service,server", help="which sections to run, in order")
+    parser.add_argument("--n", type=int, default=200, help="engine: TREC questions for the scoring methods")
+    parser.add_argument("--naive-n", type=int, default=50, help="engine: questions for generate+parse (first of --n)")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="engine: CSV with columns text, coarse, fine")
+    parser.add_argument("--skip-fine", action="store_true", help="engine: skip the 50-leaf two-level scoring run")
+    parser.add_argument("--docs", type=int, default=64, help="service: documents per stream and batch job")
+    parser.add_argument("--naive-docs", type=int, default=32, help="service: one-document jobs of the naive client")
+    parser.add_argument("--replicas", type=int_list, default=[1, 2], help="service: ModelServer replica counts")
+    parser.add_argument("--engine-batches", type=int_list, default=[1, 8, 32],
+                        help="service: engine batch sizes (the model entry's max_batch)")
+    parser.add_argument("--shard-size", type=int, default=16, help="service: rows per shard of the batch jobs")
+    parser.add_argument("--server-docs", type=int, default=32, help="server: documents for each path")
+    parser.add_argument("--server-concurrency", type=int, default=2, help="server: the engine's max_concurrency")
+    parser.add_argument("--workdir", type=Path, help="keep data dirs and logs here (default: a temporary dir)")
+    parser.add_argument("--worker", choices=sorted(METHODS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, read_rows(args.data.resolve(), args.n))))
+        return
+    sections = [part.strip() for part in args.sections.split(",") if part.strip()]
+    unknown = set(sections) - {"engine", "service", "server"}
+    if unknown:
+        parser.error(f"unknown sections {', '.join(sorted(unknown))}; choose from engine, service, server")
+    wall = time.perf_counter()
+    print_facts("Machine", machine_facts())
+    embedded: dict[str, str] = {}
+    with ExitStack() as stack:
+        workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-labels-")))
+        for section in sections:
+            started = time.perf_counter()
+            if section == "engine":
+                engine_section(args)
+            elif section == "service":
+                texts, origin = _service.sms_texts(args.docs)
+                results, embedded = paths.service_section(args, [t for t, _ in texts], workdir / "service")
+                paths.print_service(args, results, origin, time.perf_counter() - started)
+            else:
+                texts, _ = _service.sms_texts(args.server_docs)
+                results, engine_labels, naive_labels = paths.server_section(args, [t for t, _ in texts],
+                                                                            workdir / "server")
+                paths.print_server(args, results, engine_labels, naive_labels, [g for _, g in texts], embedded,
+                             time.perf_counter() - started)
+    print(f"Whole benchmark wall time: {time.perf_counter() - wall:.0f} s")
 
 
 if __name__ == "__main__":

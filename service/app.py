@@ -47,6 +47,12 @@ class ModelServer:
         self._score_batch.set_batch_wait_timeout_s(parsed.engine_batch_wait_s)
         self.stats = ModelStats(name)
 
+    async def __del__(self):
+        """Release what the engine holds open (the OpenAI engine's pooled connections)."""
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            await close()
+
     def info(self) -> EngineInfo:
         """Identity of the engine, recorded on every annotation."""
         return self.engine.info

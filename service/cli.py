@@ -25,7 +25,7 @@ from .settings import Settings
 app = typer.Typer(help="LLM-driven annotation: taxonomies in YAML, labelling jobs over HTTP, results in DuckDB.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 taxonomy_app = typer.Typer(help="Validate and push taxonomy YAML files.", no_args_is_help=True)
-models_app = typer.Typer(help="Embedded model weights.", no_args_is_help=True)
+models_app = typer.Typer(help="Models: list the service's, fetch the embedded weights.", no_args_is_help=True)
 app.add_typer(taxonomy_app, name="taxonomy")
 app.add_typer(models_app, name="models")
 console = Console()
@@ -201,6 +201,21 @@ def models_fetch() -> None:
 
     path = fetch_model(Settings().models_dir)
     console.print(f"embedded model ready at {path}")
+
+
+@models_app.command("list")
+def models_list(url: str = URL, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """The running service's models with their engines, queue depth and throughput."""
+    models = _call("GET", f"{url}/v1/models").json()
+    if as_json:
+        sys.stdout.write(json.dumps(models) + "\n")
+        return
+    table = Table("name", "engine", "model", "default", "queue", "documents", "mean batch", "docs/s busy")
+    for entry in models:
+        stats = entry["stats"] or {}
+        table.add_row(entry["name"], entry["engine"], entry["model"], "yes" if entry["default"] else "",
+                      *[str(stats.get(k, "?")) for k in ("queue_depth", "documents", "mean_batch", "docs_per_busy_s")])
+    console.print(table)
 
 
 @app.command("settings")

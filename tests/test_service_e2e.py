@@ -205,3 +205,12 @@ def test_openapi_is_published(service):
         paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/taxonomies", "/v1/taxonomies/{name}", "/v1/jobs", "/v1/jobs/{job_id}",
             "/v1/jobs/{job_id}/labels", "/v1/sql"} <= set(paths)
+
+
+def test_cli_lists_the_models_with_their_engines(service):
+    """`annotate models list` shows every model of the models file, the default marked."""
+    assert "smollm2" in service.cli("models", "list").stdout
+    models = {m["name"]: m for m in json.loads(service.cli("models", "list", "--json").stdout)}
+    assert set(models) == {"smollm2", "fake", "slow-fake", "llama"}
+    assert models["smollm2"]["engine"] == "embedded-transformers" and models["smollm2"]["default"]
+    assert models["llama"]["engine"] == "openai" and models["llama"]["stats"]["queue_depth"] == 0
