@@ -17,7 +17,10 @@ from pathlib import Path
 import _service
 from _report import fmt, fmt_acc, parse_label, percentile, print_facts, print_table
 
-EMBEDDED_MODELS = "default: smollm2\nmodels:\n  smollm2: {{engine: embedded, replicas: {replicas}, max_batch: {batch}}}\n"
+EMBEDDED_MODELS = """default: smollm2
+models:
+  smollm2: {{engine: embedded, replicas: {replicas}, max_batch: {batch}}}
+"""
 SERVER_MODELS = """default: llama
 models:
   llama: {{engine: openai, base_url: "{url}", model: smollm2, scoring: top_logprobs, top_logprobs: 1000,
@@ -90,7 +93,8 @@ def service_section(args, texts: list[str], workdir: Path) -> tuple[list[dict], 
                     progress(f"{mode}: {run.seconds:.1f} s")
                     if not first_labels and mode == "stream":
                         with running.client() as client:
-                            first_labels = {row["doc_id"]: row["label"] for row in _service.job_labels(client, run.job["job_id"])}
+                            rows = _service.job_labels(client, run.job["job_id"])
+                        first_labels = {row["doc_id"]: row["label"] for row in rows}
     return results, first_labels
 
 
@@ -106,29 +110,38 @@ def print_service(args, results: list[dict], origin: str, wall_s: float) -> None
     for r in results:
         path = r["path"] if r["path"].startswith("naive") else (
             "stream job" if r["path"] == "stream" else f"batch job ({r['shards']} shards)")
-        rows.append([path, r.get("replicas"), r.get("batch"), r["docs"], fmt(r["seconds"]), fmt(r["docs"] / r["seconds"], 2),
-                     fmt(r["p50_s"], 2), fmt(r["p95_s"], 2), fmt(r.get("mean_batch")), fmt(r["peak_mib"], 0)])
+        rows.append([path, r.get("replicas"), r.get("batch"), r["docs"], fmt(r["seconds"]),
+                     fmt(r["docs"] / r["seconds"], 2), fmt(r["p50_s"], 2), fmt(r["p95_s"], 2), fmt(r.get("mean_batch")),
+                     fmt(r["peak_mib"], 0)])
     print_table(["path", "replicas", "max_batch", "docs", "seconds", "docs/s", "latency p50 s", "latency p95 s",
                  "docs per engine call", "peak RSS MiB"], rows, service_verdict(results) +
                 " Latency: per document, from its job's submission to the first poll (every 0.2 s; naive: 50 ms) that "
                 "showed it done; naive jobs hold one document each. Docs per engine call: from GET /v1/models "
-                "(replicas 1 only: with 2 it answers for one replica). Peak RSS: `annotate serve` and all its "
+                "(replicas 1 only: with 2 it answers for one replica); batch jobs call ModelServer.score_many with "
+                "a shard's documents (up to ANNOTATE_BATCH_SIZE a call), which bypasses @serve.batch and so "
+                "max_batch. Peak RSS: `annotate serve` and all its "
                 "descendants (Ray, replicas, Ray Data workers), sampled every 0.2 s.")
 
 
 def service_verdict(results: list[dict]) -> str:
-    """One sentence from the numbers: best stream and batch settings against the naive client."""
-    speed = lambda r: r["docs"] / r["seconds"]  # noqa: E731
+    """Sentences from the numbers: best stream and batch settings against the naive client, replicas against 1."""
+    def speed(r: dict) -> float:
+        return r["docs"] / r["seconds"]
+
     naive = next((r for r in results if r["path"].startswith("naive")), None)
     parts = []
     for mode in ("stream", "batch"):
         runs = [r for r in results if r["path"] == mode]
-        if runs:
-            best = max(runs, key=speed)
-            ratio = f", {speed(best) / speed(naive):.1f}× the naive client" if naive else ""
-            parts.append(f"fastest {mode}: {speed(best):.1f} docs/s with {best['replicas']} replica(s), "
-                         f"max_batch {best['batch']}{ratio}")
-    return ("; ".join(parts) + ".") if parts else ""
+        if not runs:
+            continue
+        best = max(runs, key=speed)
+        ratio = f", {speed(best) / speed(naive):.1f}× the naive client" if naive else ""
+        by_replicas = {n: max(speed(r) for r in runs if r["replicas"] == n) for n in {r["replicas"] for r in runs}}
+        scaling = "".join(f"; best with {n} replicas / best with 1: {by_replicas[n] / by_replicas[1]:.2f}×"
+                          for n in sorted(by_replicas) if n != 1 and 1 in by_replicas)
+        parts.append(f"Fastest {mode} job: {speed(best):.1f} docs/s with {best['replicas']} replica(s), max_batch "
+                     f"{best['batch']}{ratio}{scaling}.")
+    return " ".join(parts)
 
 
 def naive_chat(url: str, texts: list[str], llama_pid: int) -> tuple[dict, list[str | None]]:
@@ -144,24 +157,28 @@ def naive_chat(url: str, texts: list[str], llama_pid: int) -> tuple[dict, list[s
     labeller = Labeller(taxonomy, taxonomy.version, load_template("classify"), EngineInfo("naive", "smollm2"), 2000)
 
     def ask(client: httpx.Client, text: str) -> str:
-        messages = [{"role": "system", "content": labeller.system}, {"role": "user", "content": labeller.request(text)[0].user}]
+        messages = [{"role": "system", "content": labeller.system},
+                    {"role": "user", "content": labeller.request(text)[0].user}]
         reply = client.post("/chat/completions", json={"model": "smollm2", "messages": messages, "max_tokens": 8,
                                                        "temperature": 0})
         reply.raise_for_status()
         return reply.json()["choices"][0]["message"]["content"] or ""
 
-    labels, latencies = [], []
+    labels, latencies, unparsed = [], [], []
     with httpx.Client(base_url=url, timeout=300) as client, _service.RssSampler([llama_pid]) as rss:
         ask(client, "warm-up: see you at 6")
         started = time.perf_counter()
         for text in texts:
             t0 = time.perf_counter()
-            labels.append(parse_label(ask(client, text), labeller.options))
+            output = ask(client, text)
             latencies.append(time.perf_counter() - t0)
+            labels.append(parse_label(output, labeller.options))
+            if labels[-1] is None:
+                unparsed.append(output)
         seconds = time.perf_counter() - started
     return ({"path": "naive: chat/completions, generate ≤8 tokens, parse", "docs": len(texts), "seconds": seconds,
              "p50_s": percentile(latencies, 50), "p95_s": percentile(latencies, 95), "peak_mib": rss.peak_mib,
-             "rss_of": "llama.cpp server", "unparsed": sum(label is None for label in labels)}, labels)
+             "rss_of": "llama.cpp server", "unparsed": len(unparsed), "samples": unparsed[:3]}, labels)
 
 
 def server_section(args, texts: list[str], workdir: Path) -> tuple[list[dict], list[str | None], list[str | None]]:
@@ -200,14 +217,19 @@ def print_server(args, results: list[dict], engine_labels: list, naive_labels: l
             for r, acc in zip(results, accuracy)]
     speed = [r["docs"] / r["seconds"] for r in results]
     extra = ""
-    if embedded:
-        same = sum(embedded.get(f"d{i:04d}") == label for i, label in enumerate(engine_labels))
-        extra = f" The server engine's labels agree with the embedded engine's (service section) on {same}/{n}."
+    both = [(embedded[f"d{i:04d}"], label) for i, label in enumerate(engine_labels) if f"d{i:04d}" in embedded]
+    if both:
+        same = sum(a == b for a, b in both)
+        extra = (f" The server engine's labels agree with the embedded engine's (first stream job of the service "
+                 f"section, same texts) on {same}/{len(both)}.")
     print_table(["path", "docs", "seconds", "docs/s", "latency p50 ms", "latency p95 ms", "peak RSS MiB",
                  "RSS of", "accuracy vs gold [95% CI]", "unparsed"], rows,
                 f"The two paths give the same label on {agree}/{n} documents ({agree / n:.0%}); the engine labels "
                 f"{speed[0] / speed[1]:.1f}× as many documents per second as the naive loop.{extra} Latency: engine, "
                 "per document from job submission to the poll (every 0.2 s) that showed it done; naive, per request.")
+    for r in results:
+        if r.get("samples"):
+            print(f"Unparsed naive outputs (first {len(r['samples'])}): {r['samples']!r}\n")
 
 
 def progress(message: str) -> None:

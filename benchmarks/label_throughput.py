@@ -19,7 +19,7 @@ service's OpenAI-compatible engine (``scoring: top_logprobs``) against the naive
 one ``/v1/chat/completions`` request per document, up to 8 generated tokens, label parsed.
 
     .venv/bin/python benchmarks/label_throughput.py [--sections engine,service,server]
-        [--n 200] [--naive-n 50] [--skip-fine]                     # engine section
+        [--n 200] [--naive-n 50] [--fine-n 50] [--skip-fine]       # engine section
         [--docs 64] [--naive-docs 32] [--replicas 1,2] [--engine-batches 1,8,32]
         [--shard-size 16] [--server-docs 32] [--server-concurrency 2]  # service and server sections
 
@@ -189,7 +189,8 @@ def engine_section(args) -> None:
     start = time.perf_counter()
     fetch_model(Settings().models_dir)
     prepare_s = time.perf_counter() - start
-    plan = [("scoring", len(rows)), ("naive", min(args.naive_n, len(rows)))] + ([] if args.skip_fine else [("fine", len(rows))])
+    plan = [("scoring", len(rows)), ("naive", min(args.naive_n, len(rows)))]
+    plan += [] if args.skip_fine else [("fine", min(args.fine_n, len(rows)))]
     results = [spawn(method, n, data) for method, n in plan]
     print_engine(results, rows, prepare_s, time.perf_counter() - wall)
 
@@ -236,6 +237,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=200, help="engine: TREC questions for the scoring methods")
     parser.add_argument("--naive-n", type=int, default=50, help="engine: questions for generate+parse (first of --n)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="engine: CSV with columns text, coarse, fine")
+    parser.add_argument("--fine-n", type=int, default=50, help="engine: questions for 50-leaf scoring (first of --n)")
     parser.add_argument("--skip-fine", action="store_true", help="engine: skip the 50-leaf two-level scoring run")
     parser.add_argument("--docs", type=int, default=64, help="service: documents per stream and batch job")
     parser.add_argument("--naive-docs", type=int, default=32, help="service: one-document jobs of the naive client")

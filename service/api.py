@@ -23,9 +23,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
 from . import __version__
-from .api_models import JobCreated, JobRequest, JobStatus, SqlRequest, SqlResponse, TaxonomyCreated
+from .api_models import (InductionRequest, InductionStatus, JobCreated, JobRequest, JobStatus, SqlRequest, SqlResponse,
+                         TaxonomyCreated)
 from .documents import batched, check_document, read_file
 from .errors import AnnotateError, Conflict, EngineUnavailable, InvalidInput, PayloadTooLarge, TaxonomyError
+from .induction import InductionOptions, InductionRunner, sample_texts
 from .jobs import JobRunner
 from .sandbox import run_sql
 from .settings import Settings
@@ -41,6 +43,7 @@ class Context:
     store: Store
     runner: JobRunner
     models: dict  # model name -> its ModelServer deployment handle
+    inductions: InductionRunner
 
 
 _hosted: Context | None = None
@@ -192,6 +195,39 @@ def _source_path(settings: Settings, source: str) -> Path:
     return path
 
 
+async def induce_taxonomy(request: Request, body: InductionRequest) -> JSONResponse:
+    """Start inducing a taxonomy from a corpus sample; answer 202 with the induction's id."""
+    ctx = _ctx(request)
+    model = body.model or ctx.runner.default_model
+    if model not in ctx.runner.models:
+        raise InvalidInput(f"unknown model {model!r}; this service has {', '.join(sorted(ctx.runner.models))}")
+    base = (await asyncio.to_thread(ctx.store.get_taxonomy, body.base))[0] if body.base else None
+    if body.source is not None:
+        rows = read_file(_source_path(ctx.settings, body.source), text_field=body.text_field, id_field=body.id_field,
+                         max_chars=ctx.settings.max_document_chars)
+        source = body.source
+    else:
+        rows = ({"text": d if isinstance(d, str) else d.text} for d in body.documents)
+        source = f"{len(body.documents)} inline documents"
+    texts, corpus_size = await asyncio.to_thread(sample_texts, rows, body.sample_size, body.seed)
+    options = InductionOptions(name=body.name, max_labels=body.max_labels, sample_size=body.sample_size,
+                               report_size=body.report_size, seed=body.seed, method=body.method,
+                               allow_none=body.allow_none)
+    induction_id = "ind_" + uuid.uuid4().hex[:16]
+    await asyncio.to_thread(ctx.store.create_induction, induction_id, body.name,
+                            body.model_dump(exclude={"documents"}) | {"model": model})
+    ctx.inductions.submit(induction_id, texts, options, source=source, corpus_size=corpus_size, model=model,
+                          base=base, push=body.push)
+    return JSONResponse({"induction_id": induction_id, "status": "queued", "corpus_size": corpus_size,
+                         "sample_size": len(texts)}, status_code=202)
+
+
+async def get_induction(request: Request, induction_id: str) -> InductionStatus:
+    """An induction's progress; its YAML and review report once it succeeded."""
+    row = await asyncio.to_thread(_ctx(request).store.induction, induction_id)
+    return InductionStatus(**{k: v for k, v in row.items() if k in InductionStatus.model_fields})
+
+
 async def list_jobs(request: Request, limit: int = Query(100, ge=1, le=10_000)) -> list[dict]:
     """The most recent jobs."""
     return await asyncio.to_thread(_ctx(request).store.list_jobs, limit)
@@ -266,6 +302,10 @@ ROUTES = [
          openapi_extra={"requestBody": {"required": True, "content": {"application/yaml": {"schema": {"type": "string"}}}}}),
     dict(path="/v1/taxonomies", endpoint=list_taxonomies, methods=["GET"], tags=["taxonomies"]),
     dict(path="/v1/taxonomies/{name}", endpoint=get_taxonomy, methods=["GET"], tags=["taxonomies"]),
+    dict(path="/v1/taxonomies:induce", endpoint=induce_taxonomy, methods=["POST"], status_code=202,
+         tags=["taxonomies"]),
+    dict(path="/v1/inductions/{induction_id}", endpoint=get_induction, methods=["GET"], tags=["taxonomies"],
+         response_model=InductionStatus),
     dict(path="/v1/jobs", endpoint=create_job, methods=["POST"], status_code=202, tags=["jobs"], response_model=JobCreated),
     dict(path="/v1/jobs", endpoint=list_jobs, methods=["GET"], tags=["jobs"]),
     dict(path="/v1/jobs/{job_id}", endpoint=get_job, methods=["GET"], tags=["jobs"], response_model=JobStatus),

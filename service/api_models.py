@@ -112,3 +112,47 @@ class SqlResponse(BaseModel):
     rows: list[list]
     truncated: bool
     elapsed_ms: float
+
+
+class InductionRequest(BaseModel):
+    """Induce a taxonomy from inline texts or a server-side source file."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, description="Name of the induced taxonomy.")
+    documents: list[str | DocumentIn] | None = None
+    source: str | None = Field(None, description="A .jsonl/.csv/.parquet file under ANNOTATE_INPUT_DIR.")
+    text_field: str = "text"
+    id_field: str = "id"
+    max_labels: int = Field(8, ge=2, le=100)
+    sample_size: int = Field(2000, ge=2, le=100_000, description="Documents sampled (uniformly) from the corpus.")
+    report_size: int = Field(200, ge=1, le=10_000, description="Sample documents the review labels.")
+    seed: int = 0
+    method: Literal["embedding", "llm"] = Field(
+        "embedding", description="embedding: clusters named by the LLM (any model); llm: TnT-LLM's mini-batch "
+                                 "loop (needs a strong model behind the OpenAI-compatible engine).")
+    allow_none: bool = Field(False, description="Add a none_of_these label (small models overuse it).")
+    base: str | None = Field(None, description="A pushed taxonomy to extend: proposes additions and merges.")
+    model: str | None = Field(None, description="The model that names labels and reviews them; default the service's.")
+    push: bool = Field(False, description="Push the induced taxonomy as a new version when done.")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> InductionRequest:
+        """Exactly one of documents and source."""
+        if (self.documents is None) == (self.source is None):
+            raise ValueError("give exactly one of 'documents' (inline texts) or 'source' (server-side file)")
+        return self
+
+
+class InductionStatus(BaseModel):
+    """An induction's progress, and its YAML and report once it succeeded."""
+
+    induction_id: str
+    name: str
+    status: Literal["queued", "running", "succeeded", "failed"]
+    stage: str | None = None
+    progress: float | None = None
+    yaml: str | None = None
+    report: dict | None = None
+    error: str | None = None
+    created_at: datetime
+    finished_at: datetime | None = None

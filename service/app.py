@@ -23,6 +23,7 @@ from .api import Context, attach, create_api
 from .batch import BatchRunner
 from .engines import EngineInfo, ModelSpec, ScoreRequest, create_engine, load_models
 from .errors import EngineError
+from .induction import InductionRunner
 from .jobs import JobRunner, Model
 from .metrics import ModelStats
 from .logs import configure_logging
@@ -61,6 +62,10 @@ class ModelServer:
         """Queue depth and throughput of this replica (also exported as Ray metrics)."""
         return self.stats.report()
 
+    async def generate_json(self, system: str, user: str, schema: dict, max_tokens: int = 256) -> dict:
+        """Free-form output constrained to a JSON schema (taxonomy induction)."""
+        return await self.engine.generate_json(system, user, schema, max_tokens=max_tokens)
+
     async def score(self, request: ScoreRequest) -> list[float]:
         """Score one document; concurrent callers are gathered into batches."""
         with self.stats.waiting():
@@ -98,6 +103,15 @@ def handle_scorer(model: DeploymentHandle):
     return score
 
 
+def handle_generator(model: DeploymentHandle):
+    """An induction generator that asks the model deployment for schema-constrained JSON."""
+
+    async def generate(system: str, user: str, schema: dict) -> dict:
+        return await model.generate_json.remote(system, user, schema)
+
+    return generate
+
+
 def _unwrap(error: BaseException) -> BaseException:
     """The engine's own error inside Ray's wrapper, so failures are recorded by their real name."""
     cause = getattr(error, "cause", None)
@@ -125,12 +139,16 @@ class Ingress:
         resumed = runner.resume()
         if resumed:
             log.warning("resuming unfinished jobs", extra={"jobs": resumed})
-        self._context = Context(parsed, store, runner, models)
+        if store.interrupt_inductions():
+            log.warning("inductions interrupted by the last stop were marked failed")
+        generators = {name: handle_generator(handle) for name, handle in models.items()}
+        self._context = Context(parsed, store, runner, models, InductionRunner(store, generators, runner))
         attach(self._context)
 
     async def __del__(self):
         """Graceful stop (Serve calls this): stop labelling between batches, then release the file."""
         attach(None)
+        await self._context.inductions.close()
         await self._context.runner.close()
         self._context.store.close()
 

@@ -1,7 +1,7 @@
 """The ``annotate`` command line: runs the service and talks to it over HTTP.
 
-Every command but ``serve``, ``taxonomy validate``, ``models fetch`` and ``settings`` is an
-HTTP client of a running service (``--url`` or ``ANNOTATE_URL``). ``annotate sql`` opens
+Every command but ``serve``, ``taxonomy validate|induce|diff``, ``models fetch`` and
+``settings`` is an HTTP client of a running service (``--url`` or ``ANNOTATE_URL``). ``annotate sql`` opens
 the DuckDB file itself, read-only through the same sandbox, when no service is running.
 """
 
@@ -24,7 +24,7 @@ from .settings import Settings
 
 app = typer.Typer(help="LLM-driven annotation: taxonomies in YAML, labelling jobs over HTTP, results in DuckDB.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
-taxonomy_app = typer.Typer(help="Validate and push taxonomy YAML files.", no_args_is_help=True)
+taxonomy_app = typer.Typer(help="Validate, push, induce and compare taxonomy YAML files.", no_args_is_help=True)
 models_app = typer.Typer(help="Models: list the service's, fetch the embedded weights.", no_args_is_help=True)
 app.add_typer(taxonomy_app, name="taxonomy")
 app.add_typer(models_app, name="models")
@@ -89,6 +89,84 @@ def taxonomy_validate(file: Path) -> None:
     except AnnotateError as exc:
         _fail(str(exc))
     console.print(f"{file}: ok — {taxonomy.name}, {len(taxonomy.label_names())} labels, version {taxonomy.content_hash()}")
+
+
+@taxonomy_app.command("induce")
+def taxonomy_induce(
+    file: Path,
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the induced taxonomy YAML."),
+    name: str = typer.Option(None, help="Taxonomy name [default: the output file's stem]."),
+    max_labels: int = typer.Option(8, "--max-labels", "-k", min=2, help="Most labels to induce."),
+    sample_size: int = typer.Option(2000, help="Documents sampled from the corpus."),
+    report_size: int = typer.Option(200, help="Sample documents the review labels."),
+    seed: int = typer.Option(0, help="Sampling and clustering seed."),
+    method: str = typer.Option("embedding", help="embedding (any model) or llm (TnT-LLM loop, strong models)."),
+    allow_none: bool = typer.Option(False, help="Add a none_of_these label (small models overuse it)."),
+    base: Path = typer.Option(None, help="An existing taxonomy YAML to extend (proposes additions and merges)."),
+    model: str = typer.Option(None, help="Model from ANNOTATE_MODELS_FILE [default: the embedded one]."),
+    text_field: str = typer.Option("text", help="Field or column holding the text."),
+) -> None:
+    """Induce a taxonomy from a .jsonl/.csv/.parquet corpus, here (no service needed); writes YAML and a report."""
+    import asyncio
+
+    from .documents import read_file
+    from .embeddings import Embedder
+    from .engines import create_engine, load_models
+    from .induction import Inducer, InductionOptions, sample_texts
+    from .jobs import engine_scorer
+    from .taxonomy import load_taxonomy
+
+    settings = Settings()
+    try:
+        base_taxonomy = load_taxonomy(base) if base else None
+        texts, corpus_size = sample_texts(read_file(file, text_field=text_field, max_chars=settings.max_document_chars),
+                                          sample_size, seed)
+        models = load_models(settings)
+        engine = create_engine(models.models[models.resolve(model)], settings)
+    except AnnotateError as exc:
+        _fail(str(exc))
+    options = InductionOptions(name=name or out.stem, max_labels=max_labels, sample_size=sample_size,
+                               report_size=report_size, seed=seed, method=method, allow_none=allow_none)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(), console=errors) as bar:
+        task = bar.add_task("embedding", total=1.0)
+        inducer = Inducer(Embedder(threads=settings.engine_threads).embed, engine.generate_json, engine_scorer(engine),
+                          engine.info, model_input_chars=settings.model_input_chars,
+                          progress=lambda stage, fraction: bar.update(task, completed=fraction, description=stage))
+        result = asyncio.run(inducer.run(texts, options, source=str(file), base=base_taxonomy, corpus_size=corpus_size))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(result.yaml, encoding="utf-8")
+    _print_report(result.report)
+    console.print(f"wrote {out}: {len(result.taxonomy.label_names())} labels; push it with "
+                  f"`annotate taxonomy push {out}`", highlight=False)
+
+
+def _print_report(report: dict) -> None:
+    """The review of an induced taxonomy as tables."""
+    table = Table("label", "share of sample (clusters)", "share labelled (review)")
+    for label, share in report["labelled_shares"].items():
+        table.add_row(label, f"{report['sample_shares'].get(label, 0):.1%}", f"{share:.1%}")
+    console.print(table)
+    none = "" if report["none_share"] is None else f" · none of these {report['none_share']:.1%}"
+    console.print(f"coverage {report['coverage']:.1%} · other (far from every label) {report['outlier_share']:.1%}"
+                  f"{none} · reviewed on {report['report_size']} of {report['sample_size']} sampled documents",
+                  highlight=False)
+    for pair in report["confusable_pairs"][:5]:
+        console.print(f"often confused: {pair['a']} / {pair['b']} ({pair['share']:.1%} of reviewed documents)",
+                      highlight=False)
+
+
+@taxonomy_app.command("diff")
+def taxonomy_diff(old: Path, new: Path) -> None:
+    """What changed between two taxonomy files: + added, - removed, ~ changed."""
+    from .induction import diff
+    from .taxonomy import load_taxonomy
+
+    try:
+        lines = diff(load_taxonomy(old), load_taxonomy(new))
+    except AnnotateError as exc:
+        _fail(str(exc))
+    for line in lines or ["no changes"]:
+        console.print(line, highlight=False, markup=False)
 
 
 @taxonomy_app.command("push")

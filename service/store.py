@@ -39,6 +39,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     error VARCHAR, created_at TIMESTAMP NOT NULL, started_at TIMESTAMP, finished_at TIMESTAMP);
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS model VARCHAR;
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS batch JSON;
+CREATE TABLE IF NOT EXISTS inductions (
+    induction_id VARCHAR PRIMARY KEY, name VARCHAR NOT NULL, status VARCHAR NOT NULL, stage VARCHAR,
+    progress DOUBLE, options JSON, yaml VARCHAR, report JSON, error VARCHAR,
+    created_at TIMESTAMP NOT NULL, finished_at TIMESTAMP);
 CREATE TABLE IF NOT EXISTS job_shards (
     job_id VARCHAR NOT NULL, shard INTEGER NOT NULL, plan JSON NOT NULL, rows BIGINT NOT NULL,
     path VARCHAR, registered_at TIMESTAMP,
@@ -309,6 +313,42 @@ class Store:
             except BaseException:
                 cur.execute("ROLLBACK")
                 raise
+
+    # inductions ---------------------------------------------------------------
+    def create_induction(self, induction_id: str, name: str, options: dict) -> None:
+        """Record a queued taxonomy induction."""
+        with self._write_lock:
+            self.cursor().execute(
+                "INSERT INTO inductions (induction_id, name, status, stage, progress, options, created_at)"
+                " VALUES (?, ?, 'queued', 'queued', 0, ?, ?)", [induction_id, name, json.dumps(options), _now()])
+
+    def update_induction(self, induction_id: str, *, status: str, stage: str, progress: float,
+                         yaml_text: str | None = None, report: dict | None = None, error: str | None = None) -> None:
+        """Move an induction along; a final status stamps finished_at."""
+        finished = _now() if status in ("succeeded", "failed") else None
+        with self._write_lock:
+            self.cursor().execute(
+                "UPDATE inductions SET status = ?, stage = ?, progress = ?, yaml = coalesce(?, yaml),"
+                " report = coalesce(?, report), error = coalesce(?, error), finished_at = ? WHERE induction_id = ?",
+                [status, stage, progress, yaml_text, None if report is None else json.dumps(report), error, finished,
+                 induction_id])
+
+    def induction(self, induction_id: str) -> dict:
+        """An induction's state, and its YAML and report once done."""
+        rows = self._dicts("SELECT * FROM inductions WHERE induction_id = ?", [induction_id])
+        if not rows:
+            raise NotFound(f"unknown induction {induction_id!r}")
+        row = rows[0]
+        for key in ("options", "report"):
+            row[key] = None if row[key] is None else json.loads(row[key])
+        return row
+
+    def interrupt_inductions(self) -> int:
+        """Inductions cut off by a stop (their inputs were not kept) fail with a message; returns how many."""
+        with self._write_lock:
+            return len(self.cursor().execute(
+                "UPDATE inductions SET status = 'failed', error = 'interrupted by a service restart; submit it again',"
+                " finished_at = ? WHERE status IN ('queued', 'running') RETURNING 1", [_now()]).fetchall())
 
     def cached_annotations(self, annotator: str, text_hashes: list[str]) -> dict[str, Annotation]:
         """Earlier successful annotations of the same text by the same annotator, by text hash."""

@@ -1,6 +1,7 @@
 """The engine protocol: every backend scores continuations of a chat prompt.
 
-An engine answers one question: given a chat prompt (a ``system`` message shared by
+An engine answers one question (and, for taxonomy induction, writes JSON under a
+schema): given a chat prompt (a ``system`` message shared by
 many documents and a per-document ``user`` message), how likely is each candidate
 continuation of the assistant's reply? Labelling turns those log-probabilities into
 distributions; an engine knows nothing of taxonomies.
@@ -38,4 +39,8 @@ class Engine(Protocol):
 
     async def score(self, requests: list[ScoreRequest]) -> list[list[float]]:
         """Log P(continuation | prompt) for every continuation of every request, in order."""
+        ...
+
+    async def generate_json(self, system: str, user: str, schema: dict, *, max_tokens: int = 256) -> dict:
+        """A greedy reply to the chat prompt, constrained to the JSON schema, parsed (taxonomy induction)."""
         ...

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import importlib.util
 import os
 import threading
@@ -146,6 +147,36 @@ class EmbeddedEngine:
                         results[i] = scores
             return results  # type: ignore[return-value]
 
+    async def generate_json(self, system: str, user: str, schema: dict, *, max_tokens: int = 256) -> dict:
+        """A greedy reply constrained to a flat JSON object of string (or enum) fields, off the event loop."""
+        return await asyncio.to_thread(self.generate_json_sync, system, user, schema, max_tokens)
+
+    def generate_json_sync(self, system: str, user: str, schema: dict, max_tokens: int = 256) -> dict:
+        """Constrained decoding: the JSON syntax is forced, the model writes only the values.
+
+        Enum fields are chosen by scoring each allowed value; free strings are decoded
+        greedily up to the closing quote, ``maxLength`` or the token budget, never
+        containing a backslash or a newline. Supports what taxonomy induction needs:
+        objects of string properties, in the schema's property order.
+        """
+        fields = _string_fields(schema)
+        prompt = self.tokenizer.apply_chat_template(
+            [{"role": "system", "content": system}, {"role": "user", "content": user}],
+            tokenize=False, add_generation_prompt=True)
+        with self._lock, self._torch.inference_mode():
+            decoder = _Decoder(self, self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            values: dict[str, str] = {}
+            budget = max_tokens
+            for i, (name, allowed, max_length) in enumerate(fields):
+                decoder.feed(("{" if i == 0 else ", ") + json.dumps(name) + ': "')
+                if allowed:
+                    values[name] = max(allowed, key=lambda option: decoder.score(option + '"'))
+                    decoder.feed(json.dumps(values[name])[1:])
+                else:
+                    values[name], used = decoder.string(max_length, budget)
+                    budget = max(budget - used, 1)
+            return values
+
     def _chat_parts(self, system: str) -> tuple[str, str]:
         """Split the chat template around the user text: (shared prefix, suffix after user)."""
         marker = "\x00USER\x00"
@@ -243,6 +274,68 @@ class EmbeddedEngine:
         for (row, c), value in zip(owners, values):
             scores[row][c] += value
         return scores
+
+
+def _string_fields(schema: dict) -> list[tuple[str, list[str] | None, int | None]]:
+    """(name, allowed values or None, max length) per property of a flat object-of-strings schema."""
+    if schema.get("type") != "object" or not schema.get("properties"):
+        raise ValueError("the embedded engine generates JSON objects with string properties only")
+    fields = []
+    for name, spec in schema["properties"].items():
+        if spec.get("type", "string") != "string":
+            raise ValueError(f"property {name!r}: the embedded engine generates string properties only")
+        fields.append((name, spec.get("enum"), spec.get("maxLength")))
+    return fields
+
+
+class _Decoder:
+    """Greedy decoding with a growing key/value cache, fed forced text between model-written values."""
+
+    def __init__(self, engine: EmbeddedEngine, prompt_ids: list[int]):
+        self.engine = engine
+        self.ids: list[int] = []
+        self.cache = None
+        self.logits = None
+        self._advance(prompt_ids)
+
+    def _advance(self, ids: list[int]) -> None:
+        """Run ``ids`` through the model after what it has seen (one token at a time once cached)."""
+        torch, model = self.engine._torch, self.engine.model
+        for chunk in ([ids] if self.cache is None else [[t] for t in ids]):  # causal masks assume no cache
+            out = model(input_ids=torch.tensor([chunk]), past_key_values=self.cache, use_cache=True)
+            self.cache, self.logits = out.past_key_values, out.logits[0, -1].float()
+            self.ids += chunk
+
+    def feed(self, text: str) -> None:
+        """Force ``text`` as the next output."""
+        self._advance(self.engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def score(self, text: str) -> float:
+        """Log-probability of ``text`` as the next output, without consuming it."""
+        torch, model = self.engine._torch, self.engine.model
+        ids = self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+        logits = model(input_ids=torch.tensor([self.ids + ids])).logits[0, len(self.ids) - 1: -1].float()
+        return float(torch.log_softmax(logits, -1)[torch.arange(len(ids)), torch.tensor(ids)].sum())
+
+    def string(self, max_length: int | None, budget: int) -> tuple[str, int]:
+        """Decode a JSON string's content greedily, then close it; returns (text, tokens used)."""
+        tokenizer, text, tail, used = self.engine.tokenizer, "", "", 0
+        special = set(tokenizer.all_special_ids)
+        while used < budget:
+            used += 1
+            candidates = ((t, tokenizer.decode([t])) for t in self.logits.argsort(descending=True)[:50].tolist())
+            token, piece = next(((t, p) for t, p in candidates
+                                 if t not in special and "\\" not in p and "\n" not in p), (None, ""))
+            if token is None or '"' in piece:
+                tail = piece.split('"')[0]
+                break
+            if max_length is not None and len(text + piece) > max_length:
+                break
+            text += piece
+            self._advance([token])
+        self.feed(tail + '"')
+        value = (text + tail).strip()
+        return (value[:max_length] if max_length else value), used
 
 
 def _batches(order: list[int], packed: dict[int, _Packed]) -> list[list[int]]:

