@@ -81,6 +81,8 @@ def service(workdir: Path, models_yaml: str, env: dict[str, str] | None = None, 
     overrides ANNOTATE_* settings.
     """
     data_dir, input_dir = workdir / "data", input_dir or workdir / "inputs"
+    if data_dir.exists():  # a used store would resume its jobs and serve its cache
+        raise FileExistsError(f"{data_dir} exists; give the benchmark a new --workdir")
     data_dir.mkdir(parents=True)
     input_dir.mkdir(parents=True, exist_ok=True)
     models_file = workdir / "models.yaml"

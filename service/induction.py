@@ -111,6 +111,7 @@ class Induction:
     taxonomy: Taxonomy
     yaml: str
     report: dict
+    assignment: list[str | None]  # per sampled document (in corpus order): the label whose group holds it
 
 
 class Inducer:
@@ -158,8 +159,12 @@ class Inducer:
                       proposed_additions=[g.name for g in groups] if base else [])
         if base:
             report["proposed_merges"] = [p for p in report["confusable_pairs"] if p["share"] >= 0.15]
+        assignment: list[str | None] = [None] * len(sample)
+        for name, members in [(g.name, g.members) for g in groups] + list(attached.items()):
+            for i in members:
+                assignment[i] = name
         self.progress("done", 1.0)
-        return Induction(taxonomy, _yaml(taxonomy, options, source, self.engine, report), report)
+        return Induction(taxonomy, _yaml(taxonomy, options, source, self.engine, report), report, assignment)
 
     async def _attach(self, groups: list[_Group], base: Taxonomy | None,
                       options: InductionOptions) -> tuple[list[_Group], dict[str, list[int]]]:

@@ -121,10 +121,10 @@ def test_diff_of_the_shipped_trec_taxonomies():
 def test_reservoir_sample_is_uniform_and_counts_the_stream(size):
     """Every position is about equally likely to be sampled; the stream length is counted."""
     hits = [0] * 100
-    for seed in range(400):
+    for seed in range(2000):
         sample, count = sample_texts(({"text": str(i)} for i in range(100)), size, seed)
         assert count == 100 and len(sample) == size and len(set(sample)) == size
         for text in sample:
             hits[int(text)] += 1
-    expected = 400 * size / 100
+    expected = 2000 * size / 100
     assert min(hits) > 0.6 * expected and max(hits) < 1.4 * expected
