@@ -6,9 +6,10 @@ A 135M model cannot carry that loop, so the default ``embedding`` method grounds
 step in sentence embeddings and asks the LLM only what it can answer from evidence:
 
 1. sample the corpus; embed the sample (all-MiniLM-L6-v2);
-2. over-cluster with k-means (2K clusters), then merge the closest centroids
-   (average-linkage, cosine) down to at most K groups; groups under ``min_share`` of
-   the sample fold into their nearest neighbour;
+2. cluster with k-means into at most K groups (over-clustering to 2K and merging
+   centroids by average linkage was tried: it lowered agreement with gold classes on
+   TREC, ARI 0.11 vs 0.20); groups under ``min_share`` of the sample fold into their
+   nearest neighbour;
 3. per group, the documents nearest its centroid (representatives) and those nearest
    another group (boundary cases) go to the LLM, which names and describes the label
    under a JSON schema;
@@ -65,7 +66,7 @@ NAMING_SYSTEM = ("You organise texts into categories. You see texts from one gro
                  "border. Give the group a short general category name (1 to 3 words, like 'sports' or "
                  "'person names') and a one-sentence description of what belongs in it.")
 SNIPPET_CHARS = 160
-GROUNDED_SHARE = 0.05  # a name's words must each occur in this share of its group's documents (and in 2)
+GROUNDED_SHARE = 0.15  # a name's words must each occur in this share of its group's documents (and in 2)
 PROMPT_WORDS = frozenset({"frequent", "words", "group", "texts", "text", "border", "name", "describe"})
 _SLUG = re.compile(r"[^a-z0-9]+")
 _WORD = re.compile(r"[a-z][a-z0-9']+")
@@ -194,7 +195,7 @@ class Inducer:
         centroid than to any other (a small model often describes one document, echoes the
         prompt or invents); otherwise the keywords name and describe the group.
         """
-        keywords = _keywords([[sample[i] for i in g.members] for g in groups])
+        keywords = ctfidf_keywords([[sample[i] for i in g.members] for g in groups])
         centroids = np.stack([g.centroid for g in groups])
         for n, group in enumerate(groups):
             representatives = [sample[i] for i in _nearest(group, vectors)[:6]]
@@ -368,20 +369,12 @@ def diff(old: Taxonomy, new: Taxonomy) -> list[str]:
 
 
 def _cluster(vectors: np.ndarray, options: InductionOptions) -> list[_Group]:
-    """k-means with 2K clusters, merged by average-linkage on centroids to at most K; tiny groups fold in."""
-    from sklearn.cluster import AgglomerativeClustering, KMeans
+    """k-means into at most K groups; groups under ``min_share`` of the sample fold into their nearest."""
+    from sklearn.cluster import KMeans
 
     n = len(vectors)
-    fine = min(2 * options.max_labels, n)
-    kmeans = KMeans(n_clusters=fine, n_init=4, random_state=options.seed).fit(vectors)
-    target = min(options.max_labels, fine)
-    if target < fine:
-        merge = AgglomerativeClustering(n_clusters=target, metric="cosine", linkage="average")
-        coarse = merge.fit_predict(kmeans.cluster_centers_)
-    else:
-        coarse = np.arange(fine)
-    assignment = coarse[kmeans.labels_]
-    groups = [_group(list(np.flatnonzero(assignment == c)), vectors) for c in np.unique(assignment)]
+    kmeans = KMeans(n_clusters=min(options.max_labels, n), n_init=8, random_state=options.seed).fit(vectors)
+    groups = [_group(list(np.flatnonzero(kmeans.labels_ == c)), vectors) for c in np.unique(kmeans.labels_)]
     while len(groups) > 2:
         smallest = min(groups, key=lambda g: len(g.members))
         if len(smallest.members) >= options.min_share * n:
@@ -415,7 +408,7 @@ def _boundary(group: _Group, vectors: np.ndarray, centroids: np.ndarray, own: in
     return sorted(group.members, key=lambda i: float(vectors[i] @ group.centroid - (others @ vectors[i]).max()))
 
 
-def _keywords(groups: list[list[str]], top: int = 6) -> list[list[str]]:
+def ctfidf_keywords(groups: list[list[str]], top: int = 6) -> list[list[str]]:
     """c-TF-IDF: per group, the words frequent in it and rare in the others."""
     counts = [Counter(w for t in texts for w in _WORD.findall(t.lower()) if w not in STOP_WORDS) for texts in groups]
     total = Counter()
