@@ -53,6 +53,12 @@ def machine_facts() -> list[str]:
             f"load average at start: {load1:.2f} (1 min), {load5:.2f} (5 min)"]
 
 
+def load_now() -> str:
+    """The load average now, to read timings by (the machine may be shared)."""
+    load1, load5, _ = os.getloadavg()
+    return f"load average at the end: {load1:.2f} (1 min), {load5:.2f} (5 min)"
+
+
 def print_facts(title: str, facts: list[str]) -> None:
     """A section title and its bullet list of facts."""
     print(f"## {title}\n")

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import _service
-from _report import fmt, fmt_acc, parse_label, percentile, print_facts, print_table
+from _report import fmt, fmt_acc, load_now, parse_label, percentile, print_facts, print_table
 
 EMBEDDED_MODELS = """default: smollm2
 models:
@@ -105,7 +105,7 @@ def print_service(args, results: list[dict], origin: str, wall_s: float) -> None
         f"batch jobs: {args.shard_size} rows per shard, 2 shards in flight (ANNOTATE_BATCH_CONCURRENCY), "
         "32 documents per score_many call (ANNOTATE_BATCH_SIZE)",
         "every setting is a fresh `annotate serve`, warmed up by one small stream and one small batch job (not timed)",
-        f"section wall time (service start-ups included): {wall_s:.0f} s"])
+        f"section wall time (service start-ups included): {wall_s:.0f} s", load_now()])
     rows = []
     for r in results:
         path = r["path"] if r["path"].startswith("naive") else (
@@ -206,7 +206,7 @@ def print_server(args, results: list[dict], engine_labels: list, naive_labels: l
     print_facts("Label throughput: llama.cpp server (SmolLM2 Q4 GGUF), service engine vs naive chat loop", [
         f"cores: {os.cpu_count()}; llama.cpp server with --n_threads {os.cpu_count()}; "
         f"engine max_concurrency {args.server_concurrency}; taxonomy sms-spam",
-        f"section wall time (start-ups included): {wall_s:.0f} s"])
+        f"section wall time (start-ups included): {wall_s:.0f} s", load_now()])
     n = len(engine_labels)
     agree = sum(a is not None and a == b for a, b in zip(engine_labels, naive_labels))
     accuracy = [None, None]

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import _service
 import _service_paths as paths
-from _report import fmt, fmt_acc, machine_facts, parse_label, percentile, print_facts, print_table
+from _report import fmt, fmt_acc, load_now, machine_facts, parse_label, percentile, print_facts, print_table
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 ROOT = _service.ROOT
@@ -200,7 +200,8 @@ def print_engine(results: list[dict], rows: list[dict], prepare_s: float, wall_s
     print_facts("Label throughput: embedded engine in-process (SmolLM2-135M-Instruct)", [
         f"cores: {os.cpu_count()}; torch threads: {results[0]['torch_threads']}; dtype: {results[0]['dtype']}",
         f"data: first {len(rows)} rows of trec_questions.csv (file order, no shuffle)",
-        f"one-time model conversion/check (fetch_model): {prepare_s:.1f} s; section wall time: {wall_s:.1f} s"])
+        f"one-time model conversion/check (fetch_model): {prepare_s:.1f} s; section wall time: {wall_s:.1f} s",
+        load_now()])
     table = []
     for r in results:
         table.append([METHODS[r["method"]][1], r["n"], fmt(r["load_s"]), fmt(r["run_s"]), fmt(r["n"] / r["run_s"], 2),

@@ -27,7 +27,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import _service
-from _report import fmt, machine_facts, print_facts, print_table
+from _report import fmt, load_now, machine_facts, print_facts, print_table
 
 MODELS_YAML = "default: fake\nmodels:\n  fake: {engine: fake}\n"
 TOLERANCE = 0.20
@@ -101,7 +101,7 @@ def report(args, results: dict[tuple[str, int], dict], origin: str, wall_s: floa
         f"texts: {origin}", f"shard size {args.shard_size} rows, {args.concurrency} shards in flight "
         f"(ANNOTATE_BATCH_CONCURRENCY), ANNOTATE_BATCH_SIZE default (32)",
         "one service for all jobs, in table order" if not args.fresh_service else "a fresh service for every job",
-        f"whole benchmark wall time: {wall_s:.0f} s"])
+        f"whole benchmark wall time: {wall_s:.0f} s", load_now()])
     batch = {n: r for (mode, n), r in results.items() if mode == "batch"}
     base = batch[min(batch)] if batch else None
     rows = []

@@ -106,8 +106,11 @@ def handle_scorer(model: DeploymentHandle):
 def handle_generator(model: DeploymentHandle):
     """An induction generator that asks the model deployment for schema-constrained JSON."""
 
-    async def generate(system: str, user: str, schema: dict) -> dict:
-        return await model.generate_json.remote(system, user, schema)
+    async def generate(system: str, user: str, schema: dict, *, max_tokens: int = 256) -> dict:
+        try:
+            return await model.generate_json.remote(system, user, schema, max_tokens)
+        except Exception as exc:  # Ray's wrapper hides the engine's own error
+            raise _unwrap(exc) from None
 
     return generate
 

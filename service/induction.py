@@ -53,15 +53,22 @@ from .taxonomy import NONE_LABEL, Label, Taxonomy, parse_taxonomy
 log = logging.getLogger(__name__)
 
 Embed = Callable[[list[str]], np.ndarray]
-Generate = Callable[[str, str, dict], Awaitable[dict]]
+Generate = Callable[..., Awaitable[dict]]  # (system, user, schema, *, max_tokens=...) -> the parsed JSON
 Progress = Callable[[str, float], None]
 
 NAME_SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 40},
                                                  "description": {"type": "string", "maxLength": 200}},
                "required": ["name", "description"]}
-LIST_SCHEMA = {"type": "object", "required": ["labels"], "properties": {"labels": {
-    "type": "array", "items": {"type": "object", "required": ["name", "description"],
-                               "properties": {"name": {"type": "string"}, "description": {"type": "string"}}}}}}
+LIST_MAX_TOKENS = 1024
+
+
+def _list_schema(max_labels: int) -> dict:
+    """JSON schema of TnT-LLM's label list: at most ``max_labels`` short named descriptions."""
+    label = {"type": "object", "required": ["name", "description"],
+             "properties": {"name": {"type": "string", "maxLength": 40},
+                            "description": {"type": "string", "maxLength": 160}}}
+    return {"type": "object", "required": ["labels"],
+            "properties": {"labels": {"type": "array", "items": label, "maxItems": max_labels}}}
 NAMING_SYSTEM = ("You organise texts into categories. You see texts from one group and a few texts near its "
                  "border. Give the group a short general category name (1 to 3 words, like 'sports' or "
                  "'person names') and a one-sentence description of what belongs in it.")
@@ -248,7 +255,12 @@ class Inducer:
                     + "\n".join(f"- {t[:300]}" for t in sample[start:start + batch])
                     + f"\n\nUpdate the label list so it covers all texts seen, with at most {options.max_labels} "
                       "distinct, clearly described labels. Merge overlapping labels.")
-            reply = await self.generate("You build a taxonomy of texts, iteratively.", user, LIST_SCHEMA)
+            try:
+                reply = await self.generate("You build a taxonomy of texts, iteratively.", user,
+                                            _list_schema(options.max_labels), max_tokens=LIST_MAX_TOKENS)
+            except ValueError as exc:
+                raise ValueError(f"method 'llm' needs a model that writes JSON lists (a server model behind the "
+                                 f"OpenAI-compatible engine): {exc}") from exc
             labels = [l for l in reply.get("labels", []) if isinstance(l, dict) and l.get("name")][: options.max_labels]
             self.progress("proposing", 0.2 + 0.5 * min(1.0, (start + batch) / len(sample)))
         groups = [_Group([], np.zeros(1), _slug(str(l["name"])), str(l.get("description", ""))) for l in labels]
@@ -310,6 +322,7 @@ class InductionRunner:
         self.generators = generators
         self.runner = runner
         self._embedder = None
+        self._loading = asyncio.Lock()  # one load, even when inductions start together
         self._tasks: set[asyncio.Task] = set()
 
     def submit(self, induction_id: str, texts: list[str], options: InductionOptions, *, source: str,
@@ -334,10 +347,11 @@ class InductionRunner:
             self.store.update_induction(induction_id, status="running", stage=stage, progress=round(fraction, 3))
 
         try:
-            if self._embedder is None:
-                from .embeddings import Embedder
+            async with self._loading:
+                if self._embedder is None:
+                    from .embeddings import Embedder
 
-                self._embedder = await asyncio.to_thread(Embedder)
+                    self._embedder = await asyncio.to_thread(Embedder)
             chosen = self.runner.models[model]
             inducer = Inducer(self._embedder.embed, self.generators[model], chosen.scorer, chosen.info,
                               model_input_chars=self.runner.model_input_chars, progress=progress)

@@ -128,3 +128,24 @@ def test_reservoir_sample_is_uniform_and_counts_the_stream(size):
             hits[int(text)] += 1
     expected = 2000 * size / 100
     assert min(hits) > 0.6 * expected and max(hits) < 1.4 * expected
+
+
+def test_llm_method_runs_the_tnt_llm_loop_on_a_server_model(service):
+    """method 'llm' has the model rewrite the label list per mini-batch (JSON schema with arrays).
+
+    Runs on the real llama.cpp server (model 'llama'); the embedded engine refuses it clearly.
+    """
+    documents = [q["text"] for q in QUESTIONS[:20]]
+    with service.client() as client:
+        served = client.post("/v1/taxonomies:induce", json={
+            "name": "questions-llm", "method": "llm", "model": "llama", "max_labels": 3, "report_size": 5,
+            "documents": documents}).json()
+        embedded = client.post("/v1/taxonomies:induce", json={
+            "name": "questions-llm", "method": "llm", "max_labels": 3, "report_size": 5,
+            "documents": documents}).json()
+        served_state = _wait_induction(client, served["induction_id"])
+        embedded_state = _wait_induction(client, embedded["induction_id"])
+    assert served_state["status"] == "succeeded", served_state["error"]
+    taxonomy = parse_taxonomy(served_state["yaml"])
+    assert 1 <= len(taxonomy.labels) <= 3 and "method: llm" in served_state["yaml"]
+    assert embedded_state["status"] == "failed" and "needs a model that writes JSON lists" in embedded_state["error"]
