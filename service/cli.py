@@ -147,7 +147,8 @@ def _print_report(report: dict) -> None:
         table.add_row(label, f"{report['sample_shares'].get(label, 0):.1%}", f"{share:.1%}")
     console.print(table)
     none = "" if report["none_share"] is None else f" · none of these {report['none_share']:.1%}"
-    console.print(f"coverage {report['coverage']:.1%} · other (far from every label) {report['outlier_share']:.1%}"
+    other = "?" if report["outlier_share"] is None else f"{report['outlier_share']:.1%}"
+    console.print(f"coverage {report['coverage']:.1%} · other (far from every label) {other}"
                   f"{none} · reviewed on {report['report_size']} of {report['sample_size']} sampled documents",
                   highlight=False)
     for pair in report["confusable_pairs"][:5]:

@@ -145,10 +145,11 @@ class Inducer:
         self.progress("embedding", 0.05)
         vectors = await asyncio.to_thread(self.embed, sample)
         self.progress("clustering", 0.2)
-        if options.method == "llm":
-            groups = await self._llm_loop(sample, options)
+        if options.method == "llm":  # the loop starts from the base's labels and may rewrite them
+            groups = await self._llm_loop(sample, options, base)
             await self._assign(groups, vectors)
             attached: dict[str, list[int]] = {}
+            base = None
         else:
             groups = _cluster(vectors, options)
             groups, attached = await self._attach(groups, base, options)
@@ -159,9 +160,10 @@ class Inducer:
         taxonomy = _taxonomy(groups, options, base)
         self.progress("reviewing", 0.8)
         report = await self._review(taxonomy, sample, options)
-        centroids = np.stack([g.centroid for g in groups])
+        similarity = (vectors @ np.stack([g.centroid for g in groups]).T).max(1) if groups else None
         report.update(sample_size=len(sample), corpus_size=corpus_size or len(texts),
-                      outlier_share=round(float(((vectors @ centroids.T).max(1) < options.outlier_similarity).mean()), 4),
+                      outlier_share=None if similarity is None else
+                      round(float((similarity < options.outlier_similarity).mean()), 4),
                       sample_shares={g.name: round(len(g.members) / len(sample), 4) for g in groups},
                       attached_to_existing={name: len(m) for name, m in attached.items()},
                       proposed_additions=[g.name for g in groups] if base else [])
@@ -202,6 +204,8 @@ class Inducer:
         centroid than to any other (a small model often describes one document, echoes the
         prompt or invents); otherwise the keywords name and describe the group.
         """
+        if not groups:
+            return
         keywords = ctfidf_keywords([[sample[i] for i in g.members] for g in groups])
         centroids = np.stack([g.centroid for g in groups])
         for n, group in enumerate(groups):
@@ -245,9 +249,9 @@ class Inducer:
             keep.members = keep.members + group.members
         return [g for g, _ in merged]
 
-    async def _llm_loop(self, sample: list[str], options: InductionOptions) -> list[_Group]:
+    async def _llm_loop(self, sample: list[str], options: InductionOptions, base: Taxonomy | None) -> list[_Group]:
         """TnT-LLM's mini-batch loop: the model rewrites the whole label list after each batch."""
-        labels: list[dict] = []
+        labels = [{"name": l.name, "description": l.description} for l in (base.leaves() if base else [])]
         batch = 20
         for start in range(0, len(sample), batch):
             current = "\n".join(f"- {l['name']}: {l['description']}" for l in labels) or "(none yet)"
@@ -487,8 +491,9 @@ def _yaml(taxonomy: Taxonomy, options: InductionOptions, source: str, engine: En
         f"# model: {engine.model} ({engine.engine}); embeddings: all-MiniLM-L6-v2; method: {options.method}",
         f"# settings: max_labels={options.max_labels} merge_similarity={options.merge_similarity} "
         f"min_share={options.min_share}",
-        f"# review on {report['report_size']} documents: coverage {report['coverage']:.0%}; "
-        f"other (far from every label): {report['outlier_share']:.0%} of the sample"
+        f"# review on {report['report_size']} documents: coverage {report['coverage']:.0%}"
+        + ("" if report["outlier_share"] is None else
+           f"; other (far from every label): {report['outlier_share']:.0%} of the sample")
         + ("" if report["none_share"] is None else f"; none-of-these {report['none_share']:.0%}"),
         "# Edit freely: names, descriptions and examples are suggestions.",
     ]
