@@ -169,6 +169,8 @@ def tree_rss(pids: list[int]) -> dict[str, int]:
         for proc in procs:
             with contextlib.suppress(psutil.Error):
                 name = (proc.cmdline() or [proc.name()])[0]
+                if name.startswith("ray::"):  # Ray appends the running method: ray::Actor.method
+                    name = name.split(".", 1)[0]
                 sizes[f"{proc.pid} {Path(name).name if name.startswith('/') else name}"] = proc.memory_info().rss
     return sizes
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import _service
@@ -215,6 +216,9 @@ def print_server(args, results: list[dict], engine_labels: list, naive_labels: l
     rows = [[r["path"], r["docs"], fmt(r["seconds"]), fmt(r["docs"] / r["seconds"], 2), fmt(1000 * r["p50_s"], 0),
              fmt(1000 * r["p95_s"], 0), fmt(r["peak_mib"], 0), r["rss_of"], acc, r.get("unparsed")]
             for r, acc in zip(results, accuracy)]
+    if all(g is not None for g in gold):
+        label, count = Counter(gold).most_common(1)[0]
+        rows.append([f"majority class ({label}, in-sample)", n] + [None] * 6 + [fmt_acc(count, n), None])
     speed = [r["docs"] / r["seconds"] for r in results]
     extra = ""
     both = [(embedded[f"d{i:04d}"], label) for i, label in enumerate(engine_labels) if f"d{i:04d}" in embedded]

@@ -276,7 +276,7 @@ def main() -> None:
                 results, engine_labels, naive_labels = paths.server_section(args, [t for t, _ in texts],
                                                                             workdir / "server")
                 paths.print_server(args, results, engine_labels, naive_labels, [g for _, g in texts], embedded,
-                             time.perf_counter() - started)
+                                   time.perf_counter() - started)
     print(f"Whole benchmark wall time: {time.perf_counter() - wall:.0f} s")
 
 
