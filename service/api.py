@@ -156,8 +156,8 @@ async def create_job(request: Request, body: JobRequest) -> JSONResponse:
     job = dict(job_id=job_id, taxonomy=body.taxonomy, version=labeller.taxonomy_version, model=labeller.model,
                annotator=labeller.key, annotator_spec=labeller.spec)
     if body.mode == "batch":
-        shards = await asyncio.to_thread(ctx.runner.batch_runner.plan, body.source, body.shard_size)
-        batch = {"source": body.source, "text_field": body.text_field, "id_field": body.id_field}
+        shards, stamp = await asyncio.to_thread(ctx.runner.batch_runner.plan, body.source, body.shard_size)
+        batch = {"source": body.source, "text_field": body.text_field, "id_field": body.id_field, "stamp": stamp}
         total = await asyncio.to_thread(ctx.store.create_job, **job, batch=batch, shards=shards)
     else:
         rows = _job_rows(ctx.settings, body)
@@ -198,9 +198,7 @@ def _source_path(settings: Settings, source: str) -> Path:
 async def induce_taxonomy(request: Request, body: InductionRequest) -> JSONResponse:
     """Start inducing a taxonomy from a corpus sample; answer 202 with the induction's id."""
     ctx = _ctx(request)
-    model = body.model or ctx.runner.default_model
-    if model not in ctx.runner.models:
-        raise InvalidInput(f"unknown model {model!r}; this service has {', '.join(sorted(ctx.runner.models))}")
+    model = ctx.runner.model(body.model).name
     base = (await asyncio.to_thread(ctx.store.get_taxonomy, body.base))[0] if body.base else None
     if body.source is not None:
         rows = read_file(_source_path(ctx.settings, body.source), text_field=body.text_field, id_field=body.id_field,
@@ -224,7 +222,10 @@ async def induce_taxonomy(request: Request, body: InductionRequest) -> JSONRespo
 
 async def get_induction(request: Request, induction_id: str) -> InductionStatus:
     """An induction's progress; its YAML and review report once it succeeded."""
-    row = await asyncio.to_thread(_ctx(request).store.induction, induction_id)
+    ctx = _ctx(request)
+    row = await asyncio.to_thread(ctx.store.induction, induction_id)
+    if induction_id in ctx.inductions.live:  # running: its progress lives in memory, not in the database
+        row.update(status="running", **dict(zip(("stage", "progress"), ctx.inductions.live[induction_id])))
     return InductionStatus(**{k: v for k, v in row.items() if k in InductionStatus.model_fields})
 
 

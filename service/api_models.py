@@ -119,7 +119,7 @@ class InductionRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, description="Name of the induced taxonomy.")
-    documents: list[str | DocumentIn] | None = None
+    documents: list[str | DocumentIn] | None = Field(None, min_length=2)
     source: str | None = Field(None, description="A .jsonl/.csv/.parquet file under ANNOTATE_INPUT_DIR.")
     text_field: str = "text"
     id_field: str = "id"

@@ -64,12 +64,18 @@ def open_source(source: str, settings: Settings) -> tuple[pafs.FileSystem, str, 
         if not local.is_relative_to(root):
             raise InvalidInput(f"source {source!r} is outside the input directory {root} (ANNOTATE_INPUT_DIR)")
         filesystem, path = pafs.LocalFileSystem(), str(local)
-    kind = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}.get(Path(path).suffix.lower())
+    kind = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}.get(Path(path).suffix.lower())
     if kind is None:
-        raise InvalidInput(f"source {source!r}: batch jobs read .jsonl or .parquet files")
+        raise InvalidInput(f"source {source!r}: batch jobs read .jsonl (one JSON object a line) or .parquet files")
     if filesystem.get_file_info(path).type != pafs.FileType.File:
         raise InvalidInput(f"source {source!r}: no such file")
     return filesystem, path, kind
+
+
+def source_stamp(filesystem: pafs.FileSystem, path: str) -> dict:
+    """Size and modification time of a source, to notice a file replaced under a planned job."""
+    info = filesystem.get_file_info(path)
+    return {"size": info.size, "mtime": None if info.mtime is None else info.mtime.isoformat()}
 
 
 def plan_shards(filesystem: pafs.FileSystem, path: str, kind: str, shard_size: int) -> Iterator[dict]:
@@ -88,7 +94,7 @@ def plan_shards(filesystem: pafs.FileSystem, path: str, kind: str, shard_size: i
         start = position = rows = 0
         for line in _lines(stream):
             position += len(line)
-            rows += 1
+            rows += bool(line.strip())  # blank lines are skipped when read, so they are not counted
             if rows == shard_size:
                 yield {"first_row": first_row, "rows": rows, "start": start, "stop": position}
                 first_row, start, rows = first_row + rows, position, 0
@@ -119,9 +125,11 @@ def read_shard(filesystem: pafs.FileSystem, path: str, kind: str, shard: dict, *
         handle.seek(shard["start"])
         raw = handle.read(shard["stop"] - shard["start"])
     records: list[tuple[int, object]] = []
-    for number, line in enumerate(raw.split(b"\n")[: shard["rows"]], start=first + 1):
+    number = first
+    for line in raw.split(b"\n"):
         if not line.strip():
             continue
+        number += 1
         try:
             records.append((number, json.loads(line)))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -176,7 +184,10 @@ async def _annotate(labeller: Labeller, handle, texts: list[str], batch_size: in
     """Annotate texts in ``batch_size`` calls to the model deployment, all in flight together."""
 
     async def scorer(requests):
-        return await handle.score_many.remote(requests)
+        try:
+            return await handle.score_many.remote(requests)
+        except Exception as exc:  # an unreachable or restarting replica: each document fails, then is retried
+            return [exc] * len(requests)
 
     chunks = [texts[i: i + batch_size] for i in range(0, len(texts), batch_size)]
     results = await asyncio.gather(*(annotate_texts(labeller, chunk, scorer) for chunk in chunks))
@@ -193,14 +204,15 @@ class BatchRunner:
         self.app_name = app_name
         self._stopping = threading.Event()
 
-    def plan(self, source: str, shard_size: int | None = None) -> list[dict]:
-        """Validate a source and cut it into numbered shards (before the job is stored)."""
+    def plan(self, source: str, shard_size: int | None = None) -> tuple[list[dict], dict]:
+        """Validate a source and cut it into numbered shards (before the job is stored); also its stamp."""
         filesystem, path, kind = open_source(source, self.settings)
+        stamp = source_stamp(filesystem, path)
         size = shard_size or self.settings.shard_size
         shards = [dict(plan, shard=i) for i, plan in enumerate(plan_shards(filesystem, path, kind, size))]
         if not shards:
             raise InvalidInput(f"source {source!r} holds no documents")
-        return shards
+        return shards, stamp
 
     def stop(self) -> None:
         """Stop registering between shards (service shutdown); the job resumes on restart."""
@@ -209,6 +221,10 @@ class BatchRunner:
     def run(self, job_id: str, labeller: Labeller) -> bool:
         """Label and register every pending shard; False if the job stopped being active first."""
         job = self.store.job(job_id)
+        filesystem, path, _ = open_source(job["batch"]["source"], self.settings)
+        if source_stamp(filesystem, path) != job["batch"].get("stamp"):
+            raise InvalidInput(f"source {job['batch']['source']!r} changed since the job was planned "
+                               "(size or modification time); submit a new job")
         out_dir = self.settings.export_dir / "shards" / job_id
         out_dir.mkdir(parents=True, exist_ok=True)
         pending = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -91,6 +92,13 @@ def taxonomy_validate(file: Path) -> None:
     console.print(f"{file}: ok — {taxonomy.name}, {len(taxonomy.label_names())} labels, version {taxonomy.content_hash()}")
 
 
+class InductionMethod(str, Enum):
+    """How `taxonomy induce` proposes labels."""
+
+    embedding = "embedding"
+    llm = "llm"
+
+
 @taxonomy_app.command("induce")
 def taxonomy_induce(
     file: Path,
@@ -100,7 +108,7 @@ def taxonomy_induce(
     sample_size: int = typer.Option(2000, help="Documents sampled from the corpus."),
     report_size: int = typer.Option(200, help="Sample documents the review labels."),
     seed: int = typer.Option(0, help="Sampling and clustering seed."),
-    method: str = typer.Option("embedding", help="embedding (any model) or llm (TnT-LLM loop, strong models)."),
+    method: InductionMethod = typer.Option("embedding", help="embedding (any model) or llm (TnT-LLM loop, strong models)."),
     allow_none: bool = typer.Option(False, help="Add a none_of_these label (small models overuse it)."),
     base: Path = typer.Option(None, help="An existing taxonomy YAML to extend (proposes additions and merges)."),
     model: str = typer.Option(None, help="Model from ANNOTATE_MODELS_FILE [default: the embedded one]."),
@@ -126,7 +134,7 @@ def taxonomy_induce(
     except AnnotateError as exc:
         _fail(str(exc))
     options = InductionOptions(name=name or out.stem, max_labels=max_labels, sample_size=sample_size,
-                               report_size=report_size, seed=seed, method=method, allow_none=allow_none)
+                               report_size=report_size, seed=seed, method=method.value, allow_none=allow_none)
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(), console=errors) as bar:
         task = bar.add_task("embedding", total=1.0)
         inducer = Inducer(Embedder(threads=settings.engine_threads).embed, engine.generate_json, engine_scorer(engine),

@@ -100,6 +100,10 @@ class InductionOptions:
     allow_none: bool = False  # add none_of_these; small models then pick it for nearly everything
     outlier_similarity: float = 0.3  # a document less similar than this to every label's centroid is "other"
 
+    def __post_init__(self):
+        if self.method not in ("embedding", "llm"):
+            raise ValueError(f"unknown induction method {self.method!r}; use 'embedding' or 'llm'")
+
 
 @dataclass
 class _Group:
@@ -183,7 +187,7 @@ class Inducer:
             return groups, {}
         leaves = base.leaves()
         label_vectors = await asyncio.to_thread(
-            self.embed, [f"{l.name.replace('_', ' ')}: {l.description} {' '.join(l.examples)}" for l in leaves])
+            self.embed, [_spoken(l.name, f"{l.description} {' '.join(l.examples)}") for l in leaves])
         attached: dict[str, list[int]] = {}
         new = []
         for group in groups:
@@ -219,7 +223,7 @@ class Inducer:
             group.name = _slug(str(reply.get("name", "")))
             group.description = _first_sentence(str(reply.get("description", "")))
             self.progress("naming", 0.3 + 0.4 * (n + 1) / len(groups))
-        answers = await asyncio.to_thread(self.embed, [f"{g.name.replace('_', ' ')}: {g.description}" for g in groups])
+        answers = await asyncio.to_thread(self.embed, [_spoken(g.name, g.description) for g in groups])
         for n, (group, answer) in enumerate(zip(groups, answers)):
             documents = [set(_WORD.findall(sample[i].lower())) for i in group.members]
             named = [w for w in group.name.split("_") if w not in STOP_WORDS]
@@ -235,7 +239,7 @@ class Inducer:
         """Merge labels with the same name or near-identical descriptions (the larger one's wording wins)."""
         if len(groups) < 2:
             return groups
-        described = await asyncio.to_thread(self.embed, [f"{g.name.replace('_', ' ')}: {g.description}" for g in groups])
+        described = await asyncio.to_thread(self.embed, [_spoken(g.name, g.description) for g in groups])
         merged: list[tuple[_Group, np.ndarray]] = []
         for group, vector in sorted(zip(groups, described), key=lambda p: -len(p[0].members)):
             twin = next((m for m in merged if m[0].name == group.name
@@ -275,7 +279,7 @@ class Inducer:
         """Give LLM-proposed labels their sample documents: each document joins the most similar description."""
         if not groups:
             raise ValueError("the model proposed no labels")
-        described = await asyncio.to_thread(self.embed, [f"{g.name.replace('_', ' ')}: {g.description}" for g in groups])
+        described = await asyncio.to_thread(self.embed, [_spoken(g.name, g.description) for g in groups])
         nearest = (vectors @ described.T).argmax(1)
         for n, group in enumerate(groups):
             group.members = [int(i) for i in np.flatnonzero(nearest == n)]
@@ -283,8 +287,8 @@ class Inducer:
 
     async def _review(self, taxonomy: Taxonomy, sample: list[str], options: InductionOptions) -> dict:
         """Label a report sample with the induced taxonomy: coverage, none share, confusable pairs."""
-        labeller = Labeller(taxonomy, taxonomy.content_hash(), load_template("classify"), self.engine,
-                            self.model_input_chars)
+        template = load_template("classify_multi" if taxonomy.multi_label else "classify")
+        labeller = Labeller(taxonomy, taxonomy.content_hash(), template, self.engine, self.model_input_chars)
         texts = sample[: options.report_size]
         annotations = await annotate_texts(labeller, texts, self.scorer)
         scored = [a for a in annotations if a.status == "ok"]
@@ -328,6 +332,7 @@ class InductionRunner:
         self._embedder = None
         self._loading = asyncio.Lock()  # one load, even when inductions start together
         self._tasks: set[asyncio.Task] = set()
+        self.live: dict[str, tuple[str, float]] = {}  # running inductions' (stage, progress): kept off the database
 
     def submit(self, induction_id: str, texts: list[str], options: InductionOptions, *, source: str,
                corpus_size: int, model: str, base: Taxonomy | None, push: bool) -> None:
@@ -348,8 +353,9 @@ class InductionRunner:
         """Induce, optionally push the result as a taxonomy, and record the outcome."""
 
         def progress(stage: str, fraction: float) -> None:
-            self.store.update_induction(induction_id, status="running", stage=stage, progress=round(fraction, 3))
+            self.live[induction_id] = (stage, round(fraction, 3))
 
+        progress("starting", 0.0)
         try:
             async with self._loading:
                 if self._embedder is None:
@@ -362,12 +368,14 @@ class InductionRunner:
             result = await inducer.run(texts, options, source=source, base=base, corpus_size=corpus_size)
             if push:
                 await asyncio.to_thread(self.store.put_taxonomy, result.taxonomy, result.yaml)
-            self.store.update_induction(induction_id, status="succeeded", stage="done", progress=1.0,
-                                        yaml_text=result.yaml, report=result.report)
+            await asyncio.to_thread(self.store.update_induction, induction_id, status="succeeded", stage="done",
+                                    progress=1.0, yaml_text=result.yaml, report=result.report)
         except Exception as exc:  # recorded for the client; the service goes on
             log.exception("induction failed", extra={"induction_id": induction_id})
-            self.store.update_induction(induction_id, status="failed", stage="failed", progress=0.0,
-                                        error=f"{type(exc).__name__}: {exc}")
+            await asyncio.to_thread(self.store.update_induction, induction_id, status="failed", stage="failed",
+                                    progress=0.0, error=f"{type(exc).__name__}: {exc}")
+        finally:
+            self.live.pop(induction_id, None)
 
 
 def diff(old: Taxonomy, new: Taxonomy) -> list[str]:
@@ -460,6 +468,11 @@ def _unique_names(groups: list[_Group], keywords: list[list[str]]) -> None:
             group.name = f"{group.name}_{n + 1}"
 
 
+def _spoken(name: str, description: str) -> str:
+    """A label as text to embed: its name in words, then its description."""
+    return f"{name.replace('_', ' ')}: {description}"
+
+
 def _first_sentence(text: str) -> str:
     """The first sentence of a model's description (small models ramble on)."""
     text = " ".join(text.split())
@@ -476,10 +489,11 @@ def _taxonomy(groups: list[_Group], options: InductionOptions, base: Taxonomy | 
     """The induced taxonomy (base labels first when extending one); validated like any file."""
     labels = [label.model_dump(exclude_defaults=True) for label in (base.labels if base else [])]
     labels += [{"name": g.name, "description": g.description, "examples": g.examples} for g in groups]
-    data = {"name": options.name, "version": "1",
-            "description": base.description if base else f"Labels induced from a corpus ({len(labels)} labels).",
-            "instruction": base.instruction if base else "Choose the label that best describes the text.",
-            "abstention": {"allow_none": options.allow_none}, "labels": labels}
+    settings = base.model_dump(exclude={"name", "version", "labels"}, exclude_defaults=True) if base else {
+        "description": f"Labels induced from a corpus ({len(labels)} labels).",
+        "instruction": "Choose the label that best describes the text.",
+        "abstention": {"allow_none": options.allow_none}}
+    data = {"name": options.name, "version": "1", **settings, "labels": labels}
     return parse_taxonomy(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), source="<induced>")
 
 

@@ -58,12 +58,17 @@ class JobRunner:
     def labeller(self, taxonomy_name: str, version: str | None = None, model: str | None = None) -> Labeller:
         """The annotator for a taxonomy version on a model: the one named, else the taxonomy's, else the default."""
         taxonomy, version, _ = self.store.get_taxonomy(taxonomy_name, version)
-        name = model or taxonomy.model or self.default_model
+        chosen = self.model(model or taxonomy.model)
+        template = load_template("classify_multi" if taxonomy.multi_label else "classify")
+        return Labeller(taxonomy, version, template, chosen.info, self.model_input_chars, model=chosen.name)
+
+    def model(self, name: str | None) -> Model:
+        """The named model (the default for None); an unknown name is refused with the names there are."""
+        name = name or self.default_model
         if name not in self.models:
             raise InvalidInput(f"unknown model {name!r}; this service has {', '.join(sorted(self.models))} "
                                "(ANNOTATE_MODELS_FILE)")
-        template = load_template("classify_multi" if taxonomy.multi_label else "classify")
-        return Labeller(taxonomy, version, template, self.models[name].info, self.model_input_chars, model=name)
+        return self.models[name]
 
     def submit(self, job_id: str) -> None:
         """Queue a job that the store already holds."""

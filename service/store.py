@@ -20,7 +20,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from .errors import AnnotateError, NotFound
+from .errors import AnnotateError, InvalidInput, NotFound
 from .labelling import Annotation
 from .taxonomy import Taxonomy, parse_taxonomy
 
@@ -304,9 +304,15 @@ class Store:
             cur = self.cursor()
             cur.execute("BEGIN")
             try:
-                cur.execute(f"INSERT OR IGNORE INTO documents SELECT {DOCUMENT_COLUMNS} FROM read_parquet(?)", [str(path)])
-                cur.execute(f"INSERT OR IGNORE INTO annotations SELECT {ANNOTATION_COLUMNS} FROM read_parquet(?)",
-                            [str(path)])
+                duplicate = cur.execute(
+                    "SELECT p.doc_id FROM read_parquet(?) p LEFT JOIN documents d ON d.job_id = p.job_id"
+                    " AND d.doc_id = p.doc_id GROUP BY p.doc_id HAVING count(*) > 1 OR any_value(d.doc_id) IS NOT NULL"
+                    " LIMIT 1", [str(path)]).fetchone()
+                if duplicate:
+                    raise InvalidInput(f"document id {duplicate[0]!r} occurs more than once in the source "
+                                       f"(found in shard {shard}); ids must be unique")
+                cur.execute(f"INSERT INTO documents SELECT {DOCUMENT_COLUMNS} FROM read_parquet(?)", [str(path)])
+                cur.execute(f"INSERT INTO annotations SELECT {ANNOTATION_COLUMNS} FROM read_parquet(?)", [str(path)])
                 cur.execute("UPDATE job_shards SET path = ?, registered_at = ? WHERE job_id = ? AND shard = ?",
                             [str(path), _now(), job_id, shard])
                 cur.execute("COMMIT")

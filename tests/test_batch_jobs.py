@@ -55,17 +55,29 @@ def test_batch_job_labels_like_a_stream_job(service, labelled_taxonomy):
 
 def test_bad_rows_fail_alone_in_a_batch_job(service, labelled_taxonomy):
     """A line of broken JSON and a row without text are recorded as failed; the other rows are labelled."""
-    lines = [json.dumps({"id": "ok1", "text": "Free entry to win a prize"}), "{not json",
+    lines = [json.dumps({"id": "ok1", "text": "Free entry to win a prize"}), "{not json", "",
              json.dumps({"id": "notext"}), json.dumps({"id": "ok2", "text": "See you at lunch"})]
     (service.input_dir / "broken.jsonl").write_text("\n".join(lines) + "\n")
     with service.client() as client:
-        job_id = client.post("/v1/jobs", json={"taxonomy": "sms-spam", "source": "broken.jsonl", "mode": "batch",
-                                               "model": "fake"}).json()["job_id"]
-        job = wait_for_job(client, job_id)
-        failures = client.get(f"/v1/jobs/{job_id}/failures").json()
+        created = client.post("/v1/jobs", json={"taxonomy": "sms-spam", "source": "broken.jsonl", "mode": "batch",
+                                                "model": "fake"}).json()
+        job = wait_for_job(client, created["job_id"])
+        failures = client.get(f"/v1/jobs/{created['job_id']}/failures").json()
+    assert created["total"] == 4, "the blank line is not a document"
     assert (job["status"], job["done"], job["failed"]) == ("succeeded", 2, 2)
     assert {f["doc_id"] for f in failures} == {"#2", "notext"}
     assert "invalid JSON" in next(f["error"] for f in failures if f["doc_id"] == "#2")
+
+
+def test_duplicate_ids_fail_a_batch_job_by_name(service, labelled_taxonomy):
+    """Ids repeated across shards stop the job with a message naming the id; nothing is silently dropped."""
+    rows = [{"id": f"d{i % 5}", "text": f"message {i}"} for i in range(8)]
+    (service.input_dir / "dupes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with service.client() as client:
+        job_id = client.post("/v1/jobs", json={"taxonomy": "sms-spam", "source": "dupes.jsonl", "mode": "batch",
+                                               "model": "fake", "shard_size": 5}).json()["job_id"]
+        job = wait_for_job(client, job_id)
+    assert job["status"] == "failed" and "occurs more than once" in job["error"], job
 
 
 def test_batch_job_rejects_what_it_cannot_read(service, labelled_taxonomy):
@@ -77,7 +89,7 @@ def test_batch_job_rejects_what_it_cannot_read(service, labelled_taxonomy):
         escape = client.post("/v1/jobs", json={"taxonomy": "sms-spam", "mode": "batch", "source": "../x.jsonl"})
         remote = client.post("/v1/jobs", json={"taxonomy": "sms-spam", "mode": "batch", "source": "s3://b/x.jsonl"})
     assert inline.status_code == 422 and "mode 'batch'" in inline.json()["error"]["message"]
-    assert csv.status_code == 422 and ".jsonl or .parquet" in csv.json()["error"]["message"]
+    assert csv.status_code == 422 and ".jsonl (one JSON object a line) or .parquet" in csv.json()["error"]["message"]
     assert escape.status_code == 422 and "outside the input directory" in escape.json()["error"]["message"]
     assert remote.status_code == 422 and "ANNOTATE_ALLOW_REMOTE_SOURCES" in remote.json()["error"]["message"]
 

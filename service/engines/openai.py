@@ -15,7 +15,9 @@ because only the completions route returns log-probabilities of prompt tokens:
   request per step; servers reuse the cached prompt). A label whose next token is not
   in the top k gets the k-th log-probability, an upper bound, and stops there. Only
   log-probabilities are read, never sampled text, so no output constraint is needed;
-- ``auto`` tries echo once and falls back to top_logprobs if the server refuses it.
+- ``auto`` tries echo and falls back to top_logprobs for good when the server refuses
+  it (a 4xx, or an answer without prompt log-probabilities); outages are errors, never
+  a reason to switch.
 
 Free-form output (taxonomy induction, rationales) goes through ``/v1/chat/completions``
 with a JSON-schema ``response_format``. Requests share one pooled httpx client, at most
@@ -44,6 +46,14 @@ RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 FIRST_TOP_K = 5  # the OpenAI API's own limit; more only when a label's token is missing
 UNSEEN_LOGPROB = -10.0  # a label step the server gave no log-probability for (it ended the turn instead)
 BACKOFF_S = 0.5
+
+
+class ServerUnreachable(EngineUnavailable):
+    """No answer at all (connection refused, timeouts) after every retry."""
+
+
+class EchoRefused(EngineUnavailable):
+    """The server answered but will not give prompt log-probabilities (``auto`` then reads top-k lists)."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +112,8 @@ class OpenAIEngine:
         """A reply constrained to a JSON schema (greedy), parsed.
 
         Asks in the OpenAI form (``json_schema``, as vLLM takes it) and, if the server
-        refuses that, in the llama.cpp form (``json_object`` with a ``schema``).
+        answers with an error, in the llama.cpp form (``json_object`` with a ``schema``);
+        an unreachable server is an error at once.
         """
         body = {"model": self.spec.model, "temperature": 0, "max_tokens": max_tokens,
                 "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]}
@@ -110,7 +121,9 @@ class OpenAIEngine:
         for response_format in formats:
             try:
                 reply = await self._post("/chat/completions", {**body, "response_format": response_format})
-            except EngineError:
+            except ServerUnreachable:
+                raise
+            except EngineError:  # an error answer (llama-cpp-python says 500): it may want its own form
                 if response_format is formats[-1]:
                     raise
                 continue
@@ -141,7 +154,7 @@ class OpenAIEngine:
             return await self._descend(prompt, [c + self.chat.end for c in request.continuations])
         try:
             return list(await asyncio.gather(*(self._echo(prompt, c + self.chat.end) for c in request.continuations)))
-        except EngineUnavailable:
+        except EchoRefused:
             if self.scoring == "echo":
                 raise
             log.warning("server has no prompt log-probabilities; scoring by top log-probabilities",
@@ -155,14 +168,16 @@ class OpenAIEngine:
                 "echo": True, "logprobs": 1}
         try:
             reply = await self._post("/completions", body)
-        except EngineError as exc:
-            raise EngineUnavailable(f"{self.base_url} refused echo with logprobs ({exc}); "
-                                    "set scoring: top_logprobs for this model") from exc
+        except EngineUnavailable:  # unreachable, overloaded, no such route: not a refusal of echo
+            raise
+        except EngineError as exc:  # the server answered 4xx to this request
+            raise EchoRefused(f"{self.base_url} refused echo with logprobs ({exc}); "
+                              "set scoring: top_logprobs for this model") from exc
         logprobs = reply["choices"][0].get("logprobs") or {}
         tokens, values = logprobs.get("tokens"), logprobs.get("token_logprobs")
         if not tokens or not values or len(tokens) != len(values):
-            raise EngineUnavailable(f"{self.base_url} returned no prompt log-probabilities for echo=true; "
-                                    "set scoring: top_logprobs for this model")
+            raise EchoRefused(f"{self.base_url} returned no prompt log-probabilities for echo=true; "
+                              "set scoring: top_logprobs for this model")
         generated = (reply.get("usage") or {}).get("completion_tokens", 1)  # echoed after the prompt's tokens
         cut = len(tokens) - generated
         return _tail_logprob(tokens[:cut], values[:cut], self.chat.visible(continuation), self.chat.specials)
@@ -240,7 +255,7 @@ class OpenAIEngine:
                     response = await client.post(path, json=body)
             except (httpx.TimeoutException, httpx.TransportError) as exc:
                 if last:
-                    raise EngineUnavailable(f"{self.base_url}{path}: {type(exc).__name__}: {exc}") from exc
+                    raise ServerUnreachable(f"{self.base_url}{path}: {type(exc).__name__}: {exc}") from exc
                 await asyncio.sleep(_backoff(attempt, None))
                 continue
             if response.status_code in RETRY_STATUS and not last:

@@ -76,7 +76,7 @@ class ModelsConfig(BaseModel):
         if name is None:
             return self.default
         if name not in self.models:
-            raise InvalidInput(f"unknown model {name!r}; the models file defines {', '.join(sorted(self.models))}")
+            raise InvalidInput(f"unknown model {name!r}; the models config defines {', '.join(sorted(self.models))}")
         return name
 
 
