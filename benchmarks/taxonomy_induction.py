@@ -85,7 +85,7 @@ async def induce(texts: list[str], args, embedder: Embedder, engine: EmbeddedEng
     """The service's induction on the sample, and the induced taxonomy's labels through the real labeller."""
     inducer = Inducer(embedder.embed, engine.generate_json, engine_scorer(engine), engine.info,
                       progress=lambda stage, f: print(f"  induction: {stage} {f:.0%}", file=sys.stderr))
-    options = InductionOptions(name="trec-induced", max_labels=args.k, sample_size=len(texts),
+    options = InductionOptions(name="trec-induced", max_labels=args.k,
                                report_size=min(args.label_n, 100), seed=args.seed)
     result = await inducer.run(texts, options, source=f"{len(texts)} TREC questions (texts only)")
     labeller = Labeller(result.taxonomy, result.taxonomy.content_hash(), load_template("classify"), engine.info, 2000)

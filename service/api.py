@@ -25,7 +25,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from . import __version__
 from .api_models import (InductionRequest, InductionStatus, JobCreated, JobRequest, JobStatus, SqlRequest, SqlResponse,
                          TaxonomyCreated)
-from .documents import batched, check_document, read_file
+from .documents import batched, check_document, local_source, read_file
 from .errors import AnnotateError, Conflict, EngineUnavailable, InvalidInput, PayloadTooLarge, TaxonomyError
 from .induction import InductionOptions, InductionRunner, sample_texts
 from .jobs import JobRunner
@@ -173,7 +173,7 @@ async def create_job(request: Request, body: JobRequest) -> JSONResponse:
 def _job_rows(settings: Settings, body: JobRequest) -> Iterator[dict]:
     """Validated document rows from the inline list or the server-side source file."""
     if body.source is not None:
-        path = _source_path(settings, body.source)
+        path = local_source(settings.input_dir, body.source)
         rows = read_file(path, text_field=body.text_field, id_field=body.id_field, max_chars=settings.max_document_chars)
         first = next(rows, None)
         if first is None:
@@ -186,29 +186,20 @@ def _job_rows(settings: Settings, body: JobRequest) -> Iterator[dict]:
                            max_chars=settings.max_document_chars) for i, d in enumerate(body.documents))
 
 
-def _source_path(settings: Settings, source: str) -> Path:
-    """Resolve a server-side source inside the allowed input directory, refusing escapes."""
-    root = settings.input_dir.resolve()
-    path = (root / source).resolve()
-    if not path.is_relative_to(root):
-        raise InvalidInput(f"source {source!r} is outside the input directory {root} (ANNOTATE_INPUT_DIR)")
-    return path
-
-
 async def induce_taxonomy(request: Request, body: InductionRequest) -> JSONResponse:
     """Start inducing a taxonomy from a corpus sample; answer 202 with the induction's id."""
     ctx = _ctx(request)
     model = ctx.runner.model(body.model).name
     base = (await asyncio.to_thread(ctx.store.get_taxonomy, body.base))[0] if body.base else None
     if body.source is not None:
-        rows = read_file(_source_path(ctx.settings, body.source), text_field=body.text_field, id_field=body.id_field,
+        rows = read_file(local_source(ctx.settings.input_dir, body.source), text_field=body.text_field, id_field=body.id_field,
                          max_chars=ctx.settings.max_document_chars)
         source = body.source
     else:
         rows = ({"text": d if isinstance(d, str) else d.text} for d in body.documents)
         source = f"{len(body.documents)} inline documents"
     texts, corpus_size = await asyncio.to_thread(sample_texts, rows, body.sample_size, body.seed)
-    options = InductionOptions(name=body.name, max_labels=body.max_labels, sample_size=body.sample_size,
+    options = InductionOptions(name=body.name, max_labels=body.max_labels,
                                report_size=body.report_size, seed=body.seed, method=body.method,
                                allow_none=body.allow_none)
     induction_id = "ind_" + uuid.uuid4().hex[:16]

@@ -22,7 +22,7 @@ from ray.serve.handle import DeploymentHandle
 from .api import Context, attach, create_api
 from .batch import BatchRunner
 from .engines import EngineInfo, ModelSpec, ScoreRequest, create_engine, load_models
-from .errors import EngineError
+from .errors import cause_of
 from .induction import InductionRunner
 from .jobs import JobRunner, Model
 from .metrics import ModelStats
@@ -71,25 +71,20 @@ class ModelServer:
         with self.stats.waiting():
             return await self._score_batch(request)
 
-    async def score_many(self, requests: list[ScoreRequest]) -> list:
-        """Score a batch a caller already formed (Ray Data shards); failures come back per request."""
+    async def score_many(self, requests: list[ScoreRequest]) -> list[list[float]]:
+        """Score a batch a caller already formed (Ray Data shards), bypassing Serve's batching."""
         with self.stats.waiting(len(requests)):
             return await self._timed(requests)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _score_batch(self, requests: list[ScoreRequest]) -> list[list[float]]:
         """Score a batch gathered from concurrent callers."""
-        return await self._timed(requests, raise_errors=True)
+        return await self._timed(requests)
 
-    async def _timed(self, requests: list[ScoreRequest], raise_errors: bool = False) -> list:
-        """Run the engine on a batch and record it; a failed batch fails each of its requests."""
+    async def _timed(self, requests: list[ScoreRequest]) -> list[list[float]]:
+        """Run the engine on a batch and record it."""
         with self.stats.busy(len(requests)):
-            try:
-                return await self.engine.score(requests)
-            except Exception as exc:
-                if raise_errors:
-                    raise
-                return [exc] * len(requests)
+            return await self.engine.score(requests)
 
 
 def handle_scorer(model: DeploymentHandle):
@@ -98,7 +93,7 @@ def handle_scorer(model: DeploymentHandle):
     async def score(requests: list[ScoreRequest]) -> list:
         calls = [model.score.remote(request) for request in requests]
         results = await asyncio.gather(*calls, return_exceptions=True)
-        return [_unwrap(r) if isinstance(r, BaseException) else r for r in results]
+        return [cause_of(r) if isinstance(r, BaseException) else r for r in results]
 
     return score
 
@@ -110,17 +105,9 @@ def handle_generator(model: DeploymentHandle):
         try:
             return await model.generate_json.remote(system, user, schema, max_tokens)
         except Exception as exc:  # Ray's wrapper hides the engine's own error
-            raise _unwrap(exc) from None
+            raise cause_of(exc) from None
 
     return generate
-
-
-def _unwrap(error: BaseException) -> BaseException:
-    """The engine's own error inside Ray's wrapper, so failures are recorded by their real name."""
-    cause = getattr(error, "cause", None)
-    if isinstance(cause, BaseException):
-        return cause
-    return EngineError(f"{type(error).__name__}: {error}")
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=512,

@@ -37,8 +37,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .documents import check_record
-from .errors import AnnotateError, InvalidInput
+from .documents import check_record, local_source
+from .errors import AnnotateError, InvalidInput, cause_of
 from .jobs import annotate_texts, annotation_keys
 from .labelling import Labeller, failed
 from .prompts import load_template
@@ -59,11 +59,7 @@ def open_source(source: str, settings: Settings) -> tuple[pafs.FileSystem, str, 
             raise InvalidInput(f"source {source!r} is remote; set ANNOTATE_ALLOW_REMOTE_SOURCES=true to allow it")
         filesystem, path = pafs.FileSystem.from_uri(source)
     else:
-        root = settings.input_dir.resolve()
-        local = (root / source).resolve()
-        if not local.is_relative_to(root):
-            raise InvalidInput(f"source {source!r} is outside the input directory {root} (ANNOTATE_INPUT_DIR)")
-        filesystem, path = pafs.LocalFileSystem(), str(local)
+        filesystem, path = pafs.LocalFileSystem(), str(local_source(settings.input_dir, source))
     kind = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}.get(Path(path).suffix.lower())
     if kind is None:
         raise InvalidInput(f"source {source!r}: batch jobs read .jsonl (one JSON object a line) or .parquet files")
@@ -186,8 +182,8 @@ async def _annotate(labeller: Labeller, handle, texts: list[str], batch_size: in
     async def scorer(requests):
         try:
             return await handle.score_many.remote(requests)
-        except Exception as exc:  # an unreachable or restarting replica: each document fails, then is retried
-            return [exc] * len(requests)
+        except Exception as exc:  # the engine failed, or the replica is unreachable: each document fails, then is retried
+            return [cause_of(exc)] * len(requests)
 
     chunks = [texts[i: i + batch_size] for i in range(0, len(texts), batch_size)]
     results = await asyncio.gather(*(annotate_texts(labeller, chunk, scorer) for chunk in chunks))

@@ -133,7 +133,7 @@ def taxonomy_induce(
         engine = create_engine(models.models[models.resolve(model)], settings)
     except AnnotateError as exc:
         _fail(str(exc))
-    options = InductionOptions(name=name or out.stem, max_labels=max_labels, sample_size=sample_size,
+    options = InductionOptions(name=name or out.stem, max_labels=max_labels,
                                report_size=report_size, seed=seed, method=method.value, allow_none=allow_none)
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(), console=errors) as bar:
         task = bar.add_task("embedding", total=1.0)

@@ -22,6 +22,15 @@ FORMATS = ("jsonl", "csv", "parquet")
 READ_BATCH = 4096
 
 
+def local_source(input_dir: Path, source: str) -> Path:
+    """A server-side source resolved inside the allowed input directory; escapes are refused."""
+    root = Path(input_dir).resolve()
+    path = (root / source).resolve()
+    if not path.is_relative_to(root):
+        raise InvalidInput(f"source {source!r} is outside the input directory {root} (ANNOTATE_INPUT_DIR)")
+    return path
+
+
 def text_hash(text: str) -> str:
     """Content hash of a text: half of the annotation cache key."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]

@@ -89,3 +89,11 @@ class EngineUnavailable(EngineError):
     """The model backend could not be loaded or reached."""
 
     status_code = 503
+
+
+def cause_of(error: BaseException) -> BaseException:
+    """The engine's own error inside a remote call's wrapper (Ray's ``.cause``), so failures keep their real name."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, BaseException):
+        return cause
+    return error if isinstance(error, AnnotateError) else EngineError(f"{type(error).__name__}: {error}")

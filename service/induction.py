@@ -89,7 +89,6 @@ class InductionOptions:
 
     name: str
     max_labels: int = 8
-    sample_size: int = 2000
     report_size: int = 200
     examples: int = 3
     seed: int = 0
@@ -140,12 +139,10 @@ class Inducer:
 
     async def run(self, texts: list[str], options: InductionOptions, *, source: str,
                   base: Taxonomy | None = None, corpus_size: int | None = None) -> Induction:
-        """Induce a taxonomy from ``texts`` (or extend ``base``) and review it; ``corpus_size`` if texts are a sample."""
-        texts = [t for t in texts if t.strip()]
-        if len(texts) < 2:
+        """Induce a taxonomy from a sample of a corpus (or extend ``base``) and review it; ``corpus_size``: the corpus's."""
+        sample = [t for t in texts if t.strip()]  # callers sample (``sample_texts``); this is the sample
+        if len(sample) < 2:
             raise ValueError("induction needs at least 2 non-empty documents")
-        rng = np.random.default_rng(options.seed)
-        sample = [texts[i] for i in sorted(rng.choice(len(texts), min(len(texts), options.sample_size), replace=False))]
         self.progress("embedding", 0.05)
         vectors = await asyncio.to_thread(self.embed, sample)
         self.progress("clustering", 0.2)
@@ -165,7 +162,7 @@ class Inducer:
         self.progress("reviewing", 0.8)
         report = await self._review(taxonomy, sample, options)
         similarity = (vectors @ np.stack([g.centroid for g in groups]).T).max(1) if groups else None
-        report.update(sample_size=len(sample), corpus_size=corpus_size or len(texts),
+        report.update(sample_size=len(sample), corpus_size=corpus_size or len(sample),
                       outlier_share=None if similarity is None else
                       round(float((similarity < options.outlier_similarity).mean()), 4),
                       sample_shares={g.name: round(len(g.members) / len(sample), 4) for g in groups},

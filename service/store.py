@@ -210,14 +210,13 @@ class Store:
             if shards:
                 cur.executemany("INSERT INTO job_shards (job_id, shard, plan, rows) VALUES (?, ?, ?, ?)",
                                 [[job_id, p["shard"], json.dumps(p), p["rows"]] for p in shards])
-                cur.execute("UPDATE jobs SET total = ? WHERE job_id = ?", [sum(p["rows"] for p in shards), job_id])
-                cur.execute("COMMIT")
-                return sum(p["rows"] for p in shards)
-            for batch_rows in batches:
-                cur.register("document_batch", batch_rows)
-                cur.execute("INSERT INTO documents SELECT * FROM document_batch")
-                cur.unregister("document_batch")
-            total = cur.execute("SELECT count(*) FROM documents WHERE job_id = ?", [job_id]).fetchone()[0]
+                total = sum(p["rows"] for p in shards)
+            else:
+                for batch_rows in batches:
+                    cur.register("document_batch", batch_rows)
+                    cur.execute("INSERT INTO documents SELECT * FROM document_batch")
+                    cur.unregister("document_batch")
+                total = cur.execute("SELECT count(*) FROM documents WHERE job_id = ?", [job_id]).fetchone()[0]
             cur.execute("UPDATE jobs SET total = ? WHERE job_id = ?", [total, job_id])
             cur.execute("COMMIT")
         except BaseException:
