@@ -28,7 +28,9 @@ from .api_models import (InductionRequest, InductionStatus, JobCreated, JobReque
 from .documents import batched, check_document, local_source, read_file
 from .errors import AnnotateError, Conflict, EngineUnavailable, InvalidInput, PayloadTooLarge, TaxonomyError
 from .induction import InductionOptions, InductionRunner, sample_texts
-from .jobs import JobRunner
+from .annotators import EmbeddingLabeller
+from .jobs import JobRunner, job_record
+from .labelling import Labeller
 from .sandbox import run_sql
 from .settings import Settings
 from .store import Store, document_batch
@@ -151,10 +153,14 @@ async def get_taxonomy(request: Request, name: str, version: str | None = None) 
 async def create_job(request: Request, body: JobRequest) -> JSONResponse:
     """Validate and store a job's documents, queue it, answer 202 with its id."""
     ctx = _ctx(request)
-    labeller = await asyncio.to_thread(ctx.runner.labeller, body.taxonomy, body.taxonomy_version, body.model)
+    annotators = None if body.annotators is None else [a.model_dump() for a in body.annotators]
+    panel = await asyncio.to_thread(ctx.runner.panel, body.taxonomy, body.taxonomy_version, body.model, annotators)
+    labeller = panel[0][1]
+    if body.mode == "batch" and (len(panel) > 1 or isinstance(labeller, EmbeddingLabeller)):
+        raise InvalidInput("mode 'batch' runs one LLM annotator; label with several annotators in mode 'stream'")
     job_id = "job_" + uuid.uuid4().hex[:16]
-    job = dict(job_id=job_id, taxonomy=body.taxonomy, version=labeller.taxonomy_version, model=labeller.model,
-               annotator=labeller.key, annotator_spec=labeller.spec)
+    model = labeller.model if isinstance(labeller, Labeller) else ctx.runner.model(body.model).name
+    job = dict(job_id=job_id, taxonomy=body.taxonomy, model=model, **job_record(panel, aggregation=body.aggregation))
     if body.mode == "batch":
         shards, stamp = await asyncio.to_thread(ctx.runner.batch_runner.plan, body.source, body.shard_size)
         batch = {"source": body.source, "text_field": body.text_field, "id_field": body.id_field, "stamp": stamp}
@@ -166,7 +172,7 @@ async def create_job(request: Request, body: JobRequest) -> JSONResponse:
         total = await asyncio.to_thread(ctx.store.create_job, **job, batches=batches)
     ctx.runner.submit(job_id)
     created = JobCreated(job_id=job_id, status="queued", total=total, taxonomy_version=labeller.taxonomy_version,
-                         model=labeller.model, mode=body.mode)
+                         model=model, mode=body.mode, annotators=[row["name"] for row, _ in panel])
     return JSONResponse(created.model_dump(), status_code=202)
 
 

@@ -19,6 +19,26 @@ class DocumentIn(BaseModel):
     meta: dict | None = None
 
 
+class AnnotatorIn(BaseModel):
+    """One annotator of a job: an LLM (a model and a prompt template) or the embedding zero-shot annotator."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(None, min_length=1, max_length=100,
+                             description="Shown in reports; default MODEL/PROMPT, or 'embedding'.")
+    kind: Literal["llm", "embedding"] = "llm"
+    model: str | None = Field(None, description="llm: a model from the models config; default the job's.")
+    prompt: str | None = Field(None, description="llm: a template under prompts/ (classify, classify_terse, ...).")
+    weight: float | None = Field(None, gt=0, description="weighted_soft_vote: this annotator's weight; default "
+                                                         "estimated from agreement (Wawa).")
+
+    @model_validator(mode="after")
+    def _embedding_takes_no_model(self) -> AnnotatorIn:
+        """The embedding annotator has its own model and no prompt."""
+        if self.kind == "embedding" and (self.model or self.prompt):
+            raise ValueError("the embedding annotator takes no 'model' or 'prompt' (it uses all-MiniLM-L6-v2)")
+        return self
+
+
 class JobRequest(BaseModel):
     """A labelling job: a taxonomy and either inline documents or a server-side source file."""
 
@@ -33,6 +53,10 @@ class JobRequest(BaseModel):
         "stream", description="stream: documents stored with the job, labelled batch by batch; batch: a large "
                               "source labelled shard by shard on Ray Data, results written as Parquet shards.")
     shard_size: int | None = Field(None, ge=1, description="Batch mode: rows per shard (default ANNOTATE_SHARD_SIZE).")
+    annotators: list[AnnotatorIn] | None = Field(
+        None, min_length=1, max_length=20, description="Several annotators that vote (default: one LLM annotator).")
+    aggregation: Literal["majority_vote", "weighted_soft_vote", "dawid_skene"] = Field(
+        "dawid_skene", description="How several annotators' votes become the job's labels.")
     text_field: str = "text"
     id_field: str = "id"
 
@@ -57,6 +81,21 @@ class JobCreated(BaseModel):
     taxonomy_version: str
     model: str
     mode: Literal["stream", "batch"] = "stream"
+    annotators: list[str] = []
+
+
+class AnnotatorStatus(BaseModel):
+    """One annotator of a job and its progress."""
+
+    name: str
+    annotator: str
+    kind: str
+    model: str | None = None
+    prompt: str | None = None
+    weight: float | None = None
+    done: int
+    failed: int
+    abstained: int
 
 
 class JobStatus(BaseModel):
@@ -76,6 +115,9 @@ class JobStatus(BaseModel):
     failed: int
     abstained: int
     cached: int
+    progress: float = Field(description="Share of the work done: every annotator's documents, then aggregation.")
+    annotators: list[AnnotatorStatus] = []
+    aggregation: str | None = None
     error: str | None = None
     created_at: datetime
     started_at: datetime | None = None
@@ -85,7 +127,12 @@ class JobStatus(BaseModel):
     def from_row(cls, row: dict) -> JobStatus:
         """Build from the store's job row (extra keys ignored)."""
         fields = {k: v for k, v in row.items() if k in cls.model_fields}
-        return cls(**fields, mode="stream" if row.get("batch") is None else "batch")
+        members = row.get("annotators") or []
+        steps = row["total"] * max(len(members), 1) + (row["total"] if len(members) > 1 else 0)
+        finished = row["done"] + row["failed"] + (sum(m["done"] + m["failed"] for m in members) if len(members) > 1 else 0)
+        return cls(**fields, mode="stream" if row.get("batch") is None else "batch",
+                   progress=round(finished / steps, 4) if steps else 1.0,
+                   aggregation=row["annotator_spec"].get("aggregation") if len(members) > 1 else None)
 
 
 class TaxonomyCreated(BaseModel):

@@ -59,3 +59,15 @@ class Embedder:
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
                 out[batch] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
         return out
+
+
+_shared: list[Embedder] = []
+_shared_lock = threading.Lock()
+
+
+def shared_embedder() -> Embedder:
+    """The process's one embedder, loaded on first use (induction, the embedding annotator, audits)."""
+    with _shared_lock:
+        if not _shared:
+            _shared.append(Embedder())
+        return _shared[0]

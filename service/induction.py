@@ -43,6 +43,7 @@ from datetime import datetime, timezone
 import numpy as np
 import yaml
 
+from .embeddings import shared_embedder
 from .engines.base import EngineInfo
 from .jobs import JobRunner, Scorer, annotate_texts
 from .labelling import Labeller
@@ -326,8 +327,6 @@ class InductionRunner:
         self.store = store
         self.generators = generators
         self.runner = runner
-        self._embedder = None
-        self._loading = asyncio.Lock()  # one load, even when inductions start together
         self._tasks: set[asyncio.Task] = set()
         self.live: dict[str, tuple[str, float]] = {}  # running inductions' (stage, progress): kept off the database
 
@@ -354,13 +353,9 @@ class InductionRunner:
 
         progress("starting", 0.0)
         try:
-            async with self._loading:
-                if self._embedder is None:
-                    from .embeddings import Embedder
-
-                    self._embedder = await asyncio.to_thread(Embedder)
+            embedder = await asyncio.to_thread(shared_embedder)
             chosen = self.runner.models[model]
-            inducer = Inducer(self._embedder.embed, self.generators[model], chosen.scorer, chosen.info,
+            inducer = Inducer(embedder.embed, self.generators[model], chosen.scorer, chosen.info,
                               model_input_chars=self.runner.model_input_chars, progress=progress)
             result = await inducer.run(texts, options, source=source, base=base, corpus_size=corpus_size)
             if push:

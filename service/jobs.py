@@ -17,15 +17,19 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from .aggregation import DEFAULT_METHOD, aggregate
+from .annotators import EMBEDDING, EmbeddingLabeller, embedding_scorer
+from .embeddings import shared_embedder
 from .engines.base import EngineInfo, ScoreRequest
-from .errors import InvalidInput
-from .labelling import Annotation, Labeller, failed
+from .errors import Conflict, InvalidInput
+from .labelling import Annotation, Labeller, annotator_key, failed
 from .prompts import load_template
 from .store import Store, annotation_row
 
 log = logging.getLogger(__name__)
 
 Scorer = Callable[[list[ScoreRequest]], Awaitable[list["list[float] | BaseException"]]]
+Annotator = Labeller | EmbeddingLabeller
 
 
 @dataclass(frozen=True)
@@ -55,12 +59,42 @@ class JobRunner:
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._workers = [asyncio.create_task(self._work()) for _ in range(workers)]
 
-    def labeller(self, taxonomy_name: str, version: str | None = None, model: str | None = None) -> Labeller:
-        """The annotator for a taxonomy version on a model: the one named, else the taxonomy's, else the default."""
+    def labeller(self, taxonomy_name: str, version: str | None = None, model: str | None = None,
+                 prompt: str | None = None) -> Labeller:
+        """The LLM annotator for a taxonomy version on a model (the one named, else the taxonomy's, else the default)."""
         taxonomy, version, _ = self.store.get_taxonomy(taxonomy_name, version)
         chosen = self.model(model or taxonomy.model)
-        template = load_template("classify_multi" if taxonomy.multi_label else "classify")
+        template = load_template(prompt or ("classify_multi" if taxonomy.multi_label else "classify"))
         return Labeller(taxonomy, version, template, chosen.info, self.model_input_chars, model=chosen.name)
+
+    def panel(self, taxonomy_name: str, version: str | None, model: str | None,
+              annotators: list[dict] | None) -> list[tuple[dict, Annotator]]:
+        """A job's annotators, each (its job_annotators row, its labeller); one LLM annotator when none are listed."""
+        entries = annotators or [{"kind": "llm"}]
+        panel = []
+        for i, entry in enumerate(entries):
+            where = f"annotators[{i}]"
+            if entry.get("kind") == EMBEDDING:
+                taxonomy, found, _ = self.store.get_taxonomy(taxonomy_name, version)
+                if taxonomy.multi_label:
+                    raise InvalidInput(f"{where}: the embedding annotator labels single-label taxonomies only")
+                labeller = EmbeddingLabeller(taxonomy, found, self.model_input_chars)
+                name = entry.get("name") or EMBEDDING
+            else:
+                labeller = self.labeller(taxonomy_name, version, entry.get("model") or model, entry.get("prompt"))
+                name = entry.get("name") or f"{labeller.model}/{labeller.template.name}"
+            panel.append(({"name": name, "annotator": labeller.key, "kind": entry.get("kind") or "llm",
+                           "model": entry.get("model"), "prompt": entry.get("prompt"), "weight": entry.get("weight")},
+                          labeller))
+        if len(panel) > 1:
+            _check_panel(panel)
+        return panel
+
+    def scorer(self, labeller: Annotator) -> Scorer:
+        """How to score an annotator's requests: its model deployment, or this process's embedder."""
+        if isinstance(labeller, EmbeddingLabeller):
+            return embedding_scorer(labeller, lambda texts: shared_embedder().embed(texts))
+        return self.models[labeller.model].scorer
 
     def model(self, name: str | None) -> Model:
         """The named model (the default for None); an unknown name is refused with the names there are."""
@@ -103,29 +137,55 @@ class JobRunner:
                                         error=f"{type(exc).__name__}: {exc}", only_if_active=True)
 
     async def run(self, job_id: str) -> None:
-        """Label every pending document of a job, streamed or through the batch runner."""
+        """Label every pending document of a job (streamed, or through the batch runner), then aggregate."""
         job = await asyncio.to_thread(self.store.job, job_id)
         if job["status"] not in ("queued", "running"):
             return
-        labeller = await asyncio.to_thread(self.labeller, job["taxonomy"], job["taxonomy_version"], job["model"])
-        if labeller.key != job["annotator"]:
-            raise RuntimeError(
-                f"job {job_id} was submitted for annotator {job['annotator']} but this service would run "
-                f"{labeller.key}: engine or prompt changed since; resubmit the job"
-            )
+        panel = await asyncio.to_thread(self._job_panel, job)
         await asyncio.to_thread(self.store.set_job_status, job_id, "running", only_if_active=True)
         if job["batch"] is not None:
             if self.batch_runner is None:
                 raise RuntimeError("this service runs no batch runner (Ray Data); resubmit without 'mode': 'batch'")
-            finished = await asyncio.to_thread(self.batch_runner.run, job_id, labeller)
+            finished = await asyncio.to_thread(self.batch_runner.run, job_id, panel[0][1])
         else:
-            finished = await self.run_stream(job_id, labeller)
+            finished = all(await asyncio.gather(*(self.run_stream(job_id, labeller) for _, labeller in panel)))
+        if finished and len(panel) > 1:
+            await asyncio.to_thread(self.aggregate, job_id)
         if finished:
             await asyncio.to_thread(self.store.set_job_status, job_id, "succeeded", only_if_active=True)
 
-    async def run_stream(self, job_id: str, labeller: Labeller) -> bool:
+    def _job_panel(self, job: dict) -> list[tuple[dict, Annotator]]:
+        """Rebuild a stored job's annotators; refuse when the service would now label differently."""
+        stored = job["annotators"] or [{"name": "llm", "annotator": job["annotator"], "kind": "llm"}]
+        panel = self.panel(job["taxonomy"], job["taxonomy_version"], job["model"], stored)
+        for (row, _), before in zip(panel, stored):
+            if row["annotator"] != before["annotator"]:
+                raise RuntimeError(
+                    f"job {job['job_id']} was submitted for annotator {before['name']} = {before['annotator']} but this "
+                    f"service would run {row['annotator']}: engine or prompt changed since; resubmit the job")
+        return panel
+
+    def aggregate(self, job_id: str, method: str | None = None) -> str:
+        """(Re)compute a several-annotator job's labels with a method (default: the job's); returns the method."""
+        job = self.store.job(job_id)
+        if len(job["annotators"]) < 2:
+            raise Conflict(f"job {job_id} has one annotator; its labels are that annotator's, nothing to aggregate")
+        method = method or job["annotator_spec"]["aggregation"]
+        taxonomy, version, _ = self.store.get_taxonomy(job["taxonomy"], job["taxonomy_version"])
+        rows = self.store.member_rows(job_id)
+        weights = {a["annotator"]: a["weight"] for a in job["annotators"]}
+        decided = aggregate(rows, taxonomy, tuple(taxonomy.label_names()), method=method, weights=weights)
+        hashes = {r["doc_id"]: r["text_hash"] for r in rows}
+        keys = dict(job_id=job_id, annotator=job["annotator"], model=method, engine="aggregate", prompt_hash=None,
+                    taxonomy_version=version, decoding=json.dumps({"method": method, "members": sorted(weights)}))
+        self.store.replace_aggregate(job_id, job["annotator"], [
+            annotation_row(annotation, doc_id=doc_id, text_hash=hashes[doc_id], cached=False, latency_ms=0.0, **keys)
+            for doc_id, annotation in decided.items()], method=method)
+        return method
+
+    async def run_stream(self, job_id: str, labeller: Annotator) -> bool:
         """Label the job's stored documents batch by batch; False if it stopped being active first."""
-        scorer = self.models[labeller.model].scorer
+        scorer = self.scorer(labeller)
         position = 0  # every batch is committed whole, so later pending documents lie after it
         while await asyncio.to_thread(self.store.job_state, job_id) == "running":
             pending = await asyncio.to_thread(
@@ -137,7 +197,7 @@ class JobRunner:
             await asyncio.to_thread(self.store.write_annotations, rows)
         return False
 
-    async def _label_batch(self, job_id: str, labeller: Labeller, scorer: Scorer,
+    async def _label_batch(self, job_id: str, labeller: Annotator, scorer: Scorer,
                            pending: list[tuple[str, str, str]]) -> list[dict]:
         """Annotation rows for one batch: cache hits, fresh scores, and failures."""
         cached = await asyncio.to_thread(self.store.cached_annotations, labeller.key, [h for _, _, h in pending])
@@ -181,6 +241,41 @@ async def _score_texts(labeller: Labeller, texts: list[str], scorer: Scorer) -> 
         except (ValueError, OverflowError) as exc:
             annotations.append(failed(f"malformed engine output: {exc}"))
     return annotations
+
+
+def _check_panel(panel: list[tuple[dict, Annotator]]) -> None:
+    """Several annotators need distinct names and annotators, and a single-label taxonomy to vote on."""
+    names = [row["name"] for row, _ in panel]
+    for name in names:
+        if names.count(name) > 1:
+            raise InvalidInput(f"annotators: the name {name!r} is used twice; give each annotator its own 'name'")
+    keys = [row["annotator"] for row, _ in panel]
+    if len(set(keys)) < len(keys):
+        raise InvalidInput("annotators: two entries describe the same annotator (same kind, model and prompt)")
+    if panel[0][1].taxonomy.multi_label:
+        raise InvalidInput("annotators: several annotators vote on single-label taxonomies only; a multi-label "
+                           "taxonomy takes one annotator")
+
+
+def _output_annotator(panel: list[tuple[dict, Annotator]]) -> str:
+    """The annotator key a job's labels are stored under: its only annotator's, or the aggregate's."""
+    if len(panel) == 1:
+        return panel[0][1].key
+    return "agg-" + annotator_key({"members": sorted(row["annotator"] for row, _ in panel)})[:12]
+
+
+def _panel_spec(panel: list[tuple[dict, Annotator]], aggregation: str | None) -> dict:
+    """The job's recorded annotator spec: the labeller's own, or the members' and the aggregation method."""
+    if len(panel) == 1:
+        return panel[0][1].spec
+    return {"aggregation": aggregation or DEFAULT_METHOD,
+            "members": [{"name": row["name"], "annotator": row["annotator"], **labeller.spec} for row, labeller in panel]}
+
+
+def job_record(panel: list[tuple[dict, Annotator]], *, aggregation: str | None = None) -> dict:
+    """The store fields that say who labels a job: version, output annotator, spec and the annotators' rows."""
+    return dict(version=panel[0][1].taxonomy_version, annotator=_output_annotator(panel),
+                annotator_spec=_panel_spec(panel, aggregation), annotators=[row for row, _ in panel])
 
 
 def engine_scorer(engine) -> Scorer:

@@ -96,7 +96,7 @@ class Labeller:
     @property
     def key(self) -> str:
         """Short stable id of this annotator (the cache key's second half, next to the text hash)."""
-        return hashlib.sha256(json.dumps(self.spec, sort_keys=True).encode()).hexdigest()[:16]
+        return annotator_key(self.spec)
 
     def request(self, text: str) -> tuple[ScoreRequest, bool]:
         """The engine request for one document, and whether its text was truncated for the model."""
@@ -120,24 +120,7 @@ class Labeller:
 
     def _decide_single(self, scores: list[float], truncated: bool) -> Annotation:
         """Softmax over options, then candidates and abstention rules."""
-        probs = _softmax(scores)
-        distribution = dict(zip(self.options, probs))
-        ranked = sorted(distribution.items(), key=lambda kv: -kv[1])
-        top, confidence = ranked[0]
-        runner_up = ranked[1][1] if len(ranked) > 1 else 0.0
-        candidates = _candidate_set([kv for kv in ranked if kv[0] != NONE_LABEL], self.taxonomy.candidate_mass)
-        reason = None
-        if top == NONE_LABEL:
-            reason = OUT_OF_TAXONOMY
-        elif confidence < self.taxonomy.selection_threshold:
-            reason = BELOW_THRESHOLD
-        elif confidence - runner_up < self.taxonomy.abstention.ambiguity_margin:
-            reason = AMBIGUOUS
-        label = None if reason else top
-        return Annotation(
-            distribution=distribution, label=label, labels=[label] if label else [], confidence=confidence,
-            candidates=candidates, abstained=reason is not None, abstain_reason=reason, truncated=truncated,
-        )
+        return decide_single(dict(zip(self.options, softmax(scores))), self.taxonomy, truncated=truncated)
 
     def _decide_multi(self, scores: list[float], truncated: bool) -> Annotation:
         """Independent P(yes) per label; choose all at or above the threshold."""
@@ -154,11 +137,41 @@ class Labeller:
         )
 
     def empty(self) -> Annotation:
-        """A blank document is not sent to the model: abstained, with every option at probability 0."""
-        return Annotation(
-            distribution={name: 0.0 for name in self.options}, label=None, labels=[], confidence=0.0,
-            candidates=[], abstained=True, abstain_reason=EMPTY_TEXT,
-        )
+        """A blank document is not sent to the model."""
+        return empty(self.options)
+
+
+def annotator_key(spec: dict) -> str:
+    """Short stable id of an annotator spec (the cache key's second half, next to the text hash)."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def decide_single(distribution: dict[str, float], taxonomy: Taxonomy, *, truncated: bool = False) -> Annotation:
+    """Label, candidate set and abstention of a single-label distribution (any annotator, or an aggregate)."""
+    ranked = sorted(distribution.items(), key=lambda kv: -kv[1])
+    top, confidence = ranked[0]
+    runner_up = ranked[1][1] if len(ranked) > 1 else 0.0
+    candidates = _candidate_set([kv for kv in ranked if kv[0] != NONE_LABEL], taxonomy.candidate_mass)
+    reason = None
+    if top == NONE_LABEL:
+        reason = OUT_OF_TAXONOMY
+    elif confidence < taxonomy.selection_threshold:
+        reason = BELOW_THRESHOLD
+    elif confidence - runner_up < taxonomy.abstention.ambiguity_margin:
+        reason = AMBIGUOUS
+    label = None if reason else top
+    return Annotation(
+        distribution=distribution, label=label, labels=[label] if label else [], confidence=confidence,
+        candidates=candidates, abstained=reason is not None, abstain_reason=reason, truncated=truncated,
+    )
+
+
+def empty(options: tuple[str, ...]) -> Annotation:
+    """A blank document is not scored: abstained, with every option at probability 0."""
+    return Annotation(
+        distribution={name: 0.0 for name in options}, label=None, labels=[], confidence=0.0,
+        candidates=[], abstained=True, abstain_reason=EMPTY_TEXT,
+    )
 
 
 def failed(error: str) -> Annotation:
@@ -169,7 +182,7 @@ def failed(error: str) -> Annotation:
     )
 
 
-def _softmax(scores: list[float]) -> list[float]:
+def softmax(scores: list[float]) -> list[float]:
     """Numerically stable softmax of log-probabilities."""
     peak = max(scores)
     exps = [math.exp(s - peak) for s in scores]

@@ -14,7 +14,6 @@ import json
 import threading
 from collections.abc import Iterator
 from dataclasses import asdict
-from datetime import datetime, timezone
 from pathlib import Path
 
 import duckdb
@@ -22,6 +21,7 @@ import pyarrow as pa
 
 from .errors import AnnotateError, InvalidInput, NotFound
 from .labelling import Annotation
+from .store_quality import QualityStore, utc_now
 from .taxonomy import Taxonomy, parse_taxonomy
 
 SCHEMA = """
@@ -59,11 +59,58 @@ CREATE TABLE IF NOT EXISTS annotations (
     text_hash VARCHAR NOT NULL, cached BOOLEAN NOT NULL, latency_ms DOUBLE, created_at TIMESTAMP NOT NULL,
     PRIMARY KEY (job_id, doc_id, annotator));
 CREATE INDEX IF NOT EXISTS annotations_by_text ON annotations (text_hash);
+CREATE TABLE IF NOT EXISTS job_annotators (
+    job_id VARCHAR NOT NULL, name VARCHAR NOT NULL, annotator VARCHAR NOT NULL, kind VARCHAR NOT NULL,
+    model VARCHAR, prompt VARCHAR, weight DOUBLE, position INTEGER NOT NULL,
+    PRIMARY KEY (job_id, name));
+CREATE TABLE IF NOT EXISTS gold_samples (
+    job_id VARCHAR NOT NULL, doc_id VARCHAR NOT NULL, design VARCHAR NOT NULL, stratum VARCHAR,
+    inclusion_prob DOUBLE NOT NULL, seed INTEGER, drawn_at TIMESTAMP NOT NULL,
+    PRIMARY KEY (job_id, doc_id));
+CREATE TABLE IF NOT EXISTS gold_labels (
+    job_id VARCHAR NOT NULL, doc_id VARCHAR NOT NULL, annotator VARCHAR NOT NULL, label VARCHAR NOT NULL,
+    created_at TIMESTAMP NOT NULL,
+    PRIMARY KEY (job_id, doc_id, annotator));
+CREATE TABLE IF NOT EXISTS calibrations (
+    job_id VARCHAR PRIMARY KEY, alpha DOUBLE NOT NULL, threshold DOUBLE NOT NULL, coverage DOUBLE,
+    avg_set_size DOUBLE, target_accuracy DOUBLE, abstain_threshold DOUBLE, result JSON NOT NULL,
+    created_at TIMESTAMP NOT NULL);
+CREATE TABLE IF NOT EXISTS quality_metrics (
+    job_id VARCHAR NOT NULL, metric VARCHAR NOT NULL, label VARCHAR, value DOUBLE, computed_at TIMESTAMP NOT NULL);
+CREATE TABLE IF NOT EXISTS confusion_matrix (
+    job_id VARCHAR NOT NULL, gold_label VARCHAR NOT NULL, predicted_label VARCHAR NOT NULL, n INTEGER NOT NULL,
+    weighted_n DOUBLE NOT NULL);
+CREATE TABLE IF NOT EXISTS reliability (
+    job_id VARCHAR NOT NULL, bin INTEGER NOT NULL, lower DOUBLE, upper DOUBLE, n INTEGER, confidence DOUBLE,
+    accuracy DOUBLE);
+CREATE TABLE IF NOT EXISTS selective_accuracy (
+    job_id VARCHAR NOT NULL, coverage DOUBLE NOT NULL, threshold DOUBLE, accuracy DOUBLE, n INTEGER);
+CREATE TABLE IF NOT EXISTS label_issues (
+    job_id VARCHAR NOT NULL, kind VARCHAR NOT NULL, rank INTEGER NOT NULL, doc_id VARCHAR NOT NULL,
+    given_label VARCHAR, suggested_label VARCHAR, quality DOUBLE, disagreement DOUBLE, suspicion DOUBLE,
+    is_issue BOOLEAN, computed_at TIMESTAMP NOT NULL);
 CREATE OR REPLACE VIEW labels AS
     SELECT a.job_id, a.doc_id, a.label, a.labels, a.confidence, a.candidates, a.abstained,
-           a.abstain_reason, a.distribution, a.truncated, a.cached, d.text, d.meta
-    FROM annotations a JOIN documents d USING (job_id, doc_id)
+           a.abstain_reason, a.distribution, a.truncated, a.cached,
+           CASE WHEN c.threshold IS NOT NULL THEN list_transform(list_sort(list_transform(
+               list_filter(map_entries(a.distribution), lambda e: e.value >= c.threshold AND e.key != 'none_of_these'),
+               lambda e: {'p': -e.value, 'k': e.key})), lambda e: e.k) END AS conformal_candidates,
+           d.text, d.meta, d.position
+    FROM annotations a JOIN jobs j ON j.job_id = a.job_id AND j.annotator = a.annotator
+    JOIN documents d ON d.job_id = a.job_id AND d.doc_id = a.doc_id
+    LEFT JOIN calibrations c ON c.job_id = a.job_id
     WHERE a.status = 'ok';
+CREATE OR REPLACE VIEW gold AS
+    SELECT s.job_id, s.doc_id, s.design, s.stratum, s.inclusion_prob, 1 / s.inclusion_prob AS weight,
+           h.gold_label, h.human_annotators, h.human_agreement, l.label AS llm_label, l.confidence, l.abstained,
+           l.abstain_reason
+    FROM gold_samples s
+    LEFT JOIN (SELECT job_id, doc_id, first(label ORDER BY votes DESC, first_at, label) AS gold_label,
+                      sum(votes)::INTEGER AS human_annotators, max(votes) / sum(votes) AS human_agreement
+               FROM (SELECT job_id, doc_id, label, count(*) AS votes, min(created_at) AS first_at
+                     FROM gold_labels GROUP BY ALL)
+               GROUP BY job_id, doc_id) h USING (job_id, doc_id)
+    LEFT JOIN labels l USING (job_id, doc_id);
 """
 
 ANNOTATION_SCHEMA = pa.schema(
@@ -92,12 +139,7 @@ def _quote(value: object) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
-def _now() -> datetime:
-    """Timestamps are stored as naive UTC (TIMESTAMP), which needs no time-zone library."""
-    return datetime.now(timezone.utc).replace(tzinfo=None)
-
-
-class Store:
+class Store(QualityStore):
     """DuckDB file owner; all reads and writes of the service go through its methods."""
 
     def __init__(self, path: Path, *, export_dir: Path, read_only: bool = False):
@@ -135,18 +177,16 @@ class Store:
     def put_taxonomy(self, taxonomy: Taxonomy, yaml_text: str) -> tuple[str, bool]:
         """Store a taxonomy version (content hash) and make it the current one; returns (version, created)."""
         version = taxonomy.content_hash()
-        with self._write_lock:
-            cur = self.cursor()
+        with self._transaction() as cur:
             if cur.execute(
                 "UPDATE taxonomies SET pushed_at = ? WHERE name = ? AND version = ? RETURNING 1",
-                [_now(), taxonomy.name, version],
+                [utc_now(), taxonomy.name, version],
             ).fetchall():
                 return version, False
-            cur.execute("BEGIN")
             cur.execute(
                 "INSERT INTO taxonomies VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [taxonomy.name, version, taxonomy.version, taxonomy.description, taxonomy.multi_label, yaml_text,
-                 _now(), _now()],
+                 utc_now(), utc_now()],
             )
             leaves = set(taxonomy.label_names())
             cur.executemany(
@@ -154,7 +194,6 @@ class Store:
                 [[taxonomy.name, version, label.name, label.parent, label.description, label.name in leaves, i]
                  for i, label in enumerate(taxonomy.labels)],
             )
-            cur.execute("COMMIT")
         return version, True
 
     def get_taxonomy(self, name: str, version: str | None = None) -> tuple[Taxonomy, str, str]:
@@ -191,7 +230,7 @@ class Store:
 
     # jobs ---------------------------------------------------------------------
     def create_job(self, *, job_id: str, taxonomy: str, version: str, model: str, annotator: str,
-                   annotator_spec: dict, batches: Iterator[pa.RecordBatch] = iter(()), batch: dict | None = None,
+                   annotator_spec: dict, annotators: list[dict], batches: Iterator[pa.RecordBatch] = iter(()), batch: dict | None = None,
                    shards: list[dict] | None = None) -> int:
         """Insert a job with its documents (or, for a batch job, its shard plan) in one transaction; returns the total.
 
@@ -204,9 +243,12 @@ class Store:
             cur.execute(
                 "INSERT INTO jobs (job_id, taxonomy, taxonomy_version, annotator, annotator_spec, status, total,"
                 " created_at, model, batch) VALUES (?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?)",
-                [job_id, taxonomy, version, annotator, json.dumps(annotator_spec), _now(), model,
+                [job_id, taxonomy, version, annotator, json.dumps(annotator_spec), utc_now(), model,
                  None if batch is None else json.dumps(batch)],
             )
+            cur.executemany("INSERT INTO job_annotators VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            [[job_id, a["name"], a["annotator"], a["kind"], a.get("model"), a.get("prompt"),
+                              a.get("weight"), i] for i, a in enumerate(annotators)])
             if shards:
                 cur.executemany("INSERT INTO job_shards (job_id, shard, plan, rows) VALUES (?, ?, ?, ?)",
                                 [[job_id, p["shard"], json.dumps(p), p["rows"]] for p in shards])
@@ -245,6 +287,7 @@ class Store:
         row = rows[0]
         row["annotator_spec"] = json.loads(row["annotator_spec"])
         row["batch"] = None if row["batch"] is None else json.loads(row["batch"])
+        row["annotators"] = self.job_annotators(job_id)
         return row
 
     def list_jobs(self, limit: int = 100) -> list[dict]:
@@ -270,7 +313,7 @@ class Store:
         if only_if_active:
             sql += " AND status IN ('queued', 'running')"
         with self._write_lock:
-            changed = self.cursor().execute(sql + " RETURNING job_id", [status, error, _now(), job_id]).fetchall()
+            changed = self.cursor().execute(sql + " RETURNING job_id", [status, error, utc_now(), job_id]).fetchall()
         return bool(changed)
 
     def job_state(self, job_id: str) -> str:
@@ -299,25 +342,18 @@ class Store:
 
     def register_shard(self, job_id: str, shard: int, path: Path) -> None:
         """Load a finished shard file's documents and annotations, and mark the shard done, in one transaction."""
-        with self._write_lock:
-            cur = self.cursor()
-            cur.execute("BEGIN")
-            try:
-                duplicate = cur.execute(
-                    "SELECT p.doc_id FROM read_parquet(?) p LEFT JOIN documents d ON d.job_id = p.job_id"
-                    " AND d.doc_id = p.doc_id GROUP BY p.doc_id HAVING count(*) > 1 OR any_value(d.doc_id) IS NOT NULL"
-                    " LIMIT 1", [str(path)]).fetchone()
-                if duplicate:
-                    raise InvalidInput(f"document id {duplicate[0]!r} occurs more than once in the source "
-                                       f"(found in shard {shard}); ids must be unique")
-                cur.execute(f"INSERT INTO documents SELECT {DOCUMENT_COLUMNS} FROM read_parquet(?)", [str(path)])
-                cur.execute(f"INSERT INTO annotations SELECT {ANNOTATION_COLUMNS} FROM read_parquet(?)", [str(path)])
-                cur.execute("UPDATE job_shards SET path = ?, registered_at = ? WHERE job_id = ? AND shard = ?",
-                            [str(path), _now(), job_id, shard])
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
+        with self._transaction() as cur:
+            duplicate = cur.execute(
+                "SELECT p.doc_id FROM read_parquet(?) p LEFT JOIN documents d ON d.job_id = p.job_id"
+                " AND d.doc_id = p.doc_id GROUP BY p.doc_id HAVING count(*) > 1 OR any_value(d.doc_id) IS NOT NULL"
+                " LIMIT 1", [str(path)]).fetchone()
+            if duplicate:
+                raise InvalidInput(f"document id {duplicate[0]!r} occurs more than once in the source "
+                                   f"(found in shard {shard}); ids must be unique")
+            cur.execute(f"INSERT INTO documents SELECT {DOCUMENT_COLUMNS} FROM read_parquet(?)", [str(path)])
+            cur.execute(f"INSERT INTO annotations SELECT {ANNOTATION_COLUMNS} FROM read_parquet(?)", [str(path)])
+            cur.execute("UPDATE job_shards SET path = ?, registered_at = ? WHERE job_id = ? AND shard = ?",
+                        [str(path), utc_now(), job_id, shard])
 
     # inductions ---------------------------------------------------------------
     def create_induction(self, induction_id: str, name: str, options: dict) -> None:
@@ -325,12 +361,12 @@ class Store:
         with self._write_lock:
             self.cursor().execute(
                 "INSERT INTO inductions (induction_id, name, status, stage, progress, options, created_at)"
-                " VALUES (?, ?, 'queued', 'queued', 0, ?, ?)", [induction_id, name, json.dumps(options), _now()])
+                " VALUES (?, ?, 'queued', 'queued', 0, ?, ?)", [induction_id, name, json.dumps(options), utc_now()])
 
     def update_induction(self, induction_id: str, *, status: str, stage: str, progress: float,
                          yaml_text: str | None = None, report: dict | None = None, error: str | None = None) -> None:
         """Move an induction along; a final status stamps finished_at."""
-        finished = _now() if status in ("succeeded", "failed") else None
+        finished = utc_now() if status in ("succeeded", "failed") else None
         with self._write_lock:
             self.cursor().execute(
                 "UPDATE inductions SET status = ?, stage = ?, progress = ?, yaml = coalesce(?, yaml),"
@@ -353,7 +389,7 @@ class Store:
         with self._write_lock:
             return len(self.cursor().execute(
                 "UPDATE inductions SET status = 'failed', error = 'interrupted by a service restart; submit it again',"
-                " finished_at = ? WHERE status IN ('queued', 'running') RETURNING 1", [_now()]).fetchall())
+                " finished_at = ? WHERE status IN ('queued', 'running') RETURNING 1", [utc_now()]).fetchall())
 
     def cached_annotations(self, annotator: str, text_hashes: list[str]) -> dict[str, Annotation]:
         """Earlier successful annotations of the same text by the same annotator, by text hash."""
@@ -378,7 +414,7 @@ class Store:
         """Append a batch of annotation rows atomically; rows already present are kept as they were."""
         if not rows:
             return
-        table = pa.Table.from_pylist(rows, schema=ANNOTATION_SCHEMA)
+        table = self._annotation_table(rows)
         with self._write_lock:
             cur = self.cursor()
             cur.register("annotation_batch", table)
@@ -387,13 +423,17 @@ class Store:
             finally:
                 cur.unregister("annotation_batch")
 
+    @staticmethod
+    def _annotation_table(rows: list[dict]) -> pa.Table:
+        """Annotation rows (``annotation_row``) as an Arrow table for a bulk insert."""
+        return pa.Table.from_pylist(rows, schema=ANNOTATION_SCHEMA)
+
     def label_reader(self, job_id: str, batch_size: int = 10_000) -> pa.RecordBatchReader:
         """A job's labels as a stream of Arrow batches in input order (bounded memory for exports)."""
         self.job(job_id)
         return self.cursor().sql(
-            "SELECT a.doc_id, a.label, a.labels, a.confidence, a.candidates, a.abstained, a.abstain_reason,"
-            " a.distribution, a.truncated, a.cached FROM annotations a JOIN documents d USING (job_id, doc_id)"
-            " WHERE a.job_id = ? AND a.status = 'ok' ORDER BY d.position",
+            "SELECT doc_id, label, labels, confidence, candidates, conformal_candidates, abstained, abstain_reason,"
+            " distribution, truncated, cached FROM labels WHERE job_id = ? ORDER BY position",
             params=[job_id],
         ).to_arrow_reader(batch_size)
 
@@ -424,5 +464,5 @@ def annotation_row(annotation: Annotation, **keys) -> dict:
     row = asdict(annotation)
     row["distribution"] = list(row["distribution"].items())
     row.update(keys)
-    row.setdefault("created_at", _now())
+    row.setdefault("created_at", utc_now())
     return row

@@ -14,7 +14,8 @@ import pytest
 from conftest import REPO
 from service.documents import check_document
 from service.engines.fake import FakeEngine
-from service.jobs import JobRunner, Model, engine_scorer
+from service.errors import InvalidInput
+from service.jobs import JobRunner, Model, engine_scorer, job_record
 from service.store import Store, document_batch
 from service.taxonomy import load_taxonomy, parse_taxonomy
 
@@ -28,13 +29,14 @@ def _store(tmp_path) -> Store:
     return store
 
 
-def _submit(store: Store, runner: JobRunner, job_id: str, texts: list[str], batch_size: int = 4) -> None:
+def _submit(store: Store, runner: JobRunner, job_id: str, texts: list[str], batch_size: int = 4,
+            annotators: list[dict] | None = None, aggregation: str | None = None) -> None:
     """Create a job the way the API does, without queueing it."""
-    labeller = runner.labeller("sms-spam")
+    panel = runner.panel("sms-spam", None, None, annotators)
     rows = [check_document(f"documents[{i}]", f"d{i:03d}", text, None, max_chars=10_000) for i, text in enumerate(texts)]
     batches = [document_batch(job_id, rows[i:i + batch_size], i) for i in range(0, len(rows), batch_size)]
-    store.create_job(job_id=job_id, taxonomy="sms-spam", version=labeller.taxonomy_version, model=labeller.model,
-                     annotator=labeller.key, annotator_spec=labeller.spec, batches=iter(batches))
+    store.create_job(job_id=job_id, taxonomy="sms-spam", model="fake", batches=iter(batches),
+                     **job_record(panel, aggregation=aggregation))
 
 
 async def _runner(store: Store, engine: FakeEngine, batch_size: int = 4) -> JobRunner:
@@ -186,3 +188,56 @@ def test_pushing_an_older_version_again_makes_it_current(tmp_path):
     assert store.put_taxonomy(load_taxonomy(TAXONOMY), text_a) == (version_a, False) and created_a
     assert store.get_taxonomy("sms-spam")[1] == version_a
     assert [v["version"] for v in store.taxonomy_versions("sms-spam")] == [version_a, version_b]
+
+
+def test_several_annotators_each_write_rows_and_are_aggregated(tmp_path):
+    """Two prompts on the fake engine and the real embedding annotator label every document, then vote.
+
+    Each annotator writes its own annotations; the job's labels are the aggregate; a unanimous
+    document gets the unanimous label; re-aggregating with another method replaces the rows.
+    """
+    store = _store(tmp_path)
+    texts = ["FREE ringtone txt TONES to 81234 now, prize claim call", "see you at dinner tonight mum",
+             "URGENT you have won a cash prize call now", "running late, save me a seat", "   "]
+    annotators = [{"kind": "llm", "prompt": "classify"}, {"kind": "llm", "prompt": "classify_terse"},
+                  {"kind": "embedding"}]
+
+    async def scenario():
+        runner = await _runner(store, FakeEngine())
+        _submit(store, runner, "job_panel", texts, annotators=annotators, aggregation="majority_vote")
+        await runner.run("job_panel")
+        await runner.close()
+        return runner
+
+    runner = asyncio.run(scenario())
+    job = store.job("job_panel")
+    assert job["status"] == "succeeded" and job["annotator_spec"]["aggregation"] == "majority_vote"
+    assert [a["name"] for a in job["annotators"]] == ["fake/classify", "fake/classify_terse", "embedding"]
+    assert all(a["done"] == len(texts) for a in job["annotators"])
+    assert job["done"] == len(texts) and job["abstained"] >= 1  # the blank text abstains everywhere
+    votes = {}
+    for row in store.member_rows("job_panel"):
+        votes.setdefault(row["doc_id"], []).append(row["label"])
+    labels = {row["doc_id"]: row["label"] for row in store._dicts("SELECT doc_id, label FROM labels WHERE job_id = 'job_panel'")}
+    unanimous = {doc: v[0] for doc, v in votes.items() if v[0] is not None and len(set(v)) == 1}
+    assert unanimous and all(labels[doc] == label for doc, label in unanimous.items())
+    assert runner.aggregate("job_panel", "dawid_skene") == "dawid_skene"
+    assert store.job("job_panel")["annotator_spec"]["aggregation"] == "dawid_skene"
+    count = store._dicts("SELECT count(*) AS n FROM annotations WHERE job_id = 'job_panel' AND annotator = ?",
+                         [job["annotator"]])[0]["n"]
+    assert count == len(texts)
+
+
+def test_several_annotators_need_distinct_names_and_a_single_label_taxonomy(tmp_path):
+    """Duplicate annotators and a panel on a multi-label taxonomy are refused with messages that say why."""
+    store = _store(tmp_path)
+
+    async def scenario():
+        runner = await _runner(store, FakeEngine())
+        with pytest.raises(InvalidInput, match="same annotator"):
+            runner.panel("sms-spam", None, None, [{"kind": "llm"}, {"kind": "llm", "name": "again"}])
+        with pytest.raises(InvalidInput, match="used twice"):
+            runner.panel("sms-spam", None, None, [{"kind": "llm", "name": "x"}, {"kind": "embedding", "name": "x"}])
+        await runner.close()
+
+    asyncio.run(scenario())

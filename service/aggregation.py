@@ -1,0 +1,118 @@
+"""Aggregation of several annotators' votes into one label per document, and their agreement.
+
+Methods (``METHODS``):
+- ``majority_vote``: the share of votes each label got (crowd-kit ``MajorityVote``).
+- ``weighted_soft_vote``: the weighted mean of the annotators' distributions; an annotator's
+  weight is the one given in the job, else its agreement with the others as crowd-kit's
+  ``Wawa`` estimates it (accuracy against the majority vote), so no gold label is needed.
+- ``dawid_skene``: the Dawid–Skene label model (crowd-kit ``DawidSkene``), which estimates
+  each annotator's confusion matrix by EM without gold labels; its posterior is the distribution.
+
+An abstention is "no opinion", not a class: an annotator that abstained (or failed) on a
+document casts no vote there. A document nobody voted on is abstained with the reason
+most of its annotators gave, or failed when every annotator failed. The aggregated
+distribution then goes through the taxonomy's candidate and abstention rules
+(``decide_single``), so a tie is abstained as ``ambiguous``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from itertools import combinations
+
+import krippendorff
+import numpy as np
+import pandas as pd
+from sklearn.metrics import cohen_kappa_score
+
+from .labelling import Annotation, decide_single, failed
+from .taxonomy import Taxonomy
+
+METHODS = ("majority_vote", "weighted_soft_vote", "dawid_skene")
+DEFAULT_METHOD = "dawid_skene"
+
+
+def aggregate(rows: list[dict], taxonomy: Taxonomy, options: tuple[str, ...], *, method: str,
+              weights: dict[str, float | None]) -> dict[str, Annotation]:
+    """One annotation per document from its annotators' rows (doc_id, annotator, status, label, distribution...)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown aggregation method {method!r}; choose one of {', '.join(METHODS)}")
+    frame = pd.DataFrame(rows, columns=["doc_id", "annotator", "status", "label", "distribution", "abstained",
+                                        "abstain_reason", "error"])
+    voting = frame[(frame["status"] == "ok") & ~frame["abstained"].astype(bool) & frame["label"].notna()]
+    probs = _probabilities(voting, options, method, weights) if len(voting) else pd.DataFrame(columns=list(options))
+    out = {}
+    for doc_id, group in frame.groupby("doc_id", sort=False):
+        if doc_id in probs.index:
+            distribution = {name: float(probs.at[doc_id, name]) for name in options}
+            out[doc_id] = decide_single(distribution, taxonomy)
+        elif (group["status"] == "failed").all():
+            out[doc_id] = failed("; ".join(sorted(set(group["error"].dropna()))) or "every annotator failed")
+        else:
+            reasons = Counter(group["abstain_reason"].dropna())
+            out[doc_id] = Annotation(distribution={name: 0.0 for name in options}, label=None, labels=[],
+                                     confidence=0.0, candidates=[], abstained=True,
+                                     abstain_reason=reasons.most_common(1)[0][0] if reasons else "no_votes")
+    return out
+
+
+def _probabilities(voting: pd.DataFrame, options: tuple[str, ...], method: str,
+                   weights: dict[str, float | None]) -> pd.DataFrame:
+    """Per document (index) the aggregated probability of each option (columns)."""
+    from crowdkit.aggregation import DawidSkene, MajorityVote, Wawa
+
+    votes = voting.rename(columns={"doc_id": "task", "annotator": "worker"})[["task", "worker", "label"]]
+    if method == "majority_vote":
+        probs = MajorityVote().fit_predict_proba(votes)
+    elif method == "dawid_skene":
+        probs = DawidSkene(n_iter=100).fit_predict_proba(votes)
+    else:
+        estimated = Wawa().fit(votes).skills_ if None in weights.values() else {}
+        weight = voting["annotator"].map(lambda a: weights.get(a) if weights.get(a) is not None else estimated[a])
+        matrix = np.array([[dist.get(name, 0.0)
+                            for name in options] for dist in voting["distribution"]])
+        weighted = pd.DataFrame(matrix * weight.to_numpy()[:, None], columns=list(options))
+        weighted["task"] = voting["doc_id"].to_numpy()
+        sums = weighted.groupby("task", sort=False).sum()
+        probs = sums.div(sums.sum(axis=1).replace(0, 1), axis=0)
+    return probs.reindex(columns=list(options), fill_value=0.0).fillna(0.0)
+
+
+def agreement(rows: list[dict], names: dict[str, str]) -> dict:
+    """Pairwise agreement and Cohen's kappa, and Krippendorff's alpha (nominal), over the annotators' votes."""
+    votes = {(r["doc_id"], r["annotator"]): r["label"] for r in rows
+             if r["status"] == "ok" and not r["abstained"] and r["label"] is not None}
+    annotators = list(names)
+    docs = sorted({doc for doc, _ in votes})
+    pairs = []
+    for a, b in combinations(annotators, 2):
+        both = [d for d in docs if (d, a) in votes and (d, b) in votes]
+        left, right = [votes[d, a] for d in both], [votes[d, b] for d in both]
+        pairs.append({"a": names[a], "b": names[b], "n": len(both),
+                      "agreement": float(np.mean([x == y for x, y in zip(left, right)])) if both else None,
+                      "kappa": _kappa(left, right)})
+    return {"documents": len(docs), "pairs": pairs, "krippendorff_alpha": _alpha(votes, annotators, docs)}
+
+
+def _kappa(left: list[str], right: list[str]) -> float | None:
+    """Cohen's kappa, None when undefined (no overlap, or a single label everywhere)."""
+    if not left or len(set(left) | set(right)) < 2:
+        return None
+    return float(cohen_kappa_score(left, right))
+
+
+def _alpha(votes: dict, annotators: list[str], docs: list[str]) -> float | None:
+    """Krippendorff's alpha over the annotator × document matrix (missing votes allowed)."""
+    values = sorted(set(votes.values()))
+    if len(annotators) < 2 or len(values) < 2:
+        return None
+    code = {label: i for i, label in enumerate(values)}
+    matrix = np.full((len(annotators), len(docs)), np.nan)
+    for j, doc in enumerate(docs):
+        for i, annotator in enumerate(annotators):
+            if (doc, annotator) in votes:
+                matrix[i, j] = code[votes[doc, annotator]]
+    pairable = (~np.isnan(matrix)).sum(axis=0) >= 2
+    if not pairable.any():
+        return None
+    return float(krippendorff.alpha(reliability_data=matrix[:, pairable], level_of_measurement="nominal"))

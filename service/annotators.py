@@ -1,0 +1,98 @@
+"""Annotators besides the LLM labeller: the embedding zero-shot annotator, and building a job's annotator list.
+
+An annotator turns a document into an ``Annotation``. ``Labeller`` (``service.labelling``)
+scores label continuations with an LLM; ``EmbeddingLabeller`` scores each label by the
+cosine similarity of the document to the label's prototype, the mean all-MiniLM-L6-v2
+vector of "name: description" and of each example, and takes a softmax at
+``temperature`` (0.05: MiniLM's similarities between a text and rival labels differ by
+a few hundredths, which this spreads over a usable probability range). Both share
+``request`` / ``decide`` / ``empty`` / ``key`` / ``spec``, so the job runner treats them alike.
+The embedding annotator labels single-label taxonomies and never picks "none of these".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .embeddings import MODEL_ID
+from .labelling import Annotation, annotator_key, decide_single, empty, softmax
+from .taxonomy import Taxonomy
+
+EMBEDDING = "embedding"  # the model name jobs route to the process's embedder rather than a model deployment
+TEMPERATURE = 0.05
+
+
+@dataclass(frozen=True)
+class EmbeddingLabeller:
+    """Zero-shot annotator: similarity of the document to each label's description and examples."""
+
+    taxonomy: Taxonomy
+    taxonomy_version: str
+    model_input_chars: int
+    temperature: float = TEMPERATURE
+    model: str = EMBEDDING
+    options: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self):
+        if self.taxonomy.multi_label:
+            raise ValueError("the embedding annotator labels single-label taxonomies only")
+        object.__setattr__(self, "options", tuple(self.taxonomy.label_names()))
+
+    def prototype_texts(self) -> list[list[str]]:
+        """Per label, the texts whose mean embedding stands for it."""
+        return [[f"{label.name}: {label.description}", *label.examples] for label in self.taxonomy.leaves()]
+
+    @property
+    def spec(self) -> dict:
+        """What determines its annotations (the prototype texts are hashed in as the 'prompt')."""
+        texts = "\n".join("\t".join(group) for group in self.prototype_texts())
+        return {
+            "engine": EMBEDDING, "model": MODEL_ID, "decoding": {"temperature": self.temperature},
+            "prompt": "label-prototypes", "prompt_hash": hashlib.sha256(texts.encode()).hexdigest()[:12],
+            "taxonomy": self.taxonomy.name, "taxonomy_version": self.taxonomy_version,
+            "model_input_chars": self.model_input_chars,
+        }
+
+    @property
+    def key(self) -> str:
+        """Short stable id, as for LLM labellers."""
+        return annotator_key(self.spec)
+
+    def request(self, text: str) -> tuple[str, bool]:
+        """The text to embed, and whether it was cut to the input limit."""
+        return text[: self.model_input_chars], len(text) > self.model_input_chars
+
+    def decide(self, scores: list[float], *, truncated: bool = False) -> Annotation:
+        """Softmax of the scaled similarities, then the taxonomy's candidate and abstention rules."""
+        if len(scores) != len(self.options):
+            raise ValueError(f"expected {len(self.options)} scores, got {len(scores)}")
+        return decide_single(dict(zip(self.options, softmax(scores))), self.taxonomy, truncated=truncated)
+
+    def empty(self) -> Annotation:
+        """A blank document is not embedded."""
+        return empty(self.options)
+
+
+def embedding_scorer(labeller: EmbeddingLabeller, embed: Callable[[list[str]], np.ndarray]):
+    """A job-runner scorer: similarities to the label prototypes over the temperature (computed once)."""
+    prototypes: list[np.ndarray] = []
+
+    def scores(texts: list[str]) -> list[list[float]]:
+        if not prototypes:
+            vectors = [embed(group).mean(axis=0) for group in labeller.prototype_texts()]
+            matrix = np.stack(vectors)
+            prototypes.append(matrix / np.linalg.norm(matrix, axis=1, keepdims=True))
+        return (embed(texts) @ prototypes[0].T / labeller.temperature).tolist()
+
+    async def score(texts: list[str]) -> list:
+        try:
+            return await asyncio.to_thread(scores, texts)
+        except Exception as exc:  # recorded per document, like an engine failure
+            return [exc] * len(texts)
+
+    return score
