@@ -13,7 +13,6 @@ import os
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 
@@ -26,10 +25,12 @@ from . import __version__
 from .api_models import (InductionRequest, InductionStatus, JobCreated, JobRequest, JobStatus, SqlRequest, SqlResponse,
                          TaxonomyCreated)
 from .documents import batched, check_document, local_source, read_file
-from .errors import AnnotateError, Conflict, EngineUnavailable, InvalidInput, PayloadTooLarge, TaxonomyError
-from .induction import InductionOptions, InductionRunner, sample_texts
 from .annotators import EmbeddingLabeller
-from .jobs import JobRunner, job_record
+from .api_context import Context, hosted
+from .api_quality import QUALITY_ROUTES
+from .errors import AnnotateError, Conflict, InvalidInput, PayloadTooLarge, TaxonomyError
+from .induction import InductionOptions, sample_texts
+from .jobs import job_record
 from .labelling import Labeller
 from .sandbox import run_sql
 from .settings import Settings
@@ -37,25 +38,7 @@ from .store import Store, document_batch
 from .taxonomy import format_loc, parse_taxonomy
 
 
-@dataclass
-class Context:
-    """What the routes need; ``attach`` sets it in the process that hosts the app."""
-
-    settings: Settings
-    store: Store
-    runner: JobRunner
-    models: dict  # model name -> its ModelServer deployment handle
-    inductions: InductionRunner
-
-
-_hosted: Context | None = None
 _SQL_THREADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="user-sql")  # slow user SQL never starves jobs
-
-
-def attach(context: Context | None) -> None:
-    """Make ``context`` the one the routes of this process use (Serve copies the app, not its state)."""
-    global _hosted
-    _hosted = context
 
 
 def create_api() -> FastAPI:
@@ -64,21 +47,14 @@ def create_api() -> FastAPI:
     app.middleware("http")(_limit_body)
     app.exception_handler(AnnotateError)(_render_error)
     app.exception_handler(RequestValidationError)(_render_validation_error)
-    for route in ROUTES:
+    for route in ROUTES + QUALITY_ROUTES:
         app.add_api_route(**route)
     return app
 
 
-def _ctx(request: Request) -> Context:
-    """The hosting context of this process."""
-    if _hosted is None:
-        raise EngineUnavailable("the service is still starting; retry in a moment")
-    return _hosted
-
-
 async def _limit_body(request: Request, call_next):
     """Refuse bodies over the configured size before reading them."""
-    limit = _ctx(request).settings.max_body_bytes
+    limit = hosted(request).settings.max_body_bytes
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > limit:
         return _render_error(request, PayloadTooLarge(f"request body of {int(length):,} bytes is over the limit of "
@@ -107,7 +83,7 @@ def _render_validation_error(request: Request, exc: RequestValidationError) -> J
 
 async def health(request: Request) -> dict:
     """Liveness plus what engine the service labels with."""
-    runner = _ctx(request).runner
+    runner = hosted(request).runner
     default = runner.models[runner.default_model].info
     return {"status": "ok", "version": __version__, "engine": default.engine, "model": default.model,
             "default_model": runner.default_model}
@@ -115,7 +91,7 @@ async def health(request: Request) -> dict:
 
 async def list_models(request: Request) -> list[dict]:
     """Every configured model with its engine and the live queue depth and throughput of its replicas."""
-    ctx = _ctx(request)
+    ctx = hosted(request)
     reports = await asyncio.gather(*(handle.report.remote() for handle in ctx.models.values()),
                                    return_exceptions=True)
     return [{"name": name, "engine": model.info.engine, "model": model.info.model,
@@ -132,19 +108,19 @@ async def push_taxonomy(request: Request) -> JSONResponse:
     except UnicodeDecodeError as exc:
         raise TaxonomyError("<request body>", [("", None, f"not valid UTF-8 at byte {exc.start}")]) from exc
     taxonomy = parse_taxonomy(text, source="<request body>")
-    version, created = await asyncio.to_thread(_ctx(request).store.put_taxonomy, taxonomy, text)
+    version, created = await asyncio.to_thread(hosted(request).store.put_taxonomy, taxonomy, text)
     body = TaxonomyCreated(name=taxonomy.name, version=version, created=created)
     return JSONResponse(body.model_dump(), status_code=201)  # "created" says whether the version is new
 
 
 async def list_taxonomies(request: Request) -> list[dict]:
     """Every stored taxonomy version."""
-    return await asyncio.to_thread(_ctx(request).store.list_taxonomies)
+    return await asyncio.to_thread(hosted(request).store.list_taxonomies)
 
 
 async def get_taxonomy(request: Request, name: str, version: str | None = None) -> dict:
     """One taxonomy (newest version unless ``version``), with its YAML and all versions."""
-    store = _ctx(request).store
+    store = hosted(request).store
     taxonomy, found, yaml_text = await asyncio.to_thread(store.get_taxonomy, name, version)
     versions = await asyncio.to_thread(store.taxonomy_versions, name)
     return {"name": name, "version": found, "yaml": yaml_text, "taxonomy": taxonomy.model_dump(), "versions": versions}
@@ -152,7 +128,7 @@ async def get_taxonomy(request: Request, name: str, version: str | None = None) 
 
 async def create_job(request: Request, body: JobRequest) -> JSONResponse:
     """Validate and store a job's documents, queue it, answer 202 with its id."""
-    ctx = _ctx(request)
+    ctx = hosted(request)
     annotators = None if body.annotators is None else [a.model_dump() for a in body.annotators]
     panel = await asyncio.to_thread(ctx.runner.panel, body.taxonomy, body.taxonomy_version, body.model, annotators)
     labeller = panel[0][1]
@@ -194,7 +170,7 @@ def _job_rows(settings: Settings, body: JobRequest) -> Iterator[dict]:
 
 async def induce_taxonomy(request: Request, body: InductionRequest) -> JSONResponse:
     """Start inducing a taxonomy from a corpus sample; answer 202 with the induction's id."""
-    ctx = _ctx(request)
+    ctx = hosted(request)
     model = ctx.runner.model(body.model).name
     base = (await asyncio.to_thread(ctx.store.get_taxonomy, body.base))[0] if body.base else None
     if body.source is not None:
@@ -219,7 +195,7 @@ async def induce_taxonomy(request: Request, body: InductionRequest) -> JSONRespo
 
 async def get_induction(request: Request, induction_id: str) -> InductionStatus:
     """An induction's progress; its YAML and review report once it succeeded."""
-    ctx = _ctx(request)
+    ctx = hosted(request)
     row = await asyncio.to_thread(ctx.store.induction, induction_id)
     if induction_id in ctx.inductions.live:  # running: its progress lives in memory, not in the database
         row.update(status="running", **dict(zip(("stage", "progress"), ctx.inductions.live[induction_id])))
@@ -228,17 +204,17 @@ async def get_induction(request: Request, induction_id: str) -> InductionStatus:
 
 async def list_jobs(request: Request, limit: int = Query(100, ge=1, le=10_000)) -> list[dict]:
     """The most recent jobs."""
-    return await asyncio.to_thread(_ctx(request).store.list_jobs, limit)
+    return await asyncio.to_thread(hosted(request).store.list_jobs, limit)
 
 
 async def get_job(request: Request, job_id: str) -> JobStatus:
     """A job's status and progress counts."""
-    return JobStatus.from_row(await asyncio.to_thread(_ctx(request).store.job, job_id))
+    return JobStatus.from_row(await asyncio.to_thread(hosted(request).store.job, job_id))
 
 
 async def cancel_job(request: Request, job_id: str) -> JobStatus:
     """Cancel a queued or running job; finished work stays in the store."""
-    store = _ctx(request).store
+    store = hosted(request).store
     if not await asyncio.to_thread(store.set_job_status, job_id, "cancelled", only_if_active=True):
         job = await asyncio.to_thread(store.job, job_id)
         raise Conflict(f"job {job_id} already ended with status {job['status']!r}; nothing to cancel")
@@ -247,7 +223,7 @@ async def cancel_job(request: Request, job_id: str) -> JobStatus:
 
 async def job_labels(request: Request, job_id: str, format: str = Query("jsonl", pattern="^(jsonl|parquet)$")):
     """A job's labels in input order: streamed JSONL, or a Parquet file."""
-    ctx = _ctx(request)
+    ctx = hosted(request)
     await asyncio.to_thread(ctx.store.job, job_id)
     if format == "parquet":
         path = await asyncio.to_thread(_write_parquet, ctx, job_id)
@@ -277,14 +253,14 @@ def _write_parquet(ctx: Context, job_id: str) -> Path:
 
 async def job_failures(request: Request, job_id: str) -> list[dict]:
     """Documents of a job that failed, with their errors."""
-    store = _ctx(request).store
+    store = hosted(request).store
     await asyncio.to_thread(store.job, job_id)
     return await asyncio.to_thread(store.failures, job_id)
 
 
 async def query_sql(request: Request, body: SqlRequest) -> SqlResponse:
     """Run one read-only SQL statement in the sandbox."""
-    ctx = _ctx(request)
+    ctx = hosted(request)
     timeout = min(body.timeout_s or ctx.settings.sql_timeout_s, ctx.settings.sql_timeout_s)
     max_rows = min(body.max_rows or ctx.settings.sql_max_rows, ctx.settings.sql_max_rows)
     call = functools.partial(run_sql, ctx.store.cursor(), body.sql, timeout_s=timeout, max_rows=max_rows)

@@ -203,3 +203,51 @@ class InductionStatus(BaseModel):
     error: str | None = None
     created_at: datetime
     finished_at: datetime | None = None
+
+
+class GoldSampleRequest(BaseModel):
+    """Draw a gold sample of a finished job for people to label."""
+
+    model_config = ConfigDict(extra="forbid")
+    size: int = Field(200, ge=1, le=100_000, description="Documents to draw (expected size for 'uncertainty').")
+    design: Literal["random", "stratified", "uncertainty"] = Field(
+        "random", description="random: simple random sample; stratified: by predicted label, proportional; "
+                              "uncertainty: Poisson sampling that over-weights low-confidence documents.")
+    seed: int = 0
+    replace: bool = Field(False, description="Replace an existing sample (gold labels given so far are kept).")
+
+
+class CalibrateRequest(BaseModel):
+    """Conformal candidate sets at level 1−alpha, and an abstention threshold for a target accuracy."""
+
+    model_config = ConfigDict(extra="forbid")
+    alpha: float = Field(0.1, gt=0, lt=1, description="Sets miss the true label with probability at most alpha.")
+    target_accuracy: float = Field(0.9, gt=0, lt=1, description="Accuracy wanted on the documents kept.")
+    seed: int = 0
+
+
+class EstimateRequest(BaseModel):
+    """Label shares, or a regression of one label on document metadata, valid under LLM error (DSL)."""
+
+    model_config = ConfigDict(extra="forbid")
+    target: Literal["proportions", "regression"] = "proportions"
+    outcome: str | None = Field(None, description="regression: the label whose indicator is the outcome.")
+    covariates: list[str] | None = Field(None, description="regression: meta fields (numbers, or strings one-hot) "
+                                                           "or 'text_chars'.")
+    model: Literal["linear", "logistic"] = "linear"
+    level: float = Field(0.95, gt=0.5, lt=1, description="Confidence level of the intervals.")
+    seed: int = Field(0, description="Seed of the cross-fitting folds.")
+
+    @model_validator(mode="after")
+    def _regression_needs_outcome(self) -> EstimateRequest:
+        """A regression names its outcome label and covariates."""
+        if self.target == "regression" and (not self.outcome or not self.covariates):
+            raise ValueError("target 'regression' needs 'outcome' (a label) and 'covariates' (meta fields)")
+        return self
+
+
+class AggregateRequest(BaseModel):
+    """Recompute a several-annotator job's labels with another aggregation method."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: Literal["majority_vote", "weighted_soft_vote", "dawid_skene"]

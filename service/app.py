@@ -19,7 +19,8 @@ import logging
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from .api import Context, attach, create_api
+from .api import create_api
+from .api_context import Context, attach
 from .batch import BatchRunner
 from .engines import EngineInfo, ModelSpec, ScoreRequest, create_engine, load_models
 from .errors import cause_of

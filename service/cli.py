@@ -16,10 +16,11 @@ from typing import Optional
 
 import httpx
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .cli_common import FINAL, URL, call, console, errors, error_message, fail
+from .cli_quality import register_quality_commands
 from .errors import AnnotateError
 from .settings import Settings
 
@@ -29,37 +30,6 @@ taxonomy_app = typer.Typer(help="Validate, push, induce and compare taxonomy YAM
 models_app = typer.Typer(help="Models: list the service's, fetch the embedded weights.", no_args_is_help=True)
 app.add_typer(taxonomy_app, name="taxonomy")
 app.add_typer(models_app, name="models")
-console = Console()
-errors = Console(stderr=True)
-URL = typer.Option("http://127.0.0.1:8000", "--url", envvar="ANNOTATE_URL", help="Base URL of the service.")
-FINAL = ("succeeded", "failed", "cancelled")
-
-
-def _fail(message: str, code: int = 1) -> None:
-    """Print an error and exit non-zero."""
-    errors.print(f"[red]error:[/red] {message}", highlight=False)
-    raise typer.Exit(code)
-
-
-def _call(method: str, url: str, **kwargs) -> httpx.Response:
-    """An HTTP call whose errors become one readable line."""
-    try:
-        response = httpx.request(method, url, timeout=kwargs.pop("timeout", 60), **kwargs)
-    except httpx.ConnectError:
-        _fail(f"no service answers at {url.split('/v1')[0]}; start one with `annotate serve`")
-    if response.status_code >= 400:
-        _fail(f"{response.status_code}: {_error_message(response)}")
-    return response
-
-
-def _error_message(response: httpx.Response) -> str:
-    """The service's error message, or the raw body when it is not our JSON shape."""
-    try:
-        return response.json()["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        return response.text
-
-
 @app.command()
 def serve(
     host: str = typer.Option(None, help="Bind address [default: 127.0.0.1 or ANNOTATE_HOST]."),
@@ -77,7 +47,7 @@ def serve(
     try:
         serve_forever(settings, on_ready=lambda line: console.print(line, highlight=False))
     except AnnotateError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 @taxonomy_app.command("validate")
@@ -88,7 +58,7 @@ def taxonomy_validate(file: Path) -> None:
     try:
         taxonomy = load_taxonomy(file)
     except AnnotateError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     console.print(f"{file}: ok — {taxonomy.name}, {len(taxonomy.label_names())} labels, version {taxonomy.content_hash()}")
 
 
@@ -132,7 +102,7 @@ def taxonomy_induce(
         models = load_models(settings)
         engine = create_engine(models.models[models.resolve(model)], settings)
     except AnnotateError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     options = InductionOptions(name=name or out.stem, max_labels=max_labels,
                                report_size=report_size, seed=seed, method=method.value, allow_none=allow_none)
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(), console=errors) as bar:
@@ -173,7 +143,7 @@ def taxonomy_diff(old: Path, new: Path) -> None:
     try:
         lines = diff(load_taxonomy(old), load_taxonomy(new))
     except AnnotateError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     for line in lines or ["no changes"]:
         console.print(line, highlight=False, markup=False)
 
@@ -182,7 +152,7 @@ def taxonomy_diff(old: Path, new: Path) -> None:
 def taxonomy_push(file: Path, url: str = URL) -> None:
     """Validate locally, then store the taxonomy in the service (a changed file becomes a new version)."""
     taxonomy_validate(file)
-    body = _call("POST", f"{url}/v1/taxonomies", content=file.read_bytes(),
+    body = call("POST", f"{url}/v1/taxonomies", content=file.read_bytes(),
                  headers={"content-type": "application/yaml"}).json()
     state = "new version" if body["created"] else "unchanged"
     console.print(f"pushed {body['name']} version {body['version']} ({state})")
@@ -195,6 +165,10 @@ def submit(
     text_field: str = typer.Option("text", help="Field or column holding the text."),
     id_field: str = typer.Option("id", help="Field or column holding the document id (default: row number)."),
     model: str = typer.Option(None, help="A model from the service's models config [default: the taxonomy's or service's]."),
+    annotator: list[str] = typer.Option(
+        None, "--annotator", "-a", help="An annotator, repeatable: [NAME=]llm[:MODEL[:PROMPT]] or [NAME=]embedding "
+                                        "(e.g. -a smollm2 -a terse=llm::classify_terse -a embedding)."),
+    aggregation: Aggregation = typer.Option("dawid_skene", help="How several annotators' votes are combined."),
     wait: bool = typer.Option(True, help="Show a progress bar until the job ends."),
     url: str = URL,
 ) -> None:
@@ -204,26 +178,53 @@ def submit(
     try:
         rows = list(read_file(file, text_field=text_field, id_field=id_field, max_chars=Settings().max_document_chars))
     except AnnotateError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     documents = [{"id": r["doc_id"], "text": r["text"], "meta": r["meta"]} for r in rows]
-    job = _call("POST", f"{url}/v1/jobs", json={"taxonomy": taxonomy, "documents": documents, "model": model}, timeout=600).json()
+    body = {"taxonomy": taxonomy, "documents": documents, "model": model}
+    if annotator:
+        body.update(annotators=[_annotator_spec(spec) for spec in annotator], aggregation=aggregation.value)
+    job = call("POST", f"{url}/v1/jobs", json=body, timeout=600).json()
     console.print(f"job {job['job_id']}: {job['total']} documents queued", highlight=False)
     if wait:
         final = _follow(url, job["job_id"], job["total"])
         if final["status"] != "succeeded":
-            _fail(f"job {job['job_id']} ended {final['status']}: {final.get('error') or ''}")
+            fail(f"job {job['job_id']} ended {final['status']}: {final.get('error') or ''}")
+
+
+class Aggregation(str, Enum):
+    """Aggregation methods of several-annotator jobs."""
+
+    majority_vote = "majority_vote"
+    weighted_soft_vote = "weighted_soft_vote"
+    dawid_skene = "dawid_skene"
+
+
+def _annotator_spec(spec: str) -> dict:
+    """Parse [NAME=]llm[:MODEL[:PROMPT]] or [NAME=]embedding; a bare model name means llm:MODEL."""
+    name, _, rest = spec.rpartition("=")
+    kind, _, tail = rest.partition(":")
+    if kind == "embedding":
+        entry = {"kind": "embedding"}
+    elif kind == "llm":
+        model, _, prompt = tail.partition(":")
+        entry = {"kind": "llm", "model": model or None, "prompt": prompt or None}
+    else:
+        entry = {"kind": "llm", "model": kind or None, "prompt": tail or None}
+    return {**entry, "name": name or None}
 
 
 def _follow(url: str, job_id: str, total: int) -> dict:
-    """Poll a job and draw a progress bar until it ends."""
+    """Poll a job and draw a progress bar until it ends (every annotator's documents, then aggregation)."""
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                TextColumn("{task.fields[extra]}")]
     with Progress(*columns, console=errors, transient=False) as progress:
         task = progress.add_task(job_id, total=total, extra="")
         while True:
-            job = _call("GET", f"{url}/v1/jobs/{job_id}").json()
+            job = call("GET", f"{url}/v1/jobs/{job_id}").json()
             extra = f"failed {job['failed']} · abstained {job['abstained']} · cached {job['cached']}"
-            progress.update(task, completed=job["done"] + job["failed"], extra=extra)
+            if len(job["annotators"]) > 1:
+                extra = f"{len(job['annotators'])} annotators · " + extra
+            progress.update(task, completed=round(job["progress"] * total), extra=extra)
             if job["status"] in FINAL:
                 return job
             time.sleep(0.5)
@@ -232,7 +233,7 @@ def _follow(url: str, job_id: str, total: int) -> dict:
 @app.command()
 def status(job_id: str, url: str = URL) -> None:
     """Show a job's status and counts."""
-    job = _call("GET", f"{url}/v1/jobs/{job_id}").json()
+    job = call("GET", f"{url}/v1/jobs/{job_id}").json()
     table = Table(show_header=False)
     for key in ("job_id", "status", "taxonomy", "taxonomy_version", "total", "done", "failed", "abstained", "cached",
                 "error", "created_at", "finished_at"):
@@ -250,7 +251,7 @@ def sql(query: str, url: str = URL, as_json: bool = typer.Option(False, "--json"
     if result is None:
         body = _local_sql(query)
     elif result.status_code >= 400:
-        _fail(f"{result.status_code}: {_error_message(result)}")
+        fail(f"{result.status_code}: {error_message(result)}")
     else:
         body = result.json()
     if as_json:
@@ -273,12 +274,12 @@ def _local_sql(query: str) -> dict:
 
     settings = Settings()
     if not settings.db_path.exists():
-        _fail(f"no service answers and there is no database at {settings.db_path}")
+        fail(f"no service answers and there is no database at {settings.db_path}")
     try:
         store = Store(settings.db_path, export_dir=settings.export_dir, read_only=True)
         return asdict(run_sql(store.cursor(), query, timeout_s=settings.sql_timeout_s, max_rows=settings.sql_max_rows))
     except AnnotateError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 @models_app.command("fetch")
@@ -293,7 +294,7 @@ def models_fetch() -> None:
 @models_app.command("list")
 def models_list(url: str = URL, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """The running service's models with their engines, queue depth and throughput."""
-    models = _call("GET", f"{url}/v1/models").json()
+    models = call("GET", f"{url}/v1/models").json()
     if as_json:
         sys.stdout.write(json.dumps(models) + "\n")
         return
@@ -312,6 +313,9 @@ def settings_table() -> None:
     lines += [f"| `ANNOTATE_{name.upper()}` | `{field.default}` | {field.description} |"
               for name, field in Settings.model_fields.items()]
     sys.stdout.write("\n".join(lines) + "\n")
+
+
+register_quality_commands(app)
 
 
 def main() -> None:

@@ -24,8 +24,6 @@ MODELS = ("linear", "logistic")
 WILSON_Z = norm.ppf(0.95)  # one-sided 95% lower bound
 
 
-# ---------------------------------------------------------------- sampling designs
-
 def draw_sample(*, predicted: list[str | None], confidence: np.ndarray, size: int, design: str,
                 seed: int = 0, floor: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
     """Indices (into the population of len(predicted)) of the documents drawn, and their inclusion probabilities."""
@@ -35,10 +33,8 @@ def draw_sample(*, predicted: list[str | None], confidence: np.ndarray, size: in
         raise ValueError(f"design: unknown {design!r}; choose one of {', '.join(DESIGNS)}")
     if confidence.shape != (population,):
         raise ValueError(f"confidence: expected {population} values (one per document), got shape {confidence.shape}")
-    if size < 1:
-        raise ValueError(f"size: must be at least 1, got {size}")
-    if size > population:
-        raise ValueError(f"size: cannot draw {size} documents from a population of {population}")
+    if not 1 <= size <= population:
+        raise ValueError(f"size: cannot draw {size} documents from a population of {population} (need at least 1)")
     if size == population:
         return np.arange(population), np.ones(population)
     rng = np.random.default_rng(seed)
@@ -46,10 +42,8 @@ def draw_sample(*, predicted: list[str | None], confidence: np.ndarray, size: in
         return np.sort(rng.choice(population, size=size, replace=False)), np.full(size, size / population)
     if design == "stratified":
         return _draw_stratified(predicted, size, rng)
-    if not 0 < floor <= 1:
-        raise ValueError(f"floor: must be in (0, 1], got {floor}")
-    if not np.all((confidence >= 0) & (confidence <= 1)):
-        raise ValueError("confidence: values must lie in [0, 1]")
+    if not 0 < floor <= 1 or not np.all((confidence >= 0) & (confidence <= 1)):
+        raise ValueError(f"floor must lie in (0, 1] (got {floor}) and every confidence in [0, 1]")
     pi = _poisson_probabilities(floor + 1 - confidence, size)
     drawn = np.flatnonzero(rng.random(population) < pi)
     return drawn, pi[drawn]
@@ -95,8 +89,6 @@ def _poisson_probabilities(need: np.ndarray, size: int) -> np.ndarray:
         capped |= newly
 
 
-# ---------------------------------------------------------------- quality on a gold sample
-
 def quality_report(*, gold: list[str], predicted: list[str | None], probs: np.ndarray, labels: list[str],
                    weights: np.ndarray, abstain_reasons: list[str | None], bins: int = 10,
                    coverages: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
@@ -114,7 +106,8 @@ def quality_report(*, gold: list[str], predicted: list[str | None], probs: np.nd
     gold_arr = np.array(gold, dtype=object)
     answered = np.array([p is not None for p in predicted])
     chosen = np.array([ABSTAINED if p is None else p for p in predicted], dtype=object)
-    confidence, correct_top = _top_label(probs, labels, gold_arr)
+    gold_column = np.array([labels.index(g) if g in labels else -1 for g in gold])
+    confidence, correct_top = probs.max(axis=1), (_top_index(probs) == gold_column) & (gold_column >= 0)
     total = weights.sum()
     return {
         "n": len(gold), "weighted_n": float(total),
@@ -149,19 +142,11 @@ def _check_weights(weights: np.ndarray, n: int) -> np.ndarray:
     return weights
 
 
-def _top_label(probs: np.ndarray, labels: list[str], gold: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's confidence and whether its top label is the gold one (blank rows are wrong)."""
-    top = np.array(labels, dtype=object)[probs.argmax(axis=1)]
-    return probs.max(axis=1), (top == gold) & (probs.sum(axis=1) > 0)
-
-
 def _interval(estimate: float, se: float | None, level: float) -> dict:
     """A normal-approximation interval as plain floats."""
-    if se is None:
-        return {"estimate": float(estimate), "se": None, "low": None, "high": None}
     z = norm.ppf(0.5 + level / 2)
-    return {"estimate": float(estimate), "se": float(se), "low": float(estimate - z * se),
-            "high": float(estimate + z * se)}
+    low, high = (None, None) if se is None else (float(estimate - z * se), float(estimate + z * se))
+    return {"estimate": float(estimate), "se": None if se is None else float(se), "low": low, "high": high}
 
 
 def _hajek(y: np.ndarray, w: np.ndarray, level: float) -> dict | None:
@@ -204,11 +189,10 @@ def _per_label(gold: np.ndarray, chosen: np.ndarray, w: np.ndarray, labels: list
 
 def _confusion(gold: np.ndarray, chosen: np.ndarray, w: np.ndarray) -> list[dict]:
     """Non-empty cells of the gold × chosen table, raw and weighted."""
-    cells: dict[tuple[str, str], list[float]] = {}
+    cells: dict[tuple[str, str], tuple[int, float]] = {}
     for g, c, wi in zip(gold, chosen, w):
-        cell = cells.setdefault((g, c), [0, 0.0])
-        cell[0] += 1
-        cell[1] += wi
+        n, wn = cells.get((g, c), (0, 0.0))
+        cells[(g, c)] = (n + 1, wn + wi)
     return [{"gold": g, "predicted": c, "n": n, "weighted_n": float(wn)} for (g, c), (n, wn) in sorted(cells.items())]
 
 
@@ -248,8 +232,6 @@ def _kappa(gold: np.ndarray, chosen: np.ndarray, w: np.ndarray) -> float | None:
     return None if chance >= 1 else float((observed - chance) / (1 - chance))
 
 
-# ---------------------------------------------------------------- conformal candidate sets
-
 def conformal_sets(*, probs: np.ndarray, gold_index: np.ndarray, alpha: float, weights: np.ndarray | None = None,
                    seed: int = 0, splits: int = 200) -> dict:
     """Split-conformal threshold for candidate sets that hold the true label with probability ≥ 1 − alpha.
@@ -269,8 +251,8 @@ def conformal_sets(*, probs: np.ndarray, gold_index: np.ndarray, alpha: float, w
         raise ValueError(f"conformal sets need at least 10 gold documents, got {n}")
     if not 0 < alpha < 1 or splits < 1:
         raise ValueError(f"alpha must lie in (0, 1) (got {alpha}) and splits be at least 1 (got {splits})")
-    uniform = weights is None or np.all(np.asarray(weights) == np.asarray(weights)[0])
-    weights = np.ones(n) if uniform else _check_weights(weights, n)
+    weights = np.ones(n) if weights is None else _check_weights(weights, n)
+    uniform = bool(np.all(weights == weights[0]))
     scores = np.where(gold_index >= 0, 1 - probs[np.arange(n), gold_index], 1.0)
     rng = np.random.default_rng(seed)
     held_out = np.array([_held_out(probs, gold_index, scores, weights, alpha, rng.permutation(n), uniform)
@@ -312,8 +294,6 @@ def _held_out(probs: np.ndarray, gold_index: np.ndarray, scores: np.ndarray, wei
     return np.average(covered, weights=weights[test]), np.average(sets.sum(axis=1), weights=weights[test])
 
 
-# ---------------------------------------------------------------- abstention threshold
-
 def abstention_threshold(*, confidence: np.ndarray, correct: np.ndarray, weights: np.ndarray,
                          target_accuracy: float) -> dict:
     """Lowest confidence cut-off whose kept documents reach a target accuracy, plainly and with a 95% lower bound."""
@@ -324,23 +304,22 @@ def abstention_threshold(*, confidence: np.ndarray, correct: np.ndarray, weights
         raise ValueError("confidence and correct must be non-empty and of one length")
     if not 0 < target_accuracy < 1:
         raise ValueError(f"target_accuracy must lie in (0, 1), got {target_accuracy}")
-    cuts = np.unique(confidence)
-    kept = confidence[None, :] >= cuts[:, None]
-    mass = kept @ weights
-    accuracy = kept @ (weights * correct) / mass
-    n_eff = mass**2 / (kept @ weights**2)
+    order = np.argsort(-confidence, kind="stable")
+    ordered = confidence[order]
+    last = np.flatnonzero(np.append(ordered[1:] != ordered[:-1], True))  # each cut keeps everything up to here
+    cuts = ordered[last]
+    mass, hits, squares = (np.cumsum(v[order])[last] for v in (weights, weights * correct, weights**2))
+    accuracy, n_eff = hits / mass, mass**2 / squares
     lower = (accuracy + WILSON_Z**2 / (2 * n_eff) - WILSON_Z * np.sqrt(
         accuracy * (1 - accuracy) / n_eff + WILSON_Z**2 / (4 * n_eff**2))) / (1 + WILSON_Z**2 / n_eff)
     result = {"target_accuracy": target_accuracy}
     for suffix, ok in (("", accuracy >= target_accuracy), ("_conservative", lower >= target_accuracy)):
-        i = np.flatnonzero(ok)[0] if ok.any() else None
+        i = np.flatnonzero(ok)[-1] if ok.any() else None  # cuts run from high to low
         result["threshold" + suffix] = None if i is None else float(cuts[i])
         result["coverage" + suffix] = None if i is None else float(mass[i] / weights.sum())
         result["accuracy" + suffix] = None if i is None else float(accuracy[i])
     return result
 
-
-# ---------------------------------------------------------------- DSL estimates
 
 def dsl_proportions(*, probs: np.ndarray, labels: list[str], gold_index: np.ndarray, pi: np.ndarray,
                     sampled: np.ndarray | None = None, folds: int = 5, seed: int = 0,
@@ -373,10 +352,8 @@ def dsl_regression(*, probs: np.ndarray, labels: list[str], gold_index: np.ndarr
                    level: float = 0.95) -> list[dict]:
     """Coefficients of 1{label == outcome} on covariates (intercept first): DSL, naive and gold-only fits."""
     probs, gold_index, pi, sampled = _check_dsl(probs, labels, gold_index, pi, sampled, folds)
-    if outcome not in labels:
-        raise ValueError(f"outcome: unknown label {outcome!r}; choose one of {labels}")
-    if model not in MODELS:
-        raise ValueError(f"model: unknown {model!r}; choose one of {', '.join(MODELS)}")
+    if outcome not in labels or model not in MODELS:
+        raise ValueError(f"outcome {outcome!r} must be one of {labels} and model {model!r} one of {list(MODELS)}")
     covariates = np.asarray(covariates, dtype=float)
     if covariates.ndim != 2 or covariates.shape[0] != len(probs) or len(names) != covariates.shape[1]:
         raise ValueError(f"covariates: expected a ({len(probs)}, {len(names)}) matrix (documents × names), "
@@ -407,7 +384,8 @@ def _check_dsl(probs, labels, gold_index, pi, sampled, folds) -> tuple[np.ndarra
     if not np.all((pi[sampled] > 0) & (pi[sampled] <= 1)):
         raise ValueError("pi: inclusion probabilities of sampled documents must lie in (0, 1]")
     if folds < 2 or sampled.sum() < 2 * folds:
-        raise ValueError(f"need folds ≥ 2 and at least 2 gold documents per fold: {sampled.sum()} gold, {folds} folds")
+        raise ValueError(f"need folds ≥ 2 and at least 2 gold documents per fold; got {sampled.sum()} gold "
+                         f"documents for {folds} folds")
     return probs, gold_index, pi, sampled
 
 
@@ -443,10 +421,7 @@ def _cross_fit(features: np.ndarray, target: np.ndarray, sampled: np.ndarray, su
 def _regress(x: np.ndarray, y: np.ndarray, w: np.ndarray, model: str) -> tuple[np.ndarray, np.ndarray]:
     """Weighted linear or logistic M-estimate of y on x, with sandwich (HC0) standard errors."""
     try:
-        if model == "linear":
-            beta = np.linalg.solve(x.T @ (x * w[:, None]), x.T @ (w * y))
-        else:
-            beta = _newton(x, y, w)
+        beta = np.linalg.solve(x.T @ (x * w[:, None]), x.T @ (w * y)) if model == "linear" else _newton(x, y, w)
         fitted = x @ beta if model == "linear" else expit(x @ beta)
         slope = w if model == "linear" else w * fitted * (1 - fitted)
         bread = np.linalg.inv(x.T @ (x * slope[:, None]))

@@ -246,9 +246,10 @@ class Store(QualityStore):
                 [job_id, taxonomy, version, annotator, json.dumps(annotator_spec), utc_now(), model,
                  None if batch is None else json.dumps(batch)],
             )
-            cur.executemany("INSERT INTO job_annotators VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                            [[job_id, a["name"], a["annotator"], a["kind"], a.get("model"), a.get("prompt"),
-                              a.get("weight"), i] for i, a in enumerate(annotators)])
+            if annotators:
+                cur.executemany("INSERT INTO job_annotators VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                [[job_id, a["name"], a["annotator"], a["kind"], a.get("model"), a.get("prompt"),
+                                  a.get("weight"), i] for i, a in enumerate(annotators)])
             if shards:
                 cur.executemany("INSERT INTO job_shards (job_id, shard, plan, rows) VALUES (?, ?, ?, ?)",
                                 [[job_id, p["shard"], json.dumps(p), p["rows"]] for p in shards])

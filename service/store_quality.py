@@ -71,11 +71,11 @@ class QualityStore:
 
     def population(self, job_id: str, options: list[str]) -> dict:
         """Every labelled document of a job as arrays: its distribution over ``options``, label, gold and π."""
-        table = self.cursor().execute(
+        table = self.cursor().sql(
             "SELECT l.doc_id, list_transform(?::VARCHAR[], lambda k: coalesce(l.distribution[k], 0.0)) AS probs,"
-            " l.label, l.abstained, l.abstain_reason, l.meta, length(l.text) AS text_chars, g.inclusion_prob,"
-            " g.gold_label FROM labels l LEFT JOIN gold g USING (job_id, doc_id)"
-            " WHERE l.job_id = ? ORDER BY l.position", [options, job_id]).fetch_arrow_table()
+            " l.label, l.abstained, l.abstain_reason, l.meta, l.text, length(l.text) AS text_chars, g.inclusion_prob,"
+            " g.gold_label, g.human_agreement FROM labels l LEFT JOIN gold g USING (job_id, doc_id)"
+            " WHERE l.job_id = ? ORDER BY l.position", params=[options, job_id]).to_arrow_table()
         columns = table.to_pydict()
         k = len(options)
         columns["probs"] = np.array(columns["probs"], dtype=float).reshape(-1, k)

@@ -1,0 +1,40 @@
+"""The state the HTTP routes share in the process that hosts the app (the ingress replica)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from .errors import EngineUnavailable
+from .induction import InductionRunner
+from .jobs import JobRunner
+from .settings import Settings
+from .store import Store
+
+
+@dataclass
+class Context:
+    """What the routes need; ``attach`` sets it in the process that hosts the app."""
+
+    settings: Settings
+    store: Store
+    runner: JobRunner
+    models: dict  # model name -> its ModelServer deployment handle
+    inductions: InductionRunner
+
+
+_hosted: Context | None = None
+
+
+def attach(context: Context | None) -> None:
+    """Make ``context`` the one the routes of this process use (Serve copies the app, not its state)."""
+    global _hosted
+    _hosted = context
+
+
+def hosted(request: Request) -> Context:
+    """The hosting context of this process."""
+    if _hosted is None:
+        raise EngineUnavailable("the service is still starting; retry in a moment")
+    return _hosted

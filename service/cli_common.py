@@ -1,0 +1,37 @@
+"""What every ``annotate`` command shares: the consoles, the service URL option and one HTTP call helper."""
+
+from __future__ import annotations
+
+import httpx
+import typer
+from rich.console import Console
+
+console = Console()
+errors = Console(stderr=True)
+URL = typer.Option("http://127.0.0.1:8000", "--url", envvar="ANNOTATE_URL", help="Base URL of the service.")
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+def fail(message: str, code: int = 1) -> None:
+    """Print an error and exit non-zero."""
+    errors.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def call(method: str, url: str, **kwargs) -> httpx.Response:
+    """An HTTP call whose errors become one readable line."""
+    try:
+        response = httpx.request(method, url, timeout=kwargs.pop("timeout", 60), **kwargs)
+    except httpx.ConnectError:
+        fail(f"no service answers at {url.split('/v1')[0]}; start one with `annotate serve`")
+    if response.status_code >= 400:
+        fail(f"{response.status_code}: {error_message(response)}")
+    return response
+
+
+def error_message(response: httpx.Response) -> str:
+    """The service's error message, or the raw body when it is not our JSON shape."""
+    try:
+        return response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return response.text
