@@ -68,6 +68,11 @@ async def job_label_issues(request: Request, job_id: str, kind: str = Query("gol
                                    max_documents=max_documents)
 
 
+async def job_agreement(request: Request, job_id: str) -> dict:
+    """Pairwise agreement, Cohen's kappa and Krippendorff's alpha of a several-annotator job's annotators."""
+    return await asyncio.to_thread(quality.annotator_agreement, hosted(request).store, job_id)
+
+
 async def aggregate_job(request: Request, job_id: str, body: AggregateRequest) -> dict:
     """Recompute a several-annotator job's labels with another method."""
     ctx = hosted(request)
@@ -86,5 +91,6 @@ QUALITY_ROUTES = [
     dict(path="/v1/jobs/{job_id}/calibrate", endpoint=calibrate_job, methods=["POST"], tags=["quality"]),
     dict(path="/v1/jobs/{job_id}/estimate", endpoint=estimate_job, methods=["POST"], tags=["quality"]),
     dict(path="/v1/jobs/{job_id}/label-issues", endpoint=job_label_issues, methods=["GET"], tags=["quality"]),
+    dict(path="/v1/jobs/{job_id}/agreement", endpoint=job_agreement, methods=["GET"], tags=["quality"]),
     dict(path="/v1/jobs/{job_id}/aggregate", endpoint=aggregate_job, methods=["POST"], tags=["quality"]),
 ]

@@ -12,7 +12,6 @@ import sys
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Optional
 
 import httpx
 import typer

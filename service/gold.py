@@ -22,6 +22,7 @@ import json
 import numpy as np
 
 from .errors import Conflict, InvalidInput
+from .labelling import options_of
 from .statistics import draw_sample
 from .store import Store
 from .taxonomy import NONE_LABEL
@@ -36,7 +37,10 @@ def draw(store: Store, job_id: str, *, size: int, design: str, seed: int, replac
         raise Conflict(f"job {job_id} is {job['status']}; draw a gold sample once it has succeeded, so that every "
                        "document had its chance of being drawn")
     taxonomy, _, _ = store.get_taxonomy(job["taxonomy"], job["taxonomy_version"])
-    population = store.population(job_id, taxonomy.label_names())
+    if taxonomy.multi_label:
+        raise InvalidInput(f"job {job_id} uses the multi-label taxonomy {taxonomy.name!r}; gold samples and their "
+                           "statistics cover single-label taxonomies")
+    population = store.population(job_id, list(options_of(taxonomy)))
     if size > len(population["doc_id"]):
         raise InvalidInput(f"size: {size} is more than the job's {len(population['doc_id'])} labelled documents")
     confidence = population["probs"].max(axis=1) if len(population["doc_id"]) else np.zeros(0)

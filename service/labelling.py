@@ -64,7 +64,6 @@ class Labeller:
     continuations: tuple[str, ...] = field(init=False)  # rendered once: the same after every document
 
     def __post_init__(self):
-        names = self.taxonomy.label_names()
         allow_none = self.taxonomy.abstention.allow_none and not self.taxonomy.multi_label
         system = self.template.render(
             "system",
@@ -75,7 +74,7 @@ class Labeller:
             multi_label=self.taxonomy.multi_label,
         )
         object.__setattr__(self, "system", system)
-        object.__setattr__(self, "options", tuple(names) + ((NONE_LABEL,) if allow_none else ()))
+        object.__setattr__(self, "options", options_of(self.taxonomy))
         answer = self.template.render("assistant")
         object.__setattr__(self, "continuations", tuple(answer + c for c in self._render_continuations()))
 
@@ -139,6 +138,12 @@ class Labeller:
     def empty(self) -> Annotation:
         """A blank document is not sent to the model."""
         return empty(self.options)
+
+
+def options_of(taxonomy: Taxonomy) -> tuple[str, ...]:
+    """What a single-label distribution ranges over: the leaf labels, and "none of these" when allowed."""
+    allow_none = taxonomy.abstention.allow_none and not taxonomy.multi_label
+    return tuple(taxonomy.label_names()) + ((NONE_LABEL,) if allow_none else ())
 
 
 def annotator_key(spec: dict) -> str:

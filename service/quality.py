@@ -30,9 +30,9 @@ from .aggregation import agreement
 from .embeddings import shared_embedder
 from .errors import Conflict, InvalidInput
 from .label_issues import rank_gold_issues, rank_llm_issues
+from .labelling import options_of
 from .statistics import abstention_threshold, conformal_sets, dsl_proportions, dsl_regression, quality_report
 from .store import Store
-from .taxonomy import NONE_LABEL
 
 TEXT_CHARS = "text_chars"  # a covariate every document has: its length in characters
 
@@ -43,9 +43,11 @@ class GoldData:
     def __init__(self, store: Store, job_id: str):
         job = store.job(job_id)
         taxonomy, _, _ = store.get_taxonomy(job["taxonomy"], job["taxonomy_version"])
+        if taxonomy.multi_label:
+            raise InvalidInput(f"job {job_id} uses the multi-label taxonomy {taxonomy.name!r}; gold statistics, "
+                               "calibration and estimates cover single-label taxonomies")
         self.job = job
-        self.options = taxonomy.label_names() + ([NONE_LABEL] if taxonomy.abstention.allow_none
-                                                 and not taxonomy.multi_label else [])
+        self.options = list(options_of(taxonomy))
         self.columns = store.population(job_id, self.options)
         self.probs = self.columns["probs"]
         sampled = ~np.isnan(self.columns["inclusion_prob"])
@@ -83,6 +85,15 @@ def report(store: Store, job_id: str) -> dict:
     result["calibration"] = store.calibration(job_id)
     store.put_quality_tables(job_id, *_tables(result))
     return result
+
+
+def annotator_agreement(store: Store, job_id: str) -> dict:
+    """Agreement between a several-annotator job's annotators (no gold needed)."""
+    job = store.job(job_id)
+    if len(job["annotators"]) < 2:
+        raise Conflict(f"job {job_id} has one annotator; agreement needs two or more")
+    return {"job_id": job_id, **agreement(store.member_rows(job_id),
+                                          {m["annotator"]: m["name"] for m in job["annotators"]})}
 
 
 def _annotators(store: Store, data: GoldData) -> dict:

@@ -93,7 +93,7 @@ CREATE OR REPLACE VIEW labels AS
     SELECT a.job_id, a.doc_id, a.label, a.labels, a.confidence, a.candidates, a.abstained,
            a.abstain_reason, a.distribution, a.truncated, a.cached,
            CASE WHEN c.threshold IS NOT NULL THEN list_transform(list_sort(list_transform(
-               list_filter(map_entries(a.distribution), lambda e: e.value >= c.threshold AND e.key != 'none_of_these'),
+               list_filter(map_entries(a.distribution), lambda e: e.value >= c.threshold),
                lambda e: {'p': -e.value, 'k': e.key})), lambda e: e.k) END AS conformal_candidates,
            d.text, d.meta, d.position
     FROM annotations a JOIN jobs j ON j.job_id = a.job_id AND j.annotator = a.annotator
