@@ -22,6 +22,7 @@ ABSTAINED = "(abstained)"
 NO_REASON = "(no reason)"
 MODELS = ("linear", "logistic")
 WILSON_Z = norm.ppf(0.95)  # one-sided 95% lower bound
+TIE_DECIMALS = 9  # confidences equal to this many decimals are one tie; thresholds sit this far below the cut
 
 
 def draw_sample(*, predicted: list[str | None], confidence: np.ndarray, size: int, design: str,
@@ -107,7 +108,8 @@ def quality_report(*, gold: list[str], predicted: list[str | None], probs: np.nd
     answered = np.array([p is not None for p in predicted])
     chosen = np.array([ABSTAINED if p is None else p for p in predicted], dtype=object)
     gold_column = np.array([labels.index(g) if g in labels else -1 for g in gold])
-    confidence, correct_top = probs.max(axis=1), (_top_index(probs) == gold_column) & (gold_column >= 0)
+    confidence = np.round(probs.max(axis=1), TIE_DECIMALS)  # float noise must not split real ties
+    correct_top = (_top_index(probs) == gold_column) & (gold_column >= 0)
     total = weights.sum()
     return {
         "n": len(gold), "weighted_n": float(total),
@@ -147,6 +149,13 @@ def _interval(estimate: float, se: float | None, level: float) -> dict:
     z = norm.ppf(0.5 + level / 2)
     low, high = (None, None) if se is None else (float(estimate - z * se), float(estimate + z * se))
     return {"estimate": float(estimate), "se": None if se is None else float(se), "low": low, "high": high}
+
+
+def _clipped(interval: dict | None) -> dict | None:
+    """A share's interval cut to [0, 1]."""
+    if interval is None or interval["low"] is None:
+        return interval
+    return {**interval, "low": max(0.0, interval["low"]), "high": min(1.0, interval["high"])}
 
 
 def _hajek(y: np.ndarray, w: np.ndarray, level: float) -> dict | None:
@@ -257,7 +266,10 @@ def conformal_sets(*, probs: np.ndarray, gold_index: np.ndarray, alpha: float, w
     rng = np.random.default_rng(seed)
     held_out = np.array([_held_out(probs, gold_index, scores, weights, alpha, rng.permutation(n), uniform)
                          for _ in range(splits)])
-    return {"alpha": alpha, "threshold": float(max(0.0, 1 - _conformal_quantile(scores, weights, alpha))),
+    # lowered by 10^-TIE_DECIMALS so that `p >= threshold` keeps a label whose score sits exactly at the
+    # quantile despite float rounding in 1 − (1 − p) (label models put many labels at a floor like 1e-10)
+    threshold = 1 - _conformal_quantile(scores, weights, alpha) - 10.0 ** -TIE_DECIMALS
+    return {"alpha": alpha, "threshold": float(max(0.0, threshold)),
             "coverage": float(held_out[0, 0]), "avg_set_size": float(held_out[0, 1]),
             "mean_coverage": float(held_out[:, 0].mean()), "mean_set_size": float(held_out[:, 1].mean()),
             "n_calibration": n // 2, "n_test": n - n // 2}
@@ -267,7 +279,7 @@ def apply_threshold(probs: np.ndarray, labels: list[str], threshold: float) -> l
     """Candidate set of each row, most probable first: every label with probability ≥ threshold."""
     probs = _check_distribution(probs, labels, len(probs))
     order = np.argsort(-probs, axis=1, kind="stable")
-    return [[labels[k] for k in row if p[k] >= threshold - 1e-12] for row, p in zip(order, probs)]
+    return [[labels[k] for k in row if p[k] >= threshold] for row, p in zip(order, probs)]
 
 
 def _conformal_quantile(scores: np.ndarray, weights: np.ndarray, alpha: float) -> float:
@@ -297,7 +309,7 @@ def _held_out(probs: np.ndarray, gold_index: np.ndarray, scores: np.ndarray, wei
 def abstention_threshold(*, confidence: np.ndarray, correct: np.ndarray, weights: np.ndarray,
                          target_accuracy: float) -> dict:
     """Lowest confidence cut-off whose kept documents reach a target accuracy, plainly and with a 95% lower bound."""
-    confidence = np.asarray(confidence, dtype=float)
+    confidence = np.round(np.asarray(confidence, dtype=float), TIE_DECIMALS)
     correct = np.asarray(correct, dtype=float)
     weights = _check_weights(weights, len(confidence))
     if correct.shape != confidence.shape or len(confidence) == 0:
@@ -340,9 +352,9 @@ def dsl_proportions(*, probs: np.ndarray, labels: list[str], gold_index: np.ndar
     for k, label in enumerate(labels):
         naive = np.mean(top == k)
         rows.append({"label": label,
-                     "dsl": _interval(pseudo[:, k].mean(), pseudo[:, k].std(ddof=1) / np.sqrt(n), level),
-                     "naive": _interval(naive, np.sqrt(naive * (1 - naive) / n), level),
-                     "gold_only": _hajek(onehot[sampled, k], 1 / pi[sampled], level)})
+                     "dsl": _clipped(_interval(pseudo[:, k].mean(), pseudo[:, k].std(ddof=1) / np.sqrt(n), level)),
+                     "naive": _clipped(_interval(naive, np.sqrt(naive * (1 - naive) / n), level)),
+                     "gold_only": _clipped(_hajek(onehot[sampled, k], 1 / pi[sampled], level))})
     return rows
 
 

@@ -11,6 +11,7 @@ from crepes import ConformalClassifier
 from sklearn.metrics import accuracy_score, cohen_kappa_score, precision_recall_fscore_support
 
 from service.statistics import (
+    TIE_DECIMALS,
     abstention_threshold,
     apply_threshold,
     conformal_sets,
@@ -181,7 +182,7 @@ def test_quality_report_tables_by_brute_force():
     assert full["n"] == len(gold) and np.isclose(full["coverage"], 1.0)
     assert np.isclose(full["accuracy"], report["top_label_accuracy"]["estimate"])
     for target, s in zip((0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), report["selective"]):
-        kept = probs.max(axis=1) >= s["threshold"]
+        kept = np.round(probs.max(axis=1), TIE_DECIMALS) >= s["threshold"]  # ties are equal to 9 decimals
         assert s["coverage"] >= target - 1e-9 and kept.sum() == s["n"]
         assert np.isclose(s["coverage"], weights[kept].sum() / weights.sum())
     assert len(selective) == len(report["selective"])
@@ -265,7 +266,8 @@ def test_abstention_threshold_by_brute_force():
     never lower; an unreachable target gives None."""
     rng = np.random.default_rng(11)
     probs, truth = _calibrated(rng, 500)
-    confidence, correct, weights = probs.max(axis=1), probs.argmax(axis=1) == truth, rng.uniform(1, 3, 500)
+    confidence = np.round(probs.max(axis=1), TIE_DECIMALS)  # ties are equal to 9 decimals
+    correct, weights = probs.argmax(axis=1) == truth, rng.uniform(1, 3, 500)
     result = abstention_threshold(confidence=confidence, correct=correct, weights=weights, target_accuracy=0.8)
     reaching = [t for t in sorted(set(confidence))
                 if np.average(correct[confidence >= t], weights=weights[confidence >= t]) >= 0.8]
