@@ -44,6 +44,7 @@ import httpx
 import numpy as np
 
 import _service
+from service.statistics import TIE_DECIMALS  # the report's ties: confidences equal to 9 decimals
 from _report import fmt_acc, load_now, machine_facts, print_facts, print_table
 
 ROOT = _service.ROOT
@@ -179,7 +180,7 @@ def selective_truth(labels: dict[str, dict], truth: dict[str, str], *, coverage:
                     threshold: float | None = None) -> tuple[int, int]:
     """(correct, kept) among documents with confidence ≥ a threshold: the given one, or the one that keeps the
     most confident ``coverage`` share (ties kept together, as the report does). Unlabelled documents are never kept."""
-    rows = [(labels[d]["confidence"] or 0.0, labels[d]["label"] == t and not labels[d]["abstained"])
+    rows = [(round(labels[d]["confidence"] or 0.0, TIE_DECIMALS), labels[d]["label"] == t and not labels[d]["abstained"])
             for d, t in truth.items() if d in labels]
     confidence = np.array([c for c, _ in rows])
     if threshold is None:
