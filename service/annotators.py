@@ -1,4 +1,4 @@
-"""Annotators besides the LLM labeller: the embedding zero-shot annotator, and building a job's annotator list.
+"""Annotators besides the LLM labeller: the embedding zero-shot annotator and a distilled student.
 
 An annotator turns a document into an ``Annotation``. ``Labeller`` (``service.labelling``)
 scores label continuations with an LLM; ``EmbeddingLabeller`` scores each label by the
@@ -8,6 +8,8 @@ vector of "name: description" and of each example, and takes a softmax at
 a few hundredths, which this spreads over a usable probability range). Both share
 ``request`` / ``decide`` / ``empty`` / ``key`` / ``spec``, so the job runner treats them alike.
 The embedding annotator labels single-label taxonomies and never picks "none of these".
+``ClassifierLabeller`` is a student (``service.students``) served by the StudentServer
+deployment; a cascade job runs it first and sends only its unsure documents to an LLM.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .embeddings import MODEL_ID
-from .labelling import Annotation, annotator_key, decide_single, empty, softmax
+from .errors import cause_of
+from .labelling import Annotation, annotator_key, decide_single, empty, options_of, softmax
 from .taxonomy import Taxonomy
 
 EMBEDDING = "embedding"  # the model name jobs route to the process's embedder rather than a model deployment
@@ -94,5 +97,61 @@ def embedding_scorer(labeller: EmbeddingLabeller, embed: Callable[[list[str]], n
             return await asyncio.to_thread(scores, texts)
         except Exception as exc:  # recorded per document, like an engine failure
             return [exc] * len(texts)
+
+    return score
+
+
+@dataclass(frozen=True)
+class ClassifierLabeller:
+    """A distilled student as an annotator: its class probabilities through the taxonomy's rules (cascades)."""
+
+    taxonomy: Taxonomy
+    taxonomy_version: str
+    classifier: dict  # its row in the store (id, kind, path)
+    model_input_chars: int
+    model: str = "student"
+    options: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "options", options_of(self.taxonomy))
+
+    @property
+    def spec(self) -> dict:
+        """The student's id and kind determine its annotations."""
+        return {"engine": "student", "model": self.classifier["classifier_id"],
+                "decoding": {"kind": self.classifier["kind"]}, "prompt": None, "prompt_hash": None,
+                "taxonomy": self.taxonomy.name, "taxonomy_version": self.taxonomy_version,
+                "model_input_chars": self.model_input_chars}
+
+    @property
+    def key(self) -> str:
+        """Short stable id, as for LLM labellers."""
+        return annotator_key(self.spec)
+
+    def request(self, text: str) -> tuple[str, bool]:
+        """The text the student reads, and whether it was cut to the input limit."""
+        return text[: self.model_input_chars], len(text) > self.model_input_chars
+
+    def decide(self, scores: list[float], *, truncated: bool = False) -> Annotation:
+        """The student's probabilities (in ``options`` order) through the candidate and abstention rules."""
+        if len(scores) != len(self.options):
+            raise ValueError(f"expected {len(self.options)} probabilities, got {len(scores)}")
+        return decide_single(dict(zip(self.options, map(float, scores))), self.taxonomy, truncated=truncated)
+
+    def empty(self) -> Annotation:
+        """A blank document is not classified."""
+        return empty(self.options)
+
+
+def student_scorer(labeller: ClassifierLabeller, students):
+    """A job-runner scorer that asks the StudentServer deployment, columns in the labeller's option order."""
+    from .students import in_order
+
+    async def score(texts: list[str]) -> list:
+        try:
+            answer = await students.predict.remote(labeller.classifier["path"], texts)
+        except Exception as exc:  # recorded per document, like an engine failure
+            return [cause_of(exc)] * len(texts)
+        return in_order(np.array(answer["probs"]), answer["classes"], list(labeller.options)).tolist()
 
     return score

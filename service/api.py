@@ -26,11 +26,12 @@ from .api_models import (InductionRequest, InductionStatus, JobCreated, JobReque
                          TaxonomyCreated)
 from .documents import batched, check_document, local_source, read_file
 from .annotators import EmbeddingLabeller
+from .api_classifiers import CLASSIFIER_ROUTES
 from .api_context import Context, hosted
 from .api_quality import QUALITY_ROUTES
 from .errors import AnnotateError, Conflict, InvalidInput, PayloadTooLarge, TaxonomyError
 from .induction import InductionOptions, sample_texts
-from .jobs import job_record
+from .jobs import CASCADE, job_record
 from .labelling import Labeller
 from .sandbox import run_sql
 from .settings import Settings
@@ -47,7 +48,7 @@ def create_api() -> FastAPI:
     app.middleware("http")(_limit_body)
     app.exception_handler(AnnotateError)(_render_error)
     app.exception_handler(RequestValidationError)(_render_validation_error)
-    for route in ROUTES + QUALITY_ROUTES:
+    for route in ROUTES + QUALITY_ROUTES + CLASSIFIER_ROUTES:
         app.add_api_route(**route)
     return app
 
@@ -130,13 +131,17 @@ async def create_job(request: Request, body: JobRequest) -> JSONResponse:
     """Validate and store a job's documents, queue it, answer 202 with its id."""
     ctx = hosted(request)
     annotators = None if body.annotators is None else [a.model_dump() for a in body.annotators]
+    aggregation = body.aggregation
+    if body.classifier is not None:
+        annotators, aggregation = [{"kind": "classifier", "classifier": body.classifier}, {"kind": "llm"}], CASCADE
     panel = await asyncio.to_thread(ctx.runner.panel, body.taxonomy, body.taxonomy_version, body.model, annotators)
     labeller = panel[0][1]
     if body.mode == "batch" and (len(panel) > 1 or isinstance(labeller, EmbeddingLabeller)):
         raise InvalidInput("mode 'batch' runs one LLM annotator; label with several annotators in mode 'stream'")
     job_id = "job_" + uuid.uuid4().hex[:16]
-    model = labeller.model if isinstance(labeller, Labeller) else ctx.runner.model(body.model).name
-    job = dict(job_id=job_id, taxonomy=body.taxonomy, model=model, **job_record(panel, aggregation=body.aggregation))
+    model = next((l.model for _, l in panel if isinstance(l, Labeller)), None) or ctx.runner.model(body.model).name
+    job = dict(job_id=job_id, taxonomy=body.taxonomy, model=model,
+               **job_record(panel, aggregation=aggregation, threshold=body.cascade_threshold))
     if body.mode == "batch":
         shards, stamp = await asyncio.to_thread(ctx.runner.batch_runner.plan, body.source, body.shard_size)
         batch = {"source": body.source, "text_field": body.text_field, "id_field": body.id_field, "stamp": stamp}

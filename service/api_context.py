@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
+from .classifiers import ClassifierRunner
 from .errors import EngineUnavailable
 from .induction import InductionRunner
 from .jobs import JobRunner
@@ -22,6 +23,8 @@ class Context:
     runner: JobRunner
     models: dict  # model name -> its ModelServer deployment handle
     inductions: InductionRunner
+    classifiers: ClassifierRunner
+    students: object  # the StudentServer deployment handle
 
 
 _hosted: Context | None = None

@@ -57,6 +57,10 @@ class JobRequest(BaseModel):
         None, min_length=1, max_length=20, description="Several annotators that vote (default: one LLM annotator).")
     aggregation: Literal["majority_vote", "weighted_soft_vote", "dawid_skene"] = Field(
         "dawid_skene", description="How several annotators' votes become the job's labels.")
+    classifier: str | None = Field(None, description="A cascade: this distilled classifier (id or name) labels every "
+                                                     "document and only its unsure ones go to the LLM ('model').")
+    cascade_threshold: float = Field(0.8, gt=0, le=1, description="Cascade: documents the classifier is less "
+                                                                  "confident of than this go to the LLM.")
     text_field: str = "text"
     id_field: str = "id"
 
@@ -69,6 +73,9 @@ class JobRequest(BaseModel):
             raise ValueError("'documents' is empty; send at least one document")
         if self.mode == "batch" and self.source is None:
             raise ValueError("mode 'batch' labels a server-side 'source'; inline documents use mode 'stream'")
+        if self.classifier is not None and (self.annotators is not None or self.mode == "batch"):
+            raise ValueError("'classifier' makes a stream-mode cascade (the classifier, then the LLM on its unsure "
+                             "documents); it takes no 'annotators' and no mode 'batch'")
         return self
 
 
@@ -116,6 +123,7 @@ class JobStatus(BaseModel):
     abstained: int
     cached: int
     progress: float = Field(description="Share of the work done: every annotator's documents, then aggregation.")
+    routed: int | None = Field(None, description="Cascade: documents sent on to the LLM.")
     annotators: list[AnnotatorStatus] = []
     aggregation: str | None = None
     error: str | None = None
@@ -128,11 +136,13 @@ class JobStatus(BaseModel):
         """Build from the store's job row (extra keys ignored)."""
         fields = {k: v for k, v in row.items() if k in cls.model_fields}
         members = row.get("annotators") or []
-        steps = row["total"] * max(len(members), 1) + (row["total"] if len(members) > 1 else 0)
-        finished = row["done"] + row["failed"] + (sum(m["done"] + m["failed"] for m in members) if len(members) > 1 else 0)
+        aggregation = row["annotator_spec"].get("aggregation") if len(members) > 1 else None
+        counted = members[:1] if aggregation == "cascade" else members if len(members) > 1 else []
+        steps = row["total"] * (len(counted) + 1)
+        finished = row["done"] + row["failed"] + sum(m["done"] + m["failed"] for m in counted)
         return cls(**fields, mode="stream" if row.get("batch") is None else "batch",
-                   progress=round(finished / steps, 4) if steps else 1.0,
-                   aggregation=row["annotator_spec"].get("aggregation") if len(members) > 1 else None)
+                   progress=round(finished / steps, 4) if steps else 1.0, aggregation=aggregation,
+                   routed=members[1]["done"] + members[1]["failed"] if aggregation == "cascade" else None)
 
 
 class TaxonomyCreated(BaseModel):
@@ -251,3 +261,32 @@ class AggregateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     method: Literal["majority_vote", "weighted_soft_vote", "dawid_skene"]
+
+
+class ClassifierRequest(BaseModel):
+    """Distil one or more finished jobs' labels into a student classifier."""
+
+    model_config = ConfigDict(extra="forbid")
+    jobs: list[str] = Field(min_length=1, description="Finished jobs of one taxonomy version to learn from.")
+    kind: Literal["ngram", "static", "minilm", "finetune"] = Field(
+        "minilm", description="ngram: hashed n-grams; static: model2vec static embeddings; minilm: MiniLM "
+                              "embeddings; finetune: MiniLM fine-tuned (each a linear head but the last).")
+    name: str | None = Field(None, min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._-]+$",
+                             description="Students of one name are versioned; default TAXONOMY-KIND.")
+    targets: Literal["hard", "soft", "candidates"] | None = Field(
+        None, description="What the student learns; default: the option that agrees best with the LLM on a "
+                          "validation split.")
+    weighting: Literal["none", "confidence"] | None = Field(None, description="Weight documents by the LLM's "
+                                                                              "confidence; default: chosen as above.")
+    abstained: Literal["exclude", "none"] = Field("exclude", description="Leave abstained documents out, or teach "
+                                                                         "them as none_of_these.")
+    holdout: float = Field(0.2, ge=0.05, le=0.5, description="Share of LLM-labelled documents kept for testing.")
+    epochs: int = Field(2, ge=1, le=20, description="finetune: passes over the training documents.")
+    seed: int = 0
+
+
+class PredictRequest(BaseModel):
+    """Texts to label with a student."""
+
+    model_config = ConfigDict(extra="forbid")
+    texts: list[str] = Field(min_length=1, max_length=10_000)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -22,6 +23,7 @@ from ray.serve.handle import DeploymentHandle
 from .api import create_api
 from .api_context import Context, attach
 from .batch import BatchRunner
+from .classifiers import ClassifierRunner
 from .engines import EngineInfo, ModelSpec, ScoreRequest, create_engine, load_models
 from .errors import cause_of
 from .induction import InductionRunner
@@ -88,6 +90,29 @@ class ModelServer:
             return await self.engine.score(requests)
 
 
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64, health_check_timeout_s=60)
+class StudentServer:
+    """Serves distilled classifiers: loads each from its directory once (the last few kept) and predicts."""
+
+    def __init__(self, settings: dict):
+        configure_logging(Settings(**settings).log_level)
+        self._loaded: dict[str, object] = {}
+
+    def predict(self, path: str, texts: list[str]) -> dict:
+        """Class probabilities of each text, with the classes in column order."""
+        from .students import load_student
+
+        if path not in self._loaded:
+            if len(self._loaded) >= STUDENTS_KEPT:
+                self._loaded.pop(next(iter(self._loaded)))
+            self._loaded[path] = load_student(Path(path))
+        student = self._loaded[path]
+        return {"classes": [str(c) for c in student.classes_], "probs": student.predict_proba(texts).tolist()}
+
+
+STUDENTS_KEPT = 8  # students a replica keeps loaded
+
+
 def handle_scorer(model: DeploymentHandle):
     """A job-runner scorer that sends each request as its own call, so Serve batches them."""
 
@@ -117,7 +142,8 @@ def handle_generator(model: DeploymentHandle):
 class Ingress:
     """The HTTP front: owns the DuckDB store and runs jobs in the background."""
 
-    async def __init__(self, models: dict[str, DeploymentHandle], default_model: str, settings: dict):
+    async def __init__(self, models: dict[str, DeploymentHandle], students: DeploymentHandle, default_model: str,
+                       settings: dict):
         parsed = Settings(**settings)
         configure_logging(parsed.log_level)
         infos = await asyncio.gather(*(handle.info.remote() for handle in models.values()))
@@ -126,20 +152,23 @@ class Ingress:
         batch = BatchRunner(store, parsed, {name: handle.deployment_name for name, handle in models.items()},
                             app_name=serve.get_replica_context().app_name)
         runner = JobRunner(store, named, default_model, batch_size=parsed.batch_size,
-                           model_input_chars=parsed.model_input_chars, workers=parsed.job_workers, batch_runner=batch)
+                           model_input_chars=parsed.model_input_chars, workers=parsed.job_workers, batch_runner=batch,
+                           students=students)
         resumed = runner.resume()
         if resumed:
             log.warning("resuming unfinished jobs", extra={"jobs": resumed})
-        if store.interrupt_inductions():
-            log.warning("inductions interrupted by the last stop were marked failed")
+        if store.interrupt_inductions() or store.interrupt_classifiers():
+            log.warning("inductions or trainings interrupted by the last stop were marked failed")
         generators = {name: handle_generator(handle) for name, handle in models.items()}
-        self._context = Context(parsed, store, runner, models, InductionRunner(store, generators, runner))
+        self._context = Context(parsed, store, runner, models, InductionRunner(store, generators, runner),
+                                ClassifierRunner(store, parsed), students)
         attach(self._context)
 
     async def __del__(self):
         """Graceful stop (Serve calls this): stop labelling between batches, then release the file."""
         attach(None)
         await self._context.inductions.close()
+        await self._context.classifiers.close()
         await self._context.runner.close()
         self._context.store.close()
 
@@ -154,4 +183,4 @@ def build(args: dict | None = None) -> serve.Application:
     dumped = settings.model_dump(mode="json")
     models = {name: ModelServer.options(name=f"ModelServer-{name}", num_replicas=spec.replicas)
               .bind(dumped, name, spec.model_dump()) for name, spec in config.models.items()}
-    return Ingress.bind(models, config.default, dumped)
+    return Ingress.bind(models, StudentServer.bind(dumped), config.default, dumped)

@@ -18,6 +18,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .cli_classifiers import register_classifier_commands
 from .cli_common import FINAL, URL, call, console, errors, error_message, fail
 from .cli_quality import register_quality_commands
 from .errors import AnnotateError
@@ -283,11 +284,13 @@ def _local_sql(query: str) -> dict:
 
 @models_app.command("fetch")
 def models_fetch() -> None:
-    """Convert the packaged SmolLM2 GGUF into the fast-loading cache (run by `make`)."""
+    """Convert the packaged SmolLM2 GGUF into the fast-loading cache, distil the static embeddings (run by `make`)."""
     from .engines.embedded import fetch_model
+    from .students import fetch_static_model
 
     path = fetch_model(Settings().models_dir)
     console.print(f"embedded model ready at {path}")
+    console.print(f"static embeddings for students ready at {fetch_static_model(Settings().models_dir)}")
 
 
 @models_app.command("list")
@@ -315,6 +318,7 @@ def settings_table() -> None:
 
 
 register_quality_commands(app)
+register_classifier_commands(app)
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from .aggregation import DEFAULT_METHOD, aggregate
-from .annotators import EMBEDDING, EmbeddingLabeller, embedding_scorer
+from .annotators import EMBEDDING, ClassifierLabeller, EmbeddingLabeller, embedding_scorer, student_scorer
 from .embeddings import shared_embedder
 from .engines.base import EngineInfo, ScoreRequest
 from .errors import Conflict, InvalidInput
@@ -29,7 +29,8 @@ from .store import Store, annotation_row
 log = logging.getLogger(__name__)
 
 Scorer = Callable[[list[ScoreRequest]], Awaitable[list["list[float] | BaseException"]]]
-Annotator = Labeller | EmbeddingLabeller
+Annotator = Labeller | EmbeddingLabeller | ClassifierLabeller
+CASCADE = "cascade"  # the aggregation of a student-then-LLM job: the LLM's label where it was asked
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,9 @@ class JobRunner:
     """
 
     def __init__(self, store: Store, models: dict[str, Model], default_model: str, *, batch_size: int,
-                 model_input_chars: int, workers: int = 1, batch_runner=None):
+                 model_input_chars: int, workers: int = 1, batch_runner=None, students=None):
         self.store = store
+        self.students = students  # the StudentServer deployment handle, for cascades
         self.models = models
         self.default_model = default_model
         self.batch_size = batch_size
@@ -74,7 +76,10 @@ class JobRunner:
         panel = []
         for i, entry in enumerate(entries):
             where = f"annotators[{i}]"
-            if entry.get("kind") == EMBEDDING:
+            if entry.get("kind") == "classifier":
+                labeller = self._student(taxonomy_name, version, entry["classifier"], where)
+                name = entry.get("name") or f"student/{labeller.classifier['name']}"
+            elif entry.get("kind") == EMBEDDING:
                 taxonomy, found, _ = self.store.get_taxonomy(taxonomy_name, version)
                 if taxonomy.multi_label:
                     raise InvalidInput(f"{where}: the embedding annotator labels single-label taxonomies only")
@@ -84,14 +89,29 @@ class JobRunner:
                 labeller = self.labeller(taxonomy_name, version, entry.get("model") or model, entry.get("prompt"))
                 name = entry.get("name") or f"{labeller.model}/{labeller.template.name}"
             panel.append(({"name": name, "annotator": labeller.key, "kind": entry.get("kind") or "llm",
-                           "model": entry.get("model"), "prompt": entry.get("prompt"), "weight": entry.get("weight")},
-                          labeller))
+                           "model": entry.get("model") or entry.get("classifier"), "prompt": entry.get("prompt"),
+                           "weight": entry.get("weight")}, labeller))
         if len(panel) > 1:
             _check_panel(panel)
         return panel
 
+    def _student(self, taxonomy_name: str, version: str | None, ref: str, where: str) -> ClassifierLabeller:
+        """A ready student of the job's taxonomy version, as an annotator."""
+        taxonomy, found, _ = self.store.get_taxonomy(taxonomy_name, version)
+        row = self.store.classifier(ref)
+        if row["status"] != "ready":
+            raise InvalidInput(f"{where}: classifier {row['classifier_id']} is {row['status']}, not ready")
+        if (row["taxonomy"], row["taxonomy_version"]) != (taxonomy.name, found):
+            raise InvalidInput(f"{where}: classifier {row['classifier_id']} learnt {row['taxonomy']} version "
+                               f"{row['taxonomy_version']}, not {taxonomy.name} version {found}")
+        return ClassifierLabeller(taxonomy, found, row, self.model_input_chars)
+
     def scorer(self, labeller: Annotator) -> Scorer:
-        """How to score an annotator's requests: its model deployment, or this process's embedder."""
+        """How to score an annotator's requests: its model deployment, the StudentServer, or the embedder."""
+        if isinstance(labeller, ClassifierLabeller):
+            if self.students is None:
+                raise RuntimeError("this runner has no StudentServer; cascades run inside the service")
+            return student_scorer(labeller, self.students)
         if isinstance(labeller, EmbeddingLabeller):
             return embedding_scorer(labeller, lambda texts: shared_embedder().embed(texts))
         return self.models[labeller.model].scorer
@@ -147,6 +167,10 @@ class JobRunner:
             if self.batch_runner is None:
                 raise RuntimeError("this service runs no batch runner (Ray Data); resubmit without 'mode': 'batch'")
             finished = await asyncio.to_thread(self.batch_runner.run, job_id, panel[0][1])
+        elif job["annotator_spec"].get("aggregation") == CASCADE:
+            (_, student), (_, llm) = panel
+            route = (student.key, job["annotator_spec"]["threshold"])
+            finished = await self.run_stream(job_id, student) and await self.run_stream(job_id, llm, route=route)
         else:
             finished = all(await asyncio.gather(*(self.run_stream(job_id, labeller) for _, labeller in panel)))
         if finished and len(panel) > 1:
@@ -171,6 +195,13 @@ class JobRunner:
         if len(job["annotators"]) < 2:
             raise Conflict(f"job {job_id} has one annotator; its labels are that annotator's, nothing to aggregate")
         method = method or job["annotator_spec"]["aggregation"]
+        if (method == CASCADE) != (job["annotator_spec"]["aggregation"] == CASCADE):
+            raise Conflict(f"job {job_id} is {'' if method == CASCADE else 'not '}a cascade; its labels are "
+                           f"aggregated by {job['annotator_spec']['aggregation']}")
+        if method == CASCADE:
+            student, llm = (a["annotator"] for a in job["annotators"])
+            self.store.merge_cascade(job_id, job["annotator"], student, llm, job["annotator_spec"]["threshold"])
+            return method
         taxonomy, version, _ = self.store.get_taxonomy(job["taxonomy"], job["taxonomy_version"])
         rows = self.store.member_rows(job_id)
         weights = {a["annotator"]: a["weight"] for a in job["annotators"]}
@@ -183,13 +214,17 @@ class JobRunner:
             for doc_id, annotation in decided.items()], method=method)
         return method
 
-    async def run_stream(self, job_id: str, labeller: Annotator) -> bool:
-        """Label the job's stored documents batch by batch; False if it stopped being active first."""
+    async def run_stream(self, job_id: str, labeller: Annotator, route: tuple[str, float] | None = None) -> bool:
+        """Label the job's stored documents batch by batch; False if it stopped being active first.
+
+        With ``route`` (annotator, threshold) only documents that annotator was unsure of
+        (confidence under the threshold, abstained or failed) are labelled: a cascade's LLM step.
+        """
         scorer = self.scorer(labeller)
         position = 0  # every batch is committed whole, so later pending documents lie after it
         while await asyncio.to_thread(self.store.job_state, job_id) == "running":
             pending = await asyncio.to_thread(
-                self.store.pending_documents, job_id, labeller.key, self.batch_size, position)
+                self.store.pending_documents, job_id, labeller.key, self.batch_size, position, route)
             if not pending:
                 return True
             position = pending[-1][0] + 1
@@ -264,18 +299,19 @@ def _output_annotator(panel: list[tuple[dict, Annotator]]) -> str:
     return "agg-" + annotator_key({"members": sorted(row["annotator"] for row, _ in panel)})[:12]
 
 
-def _panel_spec(panel: list[tuple[dict, Annotator]], aggregation: str | None) -> dict:
+def _panel_spec(panel: list[tuple[dict, Annotator]], aggregation: str | None, threshold: float | None) -> dict:
     """The job's recorded annotator spec: the labeller's own, or the members' and the aggregation method."""
     if len(panel) == 1:
         return panel[0][1].spec
-    return {"aggregation": aggregation or DEFAULT_METHOD,
+    return {"aggregation": aggregation or DEFAULT_METHOD, **({"threshold": threshold} if aggregation == CASCADE else {}),
             "members": [{"name": row["name"], "annotator": row["annotator"], **labeller.spec} for row, labeller in panel]}
 
 
-def job_record(panel: list[tuple[dict, Annotator]], *, aggregation: str | None = None) -> dict:
+def job_record(panel: list[tuple[dict, Annotator]], *, aggregation: str | None = None,
+               threshold: float | None = None) -> dict:
     """The store fields that say who labels a job: version, output annotator, spec and the annotators' rows."""
     return dict(version=panel[0][1].taxonomy_version, annotator=_output_annotator(panel),
-                annotator_spec=_panel_spec(panel, aggregation), annotators=[row for row, _ in panel])
+                annotator_spec=_panel_spec(panel, aggregation, threshold), annotators=[row for row, _ in panel])
 
 
 def engine_scorer(engine) -> Scorer:

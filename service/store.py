@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from .errors import AnnotateError, InvalidInput, NotFound
 from .labelling import Annotation
+from .store_classifiers import ClassifierStore
 from .store_quality import QualityStore, utc_now
 from .taxonomy import Taxonomy, parse_taxonomy
 
@@ -89,6 +90,11 @@ CREATE TABLE IF NOT EXISTS label_issues (
     job_id VARCHAR NOT NULL, kind VARCHAR NOT NULL, rank INTEGER NOT NULL, doc_id VARCHAR NOT NULL,
     given_label VARCHAR, suggested_label VARCHAR, quality DOUBLE, disagreement DOUBLE, suspicion DOUBLE,
     is_issue BOOLEAN, computed_at TIMESTAMP NOT NULL);
+CREATE TABLE IF NOT EXISTS classifiers (
+    classifier_id VARCHAR PRIMARY KEY, name VARCHAR NOT NULL, version INTEGER NOT NULL, kind VARCHAR NOT NULL,
+    taxonomy VARCHAR NOT NULL, taxonomy_version VARCHAR NOT NULL, jobs JSON NOT NULL, options JSON,
+    status VARCHAR NOT NULL, classes JSON, report JSON, path VARCHAR, size_bytes BIGINT, error VARCHAR,
+    created_at TIMESTAMP NOT NULL, finished_at TIMESTAMP);
 CREATE OR REPLACE VIEW labels AS
     SELECT a.job_id, a.doc_id, a.label, a.labels, a.confidence, a.candidates, a.abstained,
            a.abstain_reason, a.distribution, a.truncated, a.cached,
@@ -139,7 +145,7 @@ def _quote(value: object) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
-class Store(QualityStore):
+class Store(QualityStore, ClassifierStore):
     """DuckDB file owner; all reads and writes of the service go through its methods."""
 
     def __init__(self, path: Path, *, export_dir: Path, read_only: bool = False):
@@ -324,14 +330,23 @@ class Store(QualityStore):
             raise NotFound(f"unknown job {job_id!r}")
         return row[0]
 
-    def pending_documents(self, job_id: str, annotator: str, limit: int,
-                          from_position: int = 0) -> list[tuple[int, str, str, str]]:
-        """(position, doc_id, text, text_hash) of unannotated documents at or after a position, in input order."""
+    def pending_documents(self, job_id: str, annotator: str, limit: int, from_position: int = 0,
+                          route: tuple[str, float] | None = None) -> list[tuple[int, str, str, str]]:
+        """(position, doc_id, text, text_hash) of unannotated documents at or after a position, in input order.
+
+        With ``route`` (annotator, threshold): only documents that annotator was unsure of.
+        """
+        routed = ""
+        params = [annotator, job_id, from_position]
+        if route is not None:
+            routed = (" AND d.doc_id IN (SELECT doc_id FROM annotations WHERE job_id = ? AND annotator = ?"
+                      " AND (status = 'failed' OR abstained OR confidence < ?))")
+            params += [job_id, *route]
         return self.cursor().execute(
             "SELECT d.position, d.doc_id, d.text, d.text_hash FROM documents d"
             " ANTI JOIN annotations a ON a.job_id = d.job_id AND a.doc_id = d.doc_id AND a.annotator = ?"
-            " WHERE d.job_id = ? AND d.position >= ? ORDER BY d.position LIMIT ?",
-            [annotator, job_id, from_position, limit],
+            f" WHERE d.job_id = ? AND d.position >= ?{routed} ORDER BY d.position LIMIT ?",
+            params + [limit],
         ).fetchall()
 
     def pending_shards(self, job_id: str) -> list[dict]:

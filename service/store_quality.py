@@ -69,11 +69,24 @@ class QualityStore:
             cur.execute("UPDATE jobs SET annotator_spec = json_merge_patch(annotator_spec, ?) WHERE job_id = ?",
                         [json.dumps({"aggregation": method}), job_id])
 
+    def merge_cascade(self, job_id: str, output: str, student: str, llm: str, threshold: float) -> None:
+        """A cascade's labels: the LLM's where it was asked, the student's elsewhere, in one transaction."""
+        with self._transaction() as cur:
+            cur.execute("DELETE FROM annotations WHERE job_id = ? AND annotator = ?", [job_id, output])
+            cur.execute(
+                "INSERT INTO annotations SELECT job_id, doc_id, ? AS annotator, status, distribution, label, labels,"
+                " confidence, candidates, abstained, abstain_reason, truncated, error, model, engine, prompt_hash,"
+                " taxonomy_version, ? AS decoding, text_hash, cached, latency_ms, created_at FROM annotations"
+                " WHERE job_id = ? AND annotator IN (?, ?)"
+                " QUALIFY row_number() OVER (PARTITION BY doc_id ORDER BY annotator = ? DESC) = 1",
+                [output, json.dumps({"method": "cascade", "threshold": threshold, "student": student, "llm": llm}),
+                 job_id, student, llm, llm])
+
     def population(self, job_id: str, options: list[str]) -> dict:
         """Every labelled document of a job as arrays: its distribution over ``options``, label, gold and π."""
         table = self.cursor().sql(
             "SELECT l.doc_id, list_transform(?::VARCHAR[], lambda k: coalesce(l.distribution[k], 0.0)) AS probs,"
-            " l.label, l.abstained, l.abstain_reason, l.meta, l.text, length(l.text) AS text_chars, g.inclusion_prob,"
+            " l.label, l.candidates, l.abstained, l.abstain_reason, l.meta, l.text, length(l.text) AS text_chars, g.inclusion_prob,"
             " g.gold_label, g.human_agreement FROM labels l LEFT JOIN gold g USING (job_id, doc_id)"
             " WHERE l.job_id = ? ORDER BY l.position", params=[options, job_id]).to_arrow_table()
         columns = table.to_pydict()

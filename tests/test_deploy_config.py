@@ -69,7 +69,7 @@ def test_serve_cpu_config_parses_and_builds():
     application = build(app_config.args)
     assert type(application).__name__ == "Application"
     models = load_models(Settings(**app_config.args)).models  # one ModelServer-<name> deployment per model
-    assert {d.name for d in app_config.deployments} <= {"Ingress"} | {f"ModelServer-{name}" for name in models}
+    assert {d.name for d in app_config.deployments} <= {"Ingress", "StudentServer"} | {f"ModelServer-{name}" for name in models}
 
 
 def test_serve_gpu_config_validates_as_a_serve_config():
