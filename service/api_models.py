@@ -124,6 +124,7 @@ class JobStatus(BaseModel):
     cached: int
     progress: float = Field(description="Share of the work done: every annotator's documents, then aggregation.")
     routed: int | None = Field(None, description="Cascade: documents sent on to the LLM.")
+    routing_rate: float | None = Field(None, description="Cascade: routed / total.")
     annotators: list[AnnotatorStatus] = []
     aggregation: str | None = None
     error: str | None = None
@@ -142,7 +143,13 @@ class JobStatus(BaseModel):
         finished = row["done"] + row["failed"] + sum(m["done"] + m["failed"] for m in counted)
         return cls(**fields, mode="stream" if row.get("batch") is None else "batch",
                    progress=round(finished / steps, 4) if steps else 1.0, aggregation=aggregation,
-                   routed=members[1]["done"] + members[1]["failed"] if aggregation == "cascade" else None)
+                   **_routing(members, row["total"]) if aggregation == "cascade" else {})
+
+
+def _routing(members: list[dict], total: int) -> dict:
+    """A cascade's LLM calls: its second annotator's documents."""
+    routed = members[1]["done"] + members[1]["failed"]
+    return {"routed": routed, "routing_rate": round(routed / total, 4) if total else None}
 
 
 class TaxonomyCreated(BaseModel):

@@ -16,7 +16,7 @@ data and runs it as a Ray task, the CLI and the benchmark call it directly.
 3. Metrics. On held-out LLM labels: agreement (accuracy against the LLM's label),
    macro-F1 and expected calibration error; on the gold sample, when there is one:
    accuracy, macro-F1 and ECE against the people, weighted by 1/π; cost: docs/s over the
-   test texts, p50 latency of one-document calls, size on disk and resident memory.
+   test texts, p50 latency of one-document calls, size on disk and peak resident memory.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def distill(data: TrainingData, *, kind: str, out_dir: Path, models_dir: Path, m
                       if len(gold) else None)
     report["cost"] = {"docs_per_s": len(test) / seconds if seconds > 0 and len(test) else None,
                       "p50_latency_ms": _latency(student, list(texts[test][:LATENCY_CALLS])),
-                      "rss_mb": _rss_mb()}
+                      "peak_rss_mb": _peak_rss_mb()}
     report["size_bytes"] = save_student(student, out_dir, {**meta, **{k: report[k] for k in ("kind", "classes")}})
     return report
 
@@ -181,11 +181,11 @@ def _latency(student, texts: list[str]) -> float | None:
     return float(np.median(timings)) if timings else None
 
 
-def _rss_mb() -> float | None:
-    """This process's resident memory now, from /proc (Linux)."""
+def _peak_rss_mb() -> float | None:
+    """This process's peak resident memory (training included; Ray runs each training in its own worker)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         return None

@@ -77,7 +77,7 @@ class JobRunner:
         for i, entry in enumerate(entries):
             where = f"annotators[{i}]"
             if entry.get("kind") == "classifier":
-                labeller = self._student(taxonomy_name, version, entry["classifier"], where)
+                labeller = self._student(taxonomy_name, version, entry.get("classifier") or entry["model"], where)
                 name = entry.get("name") or f"student/{labeller.classifier['name']}"
             elif entry.get("kind") == EMBEDDING:
                 taxonomy, found, _ = self.store.get_taxonomy(taxonomy_name, version)
