@@ -280,14 +280,15 @@ def print_options(students: list[Student]) -> None:
                      tried or "trained once (no search: soft/none unless set)",
                      f"{report['n_train']} / {report['n_validation']} / {report['n_test']}",
                      None if holdout["accuracy"] is None else f"{holdout['accuracy']:.1%}",
-                     fmt(cost["docs_per_s"], 0), fmt(cost["p50_latency_ms"], 1), fmt(cost["rss_mb"], 0),
+                     fmt(cost["docs_per_s"], 0), fmt(cost["p50_latency_ms"], 1), fmt(cost.get("peak_rss_mb"), 0),
                      fmt(s.train_s, 0)])
     print_table(["student", "chosen targets/weighting", "validation agreement of each option tried",
                  "train / validation / holdout docs", "agreement on holdout", "docs/s in process", "p50 ms, 1 doc",
-                 "RSS MB of the training task", "training s (HTTP, to ready)"], rows,
+                 "peak RSS MB of the training worker", "training s (HTTP, to ready)"], rows,
                 "From each student's own report (GET /v1/classifiers/{id}): options are chosen by agreement with the "
                 "LLM on the validation split (the winner in bold); the holdout is the LLM-labelled training documents "
-                "the service kept aside; docs/s, p50 latency and RSS are measured inside the training task.")
+                "the service kept aside; docs/s, p50 latency and peak RSS (VmHWM, training included) are measured "
+                "inside the training task's Ray worker.")
 
 
 def print_comparison(llm: dict, students: list[Student], docs: list[dict], majority: str, sizes: dict) -> None:
@@ -325,9 +326,9 @@ def print_cascades(cascades: list[Cascade], student: Student, llm: dict, docs: l
     llm_per_doc, student_per_doc = llm["seconds"] / n, student.predict_s / n
     rows = []
     for c in cascades:
-        routed = c.job["routed"] or 0
+        routed, total = c.job["routed"] or 0, c.job["total"]
         estimate = n * student_per_doc + routed * llm_per_doc
-        rows.append([fmt(c.threshold, 2), f"{routed / n:.1%} ({routed}/{n})", fmt_acc(correct(c.labels, docs), n),
+        rows.append([fmt(c.threshold, 2), f"{routed / total:.1%} ({routed}/{total})", fmt_acc(correct(c.labels, docs), n),
                      agreement(c.labels, llm["labels"], docs), fmt(c.seconds, 1), f"{c.cached[0]} / {c.cached[1]}",
                      fmt(estimate, 1), fmt(n / estimate, 1), fmt(n * llm_per_doc / estimate, 1)])
     print_table(["threshold", "LLM-call rate (routed / total)", f"accuracy vs gold, {n} docs [95% CI]",
