@@ -30,8 +30,31 @@ EMBEDDING = "embedding"  # the model name jobs route to the process's embedder r
 TEMPERATURE = 0.05
 
 
+class _OptionScorer:
+    """What the embedding and student annotators share: the text is the request, one score per option."""
+
+    @property
+    def key(self) -> str:
+        """Short stable id, as for LLM labellers."""
+        return annotator_key(self.spec)
+
+    def request(self, text: str) -> tuple[str, bool]:
+        """The text to read, and whether it was cut to the input limit."""
+        return text[: self.model_input_chars], len(text) > self.model_input_chars
+
+    def decide(self, scores: list[float], *, truncated: bool = False) -> Annotation:
+        """The option probabilities through the taxonomy's candidate and abstention rules."""
+        if len(scores) != len(self.options):
+            raise ValueError(f"expected {len(self.options)} scores, got {len(scores)}")
+        return decide_single(dict(zip(self.options, self.probabilities(scores))), self.taxonomy, truncated=truncated)
+
+    def empty(self) -> Annotation:
+        """A blank document is not scored."""
+        return empty(self.options)
+
+
 @dataclass(frozen=True)
-class EmbeddingLabeller:
+class EmbeddingLabeller(_OptionScorer):
     """Zero-shot annotator: similarity of the document to each label's description and examples."""
 
     taxonomy: Taxonomy
@@ -61,24 +84,10 @@ class EmbeddingLabeller:
             "model_input_chars": self.model_input_chars,
         }
 
-    @property
-    def key(self) -> str:
-        """Short stable id, as for LLM labellers."""
-        return annotator_key(self.spec)
-
-    def request(self, text: str) -> tuple[str, bool]:
-        """The text to embed, and whether it was cut to the input limit."""
-        return text[: self.model_input_chars], len(text) > self.model_input_chars
-
-    def decide(self, scores: list[float], *, truncated: bool = False) -> Annotation:
-        """Softmax of the scaled similarities, then the taxonomy's candidate and abstention rules."""
-        if len(scores) != len(self.options):
-            raise ValueError(f"expected {len(self.options)} scores, got {len(scores)}")
-        return decide_single(dict(zip(self.options, softmax(scores))), self.taxonomy, truncated=truncated)
-
-    def empty(self) -> Annotation:
-        """A blank document is not embedded."""
-        return empty(self.options)
+    @staticmethod
+    def probabilities(scores: list[float]) -> list[float]:
+        """Softmax of the similarities over the temperature."""
+        return softmax(scores)
 
 
 def embedding_scorer(labeller: EmbeddingLabeller, embed: Callable[[list[str]], np.ndarray]):
@@ -102,7 +111,7 @@ def embedding_scorer(labeller: EmbeddingLabeller, embed: Callable[[list[str]], n
 
 
 @dataclass(frozen=True)
-class ClassifierLabeller:
+class ClassifierLabeller(_OptionScorer):
     """A distilled student as an annotator: its class probabilities through the taxonomy's rules (cascades)."""
 
     taxonomy: Taxonomy
@@ -123,24 +132,10 @@ class ClassifierLabeller:
                 "taxonomy": self.taxonomy.name, "taxonomy_version": self.taxonomy_version,
                 "model_input_chars": self.model_input_chars}
 
-    @property
-    def key(self) -> str:
-        """Short stable id, as for LLM labellers."""
-        return annotator_key(self.spec)
-
-    def request(self, text: str) -> tuple[str, bool]:
-        """The text the student reads, and whether it was cut to the input limit."""
-        return text[: self.model_input_chars], len(text) > self.model_input_chars
-
-    def decide(self, scores: list[float], *, truncated: bool = False) -> Annotation:
-        """The student's probabilities (in ``options`` order) through the candidate and abstention rules."""
-        if len(scores) != len(self.options):
-            raise ValueError(f"expected {len(self.options)} probabilities, got {len(scores)}")
-        return decide_single(dict(zip(self.options, map(float, scores))), self.taxonomy, truncated=truncated)
-
-    def empty(self) -> Annotation:
-        """A blank document is not classified."""
-        return empty(self.options)
+    @staticmethod
+    def probabilities(scores: list[float]) -> list[float]:
+        """The student already answers probabilities (in ``options`` order)."""
+        return [float(s) for s in scores]
 
 
 def student_scorer(labeller: ClassifierLabeller, students):
