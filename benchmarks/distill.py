@@ -59,8 +59,8 @@ HOW_TO_READ = (
     "split (duplicate questions are dropped before splitting, so no test document is served from the cache of the "
     "training job). Accuracy is against the dataset's coarse labels, with its 95% Wilson interval; abstained or "
     "failed documents count as wrong. Agreement is the share of test documents where the labeller's label is the "
-    "LLM's (what distillation optimises; the LLM's own accuracy caps what a student can learn from it only as far as "
-    "the student copies its errors). docs/s is end to end over HTTP: the LLM's is the test-split job from submission "
+    "LLM's (what distillation optimises: a student that copied the LLM exactly would have the LLM's accuracy, errors "
+    "and all). docs/s is end to end over HTTP: the LLM's is the test-split job from submission "
     "to its end (stream mode, batches of 32); a student's is its predict calls in batches of 256 after one warm-up "
     "call that loads it. The cost ratio is LLM seconds per document over the student's, both from this run on this "
     "machine: how many documents the student labels in the time the LLM labels one. Students differ in how much of "
@@ -257,9 +257,11 @@ def model_sizes() -> dict[str, int | None]:
             "static": dir_size(models_dir / STATIC_NAME)}
 
 
-def mib(size: int | None) -> str | None:
-    """Bytes as MiB with one decimal (two under 1 MiB)."""
-    return None if size is None else fmt(size / MIB, 2 if size < MIB else 1)
+def size_text(size: int | None) -> str | None:
+    """Bytes as 'x.y MiB', or 'n KiB' under 1 MiB."""
+    if size is None:
+        return None
+    return f"{size / 1024:.0f} KiB" if size < MIB else f"{size / MIB:.1f} MiB"
 
 
 def print_options(students: list[Student]) -> None:
@@ -271,13 +273,13 @@ def print_options(students: list[Student]) -> None:
             continue
         report = s.row["report"]
         options, cost = report["options"], report["cost"]
-        chosen = (options["targets"], options["weighting"])
-        tried = ", ".join(("**" if (t["targets"], t["weighting"]) == chosen else "")
-                          + f"{t['targets']}/{t['weighting']} {t['validation_agreement']:.3f}"
-                          + ("**" if (t["targets"], t["weighting"]) == chosen else "") for t in options["tried"])
+        chosen = f"{options['targets']}/{options['weighting']}"
+        tried = [(f"{t['targets']}/{t['weighting']}", t["validation_agreement"]) for t in options["tried"]]
+        tried_text = ", ".join(f"**{name} {score:.3f}**" if name == chosen else f"{name} {score:.3f}"
+                               for name, score in tried)
         holdout = report["llm_holdout"]
-        rows.append([s.kind, f"{chosen[0]}/{chosen[1]}" + (f", {report['epochs']} epochs" if report["epochs"] else ""),
-                     tried or "trained once (no search: soft/none unless set)",
+        rows.append([s.kind, chosen + (f", {report['epochs']} epoch(s)" if report["epochs"] else ""),
+                     tried_text or "trained once (no search: soft/none unless set)",
                      f"{report['n_train']} / {report['n_validation']} / {report['n_test']}",
                      None if holdout["accuracy"] is None else f"{holdout['accuracy']:.1%}",
                      fmt(cost["docs_per_s"], 0), fmt(cost["p50_latency_ms"], 1), fmt(cost.get("peak_rss_mb"), 0),
@@ -287,8 +289,9 @@ def print_options(students: list[Student]) -> None:
                  "peak RSS MB of the training worker", "training s (HTTP, to ready)"], rows,
                 "From each student's own report (GET /v1/classifiers/{id}): options are chosen by agreement with the "
                 "LLM on the validation split (the winner in bold); the holdout is the LLM-labelled training documents "
-                "the service kept aside; docs/s, p50 latency and peak RSS (VmHWM, training included) are measured "
-                "inside the training task's Ray worker.")
+                "the service kept aside; docs/s, p50 latency and peak RSS are measured inside the training task. The "
+                "peak RSS is the Ray worker's VmHWM, and Ray reuses a worker for the next training, so a student's "
+                "value can be an earlier student's peak (equal values down the column say so).")
 
 
 def print_comparison(llm: dict, students: list[Student], docs: list[dict], majority: str, sizes: dict) -> None:
@@ -296,7 +299,7 @@ def print_comparison(llm: dict, students: list[Student], docs: list[dict], major
     n, llm_per_doc = len(docs), llm["seconds"] / len(docs)
     p50 = fmt(llm["p50_ms"], 0)
     rows = [["LLM: SmolLM2-135M (embedded, scoring)", fmt_acc(correct(llm["labels"], docs), n), "—",
-             fmt(n / llm["seconds"], 2), p50 and f"{p50}†", mib(sizes["llm"]), "1.0", None]]
+             fmt(n / llm["seconds"], 2), p50 and f"{p50}†", size_text(sizes["llm"]), "1.0", None]]
     for s in students:
         if not s.ready or s.labels is None:
             rows.append([f"student: {s.kind} (failed)", None, None, None, None, None, None, fmt(s.train_s, 0)])
@@ -304,18 +307,18 @@ def print_comparison(llm: dict, students: list[Student], docs: list[dict], major
         report = s.row["report"]
         rows.append([f"student: {s.kind}", fmt_acc(correct(s.labels, docs), n),
                      agreement(s.labels, llm["labels"], docs),
-                     fmt(n / s.predict_s, 0), fmt(report["cost"]["p50_latency_ms"], 1), mib(s.row["size_bytes"]),
+                     fmt(n / s.predict_s, 0), fmt(report["cost"]["p50_latency_ms"], 1), size_text(s.row["size_bytes"]),
                      fmt(llm_per_doc / (s.predict_s / n), 0), fmt(s.train_s, 0)])
     constant = {d["doc_id"]: majority for d in docs}
     rows.append([f"majority class of the training split ({majority})", fmt_acc(correct(constant, docs), n),
                  agreement(constant, llm["labels"], docs), None, None, None, None, None])
     print_table(["labeller", f"accuracy vs gold, {n} test docs [95% CI]", "agreement with LLM", "docs/s over HTTP",
-                 "p50 latency ms", "size on disk MiB", "cost ratio LLM/student", "training s"], rows,
+                 "p50 latency ms", "size on disk", "cost ratio LLM/student", "training s"], rows,
                 "† the LLM's p50 is its per-document share of a batch's time (batches of 32 in the job), not a "
                 "one-document call; a student's is the median of one-document calls inside its training task (its "
                 "report's cost.p50_latency_ms). The LLM's size is the bf16 copy the embedded engine runs. A "
                 "student's size is its own directory: the static student reads the model2vec model "
-                f"({mib(sizes['static'])} MiB) and the minilm one all-MiniLM-L6-v2 ({mib(sizes['minilm'])} MiB, "
+                f"({size_text(sizes['static'])}) and the minilm one all-MiniLM-L6-v2 ({size_text(sizes['minilm'])}, "
                 "also the service's embedding annotator) from outside it; the finetune student holds its whole "
                 "encoder.")
 
@@ -328,7 +331,8 @@ def print_cascades(cascades: list[Cascade], student: Student, llm: dict, docs: l
     for c in cascades:
         routed, total = c.job["routed"] or 0, c.job["total"]
         estimate = n * student_per_doc + routed * llm_per_doc
-        rows.append([fmt(c.threshold, 2), f"{routed / total:.1%} ({routed}/{total})", fmt_acc(correct(c.labels, docs), n),
+        rows.append([fmt(c.threshold, 2), f"{routed / total:.1%} ({routed}/{total})",
+                     fmt_acc(correct(c.labels, docs), n),
                      agreement(c.labels, llm["labels"], docs), fmt(c.seconds, 1), f"{c.cached[0]} / {c.cached[1]}",
                      fmt(estimate, 1), fmt(n / estimate, 1), fmt(n * llm_per_doc / estimate, 1)])
     print_table(["threshold", "LLM-call rate (routed / total)", f"accuracy vs gold, {n} docs [95% CI]",
@@ -425,7 +429,7 @@ def main() -> None:
         "coarse labels in the test split: " + ", ".join(f"{k} {v} ({v / len(test_docs):.1%})"
                                                         for k, v in sorted(counts.items())),
         f"taxonomy {TAXONOMY} ({TAXONOMY_FILE.relative_to(ROOT)}); LLM: embedded SmolLM2-135M-Instruct, scoring; "
-        f"students: {', '.join(KINDS)} (finetune: {args.epochs} epochs); cascade student: {args.cascade_kind}, "
+        f"students: {', '.join(KINDS)} (finetune: {args.epochs} epoch(s)); cascade student: {args.cascade_kind}, "
         f"thresholds {', '.join(map(str, args.thresholds))}"])
     with ExitStack() as stack:
         workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-distill-")))

@@ -99,7 +99,7 @@ class ClassifierRunner:
         import ray
 
         try:
-            task = ray.remote(num_cpus=1, max_retries=0)(distill)
+            task = ray.remote(num_cpus=1, max_retries=0, max_calls=1)(distill)  # a fresh worker: its own peak RSS
             report = await task.remote(data, kind=kind, out_dir=out_dir, models_dir=self.settings.models_dir.resolve(),
                                        meta=meta, **options)
             await asyncio.to_thread(self.store.finish_classifier, classifier_id, report=report, path=str(out_dir))

@@ -111,7 +111,7 @@ class SentenceEmbedding(BaseEstimator, TransformerMixin):
 def features(kind: str, models_dir: Path):
     """The feature step of a linear student."""
     if kind == "ngram":
-        return HashingVectorizer(ngram_range=(1, 2), n_features=2**20, alternate_sign=False, norm="l2")
+        return HashingVectorizer(ngram_range=(1, 2), n_features=2**16, alternate_sign=False, norm="l2")
     if kind == "static":
         return StaticEmbedding(str(fetch_static_model(models_dir)))
     if kind == "minilm":
@@ -137,7 +137,7 @@ def _fit_head(x, matrix: np.ndarray, weights: np.ndarray, classes: list[str], ki
 
     rows, cols = np.nonzero(matrix > 1e-6)
     stacked = x[rows] if sp.issparse(x) else np.asarray(x)[rows]
-    head = LogisticRegression(C=10.0 if kind == "ngram" else 1.0, max_iter=2000)
+    head = LogisticRegression(C=10.0 if kind == "ngram" else 1.0, max_iter=500, tol=1e-3)
     return head.fit(stacked, np.array(classes, dtype=object)[cols], sample_weight=matrix[rows, cols] * weights[rows])
 
 
