@@ -310,3 +310,42 @@ def write_jsonl(path: Path, texts: list[str]) -> Path:
         for i, text in enumerate(texts):
             handle.write(json.dumps({"id": f"d{i:06d}", "text": text}) + "\n")
     return path
+
+
+def progress(message: str) -> None:
+    """A progress line on stderr (tables go to stdout)."""
+    print(f"[{message}]", file=sys.stderr, flush=True)
+
+
+def call(client: httpx.Client, method: str, url: str, **kwargs) -> dict | list:
+    """One API call; a non-2xx answer stops the benchmark with the service's message."""
+    response = client.request(method, url, **kwargs)
+    if not response.is_success:
+        raise RuntimeError(f"{method} {url} answered {response.status_code}: {response.text[:1000]}")
+    return response.json()
+
+
+def sql(client: httpx.Client, query: str) -> list[dict]:
+    """Rows of a read-only query as dicts; a truncated answer is an error (raise ANNOTATE_SQL_MAX_ROWS)."""
+    answer = call(client, "POST", "/v1/sql", json={"sql": query})
+    if answer["truncated"]:
+        raise RuntimeError(f"SQL answer truncated at {len(answer['rows'])} rows: {query}")
+    return [dict(zip(answer["columns"], row)) for row in answer["rows"]]
+
+
+def follow_job(client: httpx.Client, body: dict, what: str, detail=lambda job: "",
+               every_s: float = 10.0) -> tuple[dict, float]:
+    """Submit a job and poll it to its end, a progress line every ``every_s``; (final status, seconds).
+
+    ``detail(job)`` adds to each line; a job that does not succeed stops the benchmark.
+    """
+    started = last = time.perf_counter()
+    job_id = call(client, "POST", "/v1/jobs", json=body)["job_id"]
+    while (job := call(client, "GET", f"/v1/jobs/{job_id}"))["status"] not in FINISHED:
+        if time.perf_counter() - last >= every_s:
+            last = time.perf_counter()
+            progress(f"{what}: {job['status']} {job['progress']:.0%} after {last - started:.0f} s{detail(job)}")
+        time.sleep(0.5)
+    if job["status"] != "succeeded":
+        raise RuntimeError(f"{what}: job {job_id} ended {job['status']}: {job.get('error')}")
+    return job, time.perf_counter() - started

@@ -51,7 +51,6 @@ TAXONOMY = "trec-coarse"
 MODELS_YAML = "default: smollm2\nmodels:\n  smollm2: {engine: embedded}\n"
 KINDS = ("ngram", "static", "minilm", "finetune")
 PREDICT_BATCH = 256
-POLL_S = 0.25
 PROGRESS_EVERY_S = 10.0
 MIB = 2**20
 HOW_TO_READ = (
@@ -95,25 +94,10 @@ class Cascade:
     cached: tuple[int, int]  # annotations served from the cache: (student step, LLM step)
 
 
-def progress(message: str) -> None:
-    """A progress line on stderr (tables go to stdout)."""
-    print(f"[{message}]", file=sys.stderr, flush=True)
 
 
-def call(client: httpx.Client, method: str, url: str, **kwargs) -> dict | list:
-    """One API call; a non-2xx answer stops the benchmark with the service's message."""
-    response = client.request(method, url, **kwargs)
-    if not response.is_success:
-        raise RuntimeError(f"{method} {url} answered {response.status_code}: {response.text[:1000]}")
-    return response.json()
 
 
-def sql(client: httpx.Client, query: str) -> list[dict]:
-    """Rows of a read-only query as dicts; a truncated answer is an error."""
-    answer = call(client, "POST", "/v1/sql", json={"sql": query})
-    if answer["truncated"]:
-        raise RuntimeError(f"SQL answer truncated at {len(answer['rows'])} rows: {query}")
-    return [dict(zip(answer["columns"], row)) for row in answer["rows"]]
 
 
 def split(path: Path, n_train: int, n_test: int, seed: int) -> tuple[list[dict], list[dict], int, int]:
@@ -141,23 +125,9 @@ def split(path: Path, n_train: int, n_test: int, seed: int) -> tuple[list[dict],
 
 
 def run_job(client: httpx.Client, body: dict, what: str) -> tuple[dict, float]:
-    """Submit a job and poll it to its end, printing progress every ~10 s; (final status, seconds)."""
-    started = time.perf_counter()
-    job_id = call(client, "POST", "/v1/jobs", json=body)["job_id"]
-    last = started
-    while True:
-        job = call(client, "GET", f"/v1/jobs/{job_id}")
-        now = time.perf_counter()
-        if job["status"] in _service.FINISHED:
-            break
-        if now - last >= PROGRESS_EVERY_S:
-            routed = "" if job.get("routed") is None else f", {job['routed']} routed to the LLM"
-            progress(f"{what}: {job['status']} {job['progress']:.0%} after {now - started:.0f} s{routed}")
-            last = now
-        time.sleep(POLL_S)
-    if job["status"] != "succeeded":
-        raise RuntimeError(f"{what}: job {job_id} ended {job['status']}: {job.get('error')}")
-    return job, now - started
+    """Submit a job and follow it; a cascade's progress lines say how many documents went to the LLM."""
+    return _service.follow_job(client, body, what, lambda job: "" if job.get("routed") is None
+                               else f", {job['routed']} routed to the LLM", every_s=PROGRESS_EVERY_S)
 
 
 def job_body(docs: list[dict], **extra) -> dict:
@@ -167,13 +137,13 @@ def job_body(docs: list[dict], **extra) -> dict:
 
 def job_labels(client: httpx.Client, job_id: str) -> dict[str, str | None]:
     """A job's labels by doc_id (None where it abstained); failed documents are absent."""
-    rows = sql(client, f"SELECT doc_id, label, abstained FROM labels WHERE job_id = '{job_id}'")
+    rows = _service.sql(client, f"SELECT doc_id, label, abstained FROM labels WHERE job_id = '{job_id}'")
     return {row["doc_id"]: None if row["abstained"] else row["label"] for row in rows}
 
 
 def fresh_latencies(client: httpx.Client, job_id: str) -> list[float]:
     """Per-document latency_ms of a one-annotator job's freshly scored documents (its batch time / batch size)."""
-    rows = sql(client, f"SELECT a.latency_ms FROM annotations a JOIN jobs j ON j.job_id = a.job_id"
+    rows = _service.sql(client, f"SELECT a.latency_ms FROM annotations a JOIN jobs j ON j.job_id = a.job_id"
                        f" AND j.annotator = a.annotator WHERE a.job_id = '{job_id}' AND a.status = 'ok'"
                        f" AND NOT a.cached")
     return [row["latency_ms"] for row in rows]
@@ -185,18 +155,18 @@ def train(client: httpx.Client, job_id: str, kind: str, args) -> Student:
     if kind == "finetune":
         body["epochs"] = args.epochs
     started = time.perf_counter()
-    classifier_id = call(client, "POST", "/v1/classifiers", json=body)["classifier_id"]
+    classifier_id = _service.call(client, "POST", "/v1/classifiers", json=body)["classifier_id"]
     last = started
     while True:
-        row = call(client, "GET", f"/v1/classifiers/{classifier_id}")
+        row = _service.call(client, "GET", f"/v1/classifiers/{classifier_id}")
         now = time.perf_counter()
         if row["status"] != "training":
             break
         if now - last >= PROGRESS_EVERY_S:
-            progress(f"student {kind}: training for {now - started:.0f} s")
+            _service.progress(f"student {kind}: training for {now - started:.0f} s")
             last = now
         time.sleep(1.0)
-    progress(f"student {kind}: {row['status']} after {now - started:.0f} s"
+    _service.progress(f"student {kind}: {row['status']} after {now - started:.0f} s"
              + (f": {row['error']}" if row.get("error") else ""))
     return Student(kind, row, now - started)
 
@@ -204,11 +174,11 @@ def train(client: httpx.Client, job_id: str, kind: str, args) -> Student:
 def predict(client: httpx.Client, student: Student, docs: list[dict]) -> None:
     """Label the test split with a ready student over HTTP; the timing leaves out one warm-up call that loads it."""
     url = f"/v1/classifiers/{student.row['classifier_id']}/predict"
-    call(client, "POST", url, json={"texts": [docs[0]["text"]]})
+    _service.call(client, "POST", url, json={"texts": [docs[0]["text"]]})
     labels: list[dict] = []
     started = time.perf_counter()
     for start in range(0, len(docs), PREDICT_BATCH):
-        labels += call(client, "POST", url, json={"texts": [d["text"] for d in docs[start:start + PREDICT_BATCH]]})[
+        labels += _service.call(client, "POST", url, json={"texts": [d["text"] for d in docs[start:start + PREDICT_BATCH]]})[
             "labels"]
     student.predict_s = time.perf_counter() - started
     student.labels = {d["doc_id"]: None if row["abstained"] else row["label"] for d, row in zip(docs, labels)}
@@ -218,7 +188,7 @@ def cascade(client: httpx.Client, student: Student, docs: list[dict], threshold:
     """A cascade job over the test split; also how many of each step's annotations came from the cache."""
     body = job_body(docs, classifier=student.row["classifier_id"], cascade_threshold=threshold)
     job, seconds = run_job(client, body, f"cascade {student.kind} at {threshold}")
-    counts = {row["annotator"]: row["cached"] for row in sql(
+    counts = {row["annotator"]: row["cached"] for row in _service.sql(
         client, f"SELECT annotator, count(*) FILTER (WHERE cached) AS cached FROM annotations"
                 f" WHERE job_id = '{job['job_id']}' GROUP BY annotator")}
     student_key, llm_key = (member["annotator"] for member in job["annotators"])
@@ -290,8 +260,8 @@ def print_options(students: list[Student]) -> None:
                 "From each student's own report (GET /v1/classifiers/{id}): options are chosen by agreement with the "
                 "LLM on the validation split (the winner in bold); the holdout is the LLM-labelled training documents "
                 "the service kept aside; docs/s, p50 latency and peak RSS are measured inside the training task. The "
-                "peak RSS is the Ray worker's VmHWM, and Ray reuses a worker for the next training, so a student's "
-                "value can be an earlier student's peak (equal values down the column say so).")
+                "peak RSS is the VmHWM of the Ray worker that trained the student (a fresh worker per training: "
+                "training and evaluation included).")
 
 
 def print_comparison(llm: dict, students: list[Student], docs: list[dict], majority: str, sizes: dict) -> None:
@@ -349,11 +319,11 @@ def print_cascades(cascades: list[Cascade], student: Student, llm: dict, docs: l
 def measure(running: _service.Service, train_docs: list[dict], test_docs: list[dict], args) -> None:
     """Label both splits with the LLM, train and test every student, run the cascades; print as it goes."""
     with running.client() as client:
-        call(client, "POST", "/v1/taxonomies", content=TAXONOMY_FILE.read_bytes())
+        _service.call(client, "POST", "/v1/taxonomies", content=TAXONOMY_FILE.read_bytes())
         train_job, train_s = run_job(client, job_body(train_docs), f"LLM on the training split ({len(train_docs)})")
-        progress(f"training split labelled in {train_s:.0f} s")
+        _service.progress(f"training split labelled in {train_s:.0f} s")
         test_job, test_s = run_job(client, job_body(test_docs), f"LLM on the test split ({len(test_docs)})")
-        progress(f"test split labelled in {test_s:.0f} s")
+        _service.progress(f"test split labelled in {test_s:.0f} s")
         latencies = fresh_latencies(client, test_job["job_id"])
         llm = {"seconds": test_s, "labels": job_labels(client, test_job["job_id"]), "p50_ms": percentile(latencies, 50)}
         print_facts("LLM labels", [
@@ -371,7 +341,7 @@ def measure(running: _service.Service, train_docs: list[dict], test_docs: list[d
             student = train(client, train_job["job_id"], kind, args)
             if student.ready:
                 predict(client, student, test_docs)
-                progress(f"student {kind}: {len(test_docs)} test documents in {student.predict_s:.2f} s over HTTP")
+                _service.progress(f"student {kind}: {len(test_docs)} test documents in {student.predict_s:.2f} s over HTTP")
             students.append(student)
         print("## Students: the options each chose\n")
         print_options(students)
@@ -435,7 +405,7 @@ def main() -> None:
         workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-distill-")))
         started = time.perf_counter()
         running = stack.enter_context(_service.service(workdir, MODELS_YAML, {"ANNOTATE_SQL_MAX_ROWS": "1000000"}))
-        progress(f"service up in {time.perf_counter() - started:.0f} s")
+        _service.progress(f"service up in {time.perf_counter() - started:.0f} s")
         measure(running, train_docs, test_docs, args)
     print(load_now())
     print(f"Whole benchmark wall time: {time.perf_counter() - wall:.0f} s")

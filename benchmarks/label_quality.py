@@ -86,9 +86,6 @@ DATASETS = {d.key: d for d in (
     Dataset("sms_spam", "sms_spam.csv", "sms-spam.yaml", "sms-spam"))}
 
 
-def progress(message: str) -> None:
-    """A progress line on stderr (tables go to stdout)."""
-    print(f"[{message}]", file=sys.stderr, flush=True)
 
 
 def subsample(path: Path, n: int, seed: int) -> list[dict]:
@@ -101,47 +98,21 @@ def subsample(path: Path, n: int, seed: int) -> list[dict]:
     return [{"doc_id": f"row{i:05d}", "text": rows[i]["text"], "label": rows[i]["label"]} for i in picked]
 
 
-def call(client: httpx.Client, method: str, url: str, **kwargs) -> dict | list:
-    """One API call; a non-2xx answer stops the benchmark with the service's message."""
-    response = client.request(method, url, **kwargs)
-    if not response.is_success:
-        raise RuntimeError(f"{method} {url} answered {response.status_code}: {response.text[:1000]}")
-    return response.json()
 
 
-def sql(client: httpx.Client, query: str) -> list[dict]:
-    """Rows of a read-only query as dicts; a truncated answer is an error (raise ANNOTATE_SQL_MAX_ROWS)."""
-    answer = call(client, "POST", "/v1/sql", json={"sql": query})
-    if answer["truncated"]:
-        raise RuntimeError(f"SQL answer truncated at {len(answer['rows'])} rows: {query}")
-    return [dict(zip(answer["columns"], row)) for row in answer["rows"]]
 
 
 def run_job(client: httpx.Client, dataset: Dataset, docs: list[dict]) -> tuple[dict, float]:
-    """Submit the three-annotator job and wait for it, printing its progress every ~10 s; (job, seconds)."""
+    """Submit the three-annotator job and follow it, with each annotator's count in the progress lines."""
     body = {"taxonomy": dataset.taxonomy, "documents": [{"id": d["doc_id"], "text": d["text"]} for d in docs],
             "annotators": ANNOTATORS, "aggregation": "dawid_skene"}
-    started = time.perf_counter()
-    job_id = call(client, "POST", "/v1/jobs", json=body)["job_id"]
-    last = started
-    while True:
-        job = call(client, "GET", f"/v1/jobs/{job_id}")
-        now = time.perf_counter()
-        if job["status"] in _service.FINISHED:
-            break
-        if now - last >= PROGRESS_EVERY_S:
-            counts = ", ".join(f"{a['name']} {a['done']}" for a in job["annotators"])
-            progress(f"{dataset.key}: {job['status']} {job['progress']:.0%} after {now - started:.0f} s ({counts})")
-            last = now
-        time.sleep(1.0)
-    if job["status"] != "succeeded":
-        raise RuntimeError(f"job {job_id} ended {job['status']}: {job.get('error')}")
-    return job, now - started
+    return _service.follow_job(client, body, dataset.key, lambda job: " (" + ", ".join(
+        f"{a['name']} {a['done']}" for a in job["annotators"]) + ")", every_s=PROGRESS_EVERY_S)
 
 
 def annotator_truth(client: httpx.Client, job_id: str, truth: dict[str, str]) -> dict[str, tuple[int, int]]:
     """Per annotator name: (correct, answered) over all documents; abstained and failed rows are not answered."""
-    rows = sql(client, f"SELECT ja.name, a.doc_id, a.label, a.status = 'ok' AND NOT coalesce(a.abstained, false) AS ok"
+    rows = _service.sql(client, f"SELECT ja.name, a.doc_id, a.label, a.status = 'ok' AND NOT coalesce(a.abstained, false) AS ok"
                        f" FROM annotations a JOIN job_annotators ja USING (job_id, annotator)"
                        f" WHERE a.job_id = '{job_id}'")
     result = {a["name"]: (0, 0) for a in ANNOTATORS}
@@ -154,7 +125,7 @@ def annotator_truth(client: httpx.Client, job_id: str, truth: dict[str, str]) ->
 
 def job_labels(client: httpx.Client, job_id: str) -> dict[str, dict]:
     """The job's aggregated labels by doc_id: label, confidence, abstained, distribution, conformal_candidates."""
-    rows = sql(client, f"SELECT doc_id, label, confidence, abstained, distribution, conformal_candidates FROM labels"
+    rows = _service.sql(client, f"SELECT doc_id, label, confidence, abstained, distribution, conformal_candidates FROM labels"
                        f" WHERE job_id = '{job_id}'")
     return {row["doc_id"]: row for row in rows}
 
@@ -168,10 +139,10 @@ def correct_answered(labels: dict[str, dict], truth: dict[str, str]) -> tuple[in
 
 def add_gold(client: httpx.Client, job_id: str, truth: dict[str, str], args) -> set[str]:
     """Draw the gold sample and post the dataset's labels for it as annotator 'dataset'; returns its doc_ids."""
-    call(client, "POST", f"/v1/jobs/{job_id}/gold-sample", json={"size": args.gold, "design": args.design,
+    _service.call(client, "POST", f"/v1/jobs/{job_id}/gold-sample", json={"size": args.gold, "design": args.design,
                                                                  "seed": args.seed})
-    sampled = [row["doc_id"] for row in call(client, "GET", f"/v1/jobs/{job_id}/gold-sample")]
-    call(client, "POST", f"/v1/jobs/{job_id}/gold",
+    sampled = [row["doc_id"] for row in _service.call(client, "GET", f"/v1/jobs/{job_id}/gold-sample")]
+    _service.call(client, "POST", f"/v1/jobs/{job_id}/gold",
          json={"annotator": "dataset", "labels": [{"doc_id": d, "label": truth[d]} for d in sampled]})
     return set(sampled)
 
@@ -238,24 +209,24 @@ def measure(running: _service.Service, dataset: Dataset, args) -> Measured:
     docs = subsample(args.data_dir / dataset.csv_name, args.docs, args.seed)
     truth = {d["doc_id"]: d["label"] for d in docs}
     with running.client() as client:
-        call(client, "POST", "/v1/taxonomies", content=(ROOT / "taxonomy" / dataset.taxonomy_file).read_bytes())
+        _service.call(client, "POST", "/v1/taxonomies", content=(ROOT / "taxonomy" / dataset.taxonomy_file).read_bytes())
         job, seconds = run_job(client, dataset, docs)
         job_id = job["job_id"]
-        progress(f"{dataset.key}: job {job_id} done in {seconds:.0f} s")
+        _service.progress(f"{dataset.key}: job {job_id} done in {seconds:.0f} s")
         members = annotator_truth(client, job_id, truth)
         gold_ids = add_gold(client, job_id, truth, args)
         methods = {}
         for method in METHODS:
-            call(client, "POST", f"/v1/jobs/{job_id}/aggregate", json={"method": method})
+            _service.call(client, "POST", f"/v1/jobs/{job_id}/aggregate", json={"method": method})
             methods[method] = (correct_answered(job_labels(client, job_id), truth),
-                               call(client, "GET", f"/v1/jobs/{job_id}/report"))
+                               _service.call(client, "GET", f"/v1/jobs/{job_id}/report"))
         labels = job_labels(client, job_id)
         conformal = []
         for alpha in ALPHAS:
-            calibration = call(client, "POST", f"/v1/jobs/{job_id}/calibrate",
+            calibration = _service.call(client, "POST", f"/v1/jobs/{job_id}/calibrate",
                                json={"alpha": alpha, "target_accuracy": 0.9, "seed": args.seed})
             conformal.append((calibration, job_labels(client, job_id)))
-        shares = call(client, "POST", f"/v1/jobs/{job_id}/estimate", json={"target": "proportions", "seed": args.seed})
+        shares = _service.call(client, "POST", f"/v1/jobs/{job_id}/estimate", json={"target": "proportions", "seed": args.seed})
     return Measured(docs, truth, job_id, seconds, members, gold_ids, methods, labels, conformal, shares)
 
 
@@ -377,7 +348,7 @@ def main() -> None:
         workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-quality-")))
         started = time.perf_counter()
         running = stack.enter_context(_service.service(workdir, MODELS_YAML, {"ANNOTATE_SQL_MAX_ROWS": "1000000"}))
-        progress(f"service up in {time.perf_counter() - started:.0f} s")
+        _service.progress(f"service up in {time.perf_counter() - started:.0f} s")
         for key in chosen:
             print_dataset(DATASETS[key], measure(running, DATASETS[key], args), args)
     print(load_now())
