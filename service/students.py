@@ -157,7 +157,12 @@ def _within(probs: np.ndarray, allowed: np.ndarray) -> np.ndarray:
 
 
 class FineTunedEncoder:
-    """all-MiniLM-L6-v2 with a classification head, fine-tuned on soft targets (bf16 autocast on the CPU)."""
+    """all-MiniLM-L6-v2 with a classification head, fine-tuned on soft targets (bf16 autocast on the CPU).
+
+    The loop is written here: transformers' Trainer would need a custom ``compute_loss`` for
+    weighted soft targets and brings an output directory, logging and checkpoint machinery a
+    two-epoch CPU run does not need; what remains is fifteen lines of AdamW.
+    """
 
     def __init__(self, classes: list[str], *, epochs: int = 2, batch_size: int = 16, lr: float = 5e-5,
                  max_length: int = 128, seed: int = 0, path: Path | None = None):
