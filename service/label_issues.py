@@ -91,7 +91,9 @@ def _rank(doc_ids: list[str], given: np.ndarray, pred_probs: np.ndarray, names: 
     with warnings.catch_warnings():  # cleanlab warns about rare classes; the ranking still holds
         warnings.simplefilter("ignore")
         quality = get_label_quality_scores(given, pred_probs)
-        flagged = find_label_issues(given, pred_probs) if len(doc_ids) >= 2 * pred_probs.shape[1] else quality < 0.5
+        # n_jobs=1: cleanlab's default forks a multiprocessing pool, which can deadlock in a threaded server process
+        flagged = (find_label_issues(given, pred_probs, n_jobs=1) if len(doc_ids) >= 2 * pred_probs.shape[1]
+                   else quality < 0.5)
     suspicion = np.where(disagreement > 0, (1 - quality + disagreement) / 2, 1 - quality)
     order = np.argsort(-suspicion, kind="stable")
     return [{"rank": r + 1, "doc_id": doc_ids[i], "given_label": names[given[i]],
