@@ -45,7 +45,7 @@ def training_data(store: Store, job_ids: list[str]) -> tuple[TrainingData, str, 
     classes = list(options_of(taxonomy))
     texts, probs, candidates, abstained, gold, pi = [], [], [], [], [], []
     for job in jobs:
-        columns = store.population(job["job_id"], classes)
+        columns = store.population(job["job_id"], classes, with_text=True)
         texts += columns["text"]
         probs.append(columns["probs"])
         candidates += [[name in (c or []) for name in classes] for c in columns["candidates"]]

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import f1_score
 
+from .statistics import calibration
 from .students import KINDS, FineTunedEncoder, Targets, features, fit_linear, in_order, save_student
 from .taxonomy import NONE_LABEL
 
@@ -160,15 +161,10 @@ def _against(probs: np.ndarray, classes: list[str], truth: list[str | None], wei
     predicted = [classes[int(p.argmax())] for p in probs]
     right = np.array([p == t for p, t in zip(predicted, truth)], dtype=float)
     reference = ["(none)" if t is None else t for t in truth]
-    confidence = probs.max(axis=1)
-    bins = np.minimum((confidence * 10).astype(int), 9)
-    ece = sum(abs(np.average(right[bins == b], weights=weights[bins == b])
-                  - np.average(confidence[bins == b], weights=weights[bins == b])) * weights[bins == b].sum()
-              for b in np.unique(bins)) / weights.sum()
     return {"n": len(truth), "accuracy": float(np.average(right, weights=weights)),
             "macro_f1": float(f1_score(reference, predicted, labels=sorted(set(reference)), average="macro",
                                        sample_weight=weights, zero_division=0)),
-            "ece": float(ece)}
+            "ece": calibration(probs.max(axis=1), right, weights, bins=10)["ece"]}
 
 
 def _latency(student, texts: list[str]) -> float | None:

@@ -48,7 +48,7 @@ def rank_llm_issues(store: Store, job_id: str, *, max_documents: int, seed: int,
 
     job = store.job(job_id)
     taxonomy, _, _ = store.get_taxonomy(job["taxonomy"], job["taxonomy_version"])
-    columns = store.population(job_id, taxonomy.label_names())
+    columns = store.population(job_id, taxonomy.label_names(), with_text=True)
     labelled = [i for i, label in enumerate(columns["label"]) if label is not None and label != NONE_LABEL]
     if len(labelled) > max_documents:
         labelled = sorted(np.random.default_rng(seed).choice(labelled, size=max_documents, replace=False).tolist())

@@ -120,7 +120,7 @@ def quality_report(*, gold: list[str], predicted: list[str | None], probs: np.nd
         "abstentions": _abstentions(gold_arr, answered, abstain_reasons, weights),
         "per_label": _per_label(gold_arr[answered], chosen[answered], weights[answered], labels),
         "confusion": _confusion(gold_arr, chosen, weights),
-        **_calibration(confidence, correct_top, weights, bins),
+        **calibration(confidence, correct_top, weights, bins),
         "selective": [_selective(confidence, correct_top, weights, c) for c in coverages],
         "kappa": _kappa(gold_arr[answered], chosen[answered], weights[answered]),
     }
@@ -205,7 +205,7 @@ def _confusion(gold: np.ndarray, chosen: np.ndarray, w: np.ndarray) -> list[dict
     return [{"gold": g, "predicted": c, "n": n, "weighted_n": float(wn)} for (g, c), (n, wn) in sorted(cells.items())]
 
 
-def _calibration(confidence: np.ndarray, correct: np.ndarray, w: np.ndarray, bins: int) -> dict:
+def calibration(confidence: np.ndarray, correct: np.ndarray, w: np.ndarray, bins: int) -> dict:
     """Weighted expected calibration error over equal-width confidence bins, and the bins themselves."""
     which = np.minimum((confidence * bins).astype(int), bins - 1)
     ece, reliability = 0.0, []

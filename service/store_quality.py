@@ -82,12 +82,16 @@ class QualityStore:
                 [output, json.dumps({"method": "cascade", "threshold": threshold, "student": student, "llm": llm}),
                  job_id, student, llm, llm])
 
-    def population(self, job_id: str, options: list[str]) -> dict:
-        """Every labelled document of a job as arrays: its distribution over ``options``, label, gold and π."""
+    def population(self, job_id: str, options: list[str], *, with_text: bool = False) -> dict:
+        """Every labelled document of a job as arrays: its distribution over ``options``, label, gold and π.
+
+        The texts are read only ``with_text`` (training students, auditing labels); statistics need none.
+        """
+        text = " l.text," if with_text else ""
         table = self.cursor().sql(
             "SELECT l.doc_id, list_transform(?::VARCHAR[], lambda k: coalesce(l.distribution[k], 0.0)) AS probs,"
-            " l.label, l.candidates, l.abstained, l.abstain_reason, l.meta, l.text, length(l.text) AS text_chars, g.inclusion_prob,"
-            " g.gold_label, g.human_agreement FROM labels l LEFT JOIN gold g USING (job_id, doc_id)"
+            f" l.label, l.candidates, l.abstained, l.abstain_reason, l.meta, length(l.text) AS text_chars,{text}"
+            " g.inclusion_prob, g.gold_label, g.human_agreement FROM labels l LEFT JOIN gold g USING (job_id, doc_id)"
             " WHERE l.job_id = ? ORDER BY l.position", params=[options, job_id]).to_arrow_table()
         columns = table.to_pydict()
         k = len(options)
