@@ -8,8 +8,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install models serve test bench clean
+.PHONY: install models browser serve test bench clean
 
 install: $(STAMP)
 
@@ -27,8 +28,14 @@ models: install
 serve: models
 	HF_HUB_OFFLINE=1 $(BIN)/annotate serve
 
-test: models
+test: models browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+# The console's browser tests drive Debian's Chromium and ChromeDriver (never a downloaded browser).
+browser:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  ($(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends \
+	    chromium chromium-driver)
 
 bench: models
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/label_throughput.py

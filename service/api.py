@@ -26,17 +26,20 @@ from .api_models import (InductionRequest, InductionStatus, JobCreated, JobReque
                          TaxonomyCreated)
 from .documents import batched, check_document, local_source, read_file
 from .annotators import EmbeddingLabeller
+from .api_auth import AUTH_ROUTES, caller_of, guard, route_scopes
 from .api_classifiers import CLASSIFIER_ROUTES
 from .api_context import Context, hosted
 from .api_quality import QUALITY_ROUTES
-from .errors import AnnotateError, Conflict, InvalidInput, PayloadTooLarge, TaxonomyError
+from .console import CONSOLE_ROUTES
+from .auth import OPERATOR, Caller
+from .errors import AnnotateError, Conflict, InvalidInput, PayloadTooLarge, TaxonomyError, TooManyRequests
 from .induction import InductionOptions, sample_texts
 from .jobs import CASCADE, job_record
 from .labelling import Labeller
 from .sandbox import run_sql
 from .settings import Settings
 from .store import Store, document_batch
-from .taxonomy import format_loc, parse_taxonomy
+from .taxonomy import Taxonomy, format_loc, parse_taxonomy
 
 
 _SQL_THREADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="user-sql")  # slow user SQL never starves jobs
@@ -45,11 +48,13 @@ _SQL_THREADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="user-sql") 
 def create_api() -> FastAPI:
     """Build the FastAPI application with its routes and error handlers."""
     app = FastAPI(title="annotate", version=__version__, description="LLM-driven annotation service")
-    app.middleware("http")(_limit_body)
     app.exception_handler(AnnotateError)(_render_error)
     app.exception_handler(RequestValidationError)(_render_validation_error)
-    for route in ROUTES + QUALITY_ROUTES + CLASSIFIER_ROUTES:
-        app.add_api_route(**route)
+    routes = ROUTES + QUALITY_ROUTES + CLASSIFIER_ROUTES + CONSOLE_ROUTES + AUTH_ROUTES
+    for route in routes:
+        app.add_api_route(**{k: v for k, v in route.items() if k != "scope"})
+    app.middleware("http")(_limit_body)
+    app.middleware("http")(guard(app, route_scopes(routes)))  # added last, so it runs first
     return app
 
 
@@ -138,30 +143,54 @@ async def create_job(request: Request, body: JobRequest) -> JSONResponse:
     labeller = panel[0][1]
     if body.mode == "batch" and (len(panel) > 1 or isinstance(labeller, EmbeddingLabeller)):
         raise InvalidInput("mode 'batch' runs one LLM annotator; label with several annotators in mode 'stream'")
+    caller = caller_of(request)
+    await asyncio.to_thread(_check_job_limit, ctx, caller)
     job_id = "job_" + uuid.uuid4().hex[:16]
     model = next((l.model for _, l in panel if isinstance(l, Labeller)), None) or ctx.runner.model(body.model).name
-    job = dict(job_id=job_id, taxonomy=body.taxonomy, model=model,
+    job = dict(job_id=job_id, taxonomy=body.taxonomy, model=model, created_by=caller.token_id,
                **job_record(panel, aggregation=aggregation, threshold=body.cascade_threshold))
     if body.mode == "batch":
         shards, stamp = await asyncio.to_thread(ctx.runner.batch_runner.plan, body.source, body.shard_size)
         batch = {"source": body.source, "text_field": body.text_field, "id_field": body.id_field, "stamp": stamp}
         total = await asyncio.to_thread(ctx.store.create_job, **job, batch=batch, shards=shards)
     else:
-        rows = _job_rows(ctx.settings, body)
+        max_chars, limit_name = _longest(ctx.settings, labeller.taxonomy)
+        rows = _job_rows(ctx.settings, body, max_chars)
         batches = (document_batch(job_id, batch, i * ctx.settings.batch_size)
                    for i, batch in enumerate(batched(rows, ctx.settings.batch_size)))
-        total = await asyncio.to_thread(ctx.store.create_job, **job, batches=batches)
+        try:
+            total = await asyncio.to_thread(ctx.store.create_job, **job, batches=batches)
+        except PayloadTooLarge as exc:
+            raise PayloadTooLarge(f"{exc} ({limit_name})") from exc
     ctx.runner.submit(job_id)
     created = JobCreated(job_id=job_id, status="queued", total=total, taxonomy_version=labeller.taxonomy_version,
                          model=model, mode=body.mode, annotators=[row["name"] for row, _ in panel])
     return JSONResponse(created.model_dump(), status_code=202)
 
 
-def _job_rows(settings: Settings, body: JobRequest) -> Iterator[dict]:
+def _check_job_limit(ctx: Context, caller: Caller) -> None:
+    """A token may have so many jobs queued or running at once; the operator's token and loopback use are exempt."""
+    if caller.token_id in (None, OPERATOR):
+        return
+    active, limit = ctx.store.active_jobs_of(caller.token_id), ctx.settings.max_active_jobs_per_token
+    if active >= limit:
+        raise TooManyRequests(f"token {caller.token_id} has {active} jobs queued or running, the limit "
+                              f"(ANNOTATE_MAX_ACTIVE_JOBS_PER_TOKEN) is {limit}; wait for one to end or cancel one")
+
+
+def _longest(settings: Settings, taxonomy: Taxonomy) -> tuple[int, str]:
+    """The longest document a job accepts, and the setting that says so, for its error message."""
+    if taxonomy.long_documents == "reject" and settings.model_input_chars < settings.max_document_chars:
+        return settings.model_input_chars, (f"the model's input, ANNOTATE_MODEL_INPUT_CHARS; taxonomy "
+                                            f"{taxonomy.name!r} says long_documents: reject")
+    return settings.max_document_chars, "ANNOTATE_MAX_DOCUMENT_CHARS"
+
+
+def _job_rows(settings: Settings, body: JobRequest, max_chars: int) -> Iterator[dict]:
     """Validated document rows from the inline list or the server-side source file."""
     if body.source is not None:
         path = local_source(settings.input_dir, body.source)
-        rows = read_file(path, text_field=body.text_field, id_field=body.id_field, max_chars=settings.max_document_chars)
+        rows = read_file(path, text_field=body.text_field, id_field=body.id_field, max_chars=max_chars)
         first = next(rows, None)
         if first is None:
             raise InvalidInput(f"source {body.source!r} holds no documents")
@@ -169,8 +198,8 @@ def _job_rows(settings: Settings, body: JobRequest) -> Iterator[dict]:
     if len(body.documents) > settings.max_documents_per_job:
         raise PayloadTooLarge(f"documents: {len(body.documents):,} documents is over the limit of "
                               f"{settings.max_documents_per_job:,} per job (ANNOTATE_MAX_DOCUMENTS_PER_JOB)")
-    return (check_document(f"documents[{i}]", d.id if d.id is not None else i, d.text, d.meta,
-                           max_chars=settings.max_document_chars) for i, d in enumerate(body.documents))
+    return (check_document(f"documents[{i}]", d.id if d.id is not None else i, d.text, d.meta, max_chars=max_chars)
+            for i, d in enumerate(body.documents))
 
 
 async def induce_taxonomy(request: Request, body: InductionRequest) -> JSONResponse:
@@ -274,22 +303,22 @@ async def query_sql(request: Request, body: SqlRequest) -> SqlResponse:
 
 
 ROUTES = [
-    dict(path="/healthz", endpoint=health, methods=["GET"], tags=["service"]),
-    dict(path="/v1/models", endpoint=list_models, methods=["GET"], tags=["service"]),
-    dict(path="/v1/taxonomies", endpoint=push_taxonomy, methods=["POST"], status_code=201, tags=["taxonomies"],
+    dict(path="/healthz", endpoint=health, scope=None, methods=["GET"], tags=["service"]),
+    dict(path="/v1/models", endpoint=list_models, scope="read", methods=["GET"], tags=["service"]),
+    dict(path="/v1/taxonomies", endpoint=push_taxonomy, scope="write", methods=["POST"], status_code=201, tags=["taxonomies"],
          response_model=TaxonomyCreated,
          openapi_extra={"requestBody": {"required": True, "content": {"application/yaml": {"schema": {"type": "string"}}}}}),
-    dict(path="/v1/taxonomies", endpoint=list_taxonomies, methods=["GET"], tags=["taxonomies"]),
-    dict(path="/v1/taxonomies/{name}", endpoint=get_taxonomy, methods=["GET"], tags=["taxonomies"]),
-    dict(path="/v1/taxonomies:induce", endpoint=induce_taxonomy, methods=["POST"], status_code=202,
+    dict(path="/v1/taxonomies", endpoint=list_taxonomies, scope="read", methods=["GET"], tags=["taxonomies"]),
+    dict(path="/v1/taxonomies/{name}", endpoint=get_taxonomy, scope="read", methods=["GET"], tags=["taxonomies"]),
+    dict(path="/v1/taxonomies:induce", endpoint=induce_taxonomy, scope="write", methods=["POST"], status_code=202,
          tags=["taxonomies"]),
-    dict(path="/v1/inductions/{induction_id}", endpoint=get_induction, methods=["GET"], tags=["taxonomies"],
+    dict(path="/v1/inductions/{induction_id}", endpoint=get_induction, scope="read", methods=["GET"], tags=["taxonomies"],
          response_model=InductionStatus),
-    dict(path="/v1/jobs", endpoint=create_job, methods=["POST"], status_code=202, tags=["jobs"], response_model=JobCreated),
-    dict(path="/v1/jobs", endpoint=list_jobs, methods=["GET"], tags=["jobs"]),
-    dict(path="/v1/jobs/{job_id}", endpoint=get_job, methods=["GET"], tags=["jobs"], response_model=JobStatus),
-    dict(path="/v1/jobs/{job_id}", endpoint=cancel_job, methods=["DELETE"], tags=["jobs"], response_model=JobStatus),
-    dict(path="/v1/jobs/{job_id}/labels", endpoint=job_labels, methods=["GET"], tags=["jobs"]),
-    dict(path="/v1/jobs/{job_id}/failures", endpoint=job_failures, methods=["GET"], tags=["jobs"]),
-    dict(path="/v1/sql", endpoint=query_sql, methods=["POST"], tags=["sql"], response_model=SqlResponse),
+    dict(path="/v1/jobs", endpoint=create_job, scope="write", methods=["POST"], status_code=202, tags=["jobs"], response_model=JobCreated),
+    dict(path="/v1/jobs", endpoint=list_jobs, scope="read", methods=["GET"], tags=["jobs"]),
+    dict(path="/v1/jobs/{job_id}", endpoint=get_job, scope="read", methods=["GET"], tags=["jobs"], response_model=JobStatus),
+    dict(path="/v1/jobs/{job_id}", endpoint=cancel_job, scope="write", methods=["DELETE"], tags=["jobs"], response_model=JobStatus),
+    dict(path="/v1/jobs/{job_id}/labels", endpoint=job_labels, scope="read", methods=["GET"], tags=["jobs"]),
+    dict(path="/v1/jobs/{job_id}/failures", endpoint=job_failures, scope="read", methods=["GET"], tags=["jobs"]),
+    dict(path="/v1/sql", endpoint=query_sql, scope="read", methods=["POST"], tags=["sql"], response_model=SqlResponse),
 ]

@@ -73,9 +73,9 @@ def _archive(source: Path, archive: Path, name: str) -> None:
 
 
 CLASSIFIER_ROUTES = [
-    dict(path="/v1/classifiers", endpoint=create_classifier, methods=["POST"], status_code=202, tags=["classifiers"]),
-    dict(path="/v1/classifiers", endpoint=list_classifiers, methods=["GET"], tags=["classifiers"]),
-    dict(path="/v1/classifiers/{ref}", endpoint=get_classifier, methods=["GET"], tags=["classifiers"]),
-    dict(path="/v1/classifiers/{ref}/predict", endpoint=predict, methods=["POST"], tags=["classifiers"]),
-    dict(path="/v1/classifiers/{ref}/export", endpoint=export_classifier, methods=["GET"], tags=["classifiers"]),
+    dict(path="/v1/classifiers", endpoint=create_classifier, scope="admin", methods=["POST"], status_code=202, tags=["classifiers"]),
+    dict(path="/v1/classifiers", endpoint=list_classifiers, scope="read", methods=["GET"], tags=["classifiers"]),
+    dict(path="/v1/classifiers/{ref}", endpoint=get_classifier, scope="read", methods=["GET"], tags=["classifiers"]),
+    dict(path="/v1/classifiers/{ref}/predict", endpoint=predict, scope="read", methods=["POST"], tags=["classifiers"]),
+    dict(path="/v1/classifiers/{ref}/export", endpoint=export_classifier, scope="read", methods=["GET"], tags=["classifiers"]),
 ]

@@ -12,6 +12,7 @@ from .induction import InductionRunner
 from .jobs import JobRunner
 from .settings import Settings
 from .store import Store
+from .tokens import TokenStore
 
 
 @dataclass
@@ -25,6 +26,7 @@ class Context:
     inductions: InductionRunner
     classifiers: ClassifierRunner
     students: object  # the StudentServer deployment handle
+    tokens: TokenStore
 
 
 _hosted: Context | None = None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -127,6 +127,8 @@ class JobStatus(BaseModel):
     routing_rate: float | None = Field(None, description="Cascade: routed / total.")
     annotators: list[AnnotatorStatus] = []
     aggregation: str | None = None
+    docs_per_s: float | None = Field(None, description="Documents' worth of work (all annotators) finished per second since the start.")
+    eta_s: float | None = Field(None, description="Seconds left at the current pace, while running.")
     error: str | None = None
     created_at: datetime
     started_at: datetime | None = None
@@ -141,9 +143,24 @@ class JobStatus(BaseModel):
         counted = members[:1] if aggregation == "cascade" else members if len(members) > 1 else []
         steps = row["total"] * (len(counted) + 1)
         finished = row["done"] + row["failed"] + sum(m["done"] + m["failed"] for m in counted)
-        return cls(**fields, mode="stream" if row.get("batch") is None else "batch",
-                   progress=round(finished / steps, 4) if steps else 1.0, aggregation=aggregation,
+        progress = round(finished / steps, 4) if steps else 1.0
+        return cls(**fields, mode="stream" if row.get("batch") is None else "batch", progress=progress,
+                   aggregation=aggregation, **_pace(row, progress),
                    **_routing(members, row["total"]) if aggregation == "cascade" else {})
+
+
+def _pace(row: dict, progress: float) -> dict:
+    """Throughput since the start, and the time left at that pace while the job runs (timestamps are naive UTC)."""
+    if row.get("started_at") is None:
+        return {}
+    end = row.get("finished_at") or datetime.now(timezone.utc).replace(tzinfo=None)
+    elapsed = (end - row["started_at"]).total_seconds()
+    if elapsed <= 0:
+        return {}
+    pace = {"docs_per_s": round(progress * row["total"] / elapsed, 3)}  # every annotator's share of the work
+    if row["status"] == "running" and 0 < progress < 1:
+        pace["eta_s"] = round(elapsed * (1 - progress) / progress, 1)
+    return pace
 
 
 def _routing(members: list[dict], total: int) -> dict:

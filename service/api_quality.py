@@ -81,16 +81,16 @@ async def aggregate_job(request: Request, job_id: str, body: AggregateRequest) -
 
 
 QUALITY_ROUTES = [
-    dict(path="/v1/jobs/{job_id}/gold-sample", endpoint=draw_gold_sample, methods=["POST"], status_code=201,
+    dict(path="/v1/jobs/{job_id}/gold-sample", endpoint=draw_gold_sample, scope="write", methods=["POST"], status_code=201,
          tags=["quality"]),
-    dict(path="/v1/jobs/{job_id}/gold-sample", endpoint=get_gold_sample, methods=["GET"], tags=["quality"]),
-    dict(path="/v1/jobs/{job_id}/gold", endpoint=put_gold_labels, methods=["POST"], tags=["quality"],
+    dict(path="/v1/jobs/{job_id}/gold-sample", endpoint=get_gold_sample, scope="read", methods=["GET"], tags=["quality"]),
+    dict(path="/v1/jobs/{job_id}/gold", endpoint=put_gold_labels, scope="write", methods=["POST"], tags=["quality"],
          openapi_extra={"requestBody": {"required": True, "content": {
              "application/json": {"schema": {"type": "object"}}, "text/csv": {"schema": {"type": "string"}}}}}),
-    dict(path="/v1/jobs/{job_id}/report", endpoint=job_report, methods=["GET"], tags=["quality"]),
-    dict(path="/v1/jobs/{job_id}/calibrate", endpoint=calibrate_job, methods=["POST"], tags=["quality"]),
-    dict(path="/v1/jobs/{job_id}/estimate", endpoint=estimate_job, methods=["POST"], tags=["quality"]),
-    dict(path="/v1/jobs/{job_id}/label-issues", endpoint=job_label_issues, methods=["GET"], tags=["quality"]),
-    dict(path="/v1/jobs/{job_id}/agreement", endpoint=job_agreement, methods=["GET"], tags=["quality"]),
-    dict(path="/v1/jobs/{job_id}/aggregate", endpoint=aggregate_job, methods=["POST"], tags=["quality"]),
+    dict(path="/v1/jobs/{job_id}/report", endpoint=job_report, scope="read", methods=["GET"], tags=["quality"]),
+    dict(path="/v1/jobs/{job_id}/calibrate", endpoint=calibrate_job, scope="write", methods=["POST"], tags=["quality"]),
+    dict(path="/v1/jobs/{job_id}/estimate", endpoint=estimate_job, scope="read", methods=["POST"], tags=["quality"]),
+    dict(path="/v1/jobs/{job_id}/label-issues", endpoint=job_label_issues, scope="read", methods=["GET"], tags=["quality"]),
+    dict(path="/v1/jobs/{job_id}/agreement", endpoint=job_agreement, scope="read", methods=["GET"], tags=["quality"]),
+    dict(path="/v1/jobs/{job_id}/aggregate", endpoint=aggregate_job, scope="write", methods=["POST"], tags=["quality"]),
 ]

@@ -18,6 +18,7 @@ import logging
 from pathlib import Path
 
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from .api import create_api
@@ -32,6 +33,7 @@ from .metrics import ModelStats
 from .logs import configure_logging
 from .settings import Settings
 from .store import Store
+from .tokens import TokenStore
 
 api = create_api()
 log = logging.getLogger(__name__)
@@ -117,11 +119,26 @@ def handle_scorer(model: DeploymentHandle):
     """A job-runner scorer that sends each request as its own call, so Serve batches them."""
 
     async def score(requests: list[ScoreRequest]) -> list:
-        calls = [model.score.remote(request) for request in requests]
-        results = await asyncio.gather(*calls, return_exceptions=True)
+        results = await asyncio.gather(*(_outliving_replicas(model, request) for request in requests),
+                                       return_exceptions=True)
         return [cause_of(r) if isinstance(r, BaseException) else r for r in results]
 
     return score
+
+
+REPLICA_GONE = (RayActorError, ActorUnavailableError)  # the replica died or is restarting; Serve brings one back
+REPLICA_WAITS_S = (0.5, 1, 2, 4, 8, 15, 30, 30, 30)  # about two minutes: a restart reloads the weights
+
+
+async def _outliving_replicas(model: DeploymentHandle, request: ScoreRequest):
+    """Score one request; when its replica dies, wait for Serve to replace it and ask again (not a document error)."""
+    for wait_s in REPLICA_WAITS_S:
+        try:
+            return await model.score.remote(request)
+        except REPLICA_GONE as exc:
+            log.warning("model replica gone; retrying", extra={"error": type(exc).__name__, "wait_s": wait_s})
+            await asyncio.sleep(wait_s)
+    return await model.score.remote(request)
 
 
 def handle_generator(model: DeploymentHandle):
@@ -161,7 +178,7 @@ class Ingress:
             log.warning("inductions or trainings interrupted by the last stop were marked failed")
         generators = {name: handle_generator(handle) for name, handle in models.items()}
         self._context = Context(parsed, store, runner, models, InductionRunner(store, generators, runner),
-                                ClassifierRunner(store, parsed), students)
+                                ClassifierRunner(store, parsed), students, TokenStore(parsed.data_dir / "tokens.sqlite"))
         attach(self._context)
 
     async def __del__(self):
@@ -171,6 +188,7 @@ class Ingress:
         await self._context.classifiers.close()
         await self._context.runner.close()
         self._context.store.close()
+        self._context.tokens.close()
 
 
 def build(args: dict | None = None) -> serve.Application:

@@ -19,8 +19,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .cli_classifiers import register_classifier_commands
-from .cli_common import FINAL, URL, call, console, errors, error_message, fail
+from .cli_common import FINAL, URL, auth_headers, call, console, errors, error_message, fail
 from .cli_quality import register_quality_commands
+from .cli_tokens import register_token_commands
 from .errors import AnnotateError
 from .settings import Settings
 
@@ -245,7 +246,7 @@ def status(job_id: str, url: str = URL) -> None:
 def sql(query: str, url: str = URL, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Run read-only SQL against the results; prints a table."""
     try:
-        result = httpx.post(f"{url}/v1/sql", json={"sql": query}, timeout=120)
+        result = httpx.post(f"{url}/v1/sql", json={"sql": query}, timeout=120, headers=auth_headers())
     except httpx.ConnectError:
         result = None
     if result is None:
@@ -319,6 +320,7 @@ def settings_table() -> None:
 
 register_quality_commands(app)
 register_classifier_commands(app)
+register_token_commands(app)
 
 
 def main() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import httpx
 import typer
 from rich.console import Console
@@ -18,10 +20,17 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def auth_headers() -> dict[str, str]:
+    """The bearer header of ANNOTATE_TOKEN, when it is set."""
+    token = os.environ.get("ANNOTATE_TOKEN")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def call(method: str, url: str, **kwargs) -> httpx.Response:
-    """An HTTP call whose errors become one readable line."""
+    """An HTTP call (with ANNOTATE_TOKEN's bearer header) whose errors become one readable line."""
+    headers = {**auth_headers(), **kwargs.pop("headers", {})}
     try:
-        response = httpx.request(method, url, timeout=kwargs.pop("timeout", 60), **kwargs)
+        response = httpx.request(method, url, timeout=kwargs.pop("timeout", 60), headers=headers, **kwargs)
     except httpx.ConnectError:
         fail(f"no service answers at {url.split('/v1')[0]}; start one with `annotate serve`")
     if response.status_code >= 400:

@@ -46,8 +46,8 @@ def check_document(where: str, doc_id: object, text: object, meta: object, *, ma
         raise InvalidInput(f"{where}.text: must be a string, got {type(text).__name__}")
     if len(text) > max_chars:
         raise PayloadTooLarge(
-            f"{where}.text: {len(text):,} characters is over the limit of {max_chars:,} "
-            "(ANNOTATE_MAX_DOCUMENT_CHARS); split the document or raise the limit"
+            f"{where}.text: {len(text):,} characters is over the limit of {max_chars:,}; split the document "
+            "or raise the limit"
         )
     try:
         text.encode("utf-8")

@@ -58,6 +58,24 @@ class PayloadTooLarge(InvalidInput):
     status_code = 413
 
 
+class Unauthenticated(AnnotateError):
+    """No API token, or one that is unknown or revoked."""
+
+    status_code = 401
+
+
+class Forbidden(AnnotateError):
+    """A valid token whose scope does not cover the request."""
+
+    status_code = 403
+
+
+class TooManyRequests(AnnotateError):
+    """A per-token limit (such as concurrent jobs) is reached; retry later."""
+
+    status_code = 429
+
+
 class NotFound(AnnotateError, KeyError):
     """A named thing does not exist."""
 

@@ -153,8 +153,11 @@ class JobRunner:
                 raise
             except Exception as exc:  # a job-level failure: record it, keep serving others
                 log.exception("job failed", extra={"job_id": job_id})
-                await asyncio.to_thread(self.store.set_job_status, job_id, "failed",
-                                        error=f"{type(exc).__name__}: {exc}", only_if_active=True)
+                try:
+                    await asyncio.to_thread(self.store.set_job_status, job_id, "failed",
+                                            error=f"{type(exc).__name__}: {exc}", only_if_active=True)
+                except Exception:  # the store itself is failing (disk full): the job stays active, resumes on restart
+                    log.critical("could not record the job's failure", exc_info=True, extra={"job_id": job_id})
 
     async def run(self, job_id: str) -> None:
         """Label every pending document of a job (streamed, or through the batch runner), then aggregate."""

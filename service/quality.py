@@ -81,7 +81,8 @@ def report(store: Store, job_id: str) -> dict:
     result = quality_report(gold=data.at_gold("gold_label"), predicted=data.at_gold("label"),
                             probs=data.probs[data.gold], labels=data.options, weights=weights,
                             abstain_reasons=data.at_gold("abstain_reason"))
-    result = {"job_id": job_id, "sample": data.sample, **result, **_annotators(store, data)}
+    result = {"job_id": job_id, "sample": data.sample, **result, **_annotators(store, data),
+              "humans": _human_agreement(store, job_id)}
     result["calibration"] = store.calibration(job_id)
     store.put_quality_tables(job_id, *_tables(result))
     return result
@@ -115,6 +116,16 @@ def _annotators(store: Store, data: GoldData) -> dict:
                          "accuracy": _weighted_mean(answered),
                          "coverage": sum(w for _, w in answered) / total if total else None})
     return {"annotators": accuracy, "agreement": agreement(rows, names)}
+
+
+def _human_agreement(store: Store, job_id: str) -> dict | None:
+    """How often the people who labelled the gold sample agree with each other (None with fewer than two)."""
+    rows = store.gold_label_rows(job_id)
+    people = sorted({r["annotator"] for r in rows})
+    if len(people) < 2:
+        return None
+    votes = [{**r, "status": "ok", "abstained": False} for r in rows]
+    return {"people": people, **agreement(votes, {p: p for p in people})}
 
 
 def _weighted_mean(pairs: list[tuple[bool, float]]) -> float | None:

@@ -2,16 +2,21 @@
 
 1. Only a single read statement (``SELECT``, which covers WITH, VALUES, FROM-first,
    DESCRIBE, SHOW and SUMMARIZE) is accepted; anything else is refused with the reason.
-2. It runs on a cursor of the store's instance, which ``Store`` has locked down: no
-   file access outside the exports dir, no network, no extension installs, and its
-   configuration cannot be changed.
-3. A watchdog interrupts it at the time limit, again and again until it stops (a request
+2. Calls that no limit can stop are refused, found in DuckDB's own parse tree (see
+   ``UNBOUNDED`` and ``HIDDEN_SQL``).
+3. It runs in a read-only transaction, since a SELECT may still write through a
+   data-modifying CTE (``WITH x AS (DELETE FROM jobs RETURNING *) SELECT ...``).
+4. It runs on a cursor of the store's instance, which ``Store`` has locked down: no
+   file access outside the exports dir, no network, no extension installs, a memory
+   limit, and its configuration cannot be changed.
+5. A watchdog interrupts it at the time limit, again and again until it stops (a request
    may lower the limit, never raise it, and never below 0.1 s).
-4. At most ``max_rows`` rows are returned; fetching one more tells whether it was cut.
+6. At most ``max_rows`` rows are returned; fetching one more tells whether it was cut.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass
@@ -24,6 +29,12 @@ import duckdb
 from .errors import SqlRejected, SqlTimeout
 
 ALLOWED = {duckdb.StatementType.SELECT}
+# Scalar functions one call of which builds a value as large as a number argument asks
+# (repeat('x', 2000000000), range(0, 10^9), lpad, printf('%2000000000d')): DuckDB can
+# neither interrupt such a call midway nor count it against its memory limit.
+UNBOUNDED = {"repeat", "lpad", "rpad", "printf", "format", "range", "generate_series", "list_resize", "array_resize"}
+# Table functions that run SQL given as text, which the checks here never see.
+HIDDEN_SQL = {"query"}
 
 
 @dataclass
@@ -54,13 +65,15 @@ def check_sql(sql: str) -> str:
 
 
 def run_sql(cursor: duckdb.DuckDBPyConnection, sql: str, *, timeout_s: float, max_rows: int) -> SqlResult:
-    """Run a checked statement under the time limit and the row cap."""
+    """Run a checked statement in a read-only transaction under the time limit and the row cap."""
     query = check_sql(sql)
     finished = threading.Event()
     watchdog = threading.Thread(target=_interrupt_after, args=(cursor, timeout_s, finished), daemon=True)
     started = time.perf_counter()
     watchdog.start()
     try:
+        cursor.execute("BEGIN TRANSACTION READ ONLY")
+        _refuse_unstoppable_calls(cursor, query)
         cursor.execute(query)
         columns = [d[0] for d in cursor.description or []]
         rows = cursor.fetchmany(max_rows + 1)
@@ -68,6 +81,12 @@ def run_sql(cursor: duckdb.DuckDBPyConnection, sql: str, *, timeout_s: float, ma
         raise SqlTimeout(f"query ran past its time limit of {timeout_s:g} s and was stopped") from exc
     except duckdb.PermissionException as exc:
         raise SqlRejected(f"not allowed: {exc}; SQL may read the service's tables only") from exc
+    except duckdb.TransactionException as exc:
+        raise SqlRejected(f"not allowed: SQL access is read-only and this query writes ({exc})") from exc
+    except duckdb.OutOfMemoryException as exc:
+        reason = str(exc).splitlines()[0]
+        raise SqlRejected(f"{reason}: the query needs more memory than the SQL sandbox allows; "
+                          "filter or aggregate more, or add a LIMIT") from exc
     except duckdb.Error as exc:
         raise SqlRejected(f"{type(exc).__name__}: {exc}") from exc
     finally:
@@ -80,6 +99,31 @@ def run_sql(cursor: duckdb.DuckDBPyConnection, sql: str, *, timeout_s: float, ma
         truncated=len(rows) > max_rows,
         elapsed_ms=1000 * (time.perf_counter() - started),
     )
+
+
+def _refuse_unstoppable_calls(cursor: duckdb.DuckDBPyConnection, query: str) -> None:
+    """Refuse UNBOUNDED and HIDDEN_SQL calls; the parse tree sees through quoting, schemas and dot syntax."""
+    tree = json.loads(cursor.execute("SELECT json_serialize_sql(?)", [query]).fetchone()[0])
+    if tree["error"]:
+        raise SqlRejected(f"SQL cannot be checked: {tree['error_message']}")
+    calls = set(_function_calls(tree))
+    if hidden := sorted({name for name, in_from in calls if in_from and name in HIDDEN_SQL}):
+        raise SqlRejected(f"{hidden[0]}() is not allowed: it runs SQL text the sandbox cannot check; write that SQL directly")
+    if unbounded := sorted({name for name, in_from in calls if not in_from and name in UNBOUNDED}):
+        raise SqlRejected(f"{', '.join(unbounded)}() not allowed: one call can build a value of any size, which neither "
+                          "the time limit nor the memory limit can stop (range and generate_series are fine in FROM)")
+
+
+def _function_calls(node, in_from: bool = False):
+    """(name, is a table function in FROM) for every function call in a json_serialize_sql tree."""
+    if isinstance(node, list):
+        for child in node:
+            yield from _function_calls(child)
+    elif isinstance(node, dict):
+        if node.get("class") == "FUNCTION":
+            yield node["function_name"].lower(), in_from
+        for key, child in node.items():
+            yield from _function_calls(child, node.get("type") == "TABLE_FUNCTION" and key == "function")
 
 
 def _interrupt_after(cursor: duckdb.DuckDBPyConnection, timeout_s: float, finished: threading.Event) -> None:

@@ -7,6 +7,7 @@ The README's "Configuration" table is generated from this class's field descript
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -48,6 +49,13 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest HTTP request body accepted.")
     sql_timeout_s: float = Field(10.0, gt=0, description="Time limit of a user SQL query; a request may only lower it.")
     sql_max_rows: int = Field(10_000, ge=1, description="Most rows a user SQL query returns; the answer says when it was cut.")
+    auth: Literal["auto", "required", "off"] = Field(
+        "auto", description="API tokens: 'auto' requires them unless the service binds loopback only; 'required'; 'off'.")
+    admin_token: str | None = Field(
+        None, repr=False, description="The operator's admin token (a secret of your choosing, e.g. from a secret store); "
+                                      "use it to create the others with `annotate token create`.")
+    max_active_jobs_per_token: int = Field(
+        8, ge=1, description="Queued or running jobs one API token may have at once (the operator's token is exempt).")
     log_level: str = Field("WARNING", description="Log level of the service's structured (JSON) logs.")
 
     @property

@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from .errors import AnnotateError, InvalidInput, NotFound
 from .labelling import Annotation
+from .store_console import ConsoleStore
 from .store_classifiers import ClassifierStore
 from .store_quality import QualityStore, utc_now
 from .taxonomy import Taxonomy, parse_taxonomy
@@ -40,6 +41,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     error VARCHAR, created_at TIMESTAMP NOT NULL, started_at TIMESTAMP, finished_at TIMESTAMP);
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS model VARCHAR;
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS batch JSON;
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS created_by VARCHAR;
 CREATE TABLE IF NOT EXISTS inductions (
     induction_id VARCHAR PRIMARY KEY, name VARCHAR NOT NULL, status VARCHAR NOT NULL, stage VARCHAR,
     progress DOUBLE, options JSON, yaml VARCHAR, report JSON, error VARCHAR,
@@ -138,6 +140,9 @@ DOCUMENT_SCHEMA = pa.schema(
 
 ANNOTATION_COLUMNS = ", ".join(ANNOTATION_SCHEMA.names)
 DOCUMENT_COLUMNS = ", ".join(DOCUMENT_SCHEMA.names)
+# DuckDB's share of the host's memory (its default is 80%): the ingress process also serves
+# requests and may hold a model, so user SQL must not take most of it.
+MEMORY_LIMIT = "25%"
 
 
 def _quote(value: object) -> str:
@@ -145,7 +150,7 @@ def _quote(value: object) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
-class Store(QualityStore, ClassifierStore):
+class Store(QualityStore, ClassifierStore, ConsoleStore):
     """DuckDB file owner; all reads and writes of the service go through its methods."""
 
     def __init__(self, path: Path, *, export_dir: Path, read_only: bool = False):
@@ -164,8 +169,15 @@ class Store(QualityStore, ClassifierStore):
         self._lock_down(path.parent / "tmp", export_dir)
 
     def _lock_down(self, temp_dir: Path, export_dir: Path) -> None:
-        """Close file and network access for the whole instance; order matters (DESIGN.md)."""
+        """Close file and network access for the whole instance; order matters (DESIGN.md).
+
+        The memory limit makes a huge sort, join or aggregation spill or fail with an error
+        instead of starving the host; extensions are never installed or loaded on demand.
+        """
         self._db.execute(f"SET temp_directory = {_quote(temp_dir)}")
+        self._db.execute(f"SET memory_limit = {_quote(MEMORY_LIMIT)}")
+        self._db.execute("SET autoinstall_known_extensions = false")
+        self._db.execute("SET autoload_known_extensions = false")
         self._db.execute(f"SET allowed_directories = [{_quote(f'{export_dir}/')}]")
         self._db.execute("SET enable_external_access = false")
         self._db.execute("SET lock_configuration = true")
@@ -237,7 +249,7 @@ class Store(QualityStore, ClassifierStore):
     # jobs ---------------------------------------------------------------------
     def create_job(self, *, job_id: str, taxonomy: str, version: str, model: str, annotator: str,
                    annotator_spec: dict, annotators: list[dict], batches: Iterator[pa.RecordBatch] = iter(()), batch: dict | None = None,
-                   shards: list[dict] | None = None) -> int:
+                   shards: list[dict] | None = None, created_by: str | None = None) -> int:
         """Insert a job with its documents (or, for a batch job, its shard plan) in one transaction; returns the total.
 
         No write lock: the batches may come from a large file, and DuckDB appends of a new
@@ -248,9 +260,9 @@ class Store(QualityStore, ClassifierStore):
         try:
             cur.execute(
                 "INSERT INTO jobs (job_id, taxonomy, taxonomy_version, annotator, annotator_spec, status, total,"
-                " created_at, model, batch) VALUES (?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?)",
+                " created_at, model, batch, created_by) VALUES (?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?)",
                 [job_id, taxonomy, version, annotator, json.dumps(annotator_spec), utc_now(), model,
-                 None if batch is None else json.dumps(batch)],
+                 None if batch is None else json.dumps(batch), created_by],
             )
             if annotators:
                 cur.executemany("INSERT INTO job_annotators VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -304,6 +316,11 @@ class Store(QualityStore, ClassifierStore):
             " ORDER BY created_at DESC LIMIT ?",
             [limit],
         )
+
+    def active_jobs_of(self, token_id: str) -> int:
+        """Queued or running jobs one API token submitted."""
+        return self.cursor().execute("SELECT count(*) FROM jobs WHERE created_by = ? AND status IN ('queued', 'running')",
+                                     [token_id]).fetchone()[0]
 
     def active_jobs(self) -> list[str]:
         """Jobs to (re)start: queued or interrupted while running, oldest first."""

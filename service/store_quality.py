@@ -136,6 +136,11 @@ class QualityStore:
                             [[job_id, doc_id, annotator, label, utc_now()] for doc_id, annotator, label in rows])
         return len(rows)
 
+    def gold_label_rows(self, job_id: str) -> list[dict]:
+        """Every person's label of every gold document (doc_id, annotator, label)."""
+        return self._dicts("SELECT doc_id, annotator, label FROM gold_labels WHERE job_id = ? ORDER BY doc_id, annotator",
+                           [job_id])
+
     # results ------------------------------------------------------------------
     def put_quality_tables(self, job_id: str, metrics: list[tuple], tables: dict[str, list[tuple]]) -> None:
         """Replace a job's rows in quality_metrics and the report tables (confusion_matrix, reliability, ...)."""

@@ -19,7 +19,7 @@ import json
 import re
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
@@ -99,6 +99,9 @@ class Taxonomy(_Model):
     abstention: Abstention = Abstention()
     model: str | None = Field(default=None, description="default model for jobs on this taxonomy, "
                                                         "a name from the models config")
+    long_documents: Literal["truncate", "reject"] = Field(
+        default="truncate", description="documents longer than the model's input (ANNOTATE_MODEL_INPUT_CHARS): "
+                                        "'truncate' labels their beginning and flags them; 'reject' refuses the job")
     labels: list[Label] = Field(description="the labels, each with at least name and description")
 
     @field_validator("name")

@@ -1,5 +1,8 @@
 """Shared fixtures: one real service (Ray Serve + embedded model) per test session, and real stores.
 
+The session service requires API tokens (ANNOTATE_AUTH=required), as a service off loopback
+does; clients and the CLI carry the operator's token unless a test says otherwise.
+
 The service is started once, as a user would (`annotate serve` in a subprocess on a free
 loopback port, its own data dir), because Ray Serve on 2 cores is slow to start and its
 proxy can miss readiness checks when tests starve the CPU.
@@ -12,8 +15,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -24,6 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 ANNOTATE = Path(sys.executable).parent / "annotate"
 STARTUP_TIMEOUT_S = 600
+OPERATOR_TOKEN = "test-operator-" + os.urandom(8).hex()  # the session service requires tokens, as off loopback
 
 
 @dataclass
@@ -36,9 +42,10 @@ class Service:
     process: subprocess.Popen | None
     env: dict
 
-    def client(self) -> httpx.Client:
-        """An HTTP client for this service."""
-        return httpx.Client(base_url=self.url, timeout=120)
+    def client(self, token: str | None = OPERATOR_TOKEN) -> httpx.Client:
+        """An HTTP client for this service, carrying ``token`` (the operator's admin token by default)."""
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, timeout=120, headers=headers)
 
     def start(self) -> None:
         """Start `annotate serve` on this data dir and port and wait until it answers."""
@@ -56,6 +63,17 @@ class Service:
         _, alive = psutil.wait_procs(children, timeout=60)
         leftovers = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
         assert not leftovers, f"processes left behind after SIGTERM: {[p.cmdline()[:2] for p in leftovers]}"
+
+    def kill(self) -> None:
+        """SIGKILL to the service and every process it started, as a crash or an OOM killer would."""
+        processes = [psutil.Process(self.process.pid), *psutil.Process(self.process.pid).children(recursive=True)]
+        for process in processes:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(processes, timeout=60)
+        self.process.wait(timeout=60)
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """Run the `annotate` command against this service."""
@@ -115,8 +133,54 @@ def llama_server(tmp_path_factory) -> str:
     process.wait(timeout=30)
 
 
-def models_file(directory: Path, llama_url: str) -> Path:
-    """The test models config: the embedded default, the fake engine (also slowed down), the llama.cpp server."""
+class FaultyProxy(BaseHTTPRequestHandler):
+    """In front of the real llama.cpp server: a request whose prompt holds STALL_ME hangs past the engine's
+    timeout, one holding GARBLE_ME gets a 200 whose body is not JSON; the rest pass through. Counts requests."""
+
+    upstream = ""
+    hits: dict[str, int] = {}
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        body = self.rfile.read(int(self.headers["content-length"]))
+        marker = next((m for m in ("STALL_ME", "GARBLE_ME") if m.encode() in body), "other")
+        type(self).hits[marker] = type(self).hits.get(marker, 0) + 1
+        if marker == "STALL_ME":
+            time.sleep(FAULTY_TIMEOUT_S + 5)
+            reply_status, reply = 200, b"{}"
+        elif marker == "GARBLE_ME":
+            reply_status, reply = 200, b"<html>upstream proxy error</html>"
+        else:
+            answer = httpx.post(self.upstream + self.path.removeprefix("/v1"), content=body,
+                                headers={"content-type": "application/json"}, timeout=300)
+            reply_status, reply = answer.status_code, answer.content
+        try:
+            self.send_response(reply_status)
+            self.send_header("content-type", "application/json")
+            self.end_headers()
+            self.wfile.write(reply)
+        except OSError:  # the engine gave up waiting and closed the connection
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+FAULTY_TIMEOUT_S = 15.0  # llama.cpp answers a real request in 2-8 s on 2 busy cores
+
+
+@pytest.fixture(scope="session")
+def faulty_proxy(llama_server) -> str:
+    """A FaultyProxy on loopback in front of the llama.cpp server; yields its /v1 URL."""
+    FaultyProxy.upstream = llama_server
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), FaultyProxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{proxy.server_port}/v1"
+    proxy.shutdown()
+
+
+def models_file(directory: Path, llama_url: str, faulty_url: str) -> Path:
+    """The test models config: the embedded default, the fake engine (also slowed down), the llama.cpp server,
+    and the llama.cpp server behind the faulty proxy."""
     path = directory / "models.yaml"
     path.write_text(f"""default: smollm2
 models:
@@ -125,12 +189,14 @@ models:
   slow-fake: {{engine: fake, delay_ms: 1}}
   llama: {{engine: openai, base_url: "{llama_url}", model: smollm2, scoring: top_logprobs, top_logprobs: 1000,
            max_concurrency: 2, timeout_s: 300}}
+  faulty: {{engine: openai, base_url: "{faulty_url}", model: smollm2, scoring: top_logprobs, top_logprobs: 1000,
+            max_concurrency: 4, timeout_s: {FAULTY_TIMEOUT_S}, max_retries: 0}}
 """)
     return path
 
 
 @pytest.fixture(scope="session")
-def service(tmp_path_factory, llama_server) -> Service:
+def service(tmp_path_factory, llama_server, faulty_proxy) -> Service:
     """The real service with the embedded model, started once; stopped with SIGTERM at the end."""
     data_dir = tmp_path_factory.mktemp("service-data")
     input_dir = tmp_path_factory.mktemp("service-inputs")
@@ -138,7 +204,8 @@ def service(tmp_path_factory, llama_server) -> Service:
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "ANNOTATE_DATA_DIR": str(data_dir), "ANNOTATE_PORT": str(port),
            "ANNOTATE_INPUT_DIR": str(input_dir), "ANNOTATE_URL": url, "HF_HUB_OFFLINE": "1",
-           "ANNOTATE_MODELS_FILE": str(models_file(data_dir.parent, llama_server))}
+           "ANNOTATE_AUTH": "required", "ANNOTATE_ADMIN_TOKEN": OPERATOR_TOKEN, "ANNOTATE_TOKEN": OPERATOR_TOKEN,
+           "ANNOTATE_MODELS_FILE": str(models_file(data_dir.parent, llama_server, faulty_proxy))}
     running = Service(url=url, data_dir=data_dir, input_dir=input_dir, process=None, env=env)
     running.start()
     yield running

@@ -211,6 +211,6 @@ def test_cli_lists_the_models_with_their_engines(service):
     """`annotate models list` shows every model of the models file, the default marked."""
     assert "smollm2" in service.cli("models", "list").stdout
     models = {m["name"]: m for m in json.loads(service.cli("models", "list", "--json").stdout)}
-    assert set(models) == {"smollm2", "fake", "slow-fake", "llama"}
+    assert set(models) == {"smollm2", "fake", "slow-fake", "llama", "faulty"}
     assert models["smollm2"]["engine"] == "embedded-transformers" and models["smollm2"]["default"]
     assert models["llama"]["engine"] == "openai" and models["llama"]["stats"]["queue_depth"] == 0

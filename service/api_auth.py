@@ -1,0 +1,166 @@
+"""Authentication at the HTTP boundary: one middleware checks every request against its route's scope.
+
+Every route declares ``scope`` (``read``, ``write``, ``admin``, or None for the public
+ones: health, the console's static files and login). ``create_api`` refuses a route that
+declares none, so no endpoint can be added unguarded. The check runs before the body is
+read. Token management (``/v1/tokens``) and the console's login live here too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from html import escape
+from urllib.parse import parse_qs, quote
+
+from fastapi import Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from pydantic import BaseModel, Field
+from starlette.routing import Match
+
+from .api_context import hosted
+from .api_context import Context
+from .auth import ANONYMOUS, COOKIE, OPERATOR, SCOPES, Caller, is_operator, new_token, presented_token, same_secret, \
+    split_token, tokens_required
+from .errors import AnnotateError, Forbidden, Unauthenticated
+
+
+class TokenRequest(BaseModel):
+    """A token to create: who or what it is for, and its scope."""
+
+    name: str = Field(min_length=1, max_length=100, description="Who or what holds the token.")
+    scope: str = Field(pattern="^(read|write|admin)$", description="read < write < admin; each holds the ones below.")
+
+
+def route_scopes(routes: list[dict]) -> dict[tuple[str, str], str | None]:
+    """(path, method) → scope of every route; a route that declares none is a programming error."""
+    undeclared = [route["path"] for route in routes if "scope" not in route]
+    if undeclared:
+        raise ValueError(f"routes without a declared scope: {undeclared}")
+    return {(route["path"], method): route["scope"] for route in routes for method in route["methods"]}
+
+
+def guard(app, scopes: dict[tuple[str, str], str | None]):
+    """The middleware: find the route, check the caller's token against its scope, remember the caller."""
+
+    async def authenticate(request: Request, call_next):
+        needed = _needed_scope(app, scopes, request)
+        if needed is None:
+            return await call_next(request)
+        try:
+            ctx = hosted(request)
+            caller = await _identify(ctx, presented_token(request.headers.get("authorization"),
+                                                          request.cookies.get(COOKIE)))
+            if not caller.allows(needed):
+                raise Forbidden(f"this token has scope {caller.scope!r}; {request.method} {request.url.path} needs "
+                                f"{needed!r} (scopes: {' < '.join(SCOPES)})")
+        except AnnotateError as exc:  # raised here, outside the routes' error handlers
+            return _refuse(request, exc)
+        request.state.caller = caller
+        return await call_next(request)
+
+    return authenticate
+
+
+def _needed_scope(app, scopes: dict, request: Request) -> str | None:
+    """The scope the matched route declares; None for public routes and for no match (404/405 follow)."""
+    if request.url.path in (app.openapi_url, app.docs_url, app.redoc_url, "/docs/oauth2-redirect"):
+        return None
+    for route in app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match == Match.FULL:
+            return scopes.get((route.path, request.method))
+    return None
+
+
+async def _identify(ctx: Context, token: str | None) -> Caller:
+    """Who presents this token, or Unauthenticated saying why not."""
+    if token is None:
+        if tokens_required(ctx.settings.auth, ctx.settings.host):
+            raise Unauthenticated("this service needs an API token: send 'Authorization: Bearer ann_…' "
+                                  "(`annotate token create` makes one; ANNOTATE_TOKEN for the CLI)")
+        return ANONYMOUS
+    if is_operator(token, ctx.settings.admin_token):
+        return Caller(OPERATOR, "admin")
+    parts = split_token(token)
+    record = await asyncio.to_thread(ctx.tokens.get, parts[0]) if parts else None
+    if record is None or not same_secret(parts[1], record["secret_sha256"]):
+        raise Unauthenticated("invalid API token")
+    if record["revoked_at"]:
+        raise Unauthenticated(f"API token {record['token_id']} was revoked at {record['revoked_at']}")
+    return Caller(record["token_id"], record["scope"])
+
+
+def _refuse(request: Request, exc: AnnotateError):
+    """401/403 in the API's error shape; the console's pages send people to the login page instead."""
+    if isinstance(exc, (Unauthenticated, Forbidden)) and request.url.path.startswith("/console") \
+            and request.method == "GET":
+        return RedirectResponse(f"/console/login?next={quote(request.url.path)}&why={quote(str(exc))}", status_code=303)
+    headers = {"WWW-Authenticate": 'Bearer realm="annotate"'} if isinstance(exc, Unauthenticated) else {}
+    return JSONResponse({"error": {"type": type(exc).__name__, "message": str(exc)}}, status_code=exc.status_code,
+                        headers=headers)
+
+
+def caller_of(request: Request) -> Caller:
+    """The caller the middleware let in."""
+    return getattr(request.state, "caller", ANONYMOUS)
+
+
+async def create_token(request: Request, body: TokenRequest) -> JSONResponse:
+    """Make a token; the answer is the only time its secret is shown."""
+    token_id, token, secret_digest = new_token()
+    record = await asyncio.to_thread(hosted(request).tokens.create, token_id, name=body.name, scope=body.scope,
+                                     secret_digest=secret_digest)
+    return JSONResponse({**record, "token": token}, status_code=201)
+
+
+async def list_tokens(request: Request) -> list[dict]:
+    """Every token, without secrets."""
+    return await asyncio.to_thread(hosted(request).tokens.list)
+
+
+async def revoke_token(request: Request, token_id: str) -> dict:
+    """Revoke a token at once."""
+    return await asyncio.to_thread(hosted(request).tokens.revoke, token_id)
+
+
+LOGIN_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Sign in · annotate console</title>
+<link rel="stylesheet" href="/console/static/console.css"></head><body data-page="login"><main class="login">
+<h1>annotate console</h1><p class="problem">{why}</p>
+<form method="post" action="/console/login"><input type="hidden" name="next" value="{next}">
+<label>API token <input type="password" name="token" required autofocus size="60"></label>
+<button type="submit">Sign in</button></form>
+<p><small>A token with scope <code>read</code> shows the pages; labelling the gold sample needs <code>write</code>.</small></p>
+</main></body></html>"""
+
+
+async def login_page(request: Request, next: str = "/console", why: str = "") -> HTMLResponse:
+    """Ask for a token (the console's pages cannot send a bearer header)."""
+    return HTMLResponse(LOGIN_PAGE.format(why=escape(why), next=escape(_local(next))))
+
+
+async def login(request: Request):
+    """Check the form's token, then keep it in an HttpOnly, SameSite=Strict cookie."""
+    form = {k: v[0] for k, v in parse_qs((await request.body()).decode("utf-8", "replace")).items()}
+    token, next = form.get("token", "").strip(), form.get("next", "/console")
+    try:
+        await _identify(hosted(request), token or None)
+    except Unauthenticated as exc:
+        return HTMLResponse(LOGIN_PAGE.format(why=escape(str(exc)), next=escape(_local(next))), status_code=401)
+    response = RedirectResponse(_local(next), status_code=303)
+    response.set_cookie(COOKIE, token, httponly=True, samesite="strict", secure=request.url.scheme == "https")
+    return response
+
+
+def _local(path: str) -> str:
+    """Only redirect within the console (no open redirects)."""
+    return path if path.startswith("/console") and "//" not in path else "/console"
+
+
+AUTH_ROUTES = [
+    dict(path="/v1/tokens", endpoint=create_token, scope="admin", methods=["POST"], status_code=201, tags=["tokens"]),
+    dict(path="/v1/tokens", endpoint=list_tokens, scope="admin", methods=["GET"], tags=["tokens"]),
+    dict(path="/v1/tokens/{token_id}", endpoint=revoke_token, scope="admin", methods=["DELETE"], tags=["tokens"]),
+    dict(path="/console/login", endpoint=login_page, scope=None, methods=["GET"], include_in_schema=False,
+         response_class=HTMLResponse),
+    dict(path="/console/login", endpoint=login, scope=None, methods=["POST"], include_in_schema=False),
+]
