@@ -1,0 +1,55 @@
+"""Each limit over real HTTP: a clear 4xx naming the setting, and nothing half-stored.
+
+Per-document characters and SQL time and rows are in test_api_errors.py, concurrent jobs
+per token in test_auth.py; here the body size, documents per job, and the taxonomy's choice
+for documents longer than the model's input: truncate (flagged) or reject.
+"""
+
+from __future__ import annotations
+
+from conftest import REPO, sql, wait_for_job
+
+STRICT_YAML = ((REPO / "taxonomy" / "sms-spam.yaml").read_text()
+               .replace("name: sms-spam", "name: sms-strict", 1) + "long_documents: reject\n")
+LONG = "Call me when you land. " * 100  # 2,300 characters, over ANNOTATE_MODEL_INPUT_CHARS (2,000)
+
+
+def job_count(client) -> int:
+    """Jobs in the store."""
+    return sql(client, "SELECT count(*) AS n FROM jobs")[0]["n"]
+
+
+def test_body_over_the_limit_is_refused_before_it_is_read(service):
+    """65 MiB against the 64 MiB default: 413 naming ANNOTATE_MAX_BODY_BYTES."""
+    with service.client() as client:
+        response = client.post("/v1/jobs", content=b"x" * (65 * 2**20), headers={"content-type": "application/json"})
+        assert response.status_code == 413 and "ANNOTATE_MAX_BODY_BYTES" in response.json()["error"]["message"]
+        assert client.get("/healthz").status_code == 200
+
+
+def test_too_many_documents_in_one_job(service, labelled_taxonomy):
+    """100,001 documents against the 100,000 default: 413, and no job is created."""
+    documents = [{"id": i, "text": "hi"} for i in range(100_001)]
+    with service.client() as client:
+        before = job_count(client)
+        response = client.post("/v1/jobs", json={"taxonomy": "sms-spam", "model": "fake", "documents": documents})
+        assert response.status_code == 413 and "ANNOTATE_MAX_DOCUMENTS_PER_JOB" in response.json()["error"]["message"]
+        assert job_count(client) == before
+
+
+def test_long_documents_are_truncated_with_a_flag_or_rejected_as_the_taxonomy_says(service, labelled_taxonomy):
+    """sms-spam truncates (the row says so); sms-strict rejects the job with 413 naming the document and why."""
+    documents = [{"id": "short", "text": "see you soon"}, {"id": "long", "text": LONG}]
+    with service.client() as client:
+        assert client.post("/v1/taxonomies", content=STRICT_YAML.encode()).is_success
+        before = job_count(client)
+        refused = client.post("/v1/jobs", json={"taxonomy": "sms-strict", "model": "fake", "documents": documents})
+        assert refused.status_code == 413, refused.text
+        message = refused.json()["error"]["message"]
+        assert "documents[1].text" in message and "2,300" in message and "long_documents: reject" in message
+        assert job_count(client) == before  # nothing half-stored
+        accepted = client.post("/v1/jobs", json={"taxonomy": "sms-spam", "model": "fake", "documents": documents})
+        job_id = accepted.json()["job_id"]
+        assert wait_for_job(client, job_id)["status"] == "succeeded"
+        flags = {r["doc_id"]: r["truncated"] for r in sql(client, f"SELECT doc_id, truncated FROM labels WHERE job_id = '{job_id}'")}
+    assert flags == {"short": False, "long": True}
