@@ -4,6 +4,7 @@
 # `annotate models fetch` also distils MiniLM into the static model2vec embeddings of students.
 # llama-cpp-python (the real OpenAI-compatible server of the tests and benchmarks) compiles
 # from source, about 5 minutes, once: GGML_NATIVE=OFF, since native builds crash on some CPUs.
+# `make test` also installs Debian's chromium and chromium-driver for the console's browser tests.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

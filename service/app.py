@@ -127,7 +127,7 @@ def handle_scorer(model: DeploymentHandle):
 
 
 REPLICA_GONE = (RayActorError, ActorUnavailableError)  # the replica died or is restarting; Serve brings one back
-REPLICA_WAITS_S = (0.5, 1, 2, 4, 8, 15, 30, 30, 30)  # about two minutes: a restart reloads the weights
+REPLICA_WAITS_S = (0.5, 1, 2) + (4,) * 30  # about two minutes: a restart reloads the weights
 
 
 async def _outliving_replicas(model: DeploymentHandle, request: ScoreRequest):

@@ -165,7 +165,7 @@ class FaultyProxy(BaseHTTPRequestHandler):
         pass
 
 
-FAULTY_TIMEOUT_S = 15.0  # llama.cpp answers a real request in 2-8 s on 2 busy cores
+FAULTY_TIMEOUT_S = 12.0  # llama.cpp answers a real request in 2-8 s on 2 busy cores
 
 
 @pytest.fixture(scope="session")

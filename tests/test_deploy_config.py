@@ -206,7 +206,7 @@ def test_rayservice_head_keeps_the_data_dir_on_a_volume():
     cluster = _rayservice()["spec"]["rayClusterConfig"]
     pod = cluster["headGroupSpec"]["template"]["spec"]
     container = pod["containers"][0]
-    data_dir = {e["name"]: e["value"] for e in container["env"]}["ANNOTATE_DATA_DIR"]
+    data_dir = {e["name"]: e.get("value") for e in container["env"]}["ANNOTATE_DATA_DIR"]
     (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == data_dir]
     (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
     assert "persistentVolumeClaim" in volume

@@ -31,7 +31,7 @@ def annotation_counts(client, job_id: str) -> dict:
 
 def test_engine_timeouts_and_garbage_fail_only_their_documents(service, labelled_taxonomy):
     """Two documents the engine cannot answer are retried, then failed with the reason; eight finish."""
-    documents = [{"id": f"ok{i}", "text": text} for i, text in enumerate(TEXTS[:8])]
+    documents = [{"id": f"ok{i}", "text": f"{text} (fault test)"} for i, text in enumerate(TEXTS[:8])]  # not cached
     documents += [{"id": "stalls", "text": "STALL_ME are you coming tonight?"},
                   {"id": "garbled", "text": "GARBLE_ME call me back when you can"}]
     FaultyProxy.hits.clear()
@@ -62,7 +62,7 @@ def model_replicas(deployment: str) -> list[psutil.Process]:
 
 def test_model_replica_killed_mid_job_is_replaced_and_nothing_is_lost(service, labelled_taxonomy):
     """SIGKILL the embedded model's replica mid-job: Serve restarts it and every document is labelled once."""
-    total = 200
+    total = 120
     documents = [{"id": f"k{i:04d}", "text": f"{TEXTS[i % len(TEXTS)]} (replica test {i})"} for i in range(total)]
     with service.client() as client:
         job_id = client.post("/v1/jobs", json={"taxonomy": "sms-spam", "model": "smollm2",
