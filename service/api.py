@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import uuid
+from collections import defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from itertools import chain
@@ -24,7 +25,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from . import __version__
 from .api_models import (InductionRequest, InductionStatus, JobCreated, JobRequest, JobStatus, SqlRequest, SqlResponse,
                          TaxonomyCreated)
-from .documents import batched, check_document, local_source, read_file
+from .documents import CHARS_SETTING, batched, check_document, local_source, read_file
 from .annotators import EmbeddingLabeller
 from .api_auth import AUTH_ROUTES, caller_of, guard, route_scopes
 from .api_classifiers import CLASSIFIER_ROUTES
@@ -42,6 +43,7 @@ from .store import Store, document_batch
 from .taxonomy import Taxonomy, format_loc, parse_taxonomy
 
 
+_SUBMITTING: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)  # per token (one ingress replica)
 _SQL_THREADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="user-sql")  # slow user SQL never starves jobs
 
 
@@ -143,8 +145,20 @@ async def create_job(request: Request, body: JobRequest) -> JSONResponse:
     labeller = panel[0][1]
     if body.mode == "batch" and (len(panel) > 1 or isinstance(labeller, EmbeddingLabeller)):
         raise InvalidInput("mode 'batch' runs one LLM annotator; label with several annotators in mode 'stream'")
+    if body.mode == "batch" and labeller.taxonomy.long_documents == "reject":
+        raise InvalidInput(f"taxonomy {body.taxonomy!r} says long_documents: reject, which mode 'stream' checks at "
+                           "submission; mode 'batch' truncates long documents (flagged), so use mode 'stream'")
     caller = caller_of(request)
-    await asyncio.to_thread(_check_job_limit, ctx, caller)
+    if caller.token_id in (None, OPERATOR):  # the operator's token and loopback use have no job limit
+        return await _create(ctx, body, panel, labeller, aggregation, caller)
+    async with _SUBMITTING[caller.token_id]:  # one submission per token at a time: the limit's count stays true
+        await asyncio.to_thread(_check_job_limit, ctx, caller)
+        return await _create(ctx, body, panel, labeller, aggregation, caller)
+
+
+async def _create(ctx: Context, body: JobRequest, panel: list, labeller, aggregation: str | None,
+                  caller: Caller) -> JSONResponse:
+    """Store the job's documents (or shard plan), queue it and answer 202."""
     job_id = "job_" + uuid.uuid4().hex[:16]
     model = next((l.model for _, l in panel if isinstance(l, Labeller)), None) or ctx.runner.model(body.model).name
     job = dict(job_id=job_id, taxonomy=body.taxonomy, model=model, created_by=caller.token_id,
@@ -161,7 +175,7 @@ async def create_job(request: Request, body: JobRequest) -> JSONResponse:
         try:
             total = await asyncio.to_thread(ctx.store.create_job, **job, batches=batches)
         except PayloadTooLarge as exc:
-            raise PayloadTooLarge(f"{exc} ({limit_name})") from exc
+            raise PayloadTooLarge(str(exc).replace(CHARS_SETTING, limit_name)) from exc
     ctx.runner.submit(job_id)
     created = JobCreated(job_id=job_id, status="queued", total=total, taxonomy_version=labeller.taxonomy_version,
                          model=model, mode=body.mode, annotators=[row["name"] for row, _ in panel])
@@ -169,9 +183,7 @@ async def create_job(request: Request, body: JobRequest) -> JSONResponse:
 
 
 def _check_job_limit(ctx: Context, caller: Caller) -> None:
-    """A token may have so many jobs queued or running at once; the operator's token and loopback use are exempt."""
-    if caller.token_id in (None, OPERATOR):
-        return
+    """A token may have so many jobs queued or running at once."""
     active, limit = ctx.store.active_jobs_of(caller.token_id), ctx.settings.max_active_jobs_per_token
     if active >= limit:
         raise TooManyRequests(f"token {caller.token_id} has {active} jobs queued or running, the limit "
@@ -183,7 +195,7 @@ def _longest(settings: Settings, taxonomy: Taxonomy) -> tuple[int, str]:
     if taxonomy.long_documents == "reject" and settings.model_input_chars < settings.max_document_chars:
         return settings.model_input_chars, (f"the model's input, ANNOTATE_MODEL_INPUT_CHARS; taxonomy "
                                             f"{taxonomy.name!r} says long_documents: reject")
-    return settings.max_document_chars, "ANNOTATE_MAX_DOCUMENT_CHARS"
+    return settings.max_document_chars, CHARS_SETTING
 
 
 def _job_rows(settings: Settings, body: JobRequest, max_chars: int) -> Iterator[dict]:

@@ -17,8 +17,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from pydantic import BaseModel, Field
 from starlette.routing import Match
 
-from .api_context import hosted
-from .api_context import Context
+from .api_context import Context, hosted
 from .auth import ANONYMOUS, COOKIE, OPERATOR, SCOPES, Caller, is_operator, new_token, presented_token, same_secret, \
     split_token, tokens_required
 from .errors import AnnotateError, Forbidden, Unauthenticated
@@ -47,9 +46,10 @@ def guard(app, scopes: dict[tuple[str, str], str | None]):
         if needed is None:
             return await call_next(request)
         try:
+            _refuse_cross_site(request)
             ctx = hosted(request)
             caller = await _identify(ctx, presented_token(request.headers.get("authorization"),
-                                                          request.cookies.get(COOKIE)))
+                                                          request.cookies.get(COOKIE)), _named_locally(request))
             if not caller.allows(needed):
                 raise Forbidden(f"this token has scope {caller.scope!r}; {request.method} {request.url.path} needs "
                                 f"{needed!r} (scopes: {' < '.join(SCOPES)})")
@@ -68,14 +68,25 @@ def _needed_scope(app, scopes: dict, request: Request) -> str | None:
     for route in app.router.routes:
         match, _ = route.matches(request.scope)
         if match == Match.FULL:
-            return scopes.get((route.path, request.method))
+            return scopes.get((route.path, request.method), "admin")  # undeclared (mounted, framework): admin only
     return None
 
 
-async def _identify(ctx: Context, token: str | None) -> Caller:
-    """Who presents this token, or Unauthenticated saying why not."""
+def _refuse_cross_site(request: Request) -> None:
+    """A browser's request that changes something must come from the console's own pages (no CSRF)."""
+    if request.method not in ("GET", "HEAD") and request.headers.get("sec-fetch-site") in ("cross-site", "same-site"):
+        raise Forbidden("cross-site requests that change data are refused; call the API directly or use the console")
+
+
+def _named_locally(request: Request) -> bool:
+    """Whether the request names the service by a loopback name (a DNS-rebinding page names it otherwise)."""
+    return request.url.hostname in ("localhost", "127.0.0.1", "::1")
+
+
+async def _identify(ctx: Context, token: str | None, local: bool = True) -> Caller:
+    """Who presents this token, or Unauthenticated saying why not; tokenless only where optional and named locally."""
     if token is None:
-        if tokens_required(ctx.settings.auth, ctx.settings.host):
+        if tokens_required(ctx.settings.auth, ctx.settings.host) or not local:
             raise Unauthenticated("this service needs an API token: send 'Authorization: Bearer ann_…' "
                                   "(`annotate token create` makes one; ANNOTATE_TOKEN for the CLI)")
         return ANONYMOUS
@@ -140,15 +151,26 @@ async def login_page(request: Request, next: str = "/console", why: str = "") ->
 
 async def login(request: Request):
     """Check the form's token, then keep it in an HttpOnly, SameSite=Strict cookie."""
-    form = {k: v[0] for k, v in parse_qs((await request.body()).decode("utf-8", "replace")).items()}
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > LOGIN_FORM_BYTES:
+            return HTMLResponse("login form too large", status_code=413)
+    form = {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace")).items()}
     token, next = form.get("token", "").strip(), form.get("next", "/console")
     try:
-        await _identify(hosted(request), token or None)
+        if is_operator(token, hosted(request).settings.admin_token):
+            raise Unauthenticated("the operator's token is not for browsers: sign in with a token made by "
+                                  "`annotate token create`")
+        await _identify(hosted(request), token or None, local=False)
     except Unauthenticated as exc:
         return HTMLResponse(LOGIN_PAGE.format(why=escape(str(exc)), next=escape(_local(next))), status_code=401)
     response = RedirectResponse(_local(next), status_code=303)
     response.set_cookie(COOKIE, token, httponly=True, samesite="strict", secure=request.url.scheme == "https")
     return response
+
+
+LOGIN_FORM_BYTES = 4096
 
 
 def _local(path: str) -> str:

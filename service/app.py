@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import ActorUnavailableError, OutOfMemoryError, RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from .api import create_api
@@ -126,18 +126,29 @@ def handle_scorer(model: DeploymentHandle):
     return score
 
 
-REPLICA_GONE = (RayActorError, ActorUnavailableError)  # the replica died or is restarting; Serve brings one back
 REPLICA_WAITS_S = (0.5, 1, 2) + (4,) * 30  # about two minutes: a restart reloads the weights
+REPLICA_DEATHS = 5  # a document that kills its replica this often is failed, not retried forever
 
 
 async def _outliving_replicas(model: DeploymentHandle, request: ScoreRequest):
-    """Score one request; when its replica dies, wait for Serve to replace it and ask again (not a document error)."""
+    """Score one request; when its replica dies or restarts, wait for Serve's new one and ask again.
+
+    A replica restarting (``ActorUnavailableError``) is waited out; one dying under this very
+    request (``RayActorError``, Ray's ``OutOfMemoryError``) is retried ``REPLICA_DEATHS`` times,
+    so a document that crashes the engine ends failed instead of taking replicas down for minutes.
+    """
+    deaths = 0
     for wait_s in REPLICA_WAITS_S:
         try:
             return await model.score.remote(request)
-        except REPLICA_GONE as exc:
-            log.warning("model replica gone; retrying", extra={"error": type(exc).__name__, "wait_s": wait_s})
-            await asyncio.sleep(wait_s)
+        except ActorUnavailableError:
+            pass
+        except (RayActorError, OutOfMemoryError):
+            deaths += 1
+            if deaths >= REPLICA_DEATHS:
+                raise
+        log.warning("model replica gone; retrying", extra={"deaths": deaths, "wait_s": wait_s})
+        await asyncio.sleep(wait_s)
     return await model.score.remote(request)
 
 

@@ -4,7 +4,7 @@ Scopes are ordered, each holding the ones below it:
 
 - ``read``: job status and labels, SQL, reports, taxonomies, classifiers' predictions;
 - ``write``: push taxonomies, submit and cancel jobs, gold samples and labels, calibration;
-- ``admin``: tokens, training and deleting classifiers.
+- ``admin``: tokens, training classifiers, and any route that declares no scope.
 
 A token reads ``ann_<id>_<secret>``; the store keeps the id, its scope and the SHA-256 of
 the secret. The secret is 256 random bits, so a slow password hash would add nothing, and
@@ -13,7 +13,8 @@ comparisons are constant-time. The operator's first token comes from the environ
 
 Tokens are required when ``ANNOTATE_AUTH`` is ``required``, or ``auto`` (the default) and
 the service binds an address other than loopback. Where they are optional, a request
-without one acts with every scope; a request with a bad one is still refused. The
+without one that names the service by a loopback name (``Host``; a DNS-rebinding page
+cannot) acts with every scope; a request with a bad one is still refused. The
 console's pages carry the token in an HttpOnly, SameSite=Strict cookie set at its login page.
 """
 

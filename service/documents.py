@@ -36,6 +36,9 @@ def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
+CHARS_SETTING = "ANNOTATE_MAX_DOCUMENT_CHARS"  # named in the error; a stricter caller's limit replaces it
+
+
 def check_document(where: str, doc_id: object, text: object, meta: object, *, max_chars: int) -> dict:
     """Validate one document and return it as a store row; ``where`` names it in errors."""
     if doc_id is None or (isinstance(doc_id, str) and not doc_id.strip()):
@@ -46,8 +49,8 @@ def check_document(where: str, doc_id: object, text: object, meta: object, *, ma
         raise InvalidInput(f"{where}.text: must be a string, got {type(text).__name__}")
     if len(text) > max_chars:
         raise PayloadTooLarge(
-            f"{where}.text: {len(text):,} characters is over the limit of {max_chars:,}; split the document "
-            "or raise the limit"
+            f"{where}.text: {len(text):,} characters is over the limit of {max_chars:,} ({CHARS_SETTING}); split "
+            "the document or raise the limit"
         )
     try:
         text.encode("utf-8")

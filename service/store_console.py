@@ -30,7 +30,7 @@ class ConsoleStore:
         if show == "failed":
             where, params = "a.status = 'failed'", []
         else:
-            where = {"all": "a.status = 'ok'", "abstained": "a.status = 'ok' AND a.abstained",
+            where = {"all": "TRUE", "abstained": "a.status = 'ok' AND a.abstained",
                      "low_confidence": "a.status = 'ok' AND NOT a.abstained AND a.confidence < ?"}[show]
             params = [below] if show == "low_confidence" else []
         if label:

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 
 from conftest import ANNOTATE, FIXTURES
 from service.api import ROUTES, create_api
-from service.api_auth import AUTH_ROUTES
+from service.api_auth import AUTH_ROUTES, route_scopes
 from service.api_classifiers import CLASSIFIER_ROUTES
 from service.api_context import Context, attach
 from service.api_quality import QUALITY_ROUTES
@@ -80,6 +80,14 @@ def test_every_route_refuses_missing_bad_revoked_and_low_scope_tokens(service, t
             if allowed.status_code in (401, 403) or allowed.status_code >= 500:
                 problems.append(f"{method} {path} with a {scope} token: {allowed.status_code} {allowed.text[:120]}")
     assert not problems, "\n".join(problems)
+
+
+def test_every_route_the_app_serves_declares_its_scope():
+    """Nothing reaches the app undeclared (the middleware would hold an undeclared route to admin anyway)."""
+    app = create_api()
+    framework = {app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url}
+    served = {(route.path, method) for route in app.routes if route.path not in framework for method in route.methods}
+    assert served == set(route_scopes(EVERY_ROUTE))
 
 
 def test_public_routes_need_no_token(service):
@@ -151,13 +159,18 @@ def test_when_tokens_are_required(mode, host, required):
 
 
 def test_loopback_without_tokens_still_refuses_bad_ones(tmp_path):
-    """On loopback with ANNOTATE_AUTH=auto a request without a token passes; a bad or revoked one does not."""
+    """On loopback with ANNOTATE_AUTH=auto a request without a token passes, unless it names another host or comes
+    cross-site from a browser; a bad or revoked token does not."""
     settings = Settings(data_dir=tmp_path, host="127.0.0.1", auth="auto")
     store, tokens = Store(settings.db_path, export_dir=settings.export_dir), TokenStore(tmp_path / "tokens.sqlite")
     attach(Context(settings, store, None, {}, None, None, None, tokens))
     try:
-        with TestClient(create_api()) as client:
+        with TestClient(create_api(), base_url="http://127.0.0.1:8000") as client:
             assert client.get("/v1/jobs").status_code == 200
+            rebound = client.get("/v1/jobs", headers={"host": "attacker.example:8000"})  # DNS rebinding
+            assert rebound.status_code == 401
+            cross = client.post("/v1/tokens", json={"name": "x", "scope": "admin"}, headers={"sec-fetch-site": "cross-site"})
+            assert cross.status_code == 403 and "cross-site" in cross.json()["error"]["message"]
             assert client.get("/v1/jobs", headers={"Authorization": "Bearer ann_bad_bad"}).status_code == 401
             made = client.post("/v1/tokens", json={"name": "reader", "scope": "read"}).json()
             reader = {"Authorization": f"Bearer {made['token']}"}

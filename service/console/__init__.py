@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
-import json
+from itertools import zip_longest
 from pathlib import Path
 
 from fastapi import Query, Request
@@ -33,7 +33,6 @@ STATIC = {path.name: path for path in (HERE / "static").iterdir()}
 PAGE_SIZE = 50
 TEMPLATES = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
 TEMPLATES.filters["percent"] = lambda v, digits=1: "–" if v is None else f"{100 * v:.{digits}f}%"
-TEMPLATES.filters["tojson_safe"] = lambda v: Markup(json.dumps(v).replace("<", "\\u003c"))
 
 
 def _page(template: str, **context) -> HTMLResponse:
@@ -84,8 +83,8 @@ async def gold_page(request: Request, job_id: str, annotator: str = "") -> HTMLR
     job = await _read(_job_summary, store, job_id)
     taxonomy, _, _ = await _read(store.get_taxonomy, job["taxonomy"], job["taxonomy_version"])
     descriptions = {label.name: label.description for label in taxonomy.labels}
-    labels = [{"name": name, "description": descriptions.get(name, ""), "key": key}
-              for name, key in zip(taxonomy.label_names(), _shortcut_keys())]
+    labels = [{"name": name, "description": descriptions.get(name, ""), "key": key}  # past 32 labels: click only
+              for name, key in zip_longest(taxonomy.label_names(), _shortcut_keys()) if name is not None]
     try:
         sample = await _read(store.gold_sample, job_id)
     except NotFound:

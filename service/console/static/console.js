@@ -104,7 +104,7 @@ function labelGold() {
         body: JSON.stringify({annotator: root.dataset.annotator, labels: [{doc_id: doc.doc_id, label}]}),
       });
       answers[doc.doc_id] = label;
-      queue.shift();
+      queue = queue.filter((queued) => queued !== doc);
       setField(root, "status", `saved “${label}” for ${doc.doc_id}`);
     } catch (error) {
       setField(root, "status", `not saved: ${error.message}`);
@@ -115,6 +115,7 @@ function labelGold() {
   }
 
   function choose(el) {
+    if (busy) return;
     if (el.dataset.action === "skip") {
       if (queue.length > 1) queue.push(queue.shift());
       setField(root, "status", "skipped");
