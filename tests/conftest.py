@@ -133,11 +133,36 @@ def llama_server(tmp_path_factory) -> str:
     process.wait(timeout=30)
 
 
-class FaultyProxy(BaseHTTPRequestHandler):
-    """In front of the real llama.cpp server: a request whose prompt holds STALL_ME hangs past the engine's
-    timeout, one holding GARBLE_ME gets a 200 whose body is not JSON; the rest pass through. Counts requests."""
+class UpstreamProxy(BaseHTTPRequestHandler):
+    """A loopback proxy in front of the real llama.cpp server (``upstream``), for tests that put faults between."""
 
     upstream = ""
+
+    def forward(self, body: bytes) -> tuple[int, bytes]:
+        """Pass a request body on to the upstream server; its status and body."""
+        answer = httpx.post(self.upstream + self.path.removeprefix("/v1"), content=body,
+                            headers={"content-type": "application/json"}, timeout=300)
+        return answer.status_code, answer.content
+
+    def reply(self, status: int, body: bytes, headers: dict | None = None) -> None:
+        """Answer, unless the client has already given up and closed the connection."""
+        try:
+            self.send_response(status)
+            for name, value in {"content-type": "application/json", **(headers or {})}.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+        except OSError:
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+class FaultyProxy(UpstreamProxy):
+    """A request whose prompt holds STALL_ME hangs past the engine's timeout, one holding GARBLE_ME gets a 200
+    whose body is not JSON; the rest pass through. Counts requests."""
+
     hits: dict[str, int] = {}
 
     def do_POST(self):  # noqa: N802 (http.server's name)
@@ -146,23 +171,11 @@ class FaultyProxy(BaseHTTPRequestHandler):
         type(self).hits[marker] = type(self).hits.get(marker, 0) + 1
         if marker == "STALL_ME":
             time.sleep(FAULTY_TIMEOUT_S + 5)
-            reply_status, reply = 200, b"{}"
+            self.reply(200, b"{}")
         elif marker == "GARBLE_ME":
-            reply_status, reply = 200, b"<html>upstream proxy error</html>"
+            self.reply(200, b"<html>upstream proxy error</html>")
         else:
-            answer = httpx.post(self.upstream + self.path.removeprefix("/v1"), content=body,
-                                headers={"content-type": "application/json"}, timeout=300)
-            reply_status, reply = answer.status_code, answer.content
-        try:
-            self.send_response(reply_status)
-            self.send_header("content-type", "application/json")
-            self.end_headers()
-            self.wfile.write(reply)
-        except OSError:  # the engine gave up waiting and closed the connection
-            pass
-
-    def log_message(self, *args):
-        pass
+            self.reply(*self.forward(body))
 
 
 FAULTY_TIMEOUT_S = 12.0  # llama.cpp answers a real request in 2-8 s on 2 busy cores

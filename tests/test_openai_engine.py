@@ -12,11 +12,11 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import pytest
 
-from conftest import FIXTURES, free_port, sql, wait_for_job
+from conftest import FIXTURES, UpstreamProxy, free_port, sql, wait_for_job
 from service.engines.base import ScoreRequest
 from service.engines.openai import OpenAIEngine
 from service.engines.registry import ModelSpec
@@ -87,31 +87,18 @@ def test_unreachable_server_is_a_clear_error():
         asyncio.run(engine.score([ScoreRequest("s", "u", ("a", "b"))]))
 
 
-class _Flaky(BaseHTTPRequestHandler):
+class _Flaky(UpstreamProxy):
     """Answers 429 (Retry-After: 0) to the first two requests, then forwards to the real server."""
 
-    upstream = ""
     seen = 0
 
     def do_POST(self):  # noqa: N802 (http.server's name)
         body = self.rfile.read(int(self.headers["content-length"]))
         type(self).seen += 1
         if type(self).seen <= 2:
-            self.send_response(429)
-            self.send_header("retry-after", "0")
-            self.end_headers()
+            self.reply(429, b"", {"retry-after": "0"})
             return
-        import httpx
-
-        reply = httpx.post(self.upstream + self.path.removeprefix("/v1"), content=body,
-                           headers={"content-type": "application/json"}, timeout=120)
-        self.send_response(reply.status_code)
-        self.send_header("content-type", "application/json")
-        self.end_headers()
-        self.wfile.write(reply.content)
-
-    def log_message(self, *args):
-        pass
+        self.reply(*self.forward(body))
 
 
 def test_rate_limited_requests_are_retried(llama_server):

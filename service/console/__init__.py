@@ -40,15 +40,10 @@ def _page(template: str, **context) -> HTMLResponse:
     return HTMLResponse(TEMPLATES.get_template(template).render(**context))
 
 
-async def _read(function, *args, **kwargs):
-    """Run a blocking store read off the event loop."""
-    return await asyncio.to_thread(function, *args, **kwargs)
-
-
 async def jobs_page(request: Request) -> HTMLResponse:
     """Every recent job with live progress, throughput and ETA."""
     store = hosted(request).store
-    jobs = [await _read(_job_summary, store, row["job_id"]) for row in await _read(store.list_jobs, 100)]
+    jobs = await asyncio.to_thread(lambda: [_job_summary(store, row["job_id"]) for row in store.list_jobs(100)])
     return _page("jobs.html", jobs=jobs)
 
 
@@ -62,11 +57,11 @@ async def job_page(request: Request, job_id: str, label: str | None = None,
                    below: float = Query(0.6, ge=0, le=1), page: int = Query(1, ge=1)) -> HTMLResponse:
     """One job: label distribution, abstention reasons and a filterable table of its documents."""
     store = hosted(request).store
-    job = await _read(_job_summary, store, job_id)
-    counts = await _read(store.label_counts, job_id)
-    reasons = await _read(store.abstention_counts, job_id)
-    documents, matching = await _read(store.document_page, job_id, label=label or None, show=show, below=below,
-                                      offset=(page - 1) * PAGE_SIZE, limit=PAGE_SIZE)
+    job = await asyncio.to_thread(_job_summary, store, job_id)
+    counts = await asyncio.to_thread(store.label_counts, job_id)
+    reasons = await asyncio.to_thread(store.abstention_counts, job_id)
+    documents, matching = await asyncio.to_thread(store.document_page, job_id, label=label or None, show=show,
+                                                  below=below, offset=(page - 1) * PAGE_SIZE, limit=PAGE_SIZE)
     distribution = charts.bar_chart([(r["label"], r["n"]) for r in counts], title="Documents per label",
                                     value_label="documents")
     abstentions = charts.bar_chart([(r["reason"], r["n"]) for r in reasons], title="Abstentions by reason",
@@ -80,17 +75,17 @@ async def job_page(request: Request, job_id: str, label: str | None = None,
 async def gold_page(request: Request, job_id: str, annotator: str = "") -> HTMLResponse:
     """Label the job's gold sample one document at a time, without seeing the LLM's labels."""
     store = hosted(request).store
-    job = await _read(_job_summary, store, job_id)
-    taxonomy, _, _ = await _read(store.get_taxonomy, job["taxonomy"], job["taxonomy_version"])
+    job = await asyncio.to_thread(_job_summary, store, job_id)
+    taxonomy, _, _ = await asyncio.to_thread(store.get_taxonomy, job["taxonomy"], job["taxonomy_version"])
     descriptions = {label.name: label.description for label in taxonomy.labels}
     labels = [{"name": name, "description": descriptions.get(name, ""), "key": key}  # past 32 labels: click only
               for name, key in zip_longest(taxonomy.label_names(), _shortcut_keys()) if name is not None]
     try:
-        sample = await _read(store.gold_sample, job_id)
+        sample = await asyncio.to_thread(store.gold_sample, job_id)
     except NotFound:
         sample = None
     documents = [{"doc_id": row["doc_id"], "text": row["text"]} for row in sample or []]  # no LLM label, on purpose
-    answers = {r["doc_id"]: r["label"] for r in await _read(store.gold_label_rows, job_id)
+    answers = {r["doc_id"]: r["label"] for r in await asyncio.to_thread(store.gold_label_rows, job_id)
                if r["annotator"] == annotator.strip()}
     return _page("gold.html", job=job, labels=labels, none_label=NONE_LABEL, annotator=annotator.strip(),
                  documents=documents, answers=answers, has_sample=sample is not None)
@@ -104,10 +99,10 @@ def _shortcut_keys() -> list[str]:
 async def quality_page(request: Request, job_id: str) -> HTMLResponse:
     """The quality report as pictures: calibration, confusion, coverage, per-label F1, DSL shares."""
     store = hosted(request).store
-    job = await _read(_job_summary, store, job_id)
+    job = await asyncio.to_thread(_job_summary, store, job_id)
     try:
-        report = await _read(quality.report, store, job_id)
-        shares = await _read(quality.estimate, store, job_id, target="proportions")
+        report = await asyncio.to_thread(quality.report, store, job_id)
+        shares = await asyncio.to_thread(quality.estimate, store, job_id, target="proportions")
     except AnnotateError as exc:
         return _page("quality.html", job=job, problem=str(exc))
     return _page("quality.html", job=job, report=report, shares=shares, problem=None,
@@ -121,7 +116,8 @@ def _quality_charts(report: dict, shares: dict) -> dict[str, str]:
     cells = {(c["gold"], c["predicted"]): c["weighted_n"] for c in report["confusion"]}
     return {
         "reliability": charts.line_chart(
-            [{"name": "LLM", "points": [(r["confidence"], r["accuracy"]) for r in bins], "sizes": [r["n"] for r in bins]}],
+            [{"name": "LLM", "points": [(r["confidence"], r["accuracy"]) for r in bins],
+              "sizes": [r["n"] for r in bins]}],
             title="Reliability diagram", x_title="confidence", y_title="accuracy on gold", diagonal=True),
         "confusion": charts.heatmap(labels, labels, [[cells.get((g, p), 0.0) for p in labels] for g in labels],
                                     title="Confusion matrix (weighted)", row_title="gold", col_title="predicted"),
@@ -139,7 +135,7 @@ def _quality_charts(report: dict, shares: dict) -> dict[str, str]:
 
 async def taxonomies_page(request: Request) -> HTMLResponse:
     """Every taxonomy with its versions."""
-    rows = await _read(hosted(request).store.list_taxonomies)
+    rows = await asyncio.to_thread(hosted(request).store.list_taxonomies)
     return _page("taxonomies.html", taxonomies=rows)
 
 
@@ -147,12 +143,12 @@ async def taxonomy_page(request: Request, name: str, version: str | None = None,
                         compare: str | None = None) -> HTMLResponse:
     """One taxonomy's YAML at a version, its versions, and the diff from another version."""
     store = hosted(request).store
-    versions = await _read(store.taxonomy_versions, name)
-    _, shown, text = await _read(store.get_taxonomy, name, version)
+    versions = await asyncio.to_thread(store.taxonomy_versions, name)
+    _, shown, text = await asyncio.to_thread(store.get_taxonomy, name, version)
     older = compare or next((v["version"] for v in versions if v["version"] != shown), None)
     diff = []
     if older:
-        _, older, before = await _read(store.get_taxonomy, name, older)
+        _, older, before = await asyncio.to_thread(store.get_taxonomy, name, older)
         diff = list(difflib.unified_diff(before.splitlines(), text.splitlines(), f"{name}@{older}", f"{name}@{shown}",
                                          lineterm=""))
     return _page("taxonomy.html", name=name, version=shown, yaml=text, versions=versions, compare=older, diff=diff)
