@@ -56,7 +56,7 @@ def create_api() -> FastAPI:
     for route in routes:
         app.add_api_route(**{k: v for k, v in route.items() if k != "scope"})
     app.middleware("http")(_limit_body)
-    app.middleware("http")(guard(app, route_scopes(routes)))  # added last, so it runs first
+    app.middleware("http")(guard(app, route_scopes(routes), _render_error))  # added last, so it runs first
     return app
 
 

@@ -9,7 +9,6 @@ read. Token management (``/v1/tokens``) and the console's login live here too.
 from __future__ import annotations
 
 import asyncio
-from html import escape
 from urllib.parse import parse_qs, quote
 
 from fastapi import Request
@@ -20,6 +19,7 @@ from starlette.routing import Match
 from .api_context import Context, hosted
 from .auth import ANONYMOUS, COOKIE, OPERATOR, SCOPES, Caller, is_operator, new_token, presented_token, same_secret, \
     split_token, tokens_required
+from .console import render_page
 from .errors import AnnotateError, Forbidden, Unauthenticated
 
 
@@ -38,8 +38,11 @@ def route_scopes(routes: list[dict]) -> dict[tuple[str, str], str | None]:
     return {(route["path"], method): route["scope"] for route in routes for method in route["methods"]}
 
 
-def guard(app, scopes: dict[tuple[str, str], str | None]):
-    """The middleware: find the route, check the caller's token against its scope, remember the caller."""
+def guard(app, scopes: dict[tuple[str, str], str | None], render_error):
+    """The middleware: find the route, check the caller's token against its scope, remember the caller.
+
+    ``render_error`` is the API's own error renderer, so refusals have the one error shape.
+    """
 
     async def authenticate(request: Request, call_next):
         needed = _needed_scope(app, scopes, request)
@@ -54,7 +57,7 @@ def guard(app, scopes: dict[tuple[str, str], str | None]):
                 raise Forbidden(f"this token has scope {caller.scope!r}; {request.method} {request.url.path} needs "
                                 f"{needed!r} (scopes: {' < '.join(SCOPES)})")
         except AnnotateError as exc:  # raised here, outside the routes' error handlers
-            return _refuse(request, exc)
+            return _refuse(request, exc, render_error)
         request.state.caller = caller
         return await call_next(request)
 
@@ -101,14 +104,15 @@ async def _identify(ctx: Context, token: str | None, local: bool = True) -> Call
     return Caller(record["token_id"], record["scope"])
 
 
-def _refuse(request: Request, exc: AnnotateError):
+def _refuse(request: Request, exc: AnnotateError, render_error):
     """401/403 in the API's error shape; the console's pages send people to the login page instead."""
     if isinstance(exc, (Unauthenticated, Forbidden)) and request.url.path.startswith("/console") \
             and request.method == "GET":
         return RedirectResponse(f"/console/login?next={quote(request.url.path)}&why={quote(str(exc))}", status_code=303)
-    headers = {"WWW-Authenticate": 'Bearer realm="annotate"'} if isinstance(exc, Unauthenticated) else {}
-    return JSONResponse({"error": {"type": type(exc).__name__, "message": str(exc)}}, status_code=exc.status_code,
-                        headers=headers)
+    response = render_error(request, exc)
+    if isinstance(exc, Unauthenticated):
+        response.headers["WWW-Authenticate"] = 'Bearer realm="annotate"'
+    return response
 
 
 def caller_of(request: Request) -> Caller:
@@ -134,19 +138,9 @@ async def revoke_token(request: Request, token_id: str) -> dict:
     return await asyncio.to_thread(hosted(request).tokens.revoke, token_id)
 
 
-LOGIN_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Sign in · annotate console</title>
-<link rel="stylesheet" href="/console/static/console.css"></head><body data-page="login"><main class="login">
-<h1>annotate console</h1><p class="problem">{why}</p>
-<form method="post" action="/console/login"><input type="hidden" name="next" value="{next}">
-<label>API token <input type="password" name="token" required autofocus size="60"></label>
-<button type="submit">Sign in</button></form>
-<p><small>A token with scope <code>read</code> shows the pages; labelling the gold sample needs <code>write</code>.</small></p>
-</main></body></html>"""
-
-
 async def login_page(request: Request, next: str = "/console", why: str = "") -> HTMLResponse:
     """Ask for a token (the console's pages cannot send a bearer header)."""
-    return HTMLResponse(LOGIN_PAGE.format(why=escape(why), next=escape(_local(next))))
+    return render_page("login.html", why=why, next=_local(next))
 
 
 async def login(request: Request):
@@ -164,7 +158,7 @@ async def login(request: Request):
                                   "`annotate token create`")
         await _identify(hosted(request), token or None, local=False)
     except Unauthenticated as exc:
-        return HTMLResponse(LOGIN_PAGE.format(why=escape(str(exc)), next=escape(_local(next))), status_code=401)
+        return render_page("login.html", status_code=401, why=str(exc), next=_local(next))
     response = RedirectResponse(_local(next), status_code=303)
     response.set_cookie(COOKIE, token, httponly=True, samesite="strict", secure=request.url.scheme == "https")
     return response

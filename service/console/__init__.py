@@ -35,16 +35,16 @@ TEMPLATES = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=
 TEMPLATES.filters["percent"] = lambda v, digits=1: "–" if v is None else f"{100 * v:.{digits}f}%"
 
 
-def _page(template: str, **context) -> HTMLResponse:
+def render_page(template: str, status_code: int = 200, **context) -> HTMLResponse:
     """Render one template of the console."""
-    return HTMLResponse(TEMPLATES.get_template(template).render(**context))
+    return HTMLResponse(TEMPLATES.get_template(template).render(**context), status_code=status_code)
 
 
 async def jobs_page(request: Request) -> HTMLResponse:
     """Every recent job with live progress, throughput and ETA."""
     store = hosted(request).store
     jobs = await asyncio.to_thread(lambda: [_job_summary(store, row["job_id"]) for row in store.list_jobs(100)])
-    return _page("jobs.html", jobs=jobs)
+    return render_page("jobs.html", jobs=jobs)
 
 
 def _job_summary(store, job_id: str) -> dict:
@@ -66,7 +66,7 @@ async def job_page(request: Request, job_id: str, label: str | None = None,
                                     value_label="documents")
     abstentions = charts.bar_chart([(r["reason"], r["n"]) for r in reasons], title="Abstentions by reason",
                                    value_label="documents")
-    return _page("job.html", job=job, counts=counts, reasons=reasons, documents=documents, matching=matching,
+    return render_page("job.html", job=job, counts=counts, reasons=reasons, documents=documents, matching=matching,
                  filters={"label": label or "", "show": show, "below": below}, page=page,
                  pages=max(1, -(-matching // PAGE_SIZE)), show_options=DOCUMENT_FILTERS,
                  distribution_chart=Markup(distribution), abstention_chart=Markup(abstentions))
@@ -87,7 +87,7 @@ async def gold_page(request: Request, job_id: str, annotator: str = "") -> HTMLR
     documents = [{"doc_id": row["doc_id"], "text": row["text"]} for row in sample or []]  # no LLM label, on purpose
     answers = {r["doc_id"]: r["label"] for r in await asyncio.to_thread(store.gold_label_rows, job_id)
                if r["annotator"] == annotator.strip()}
-    return _page("gold.html", job=job, labels=labels, none_label=NONE_LABEL, annotator=annotator.strip(),
+    return render_page("gold.html", job=job, labels=labels, none_label=NONE_LABEL, annotator=annotator.strip(),
                  documents=documents, answers=answers, has_sample=sample is not None)
 
 
@@ -104,8 +104,8 @@ async def quality_page(request: Request, job_id: str) -> HTMLResponse:
         report = await asyncio.to_thread(quality.report, store, job_id)
         shares = await asyncio.to_thread(quality.estimate, store, job_id, target="proportions")
     except AnnotateError as exc:
-        return _page("quality.html", job=job, problem=str(exc))
-    return _page("quality.html", job=job, report=report, shares=shares, problem=None,
+        return render_page("quality.html", job=job, problem=str(exc))
+    return render_page("quality.html", job=job, report=report, shares=shares, problem=None,
                  charts={name: Markup(svg) for name, svg in _quality_charts(report, shares).items()})
 
 
@@ -136,7 +136,7 @@ def _quality_charts(report: dict, shares: dict) -> dict[str, str]:
 async def taxonomies_page(request: Request) -> HTMLResponse:
     """Every taxonomy with its versions."""
     rows = await asyncio.to_thread(hosted(request).store.list_taxonomies)
-    return _page("taxonomies.html", taxonomies=rows)
+    return render_page("taxonomies.html", taxonomies=rows)
 
 
 async def taxonomy_page(request: Request, name: str, version: str | None = None,
@@ -151,7 +151,7 @@ async def taxonomy_page(request: Request, name: str, version: str | None = None,
         _, older, before = await asyncio.to_thread(store.get_taxonomy, name, older)
         diff = list(difflib.unified_diff(before.splitlines(), text.splitlines(), f"{name}@{older}", f"{name}@{shown}",
                                          lineterm=""))
-    return _page("taxonomy.html", name=name, version=shown, yaml=text, versions=versions, compare=older, diff=diff)
+    return render_page("taxonomy.html", name=name, version=shown, yaml=text, versions=versions, compare=older, diff=diff)
 
 
 async def home() -> RedirectResponse:
