@@ -10,10 +10,11 @@ import asyncio
 import functools
 import json
 import os
+import threading
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import chain
 from pathlib import Path
 
@@ -33,18 +34,21 @@ from .api_context import Context, hosted
 from .api_quality import QUALITY_ROUTES
 from .console import CONSOLE_ROUTES
 from .auth import OPERATOR, Caller
-from .errors import AnnotateError, Conflict, InvalidInput, PayloadTooLarge, TaxonomyError, TooManyRequests
+from .errors import AnnotateError, Conflict, EngineUnavailable, InvalidInput, PayloadTooLarge, TaxonomyError, TooManyRequests
 from .induction import InductionOptions, sample_texts
 from .jobs import CASCADE, job_record
 from .labelling import Labeller
-from .sandbox import run_sql
+from .prompts import template_names
+from .sandbox import SqlResult, run_sql
 from .settings import Settings
 from .store import Store, document_batch
 from .taxonomy import Taxonomy, format_loc, parse_taxonomy
 
 
 _SUBMITTING: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)  # per token (one ingress replica)
-_SQL_THREADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="user-sql")  # slow user SQL never starves jobs
+_SQL_RUNNING: Counter[str | None] = Counter()  # token id -> its user SQL queries admitted and not yet ended
+_SQL_RUNNING_LOCK = threading.Lock()  # slots are released on SQL threads
+_SQL_SPARE_THREADS = 2  # shared SQL threads beyond one token's limit
 
 
 def create_api() -> FastAPI:
@@ -55,19 +59,63 @@ def create_api() -> FastAPI:
     routes = ROUTES + QUALITY_ROUTES + CLASSIFIER_ROUTES + CONSOLE_ROUTES + AUTH_ROUTES
     for route in routes:
         app.add_api_route(**{k: v for k, v in route.items() if k != "scope"})
-    app.middleware("http")(_limit_body)
-    app.middleware("http")(guard(app, route_scopes(routes), _render_error))  # added last, so it runs first
+    app.middleware("http")(guard(app, route_scopes(routes), _render_error))
+    app.add_middleware(BodyLimit)  # added last, so it runs first: no body is read before its size is known
     return app
 
 
-async def _limit_body(request: Request, call_next):
-    """Refuse bodies over the configured size before reading them."""
-    limit = hosted(request).settings.max_body_bytes
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > limit:
-        return _render_error(request, PayloadTooLarge(f"request body of {int(length):,} bytes is over the limit of "
-                                                      f"{limit:,} (ANNOTATE_MAX_BODY_BYTES); use a server-side 'source' file"))
-    return await call_next(request)
+class BodyLimit:
+    """Refuse request bodies over ``ANNOTATE_MAX_BODY_BYTES``, counted as they stream in.
+
+    ``Content-Length`` is checked before anything is read; a chunked body (no length) is
+    counted chunk by chunk, and the request is answered 413 as soon as it passes the limit,
+    whatever the route was doing with it (the route's own answer to a cut body is dropped).
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request = Request(scope)
+        try:
+            limit = hosted(request).settings.max_body_bytes
+        except EngineUnavailable:  # still starting: the routes answer 503
+            return await self.app(scope, receive, send)
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > limit:
+            return await _too_large(request, f"request body of {int(length):,} bytes", limit)(scope, receive, send)
+        received, over, started = 0, False, False
+
+        async def counted_receive():
+            nonlocal received, over
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                over = True
+                raise PayloadTooLarge(f"request body over the limit of {limit:,} bytes")
+            return message
+
+        async def held_send(message):
+            nonlocal started
+            if not over:
+                started = True
+                await send(message)
+
+        try:
+            await self.app(scope, counted_receive, held_send)
+        except Exception:
+            if not over:
+                raise
+        if over and not started:
+            await _too_large(request, f"request body of more than {received:,} bytes", limit)(scope, receive, send)
+
+
+def _too_large(request: Request, what: str, limit: int) -> JSONResponse:
+    """The 413 of a body over the limit, naming the setting."""
+    return _render_error(request, PayloadTooLarge(f"{what} is over the limit of {limit:,} (ANNOTATE_MAX_BODY_BYTES); "
+                                                  "use a server-side 'source' file"))
 
 
 def _render_error(request: Request, exc: AnnotateError) -> JSONResponse:
@@ -102,10 +150,15 @@ async def list_models(request: Request) -> list[dict]:
     ctx = hosted(request)
     reports = await asyncio.gather(*(handle.report.remote() for handle in ctx.models.values()),
                                    return_exceptions=True)
-    return [{"name": name, "engine": model.info.engine, "model": model.info.model,
+    return [{"name": name, "engine": model.info.engine, "model": model.info.model, "decoding": model.info.decoding,
              "default": name == ctx.runner.default_model,
              "stats": None if isinstance(report, BaseException) else report}
             for (name, model), report in zip(ctx.runner.models.items(), reports)]
+
+
+async def list_prompts(request: Request) -> list[str]:
+    """The prompt templates a job's LLM annotators may name (the registry; names, never paths)."""
+    return sorted(template_names())
 
 
 async def push_taxonomy(request: Request) -> JSONResponse:
@@ -116,9 +169,20 @@ async def push_taxonomy(request: Request) -> JSONResponse:
     except UnicodeDecodeError as exc:
         raise TaxonomyError("<request body>", [("", None, f"not valid UTF-8 at byte {exc.start}")]) from exc
     taxonomy = parse_taxonomy(text, source="<request body>")
+    _check_taxonomy_size(taxonomy, hosted(request).settings)
     version, created = await asyncio.to_thread(hosted(request).store.put_taxonomy, taxonomy, text)
     body = TaxonomyCreated(name=taxonomy.name, version=version, created=created)
     return JSONResponse(body.model_dump(), status_code=201)  # "created" says whether the version is new
+
+
+def _check_taxonomy_size(taxonomy: Taxonomy, settings: Settings) -> None:
+    """Refuse a taxonomy whose labels or text are over the service's limits (each prompt would carry them)."""
+    if len(taxonomy.labels) > settings.taxonomy_max_labels:
+        raise PayloadTooLarge(f"taxonomy {taxonomy.name!r} has {len(taxonomy.labels):,} labels, over the limit of "
+                              f"{settings.taxonomy_max_labels:,} (ANNOTATE_TAXONOMY_MAX_LABELS)")
+    if (chars := taxonomy.text_chars()) > settings.taxonomy_max_chars:
+        raise PayloadTooLarge(f"taxonomy {taxonomy.name!r} has {chars:,} characters of instruction, descriptions and "
+                              f"examples, over the limit of {settings.taxonomy_max_chars:,} (ANNOTATE_TAXONOMY_MAX_CHARS)")
 
 
 async def list_taxonomies(request: Request) -> list[dict]:
@@ -202,7 +266,8 @@ def _job_rows(settings: Settings, body: JobRequest, max_chars: int) -> Iterator[
     """Validated document rows from the inline list or the server-side source file."""
     if body.source is not None:
         path = local_source(settings.input_dir, body.source)
-        rows = read_file(path, text_field=body.text_field, id_field=body.id_field, max_chars=max_chars)
+        rows = read_file(path, text_field=body.text_field, id_field=body.id_field, max_chars=max_chars,
+                         name=body.source)
         first = next(rows, None)
         if first is None:
             raise InvalidInput(f"source {body.source!r} holds no documents")
@@ -221,7 +286,7 @@ async def induce_taxonomy(request: Request, body: InductionRequest) -> JSONRespo
     base = (await asyncio.to_thread(ctx.store.get_taxonomy, body.base))[0] if body.base else None
     if body.source is not None:
         rows = read_file(local_source(ctx.settings.input_dir, body.source), text_field=body.text_field, id_field=body.id_field,
-                         max_chars=ctx.settings.max_document_chars)
+                         max_chars=ctx.settings.max_document_chars, name=body.source)
         source = body.source
     else:
         rows = ({"text": d if isinstance(d, str) else d.text} for d in body.documents)
@@ -305,18 +370,62 @@ async def job_failures(request: Request, job_id: str) -> list[dict]:
 
 
 async def query_sql(request: Request, body: SqlRequest) -> SqlResponse:
-    """Run one read-only SQL statement in the sandbox."""
+    """Run one read-only SQL statement in the sandbox, under limits a request may only lower."""
     ctx = hosted(request)
-    timeout = min(body.timeout_s or ctx.settings.sql_timeout_s, ctx.settings.sql_timeout_s)
-    max_rows = min(body.max_rows or ctx.settings.sql_max_rows, ctx.settings.sql_max_rows)
-    call = functools.partial(run_sql, ctx.store.cursor(), body.sql, timeout_s=timeout, max_rows=max_rows)
-    result = await asyncio.get_running_loop().run_in_executor(_SQL_THREADS, call)
-    return SqlResponse(**vars(result))
+    settings = ctx.settings
+    timeout = min(body.timeout_s or settings.sql_timeout_s, settings.sql_timeout_s)
+    max_rows = min(body.max_rows or settings.sql_max_rows, settings.sql_max_rows)
+    max_bytes = min(body.max_bytes or settings.sql_max_bytes, settings.sql_max_bytes)
+    call = functools.partial(_run_sql_on_thread, ctx.store, body.sql, timeout_s=timeout, max_rows=max_rows,
+                             max_bytes=max_bytes)
+    future = _submit_sql(caller_of(request), settings.sql_max_concurrent_per_token, call)
+    return SqlResponse(**vars(await asyncio.wrap_future(future)))
+
+
+def _run_sql_on_thread(store: Store, sql: str, **limits) -> SqlResult:
+    """The sandbox on a cursor made on the thread that uses it."""
+    return run_sql(store.cursor(), sql, **limits)
+
+
+def _submit_sql(caller: Caller, limit: int, call) -> Future:
+    """Start ``call`` on the caller's SQL threads, or TooManyRequests when the caller already runs ``limit`` queries.
+
+    The operator (token id ``OPERATOR``) has ``limit`` threads of its own and may run no more than ``limit``
+    queries, so its queries never wait behind any other token's. Every other token (the tokenless loopback
+    caller counts as one) shares ``limit + _SQL_SPARE_THREADS`` threads, so one token alone never holds them
+    all; none of them takes a thread from jobs. A slot is freed when the query ends, not when the request
+    does, so a client that hangs up cannot run more than its limit.
+    """
+    with _SQL_RUNNING_LOCK:
+        running = _SQL_RUNNING[caller.token_id]
+        if running >= limit:
+            who = f"token {caller.token_id}" if caller.token_id else "the caller without a token"
+            raise TooManyRequests(f"{who} already runs {running} SQL queries, the limit "
+                                  f"(ANNOTATE_SQL_MAX_CONCURRENT_PER_TOKEN) is {limit}; retry when one has ended")
+        _SQL_RUNNING[caller.token_id] += 1
+    operator = caller.token_id == OPERATOR
+    threads = _sql_threads("operator" if operator else "shared", limit if operator else limit + _SQL_SPARE_THREADS)
+    future = threads.submit(call)
+    future.add_done_callback(functools.partial(_release_sql, caller.token_id))
+    return future
+
+
+def _release_sql(token_id: str | None, _done: Future) -> None:
+    """Free a caller's SQL slot once its query has ended (or was cancelled before it began)."""
+    with _SQL_RUNNING_LOCK:
+        _SQL_RUNNING[token_id] -= 1
+
+
+@functools.cache
+def _sql_threads(owner: str, workers: int) -> ThreadPoolExecutor:
+    """The operator's or the shared user SQL threads, made once per size the settings give."""
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"user-sql-{owner}")
 
 
 ROUTES = [
     dict(path="/healthz", endpoint=health, scope=None, methods=["GET"], tags=["service"]),
     dict(path="/v1/models", endpoint=list_models, scope="read", methods=["GET"], tags=["service"]),
+    dict(path="/v1/prompts", endpoint=list_prompts, scope="read", methods=["GET"], tags=["service"]),
     dict(path="/v1/taxonomies", endpoint=push_taxonomy, scope="write", methods=["POST"], status_code=201, tags=["taxonomies"],
          response_model=TaxonomyCreated,
          openapi_extra={"requestBody": {"required": True, "content": {"application/yaml": {"schema": {"type": "string"}}}}}),

@@ -9,7 +9,7 @@ read. Token management (``/v1/tokens``) and the console's login live here too.
 from __future__ import annotations
 
 import asyncio
-from urllib.parse import parse_qs, quote
+from urllib.parse import parse_qs, quote, urlsplit
 
 from fastapi import Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
@@ -17,10 +17,10 @@ from pydantic import BaseModel, Field
 from starlette.routing import Match
 
 from .api_context import Context, hosted
-from .auth import ANONYMOUS, COOKIE, OPERATOR, SCOPES, Caller, is_operator, new_token, presented_token, same_secret, \
-    split_token, tokens_required
+from .auth import ANONYMOUS, COOKIE, OPERATOR, SCOPES, Caller, host_name, is_operator, new_token, presented_token, \
+    same_secret, split_token, tokens_required, trusted_locally
 from .console import render_page
-from .errors import AnnotateError, Forbidden, Unauthenticated
+from .errors import AnnotateError, BadRequest, Forbidden, TooManyRequests, Unauthenticated
 
 
 class TokenRequest(BaseModel):
@@ -39,20 +39,22 @@ def route_scopes(routes: list[dict]) -> dict[tuple[str, str], str | None]:
 
 
 def guard(app, scopes: dict[tuple[str, str], str | None], render_error):
-    """The middleware: find the route, check the caller's token against its scope, remember the caller.
+    """The middleware: check the Host and the request's origin, find the route, check the caller's token
+    against its scope, remember the caller.
 
     ``render_error`` is the API's own error renderer, so refusals have the one error shape.
     """
 
     async def authenticate(request: Request, call_next):
-        needed = _needed_scope(app, scopes, request)
-        if needed is None:
-            return await call_next(request)
         try:
-            _refuse_cross_site(request)
+            _check_host(request)
+            _refuse_cross_site(request)  # public routes too: the login form (login CSRF)
+            needed = _needed_scope(app, scopes, request)
+            if needed is None:
+                return await call_next(request)
             ctx = hosted(request)
             caller = await _identify(ctx, presented_token(request.headers.get("authorization"),
-                                                          request.cookies.get(COOKIE)), _named_locally(request))
+                                                          request.cookies.get(COOKIE)), request)
             if not caller.allows(needed):
                 raise Forbidden(f"this token has scope {caller.scope!r}; {request.method} {request.url.path} needs "
                                 f"{needed!r} (scopes: {' < '.join(SCOPES)})")
@@ -75,24 +77,70 @@ def _needed_scope(app, scopes: dict, request: Request) -> str | None:
     return None
 
 
+def _check_host(request: Request) -> None:
+    """At most one Host header, and a well-formed one (Starlette would fall back to the socket's address)."""
+    hosts = request.headers.getlist("host")
+    if len(hosts) > 1:
+        raise BadRequest(f"{len(hosts)} Host headers; send one")
+    if hosts:
+        try:
+            host_name(hosts[0])
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from exc
+
+
 def _refuse_cross_site(request: Request) -> None:
-    """A browser's request that changes something must come from the console's own pages (no CSRF)."""
-    if request.method not in ("GET", "HEAD") and request.headers.get("sec-fetch-site") in ("cross-site", "same-site"):
+    """A browser's request that changes something must come from the service's own pages (no CSRF).
+
+    Browsers say where a request comes from in ``Sec-Fetch-Site`` (recent ones), ``Origin``
+    (every cross-origin POST) or ``Referer``; any of them naming another site refuses it.
+    API clients send none of them and pass. The origin is compared by host and port with
+    the ``Host`` the request was sent to, so a TLS proxy in front changes nothing.
+    """
+    if request.method in ("GET", "HEAD", "OPTIONS"):
+        return
+    if request.headers.get("sec-fetch-site") in ("cross-site", "same-site"):
         raise Forbidden("cross-site requests that change data are refused; call the API directly or use the console")
+    origin = request.headers.get("origin") or request.headers.get("referer")
+    if origin is not None and urlsplit(origin).netloc.lower() != request.headers.get("host", "").lower():
+        raise Forbidden(f"a request from another origin ({origin[:100]!r}) that changes data is refused; call the "
+                        "API directly or use the console")
 
 
-def _named_locally(request: Request) -> bool:
-    """Whether the request names the service by a loopback name (a DNS-rebinding page names it otherwise)."""
-    return request.url.hostname in ("localhost", "127.0.0.1", "::1")
+def _peer(request: Request) -> str:
+    """The connection's peer address (the socket's, never a header's)."""
+    return request.client.host if request.client else "unknown"
 
 
-async def _identify(ctx: Context, token: str | None, local: bool = True) -> Caller:
-    """Who presents this token, or Unauthenticated saying why not; tokenless only where optional and named locally."""
+async def _identify(ctx: Context, token: str | None, request: Request) -> Caller:
+    """Who presents this token, or Unauthenticated saying why not; tokenless only where optional and trusted locally.
+
+    An address with too many failed tokens in a minute is refused with 429 before its
+    token is even looked at (``ANNOTATE_AUTH_FAILURES_PER_MINUTE``).
+    """
     if token is None:
-        if tokens_required(ctx.settings.auth, ctx.settings.host) or not local:
+        if tokens_required(ctx.settings.auth, ctx.settings.host) or not _trusted_locally(request):
             raise Unauthenticated("this service needs an API token: send 'Authorization: Bearer ann_…' "
                                   "(`annotate token create` makes one; ANNOTATE_TOKEN for the CLI)")
         return ANONYMOUS
+    address = _peer(request)
+    if wait := ctx.auth_failures.blocked_for(address):
+        raise TooManyRequests(f"too many invalid API tokens from this address; retry in {wait:.0f} s "
+                              "(ANNOTATE_AUTH_FAILURES_PER_MINUTE)")
+    try:
+        return await _caller_of_token(ctx, token)
+    except Unauthenticated:
+        ctx.auth_failures.failed(address)
+        raise
+
+
+def _trusted_locally(request: Request) -> bool:
+    """The loopback rule of ``auth.trusted_locally`` applied to this request."""
+    return trusted_locally(_peer(request), request.headers.getlist("host"), set(request.headers.keys()))
+
+
+async def _caller_of_token(ctx: Context, token: str) -> Caller:
+    """The caller a presented token stands for; Unauthenticated when it is unknown, wrong or revoked."""
     if is_operator(token, ctx.settings.admin_token):
         return Caller(OPERATOR, "admin")
     parts = split_token(token)
@@ -156,9 +204,11 @@ async def login(request: Request):
         if is_operator(token, hosted(request).settings.admin_token):
             raise Unauthenticated("the operator's token is not for browsers: sign in with a token made by "
                                   "`annotate token create`")
-        await _identify(hosted(request), token or None, local=False)
-    except Unauthenticated as exc:
-        return render_page("login.html", status_code=401, why=str(exc), next=_local(next))
+        if not token:
+            raise Unauthenticated("enter an API token")
+        await _identify(hosted(request), token, request)
+    except (Unauthenticated, TooManyRequests) as exc:
+        return render_page("login.html", status_code=exc.status_code, why=str(exc), next=_local(next))
     response = RedirectResponse(_local(next), status_code=303)
     response.set_cookie(COOKIE, token, httponly=True, samesite="strict", secure=request.url.scheme == "https")
     return response

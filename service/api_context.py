@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
 
+from .auth import FailureCounter
 from .classifiers import ClassifierRunner
 from .errors import EngineUnavailable
 from .induction import InductionRunner
@@ -27,6 +28,11 @@ class Context:
     classifiers: ClassifierRunner
     students: object  # the StudentServer deployment handle
     tokens: TokenStore
+    auth_failures: FailureCounter = field(init=False)
+
+    def __post_init__(self):
+        """Failed tokens are counted per client address in the process that checks them."""
+        self.auth_failures = FailureCounter(self.settings.auth_failures_per_minute)
 
 
 _hosted: Context | None = None

@@ -27,7 +27,8 @@ class AnnotatorIn(BaseModel):
                              description="Shown in reports; default MODEL/PROMPT, or 'embedding'.")
     kind: Literal["llm", "embedding"] = "llm"
     model: str | None = Field(None, description="llm: a model from the models config; default the job's.")
-    prompt: str | None = Field(None, description="llm: a template under prompts/ (classify, classify_terse, ...).")
+    prompt: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$",
+                               description="llm: a template's name (classify, classify_terse, ...; GET /v1/prompts).")
     weight: float | None = Field(None, gt=0, description="weighted_soft_vote: this annotator's weight; default "
                                                          "estimated from agreement (Wawa).")
 
@@ -47,8 +48,9 @@ class JobRequest(BaseModel):
     taxonomy_version: str | None = Field(None, description="A content-hash version; default the newest.")
     model: str | None = Field(None, description="A model from the models config; default the taxonomy's, else the service's.")
     documents: list[DocumentIn] | None = None
-    source: str | None = Field(None, description="A .jsonl/.csv/.parquet file under ANNOTATE_INPUT_DIR (batch mode: "
-                                                 ".jsonl/.parquet, or an s3:// or gs:// URI if allowed).")
+    source: str | None = Field(None, description="A .jsonl/.csv/.parquet file, its path relative to "
+                                                 "ANNOTATE_INPUT_DIR (batch mode: .jsonl/.parquet, or an s3:// or "
+                                                 "gs:// URI if allowed).")
     mode: Literal["stream", "batch"] = Field(
         "stream", description="stream: documents stored with the job, labelled batch by batch; batch: a large "
                               "source labelled shard by shard on Ray Data, results written as Parquet shards.")
@@ -184,14 +186,16 @@ class SqlRequest(BaseModel):
     sql: str = Field(min_length=1)
     timeout_s: float | None = Field(None, ge=0.1)
     max_rows: int | None = Field(None, ge=1)
+    max_bytes: int | None = Field(None, ge=1)
 
 
 class SqlResponse(BaseModel):
-    """Columns and rows of a query; ``truncated`` when the row cap cut it."""
+    """Columns and rows of a query; ``truncated`` when the row cap or the byte cap cut it, ``truncated_reason`` which."""
 
     columns: list[str]
     rows: list[list]
     truncated: bool
+    truncated_reason: str | None
     elapsed_ms: float
 
 
@@ -201,7 +205,8 @@ class InductionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, description="Name of the induced taxonomy.")
     documents: list[str | DocumentIn] | None = Field(None, min_length=2)
-    source: str | None = Field(None, description="A .jsonl/.csv/.parquet file under ANNOTATE_INPUT_DIR.")
+    source: str | None = Field(None, description="A .jsonl/.csv/.parquet file, its path relative to "
+                                                 "ANNOTATE_INPUT_DIR.")
     text_field: str = "text"
     id_field: str = "id"
     max_labels: int = Field(8, ge=2, le=100)
@@ -295,8 +300,10 @@ class ClassifierRequest(BaseModel):
     kind: Literal["ngram", "static", "minilm", "finetune"] = Field(
         "minilm", description="ngram: hashed n-grams; static: model2vec static embeddings; minilm: MiniLM "
                               "embeddings; finetune: MiniLM fine-tuned (each a linear head but the last).")
-    name: str | None = Field(None, min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._-]+$",
-                             description="Students of one name are versioned; default TAXONOMY-KIND.")
+    name: str | None = Field(None, min_length=1, max_length=100, pattern=r"^[A-Za-z0-9](?:\.?[A-Za-z0-9_-])*$",
+                             description="Students of one name are versioned; default TAXONOMY-KIND. A directory "
+                                         "name: letters, digits, '_', '-' and single dots, starting with a letter "
+                                         "or digit (never '.', '..', a path or a hidden name).")
     targets: Literal["hard", "soft", "candidates"] | None = Field(
         None, description="What the student learns; default: the option that agrees best with the LLM on a "
                           "validation split.")

@@ -57,7 +57,10 @@ def open_source(source: str, settings: Settings) -> tuple[pafs.FileSystem, str, 
     if source.startswith(REMOTE_SCHEMES):
         if not settings.allow_remote_sources:
             raise InvalidInput(f"source {source!r} is remote; set ANNOTATE_ALLOW_REMOTE_SOURCES=true to allow it")
-        filesystem, path = pafs.FileSystem.from_uri(source)
+        try:
+            filesystem, path = pafs.FileSystem.from_uri(source)
+        except ValueError as exc:  # ArrowInvalid: not a URI (a NUL byte, a space, ...)
+            raise InvalidInput(f"source {source!r}: not a URI pyarrow can parse ({exc})") from exc
     else:
         filesystem, path = pafs.LocalFileSystem(), str(local_source(settings.input_dir, source))
     kind = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}.get(Path(path).suffix.lower())

@@ -68,6 +68,18 @@ def as_labels(probs: list[list[float]], classes: list[str], taxonomy: Taxonomy) 
     return out
 
 
+def student_dir(data_dir: Path, name: str) -> Path:
+    """DATA_DIR/classifiers/NAME, refused unless NAME is one directory right inside it.
+
+    The API's pattern already refuses such names; this guards every other way a name arrives."""
+    root = (Path(data_dir) / "classifiers").resolve()
+    path = None if "\x00" in name else (root / name).resolve()
+    if path is None or path.parent != root:
+        raise InvalidInput(f"name: {name!r} is not a plain directory name; use letters, digits, '_', '-' and single "
+                           "dots, starting with a letter or digit")
+    return path
+
+
 class ClassifierRunner:
     """Trains students submitted over HTTP as background Ray tasks, recording them in the store."""
 
@@ -81,9 +93,10 @@ class ClassifierRunner:
         data, taxonomy, version = await asyncio.to_thread(training_data, self.store, jobs)
         classifier_id = "clf_" + uuid.uuid4().hex[:16]
         name = name or f"{taxonomy}-{kind}"
+        folder = student_dir(self.settings.data_dir, name)  # refused before anything is recorded
         number = await asyncio.to_thread(self.store.create_classifier, classifier_id, name=name, kind=kind,
                                          taxonomy=taxonomy, taxonomy_version=version, jobs=jobs, options=options)
-        out_dir = self.settings.data_dir.resolve() / "classifiers" / name / f"v{number}"
+        out_dir = folder / f"v{number}"
         meta = {"classifier_id": classifier_id, "name": name, "version": number, "taxonomy": taxonomy,
                 "taxonomy_version": version, "jobs": jobs}
         task = asyncio.create_task(self._train(classifier_id, data, kind=kind, out_dir=out_dir, meta=meta,

@@ -263,7 +263,7 @@ def sql(query: str, url: str = URL, as_json: bool = typer.Option(False, "--json"
         table.add_row(*["NULL" if v is None else json.dumps(v) if isinstance(v, (dict, list)) else str(v) for v in row])
     console.print(table)
     if body["truncated"]:
-        errors.print(f"(cut at {len(body['rows'])} rows)")
+        errors.print(f"(cut at {len(body['rows'])} rows by the {body['truncated_reason']})")
 
 
 def _local_sql(query: str) -> dict:
@@ -278,7 +278,8 @@ def _local_sql(query: str) -> dict:
         fail(f"no service answers and there is no database at {settings.db_path}")
     try:
         store = Store(settings.db_path, export_dir=settings.export_dir, read_only=True)
-        return asdict(run_sql(store.cursor(), query, timeout_s=settings.sql_timeout_s, max_rows=settings.sql_max_rows))
+        return asdict(run_sql(store.cursor(), query, timeout_s=settings.sql_timeout_s, max_rows=settings.sql_max_rows,
+                              max_bytes=settings.sql_max_bytes))
     except AnnotateError as exc:
         fail(str(exc))
 

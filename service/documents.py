@@ -3,6 +3,11 @@
 Every reader yields plain dicts ``{"doc_id", "text", "text_hash", "meta"}`` in batches,
 so a corpus of any size passes through in bounded memory. Problems name the document
 (``documents[3].text``, ``corpus.csv row 17``) and the fix.
+
+A caller's ``source`` is named in errors as the caller gave it, never as the server resolved
+it, and nothing is said about files outside ANNOTATE_INPUT_DIR (``local_source``). Inside
+it, a file's columns may be listed: every caller with a token that submits jobs can label,
+and so read, any file there already.
 """
 
 from __future__ import annotations
@@ -16,18 +21,26 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from .errors import InvalidInput, PayloadTooLarge
+from .errors import AnnotateError, InvalidInput, PayloadTooLarge
 
 FORMATS = ("jsonl", "csv", "parquet")
 READ_BATCH = 4096
+_RELATIVE = "name a file by its path relative to the input directory (ANNOTATE_INPUT_DIR)"
 
 
 def local_source(input_dir: Path, source: str) -> Path:
-    """A server-side source resolved inside the allowed input directory; escapes are refused."""
+    """A server-side source resolved inside the input directory; anything that could lead out is refused.
+
+    An absolute path or a '..' part is refused from the text alone, before the file system is
+    asked, and a link inside that leads out gets the same message, so a caller cannot tell
+    whether a file outside exists."""
+    if "\x00" in source:
+        raise InvalidInput(f"source: contains a NUL byte; {_RELATIVE}")
     root = Path(input_dir).resolve()
-    path = (root / source).resolve()
-    if not path.is_relative_to(root):
-        raise InvalidInput(f"source {source!r} is outside the input directory {root} (ANNOTATE_INPUT_DIR)")
+    given = Path(source)
+    path = None if given.is_absolute() or ".." in given.parts else (root / given).resolve()
+    if path is None or not path.is_relative_to(root):
+        raise InvalidInput(f"source {source!r} is outside the input directory; {_RELATIVE}")
     return path
 
 
@@ -91,27 +104,37 @@ def batched(rows: Iterable[dict], size: int) -> Iterator[list[dict]]:
         yield batch
 
 
-def read_file(path: Path, *, text_field: str = "text", id_field: str = "id", max_chars: int) -> Iterator[dict]:
-    """Stream validated documents from a JSONL, CSV or Parquet file, chosen by extension."""
+def read_file(path: Path, *, text_field: str = "text", id_field: str = "id", max_chars: int,
+              name: str | None = None) -> Iterator[dict]:
+    """Stream validated documents from a JSONL, CSV or Parquet file, chosen by extension.
+
+    Errors call the file ``name`` (a caller's ``source`` as given; default the file's own
+    name), never by the directory it lies in."""
     path = Path(path)
+    name = name or path.name
     kind = path.suffix.lower().lstrip(".")
     if kind == "json":
         kind = "jsonl"
     if kind not in FORMATS:
-        raise InvalidInput(f"{path}: unknown format {path.suffix!r}; use one of .jsonl, .csv, .parquet")
+        raise InvalidInput(f"{name}: unknown format {path.suffix!r}; use one of .jsonl, .csv, .parquet")
     if not path.is_file():
-        raise InvalidInput(f"{path}: no such file")
-    if kind == "jsonl":
-        yield from _read_jsonl(path, text_field, id_field, max_chars)
-    else:
-        yield from _read_columnar(path, kind, text_field, id_field, max_chars)
+        raise InvalidInput(f"{name}: no such file")
+    try:
+        if kind == "jsonl":
+            yield from _read_jsonl(path, name, text_field, id_field, max_chars)
+        else:
+            yield from _read_columnar(path, name, kind, text_field, id_field, max_chars)
+    except AnnotateError:
+        raise
+    except (OSError, ValueError) as exc:  # the reader's own words, with the server's path taken out
+        raise InvalidInput(f"{name}: cannot read as {kind}: {str(exc).replace(str(path), name)}") from exc
 
 
-def _read_jsonl(path: Path, text_field: str, id_field: str, max_chars: int) -> Iterator[dict]:
+def _read_jsonl(path: Path, name: str, text_field: str, id_field: str, max_chars: int) -> Iterator[dict]:
     """One JSON object per line; blank lines are skipped; ids default to the line number."""
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
-            where = f"{path.name} line {number}"
+            where = f"{name} line {number}"
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -125,26 +148,21 @@ def _read_jsonl(path: Path, text_field: str, id_field: str, max_chars: int) -> I
             yield check_record(where, record, number, text_field=text_field, id_field=id_field, max_chars=max_chars)
 
 
-def _read_columnar(path: Path, kind: str, text_field: str, id_field: str, max_chars: int) -> Iterator[dict]:
+def _read_columnar(path: Path, name: str, kind: str, text_field: str, id_field: str, max_chars: int) -> Iterator[dict]:
     """CSV or Parquet in Arrow batches; other columns become ``meta``; ids default to the row number."""
-    try:
-        batches = (
-            pq.ParquetFile(path).iter_batches(batch_size=READ_BATCH)
-            if kind == "parquet"
-            else pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=1 << 22),
-                                convert_options=pacsv.ConvertOptions(
-                                    column_types={text_field: pa.string(), id_field: pa.string()}))
-        )
-        row_number = 0
-        for batch in batches:
-            columns = batch.schema.names
-            if text_field not in columns:
-                raise InvalidInput(f"{path.name}: no {text_field!r} column; columns are {', '.join(columns)}")
-            for record in batch.to_pylist():
-                row_number += 1
-                yield check_record(f"{path.name} row {row_number}", record, row_number, text_field=text_field,
-                                   id_field=id_field, max_chars=max_chars)
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, InvalidInput):
-            raise
-        raise InvalidInput(f"{path.name}: cannot read as {kind}: {exc}") from exc
+    batches = (
+        pq.ParquetFile(path).iter_batches(batch_size=READ_BATCH)
+        if kind == "parquet"
+        else pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=1 << 22),
+                            convert_options=pacsv.ConvertOptions(
+                                column_types={text_field: pa.string(), id_field: pa.string()}))
+    )
+    row_number = 0
+    for batch in batches:
+        columns = batch.schema.names
+        if text_field not in columns:
+            raise InvalidInput(f"{name}: no {text_field!r} column; columns are {', '.join(columns)}")
+        for record in batch.to_pylist():
+            row_number += 1
+            yield check_record(f"{name} row {row_number}", record, row_number, text_field=text_field,
+                               id_field=id_field, max_chars=max_chars)

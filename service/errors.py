@@ -46,6 +46,12 @@ def _format_problem(source: str, location: str, line: int | None, message: str) 
     return f"{where}: {location}: {message}" if location else f"{where}: {message}"
 
 
+class BadRequest(InvalidInput):
+    """The request itself is malformed (a header, not the body)."""
+
+    status_code = 400
+
+
 class SqlRejected(InvalidInput):
     """User SQL the sandbox does not allow."""
 

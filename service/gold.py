@@ -11,6 +11,11 @@ the file ``annotate gold export`` writes), or as a Label Studio JSON export. A l
 must be one of the taxonomy's labels or ``none_of_these`` (the document fits no label).
 Several people may label the same document; the gold label is their most frequent
 answer (the ``gold`` view in DuckDB; ties go to the earliest).
+
+Exports are opened in spreadsheets and in Label Studio, where nothing a document or a label
+name holds may act: a CSV cell that a spreadsheet would run as a formula is escaped
+(``_csv_cell``; the import undoes it, so an exported doc_id comes back as the same document),
+and the Label Studio config quotes label names as XML attribute values.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from xml.sax.saxutils import quoteattr
 
 import numpy as np
 
@@ -28,6 +34,7 @@ from .store import Store
 from .taxonomy import NONE_LABEL
 
 CSV_COLUMNS = ("doc_id", "text", "label", "annotator")
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # OWASP's list of cell starts a spreadsheet may evaluate
 
 
 def draw(store: Store, job_id: str, *, size: int, design: str, seed: int, replace: bool) -> dict:
@@ -119,7 +126,8 @@ def _from_csv(text: str, default_annotator: str | None) -> list[tuple[str, str, 
     if missing:
         raise InvalidInput(f"gold CSV: missing column(s) {', '.join(sorted(missing))}; the header must name "
                            f"doc_id and label (annotator optional), as `annotate gold export` writes")
-    return [_row(f"CSV line {reader.line_num}", row["doc_id"], row["label"], row.get("annotator") or default_annotator)
+    return [_row(f"CSV line {reader.line_num}", _csv_value(row["doc_id"]), _csv_value(row["label"]),
+                 _csv_value(row.get("annotator")) or default_annotator)
             for row in reader if (row.get("label") or "").strip()]
 
 
@@ -146,8 +154,25 @@ def to_csv(sample: list[dict]) -> str:
     writer = csv.writer(out)
     writer.writerow(CSV_COLUMNS)
     for row in sample:
-        writer.writerow([row["doc_id"], row["text"], "", ""])
+        writer.writerow([_csv_cell(row["doc_id"]), _csv_cell(row["text"]), "", ""])
     return out.getvalue()
+
+
+def _csv_cell(value: object) -> str:
+    """A cell a spreadsheet shows as text, never runs as a formula (OWASP's CSV-injection advice).
+
+    A cell starting with ``= + - @``, a tab or a carriage return gets a leading ``'``; so does
+    one that already starts with ``'``, so that ``_csv_value`` undoes exactly what was added. A
+    spreadsheet that drops the ``'`` when it saves gives back the bare value, which is kept."""
+    text = str(value)
+    return "'" + text if text.startswith((*FORMULA_STARTS, "'")) else text
+
+
+def _csv_value(cell: str | None) -> str | None:
+    """The value ``_csv_cell`` escaped: one leading ``'`` dropped where the export added it."""
+    if cell is not None and cell.startswith("'") and cell[1:].startswith((*FORMULA_STARTS, "'")):
+        return cell[1:]
+    return cell
 
 
 def to_label_studio(sample: list[dict]) -> list[dict]:
@@ -156,7 +181,7 @@ def to_label_studio(sample: list[dict]) -> list[dict]:
 
 
 def label_studio_config(labels: list[str]) -> str:
-    """A Label Studio labelling interface: the text and one choice per label."""
-    choices = "\n".join(f'    <Choice value="{name}"/>' for name in [*labels, NONE_LABEL])
+    """A Label Studio labelling interface: the text and one choice per label (names escaped as XML attributes)."""
+    choices = "\n".join(f"    <Choice value={quoteattr(name)}/>" for name in [*labels, NONE_LABEL])
     return (f'<View>\n  <Text name="text" value="$text"/>\n  <Choices name="label" toName="text" choice="single">\n'
             f"{choices}\n  </Choices>\n</View>\n")

@@ -5,6 +5,12 @@ template. Classification templates have ``system`` (instruction and taxonomy, sh
 every document), ``user`` (the document), ``assistant`` (the start of the reply, not
 scored) and the continuations scored after it: ``choice`` for single-label taxonomies,
 ``yes``/``no`` for multi-label ones.
+
+A prompt is chosen by *name* from the registry, the ``*.md`` files directly under
+``prompts/``; a name is never joined onto a path, so a caller cannot point the service at
+another file. Templates are code, so every one renders in Jinja's
+``ImmutableSandboxedEnvironment``: attribute walks such as ``cycler.__init__.__globals__``
+raise ``SecurityError`` instead of reaching Python.
 """
 
 from __future__ import annotations
@@ -15,12 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import InvalidInput
 
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
 _SECTION = re.compile(r"^### (\w+)[ \t]*$", re.MULTILINE)
-_ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False, autoescape=False)
+NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # what a template's file name (without .md) may be
+_ENV = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False, autoescape=False)
 
 
 @dataclass(frozen=True)
@@ -38,13 +46,17 @@ class PromptTemplate:
         return self.sections[section].render(**context).rstrip("\n")
 
 
+def template_names(directory: Path = PROMPTS_DIR) -> dict[str, Path]:
+    """The registry: template name -> file, for the ``*.md`` files directly in ``directory``."""
+    return {path.stem: path for path in directory.glob("*.md") if path.is_file() and NAME.match(path.stem)}
+
+
 def load_template(name: str, directory: Path = PROMPTS_DIR) -> PromptTemplate:
-    """Read ``prompts/NAME.md`` and split it into sections."""
-    path = directory / f"{name}.md"
-    if not path.exists():
-        known = sorted(p.stem for p in directory.glob("*.md"))
-        raise InvalidInput(f"unknown prompt template {name!r}; known: {', '.join(known)}")
-    text = path.read_text(encoding="utf-8")
+    """Read the registry's template ``name`` and split it into sections; an unknown name lists the known ones."""
+    known = template_names(directory)
+    if name not in known:  # the same answer whatever file may exist elsewhere
+        raise InvalidInput(f"unknown prompt template {name[:64]!r}; known: {', '.join(sorted(known))}")
+    text = known[name].read_text(encoding="utf-8")
     parts = _SECTION.split(text)
     sections = {parts[i]: _ENV.from_string(parts[i + 1].lstrip("\n")) for i in range(1, len(parts), 2)}
     return PromptTemplate(name=name, hash=hashlib.sha256(text.encode()).hexdigest()[:12], sections=sections)

@@ -2,8 +2,9 @@
 
 1. Only a single read statement (``SELECT``, which covers WITH, VALUES, FROM-first,
    DESCRIBE, SHOW and SUMMARIZE) is accepted; anything else is refused with the reason.
-2. Calls that no limit can stop are refused, found in DuckDB's own parse tree (see
-   ``UNBOUNDED`` and ``HIDDEN_SQL``).
+2. Calls that no limit can stop, that run SQL the checks never see, or that change the
+   database's state are refused, found in DuckDB's own parse tree (see ``UNBOUNDED``,
+   ``HIDDEN_SQL`` and ``STATEFUL``).
 3. It runs in a read-only transaction, since a SELECT may still write through a
    data-modifying CTE (``WITH x AS (DELETE FROM jobs RETURNING *) SELECT ...``).
 4. It runs on a cursor of the store's instance, which ``Store`` has locked down: no
@@ -11,7 +12,11 @@
    limit, and its configuration cannot be changed.
 5. A watchdog interrupts it at the time limit, again and again until it stops (a request
    may lower the limit, never raise it, and never below 0.1 s).
-6. At most ``max_rows`` rows are returned; fetching one more tells whether it was cut.
+6. At most ``max_rows`` rows and ``max_bytes`` bytes of JSON are returned. Rows are fetched
+   one at a time and measured as they are converted (a chunk of many rows could repeat one
+   huge value DuckDB holds once), so memory stays within the cap plus one row; fetching one
+   more row tells whether the row cap cut the answer, and a single row over the byte cap
+   is refused (413).
 """
 
 from __future__ import annotations
@@ -26,24 +31,30 @@ from uuid import UUID
 
 import duckdb
 
-from .errors import SqlRejected, SqlTimeout
+from .errors import PayloadTooLarge, SqlRejected, SqlTimeout
 
 ALLOWED = {duckdb.StatementType.SELECT}
 # Scalar functions one call of which builds a value as large as a number argument asks
 # (repeat('x', 2000000000), range(0, 10^9), lpad, printf('%2000000000d')): DuckDB can
 # neither interrupt such a call midway nor count it against its memory limit.
 UNBOUNDED = {"repeat", "lpad", "rpad", "printf", "format", "range", "generate_series", "list_resize", "array_resize"}
-# Table functions that run SQL given as text, which the checks here never see.
-HIDDEN_SQL = {"query"}
+# Table functions that run SQL given as text or as a serialized tree, which the checks here never see.
+HIDDEN_SQL = {"query", "json_execute_serialized_sql"}
+# Table functions that write or change state: the read-only transaction lets a checkpoint and log truncation
+# through, the locked configuration stops the others with a less clear message (see duckdb_functions()).
+STATEFUL = {"checkpoint", "force_checkpoint", "truncate_duckdb_logs", "enable_logging", "disable_logging",
+            "enable_profiling", "disable_profiling", "create_external_resource", "destroy_external_resource",
+            "register_external_resource", "register_external_resource_type", "deregister_external_resource"}
 
 
 @dataclass
 class SqlResult:
-    """Columns, rows as JSON-ready lists, and whether the row cap cut the answer."""
+    """Columns, rows as JSON-ready lists, and whether a cap cut the answer (``truncated_reason`` says which)."""
 
     columns: list[str]
     rows: list[list]
     truncated: bool
+    truncated_reason: str | None
     elapsed_ms: float
 
 
@@ -64,8 +75,9 @@ def check_sql(sql: str) -> str:
     return statement.query
 
 
-def run_sql(cursor: duckdb.DuckDBPyConnection, sql: str, *, timeout_s: float, max_rows: int) -> SqlResult:
-    """Run a checked statement in a read-only transaction under the time limit and the row cap."""
+def run_sql(cursor: duckdb.DuckDBPyConnection, sql: str, *, timeout_s: float, max_rows: int,
+            max_bytes: int) -> SqlResult:
+    """Run a checked statement in a read-only transaction under the time limit, the row cap and the byte cap."""
     query = check_sql(sql)
     finished = threading.Event()
     watchdog = threading.Thread(target=_interrupt_after, args=(cursor, timeout_s, finished), daemon=True)
@@ -73,10 +85,10 @@ def run_sql(cursor: duckdb.DuckDBPyConnection, sql: str, *, timeout_s: float, ma
     watchdog.start()
     try:
         cursor.execute("BEGIN TRANSACTION READ ONLY")
-        _refuse_unstoppable_calls(cursor, query)
+        _refuse_calls(cursor, query)
         cursor.execute(query)
         columns = [d[0] for d in cursor.description or []]
-        rows = cursor.fetchmany(max_rows + 1)
+        rows, truncated_reason = _fetch(cursor, max_rows=max_rows, max_bytes=max_bytes)
     except duckdb.InterruptException as exc:
         raise SqlTimeout(f"query ran past its time limit of {timeout_s:g} s and was stopped") from exc
     except duckdb.PermissionException as exc:
@@ -93,22 +105,40 @@ def run_sql(cursor: duckdb.DuckDBPyConnection, sql: str, *, timeout_s: float, ma
         finished.set()
         watchdog.join()
         cursor.close()
-    return SqlResult(
-        columns=columns,
-        rows=[[_jsonable(v) for v in row] for row in rows[:max_rows]],
-        truncated=len(rows) > max_rows,
-        elapsed_ms=1000 * (time.perf_counter() - started),
-    )
+    return SqlResult(columns=columns, rows=rows, truncated=truncated_reason is not None,
+                     truncated_reason=truncated_reason, elapsed_ms=1000 * (time.perf_counter() - started))
 
 
-def _refuse_unstoppable_calls(cursor: duckdb.DuckDBPyConnection, query: str) -> None:
-    """Refuse UNBOUNDED and HIDDEN_SQL calls; the parse tree sees through quoting, schemas and dot syntax."""
+def _fetch(cursor: duckdb.DuckDBPyConnection, *, max_rows: int, max_bytes: int) -> tuple[list[list], str | None]:
+    """JSON-ready rows until the answer ends or a cap cuts it, and which cap did (None: the whole answer)."""
+    rows: list[list] = []
+    size = 2  # the list's brackets
+    while (raw := cursor.fetchone()) is not None:
+        if len(rows) == max_rows:
+            return rows, f"row cap: {max_rows:,} rows (max_rows; at most ANNOTATE_SQL_MAX_ROWS)"
+        row = [_jsonable(v) for v in raw]
+        row_bytes = len(json.dumps(row, default=str, separators=(",", ":"))) + 1  # and its comma
+        if row_bytes > max_bytes:
+            raise PayloadTooLarge(f"row {len(rows) + 1} alone is {row_bytes:,} bytes as JSON, over the reply cap of "
+                                  f"{max_bytes:,} bytes (max_bytes; at most ANNOTATE_SQL_MAX_BYTES); select fewer or "
+                                  "shorter columns, e.g. left(text, 1000)")
+        if size + row_bytes > max_bytes:
+            return rows, f"byte cap: {max_bytes:,} bytes of JSON (max_bytes; at most ANNOTATE_SQL_MAX_BYTES)"
+        rows.append(row)
+        size += row_bytes
+    return rows, None
+
+
+def _refuse_calls(cursor: duckdb.DuckDBPyConnection, query: str) -> None:
+    """Refuse UNBOUNDED, HIDDEN_SQL and STATEFUL calls; the parse tree sees through quoting, schemas and dot syntax."""
     tree = json.loads(cursor.execute("SELECT json_serialize_sql(?)", [query]).fetchone()[0])
     if tree["error"]:
         raise SqlRejected(f"SQL cannot be checked: {tree['error_message']}")
     calls = set(_function_calls(tree))
     if hidden := sorted({name for name, in_from in calls if in_from and name in HIDDEN_SQL}):
-        raise SqlRejected(f"{hidden[0]}() is not allowed: it runs SQL text the sandbox cannot check; write that SQL directly")
+        raise SqlRejected(f"{hidden[0]}() is not allowed: it runs SQL the sandbox cannot check; write that SQL directly")
+    if stateful := sorted({name for name, in_from in calls if in_from and name in STATEFUL}):
+        raise SqlRejected(f"{stateful[0]}() is not allowed: it changes the database's state, and SQL access is read-only")
     if unbounded := sorted({name for name, in_from in calls if not in_from and name in UNBOUNDED}):
         raise SqlRejected(f"{', '.join(unbounded)}() not allowed: one call can build a value of any size, which neither "
                           "the time limit nor the memory limit can stop (range and generate_series are fine in FROM)")

@@ -9,8 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+MIN_ADMIN_TOKEN_CHARS = 24
 
 
 class Settings(BaseSettings):
@@ -41,22 +44,46 @@ class Settings(BaseSettings):
     engine_max_batch: int = Field(16, ge=1, description="Most documents the model deployment scores in one forward pass.")
     engine_batch_wait_s: float = Field(0.01, ge=0, description="How long the model deployment waits to fill a batch.")
     engine_threads: int = Field(0, ge=0, description="Torch threads for the embedded engine (0: one per core).")
+    engine_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Numeric type of the embedded engine: 'auto' measures float32 and bfloat16 matrix "
+                            "products once per machine (cached in the models dir) and keeps the faster.")
     model_input_chars: int = Field(
         2000, ge=100, description="The model sees at most this many characters of a document; longer ones are flagged truncated."
     )
     max_document_chars: int = Field(1_000_000, ge=1, description="Documents longer than this are rejected with 413.")
     max_documents_per_job: int = Field(100_000, ge=1, description="Most documents one inline job may carry.")
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest HTTP request body accepted.")
+    taxonomy_max_labels: int = Field(1000, ge=1, description="Most labels a pushed taxonomy may have.")
+    taxonomy_max_chars: int = Field(
+        500_000, ge=1, description="Most characters of instruction, descriptions and examples a pushed taxonomy may have.")
     sql_timeout_s: float = Field(10.0, gt=0, description="Time limit of a user SQL query; a request may only lower it.")
     sql_max_rows: int = Field(10_000, ge=1, description="Most rows a user SQL query returns; the answer says when it was cut.")
+    sql_max_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, description="Most bytes of JSON rows a user SQL answer carries, measured while "
+                                               "fetching; the answer says when it was cut, a single larger row is a 413.")
+    sql_max_concurrent_per_token: int = Field(
+        2, ge=1, description="User SQL queries one API token may run at once (429 beyond); the operator's token has "
+                             "threads of its own, so its queries never wait behind other tokens'.")
     auth: Literal["auto", "required", "off"] = Field(
         "auto", description="API tokens: 'auto' requires them unless the service binds loopback only; 'required'; 'off'.")
     admin_token: str | None = Field(
-        None, repr=False, description="The operator's admin token (a secret of your choosing, e.g. from a secret store); "
-                                      "use it to create the others with `annotate token create`.")
+        None, repr=False, description="The operator's admin token (a secret of your choosing, e.g. from a secret store, "
+                                      f"at least {MIN_ADMIN_TOKEN_CHARS} characters); use it to create the others with "
+                                      "`annotate token create`.")
+    auth_failures_per_minute: int = Field(
+        20, ge=1, description="Invalid API tokens one client address may send in a minute before it gets 429 (back-off).")
     max_active_jobs_per_token: int = Field(
         8, ge=1, description="Queued or running jobs one API token may have at once (the operator's token is exempt).")
     log_level: str = Field("WARNING", description="Log level of the service's structured (JSON) logs.")
+
+    @field_validator("admin_token")
+    @classmethod
+    def _strong_admin_token(cls, token: str | None) -> str | None:
+        """The operator's token opens everything and is never rotated by the service: refuse a guessable one."""
+        if token is not None and (len(token) < MIN_ADMIN_TOKEN_CHARS or len(set(token)) < 8):
+            raise ValueError(f"ANNOTATE_ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN_CHARS} characters with at least 8 "
+                             "different ones; make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'")
+        return token
 
     @property
     def db_path(self) -> Path:

@@ -129,6 +129,12 @@ class Taxonomy(_Model):
             raise ValueError("; ".join(f"{format_loc(loc)}: {msg}" for loc, msg in problems))
         return self
 
+    def text_chars(self) -> int:
+        """Characters of its free text (instruction, descriptions, examples): what a prompt would carry."""
+        return len(self.description) + len(self.instruction) + sum(
+            len(label.description) + sum(map(len, label.examples)) + sum(map(len, label.counter_examples))
+            for label in self.labels)
+
     def leaves(self) -> list[Label]:
         """Labels that are no one's parent, in file order: the options the model scores."""
         parents = {label.parent for label in self.labels}
@@ -204,6 +210,7 @@ def _read_yaml(text: str, source: str) -> tuple[yaml.Node, dict, list[Problem]]:
         loader = yaml.SafeLoader(text)
         try:
             root = loader.get_single_node()
+            _refuse_aliases(text, source)
             problems = _duplicate_keys(root, (), set()) if root is not None else []
             data = loader.construct_document(root) if root is not None else None
         finally:
@@ -228,6 +235,14 @@ def _read_yaml(text: str, source: str) -> tuple[yaml.Node, dict, list[Problem]]:
         message = f"the top level must be a mapping with the keys {keys}; found {_describe(data)}"
         raise TaxonomyError(source, [("", root.start_mark.line + 1, message)])
     return root, data, problems
+
+
+def _refuse_aliases(text: str, source: str) -> None:
+    """Anchors and aliases (``&a``, ``*a``, ``<<: *a``) can expand a small file a thousandfold: refuse them."""
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise TaxonomyError(source, [("", event.start_mark.line + 1, "YAML anchors and aliases (&name, *name) are "
+                                          "not allowed in taxonomies; write each value out")])
 
 
 def _duplicate_keys(node: yaml.Node, loc: Loc, seen: set[int]) -> list[Problem]:

@@ -218,6 +218,7 @@ def service(tmp_path_factory, llama_server, faulty_proxy) -> Service:
     env = {**os.environ, "ANNOTATE_DATA_DIR": str(data_dir), "ANNOTATE_PORT": str(port),
            "ANNOTATE_INPUT_DIR": str(input_dir), "ANNOTATE_URL": url, "HF_HUB_OFFLINE": "1",
            "ANNOTATE_AUTH": "required", "ANNOTATE_ADMIN_TOKEN": OPERATOR_TOKEN, "ANNOTATE_TOKEN": OPERATOR_TOKEN,
+           "ANNOTATE_AUTH_FAILURES_PER_MINUTE": "100000",  # the route battery sends bad tokens on purpose
            "ANNOTATE_MODELS_FILE": str(models_file(data_dir.parent, llama_server, faulty_proxy))}
     running = Service(url=url, data_dir=data_dir, input_dir=input_dir, process=None, env=env)
     running.start()
@@ -251,3 +252,51 @@ def labelled_taxonomy(service) -> str:
         response = client.post("/v1/taxonomies", content=(REPO / "taxonomy" / "sms-spam.yaml").read_bytes())
     assert response.status_code in (200, 201), response.text
     return response.json()["version"]
+
+
+@dataclass
+class InProcessApp:
+    """The real FastAPI app in this process: its client, settings and store."""
+
+    client: object  # starlette's TestClient
+    settings: object
+    store: object
+
+
+@pytest.fixture
+def in_process(tmp_path) -> InProcessApp:
+    """The real app over a real store in ``tmp_path``, the FakeEngine as its one model and no Ray: for requests
+    refused before any labelling. A loopback peer without a token (ANNOTATE_AUTH=auto); the input dir is tmp_path/inputs."""
+    from fastapi.testclient import TestClient
+
+    from service.api import create_api
+    from service.api_context import Context, attach
+    from service.classifiers import ClassifierRunner
+    from service.engines.fake import FakeEngine
+    from service.jobs import JobRunner, Model, engine_scorer
+    from service.settings import Settings
+    from service.store import Store
+    from service.taxonomy import load_taxonomy
+    from service.tokens import TokenStore
+
+    settings = Settings(data_dir=tmp_path / "data", input_dir=tmp_path / "inputs", host="127.0.0.1", auth="auto")
+    settings.input_dir.mkdir()
+    store, tokens = Store(settings.db_path, export_dir=settings.export_dir), TokenStore(tmp_path / "tokens.sqlite")
+    taxonomy = REPO / "taxonomy" / "sms-spam.yaml"
+    store.put_taxonomy(load_taxonomy(taxonomy), taxonomy.read_text())
+    engine = FakeEngine()
+
+    async def runner() -> JobRunner:  # its workers are tasks of the client's event loop
+        return JobRunner(store, {"fake": Model("fake", engine_scorer(engine), engine.info)}, "fake",
+                         batch_size=settings.batch_size, model_input_chars=settings.model_input_chars)
+
+    with TestClient(create_api(), base_url="http://127.0.0.1:8000", client=("127.0.0.1", 50000)) as client:
+        jobs = client.portal.call(runner)
+        attach(Context(settings, store, jobs, {}, None, ClassifierRunner(store, settings), None, tokens))
+        try:
+            yield InProcessApp(client, settings, store)
+        finally:
+            client.portal.call(jobs.close)
+            attach(None)
+            store.close()
+            tokens.close()

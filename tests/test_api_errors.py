@@ -1,7 +1,8 @@
 """Bad input over real HTTP: each gets a 4xx with a message that names the problem, and nothing breaks.
 
 These run against the same real service as the end-to-end tests; none of them reaches
-the model, so they are quick.
+the model, so they are quick. The ones at the end, about what errors give away, run the
+same app in this process (the ``in_process`` fixture), with files laid out around its input dir.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def test_job_for_unknown_taxonomy(service):
          "duplicate id 'x'"),
         ({"taxonomy": "sms-spam", "source": "../../etc/passwd.csv"}, "outside the input directory"),
         ({"taxonomy": "sms-spam", "source": "missing.jsonl"}, "no such file"),
+        ({"taxonomy": "sms-spam", "source": "a\u0000b.csv"}, "source: contains a NUL byte"),
     ],
 )
 def test_bad_job_bodies(service, labelled_taxonomy, payload, fragment):
@@ -160,3 +162,38 @@ def test_a_taxonomy_can_name_its_model(service):
                                                "documents": [{"text": "hi"}]})
     assert by_taxonomy.status_code == 202 and by_taxonomy.json()["model"] == "fake"
     assert by_job.status_code == 202 and by_job.json()["model"] == "slow-fake"
+
+
+def test_source_errors_name_the_source_as_given_and_nothing_outside(in_process, tmp_path):
+    """No server path in any message; outside the input dir, a file that exists and one that does not (directly,
+    by '..', absolute or through a link) get the same answer; inside it, the caller's own files are described."""
+    inputs = in_process.settings.input_dir
+    (tmp_path / "secret.csv").write_text("password,user\nhunter2,root\n")
+    (inputs / "link.csv").symlink_to(tmp_path / "secret.csv")
+    (inputs / "dangling.csv").symlink_to(tmp_path / "nothing.csv")
+    (inputs / "sub").mkdir()
+    (inputs / "sub" / "d.csv").write_text("body\nx\n")
+
+    def refused(source: str) -> str:
+        response = in_process.client.post("/v1/jobs", json={"taxonomy": "sms-spam", "source": source})
+        message = _error(response, 422)["message"].replace(repr(source), "SOURCE")  # echoing the caller is fine
+        assert str(tmp_path) not in message and "password" not in message, message
+        return message
+
+    outside = {refused(source) for source in ("../secret.csv", "../nothing.csv", str(tmp_path / "secret.csv"),
+                                              str(tmp_path / "nothing.csv"), "link.csv", "dangling.csv",
+                                              "sub/../../secret.csv", "sub/../d.csv")}
+    assert len(outside) == 1 and next(iter(outside)).startswith("source SOURCE is outside the input directory")
+    assert refused("sub/missing.csv") == "sub/missing.csv: no such file"
+    assert refused("sub/d.csv") == "sub/d.csv: no 'text' column; columns are body"
+    assert refused("a\x00b.csv").startswith("source: contains a NUL byte")
+
+
+def test_a_page_past_any_job_is_a_422_naming_it(in_process):
+    """A 30-digit ?page= on the job page is refused by name, not turned into a row offset."""
+    created = in_process.client.post("/v1/jobs", json={"taxonomy": "sms-spam", "documents": [{"text": "win a prize"}]})
+    assert created.status_code == 202, created.text
+    page = f"/console/jobs/{created.json()['job_id']}"
+    assert in_process.client.get(page, params={"page": 2}).status_code == 200
+    body = _error(in_process.client.get(page, params={"page": "1" + "0" * 29}), 422)
+    assert body["message"].startswith("page:")

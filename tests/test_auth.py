@@ -165,7 +165,7 @@ def test_loopback_without_tokens_still_refuses_bad_ones(tmp_path):
     store, tokens = Store(settings.db_path, export_dir=settings.export_dir), TokenStore(tmp_path / "tokens.sqlite")
     attach(Context(settings, store, None, {}, None, None, None, tokens))
     try:
-        with TestClient(create_api(), base_url="http://127.0.0.1:8000") as client:
+        with TestClient(create_api(), base_url="http://127.0.0.1:8000", client=("127.0.0.1", 50000)) as client:
             assert client.get("/v1/jobs").status_code == 200
             rebound = client.get("/v1/jobs", headers={"host": "attacker.example:8000"})  # DNS rebinding
             assert rebound.status_code == 401

@@ -14,8 +14,12 @@ import json
 import time
 
 import pyarrow.parquet as pq
+import pytest
 
 from conftest import FIXTURES, sql, wait_for_job
+from service.batch import open_source
+from service.errors import InvalidInput
+from service.settings import Settings
 
 LARGE = 20_000
 SHARD = 2_000
@@ -92,6 +96,15 @@ def test_batch_job_rejects_what_it_cannot_read(service, labelled_taxonomy):
     assert csv.status_code == 422 and ".jsonl (one JSON object a line) or .parquet" in csv.json()["error"]["message"]
     assert escape.status_code == 422 and "outside the input directory" in escape.json()["error"]["message"]
     assert remote.status_code == 422 and "ANNOTATE_ALLOW_REMOTE_SOURCES" in remote.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("source", ["a\x00b.jsonl", "s3://b/a\x00b.jsonl", "../x.jsonl", "/etc/x.jsonl"])
+def test_batch_sources_that_cannot_be_opened_are_refused_by_name(tmp_path, source):
+    """A NUL byte, local or in a URI, is a 4xx like an escape, naming the source and no server path."""
+    settings = Settings(data_dir=tmp_path / "data", input_dir=tmp_path / "inputs", allow_remote_sources=True)
+    with pytest.raises(InvalidInput, match="^source") as refused:
+        open_source(source, settings)
+    assert str(tmp_path) not in str(refused.value)
 
 
 def test_batch_restart_mid_job_loses_and_duplicates_nothing(service, labelled_taxonomy):

@@ -17,6 +17,8 @@ import joblib
 import pytest
 
 from conftest import FIXTURES, REPO, sql, wait_for_job
+from service.classifiers import student_dir
+from service.errors import InvalidInput
 
 QUESTIONS = [json.loads(line) for line in (FIXTURES / "questions.jsonl").read_text().splitlines() if line.strip()]
 
@@ -95,3 +97,22 @@ def test_cascade_sends_only_unsure_documents_to_the_llm(service, labelled_job, l
         refused = client.post("/v1/jobs", json={"taxonomy": "sms-spam", "classifier": student["classifier_id"],
                                                 "documents": [{"text": "hi"}]})
         assert refused.status_code == 422 and "learnt trec-coarse" in refused.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("name", ["..", ".", ".hidden", "a/b", "..\\x", "a\u0000b", "a..b", "/etc", "-x", "x."])
+def test_a_name_that_is_not_a_plain_directory_name_is_refused(in_process, name):
+    """Names become DATA_DIR/classifiers/NAME: anything that could lead elsewhere is a 422 naming the field."""
+    response = in_process.client.post("/v1/classifiers", json={"jobs": ["job_x"], "name": name})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["message"].startswith("name:")
+
+
+def test_a_plain_name_passes_and_the_path_is_checked_where_it_is_built(in_process, tmp_path):
+    """A good name reaches the handler (the job is unknown: 404); ``student_dir`` refuses escapes on its own."""
+    good = in_process.client.post("/v1/classifiers", json={"jobs": ["job_x"], "name": "trec-ngram.v2_b"})
+    assert good.status_code == 404, good.text
+    root = (tmp_path / "classifiers").resolve()
+    assert student_dir(tmp_path, "trec-ngram") == root / "trec-ngram"
+    for name in ("..", ".", "a/../..", "a/b", str(tmp_path), "a\x00b", ""):
+        with pytest.raises(InvalidInput, match="^name: "):
+            student_dir(tmp_path, name)

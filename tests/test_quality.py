@@ -11,6 +11,8 @@ import csv
 import io
 import json
 
+from xml.etree import ElementTree
+
 import numpy as np
 import pytest
 
@@ -20,20 +22,22 @@ from service.documents import check_document
 from service.errors import Conflict, InvalidInput
 from service.labelling import decide_single
 from service.store import Store, annotation_row, document_batch
-from service.taxonomy import load_taxonomy
+from service.taxonomy import NONE_LABEL, load_taxonomy
 
 TAXONOMY = load_taxonomy(REPO / "taxonomy" / "sms-spam.yaml")
 N = 600
 
 
-def _job(tmp_path, seed: int = 0) -> tuple[Store, dict[str, str]]:
-    """A finished job of N messages whose simulated LLM over-calls spam; returns the store and the true labels."""
+def _job(tmp_path, seed: int = 0, ids: list[str] | None = None) -> tuple[Store, dict[str, str]]:
+    """A finished job of N messages (or one per id, each text starting with its id) whose simulated LLM
+    over-calls spam; returns the store and the true labels."""
     rng = np.random.default_rng(seed)
     store = Store(tmp_path / "db.duckdb", export_dir=tmp_path / "exports")
     version, _ = store.put_taxonomy(TAXONOMY, (REPO / "taxonomy" / "sms-spam.yaml").read_text())
-    truth = {f"d{i:04d}": "spam" if rng.random() < 0.3 else "ham" for i in range(N)}
-    channels = rng.choice(["sms", "whatsapp"], size=N)
-    docs = [check_document(f"documents[{i}]", doc_id, f"message {doc_id} " + "x" * int(rng.integers(0, 50)), {"length": float(rng.integers(5, 200)),
+    truth = {doc_id: "spam" if rng.random() < 0.3 else "ham" for doc_id in ids or [f"d{i:04d}" for i in range(N)]}
+    channels = rng.choice(["sms", "whatsapp"], size=len(truth))
+    text = "{} message " if ids else "message {} "
+    docs = [check_document(f"documents[{i}]", doc_id, text.format(doc_id) + "x" * int(rng.integers(0, 50)), {"length": float(rng.integers(5, 200)),
                                                                            "channel": str(channels[i])},
                            max_chars=1000) for i, doc_id in enumerate(truth)]
     store.create_job(job_id="job_q", taxonomy="sms-spam", version=version, model="sim", annotator="sim",
@@ -114,6 +118,37 @@ def test_human_labels_are_checked_and_round_trip_through_csv_and_label_studio(tm
     gold.put_labels(store, "job_q", rows)
     agreement = _sql(store, "SELECT min(human_agreement), max(human_annotators) FROM gold WHERE job_id = 'job_q'")[0]
     assert agreement == (1.0, 2)
+
+
+def test_csv_export_cannot_run_formulas_and_imports_back_to_the_same_documents(tmp_path):
+    """Cells a spreadsheet would evaluate start with a quote; the import drops exactly that quote."""
+    ids = ["=1+1", "+cmd", "-2", "@SUM(A1)", "\tx", "\rx", "'=kept", "'plain", "plain", "a=b"]
+    store, _ = _job(tmp_path, ids=ids)
+    gold.draw(store, "job_q", size=len(ids), design="random", seed=0, replace=False)
+    exported = gold.to_csv(store.gold_sample("job_q"))
+    rows = list(csv.DictReader(io.StringIO(exported)))
+    for row in rows:
+        for column in ("doc_id", "text"):
+            assert not row[column].startswith(("=", "+", "-", "@", "\t", "\r")), row
+    assert {row["doc_id"] for row in rows} == {"'=1+1", "'+cmd", "'-2", "'@SUM(A1)", "'\tx", "'\rx", "''=kept",
+                                               "''plain", "plain", "a=b"}
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=gold.CSV_COLUMNS)
+    writer.writeheader()
+    writer.writerows({**row, "label": "ham", "annotator": "alice"} for row in rows)
+    parsed = gold.parse_upload(out.getvalue().encode(), "text/csv", None)
+    assert sorted(doc_id for doc_id, _, _ in parsed) == sorted(ids)
+    assert gold.put_labels(store, "job_q", parsed)["labelled"] == len(ids)
+    saved_bare = gold.parse_upload(b"doc_id,label\n=1+1,spam\n", "text/csv", "bob")  # a spreadsheet dropped the '
+    assert saved_bare == [("=1+1", "bob", "spam")]
+
+
+def test_label_studio_config_quotes_label_names():
+    """Label names that would break out of the XML come back as the values of their choices."""
+    labels = ['a" onload="x', "</Choices><script>alert(1)</script>", "b & c", "it's"]
+    config = ElementTree.fromstring(gold.label_studio_config(labels))
+    assert [choice.get("value") for choice in config.iter("Choice")] == [*labels, NONE_LABEL]
+    assert not list(config.iter("script"))
 
 
 def test_report_matches_weighted_sql_and_is_kept_as_tables(tmp_path):

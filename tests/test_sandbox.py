@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from service.errors import SqlRejected, SqlTimeout
+from service.errors import PayloadTooLarge, SqlRejected, SqlTimeout
 from service.sandbox import check_sql, run_sql
 from service.store import Store
 
+MAX_BYTES = 1_000_000
 GOOD = [
     "SELECT 1 AS one",
     "select count(*) from jobs",
@@ -62,7 +65,7 @@ def store(tmp_path) -> Store:
 @pytest.mark.parametrize("query", GOOD)
 def test_good_queries_run(store, query):
     """Read-only queries are accepted and answered."""
-    result = run_sql(store.cursor(), query, timeout_s=5, max_rows=100)
+    result = run_sql(store.cursor(), query, timeout_s=5, max_rows=100, max_bytes=MAX_BYTES)
     assert isinstance(result.columns, list) and result.truncated is False
 
 
@@ -70,7 +73,7 @@ def test_good_queries_run(store, query):
 def test_hostile_queries_are_refused(store, query, fragment):
     """Writes, file and network access, configuration changes and stacked statements are refused."""
     with pytest.raises(SqlRejected) as caught:
-        run_sql(store.cursor(), query, timeout_s=5, max_rows=100)
+        run_sql(store.cursor(), query, timeout_s=5, max_rows=100, max_bytes=MAX_BYTES)
     assert fragment in str(caught.value)
     assert store.cursor().execute("SELECT count(*) FROM jobs").fetchone() == (0,)
 
@@ -79,16 +82,33 @@ def test_runaway_query_is_interrupted(store):
     """A query that would run forever stops at the time limit, and the store still answers."""
     with pytest.raises(SqlTimeout):
         run_sql(store.cursor(), "SELECT count(*) FROM range(1000000000) a, range(1000000000) b",
-                timeout_s=0.5, max_rows=10)
-    assert run_sql(store.cursor(), "SELECT 2", timeout_s=5, max_rows=10).rows == [[2]]
+                timeout_s=0.5, max_rows=10, max_bytes=MAX_BYTES)
+    assert run_sql(store.cursor(), "SELECT 2", timeout_s=5, max_rows=10, max_bytes=MAX_BYTES).rows == [[2]]
 
 
 def test_row_cap_detected_by_fetching_one_more(store):
     """Exactly max_rows rows is not truncated; one more is."""
-    exact = run_sql(store.cursor(), "SELECT * FROM range(5)", timeout_s=5, max_rows=5)
-    over = run_sql(store.cursor(), "SELECT * FROM range(6)", timeout_s=5, max_rows=5)
-    assert (len(exact.rows), exact.truncated) == (5, False)
+    exact = run_sql(store.cursor(), "SELECT * FROM range(5)", timeout_s=5, max_rows=5, max_bytes=MAX_BYTES)
+    over = run_sql(store.cursor(), "SELECT * FROM range(6)", timeout_s=5, max_rows=5, max_bytes=MAX_BYTES)
+    assert (len(exact.rows), exact.truncated, exact.truncated_reason) == (5, False, None)
     assert (len(over.rows), over.truncated) == (5, True)
+    assert "ANNOTATE_SQL_MAX_ROWS" in over.truncated_reason
+
+
+def test_byte_cap_cuts_the_answer_and_says_so(store):
+    """Rows stop before max_bytes of JSON, however many the row cap allows, and the answer names the byte cap."""
+    wide = "SELECT i, s FROM range(100_000) t(i), (SELECT string_agg('x', '') AS s FROM range(200))"
+    result = run_sql(store.cursor(), wide, timeout_s=5, max_rows=100_000, max_bytes=10_000)
+    assert result.truncated and "ANNOTATE_SQL_MAX_BYTES" in result.truncated_reason
+    assert 9_000 < len(json.dumps(result.rows, separators=(",", ":"))) <= 10_000
+
+
+def test_a_single_row_over_the_byte_cap_is_too_large(store):
+    """A row that alone is over max_bytes is refused (413) naming the setting, not returned in part."""
+    huge = "SELECT s FROM (SELECT string_agg('x', '') AS s FROM range(20_000)), range(20)"
+    with pytest.raises(PayloadTooLarge, match="ANNOTATE_SQL_MAX_BYTES"):
+        run_sql(store.cursor(), huge, timeout_s=5, max_rows=100, max_bytes=10_000)
+    assert run_sql(store.cursor(), huge, timeout_s=5, max_rows=100, max_bytes=MAX_BYTES).truncated is False
 
 
 def test_exports_dir_is_readable(store, tmp_path):
@@ -98,7 +118,7 @@ def test_exports_dir_is_readable(store, tmp_path):
 
     pq.write_table(pa.table({"a": [1, 2]}), tmp_path / "exports" / "x.parquet")
     result = run_sql(store.cursor(), f"SELECT sum(a) FROM read_parquet('{tmp_path}/exports/x.parquet')",
-                     timeout_s=5, max_rows=10)
+                     timeout_s=5, max_rows=10, max_bytes=MAX_BYTES)
     assert result.rows == [[3]]
 
 
@@ -111,9 +131,9 @@ def test_interrupt_keeps_firing_until_the_query_stops(store):
     """Even a limit shorter than query start-up stops a runaway query (the watchdog re-interrupts)."""
     with pytest.raises(SqlTimeout):
         run_sql(store.cursor(), "WITH RECURSIVE r(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM r) SELECT count(*) FROM r",
-                timeout_s=0.000001, max_rows=10)
+                timeout_s=0.000001, max_rows=10, max_bytes=MAX_BYTES)
 
 
 def test_timestamptz_values_are_returned(store):
     """now() returns a time-zone aware timestamp as ISO text."""
-    assert "T" in run_sql(store.cursor(), "SELECT now() AS t", timeout_s=5, max_rows=1).rows[0][0]
+    assert "T" in run_sql(store.cursor(), "SELECT now() AS t", timeout_s=5, max_rows=1, max_bytes=MAX_BYTES).rows[0][0]

@@ -23,6 +23,7 @@ from service.store import Store
 TIMEOUT_S = 1.0
 MARGIN_S = 3.0
 MAX_ROWS = 100
+MAX_BYTES = 1_000_000
 JOBS = ["job-a", "job-b", "job-c"]
 
 
@@ -77,7 +78,7 @@ HOSTILE = [
     refused("pragma_external_access", "PRAGMA enable_external_access", STATEMENT),
     refused("pragma_threads", "PRAGMA threads = 64", STATEMENT),
     refused("pragma_memory_limit", "PRAGMA memory_limit = '1TB'", STATEMENT),
-    refused("enable_logging", "SELECT * FROM enable_logging()", "configuration has been locked"),
+    refused("enable_logging", "SELECT * FROM enable_logging()", "enable_logging() is not allowed"),
     refused("call", "CALL enable_logging()", STATEMENT),
     # schema and data changes, also hidden in CTEs, stacked statements and comments
     refused("create_table", "CREATE TABLE evil AS SELECT 1", STATEMENT),
@@ -94,6 +95,15 @@ HOSTILE = [
     refused("cte_update", "WITH x AS (UPDATE jobs SET status = 'failed' RETURNING *) SELECT count(*) FROM x", "read-only"),
     refused("query_hides_sql", "SELECT * FROM query('WITH x AS (DELETE FROM jobs RETURNING *) SELECT * FROM x')",
             "query() is not allowed"),
+    refused("serialized_sql_hides_sql", "SELECT * FROM json_execute_serialized_sql(json_serialize_sql("
+            "'SELECT repeat(''x'', 2000000000)'))", "json_execute_serialized_sql() is not allowed"),
+    # table functions that write or change state, which a read-only transaction does not all stop
+    refused("checkpoint", "SELECT * FROM checkpoint()", "checkpoint() is not allowed"),
+    refused("checkpoint_qualified", "SELECT * FROM system.main.\"CHECKPOINT\"('db')", "checkpoint() is not allowed"),
+    refused("force_checkpoint", "SELECT * FROM force_checkpoint()", "force_checkpoint() is not allowed"),
+    refused("truncate_logs", "SELECT * FROM truncate_duckdb_logs()", "truncate_duckdb_logs() is not allowed"),
+    refused("disable_logging", "FROM disable_logging()", "disable_logging() is not allowed"),
+    refused("external_resource", "SELECT * FROM deregister_external_resource('x')", "is not allowed"),
     refused("stacked", "SELECT 1; DROP TABLE jobs", "one statement"),
     refused("comment_hides_drop", "/* SELECT 1 */ DROP TABLE jobs", STATEMENT),
     refused("line_comment_then_delete", "SELECT 1 -- harmless\n; DELETE FROM jobs", "one statement"),
@@ -178,7 +188,8 @@ def test_hostile_query_is_refused_or_cut_off(target, query, outcome, fragment):
     """Our own error (never a raw DuckDB one) saying why, well within the time limit plus a margin."""
     started = time.monotonic()
     with pytest.raises(outcome) as caught:
-        run_sql(target.store.cursor(), _aim(query, target.paths), timeout_s=TIMEOUT_S, max_rows=MAX_ROWS)
+        run_sql(target.store.cursor(), _aim(query, target.paths), timeout_s=TIMEOUT_S, max_rows=MAX_ROWS,
+                max_bytes=MAX_BYTES)
     assert time.monotonic() - started < TIMEOUT_S + MARGIN_S
     assert fragment in str(caught.value)
 
@@ -186,7 +197,8 @@ def test_hostile_query_is_refused_or_cut_off(target, query, outcome, fragment):
 def test_huge_result_is_cut_at_max_rows(target):
     """A billion-row answer stops at max_rows + 1 fetched rows instead of being streamed whole."""
     started = time.monotonic()
-    result = run_sql(target.store.cursor(), "SELECT * FROM range(1_000_000_000)", timeout_s=TIMEOUT_S, max_rows=MAX_ROWS)
+    result = run_sql(target.store.cursor(), "SELECT * FROM range(1_000_000_000)", timeout_s=TIMEOUT_S,
+                     max_rows=MAX_ROWS, max_bytes=MAX_BYTES)
     assert (len(result.rows), result.truncated) == (MAX_ROWS, True)
     assert time.monotonic() - started < TIMEOUT_S
 
@@ -195,14 +207,14 @@ def test_store_is_healthy_after_the_battery(target):
     """Quick answers, the same rows in every table, no file written, and the lock-down still on."""
     started = time.monotonic()
     result = run_sql(target.store.cursor(), "SELECT job_id, count(*) FROM documents GROUP BY job_id ORDER BY job_id",
-                     timeout_s=5, max_rows=MAX_ROWS)
+                     timeout_s=5, max_rows=MAX_ROWS, max_bytes=MAX_BYTES)
     assert time.monotonic() - started < 1
     assert result.rows == [[job_id, 2] for job_id in JOBS]
     assert _row_counts(target.store) == target.counts
     assert list(target.paths["outside"].iterdir()) == []
     assert set(os.listdir(target.paths["exports"])) == target.exports
     settings = run_sql(target.store.cursor(), "SELECT current_setting('enable_external_access'),"
-                       " current_setting('lock_configuration')", timeout_s=5, max_rows=1)
+                       " current_setting('lock_configuration')", timeout_s=5, max_rows=1, max_bytes=MAX_BYTES)
     assert settings.rows == [[False, True]]
 
 
@@ -211,5 +223,6 @@ def test_memory_limit_turns_a_blowup_into_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(service.store, "MEMORY_LIMIT", "64MB")
     store = Store(tmp_path / "db.duckdb", export_dir=tmp_path / "exports")
     with pytest.raises(SqlRejected, match="more memory than the SQL sandbox allows"):
-        run_sql(store.cursor(), "SELECT len(list(i)) FROM range(10_000_000_000) t(i)", timeout_s=30, max_rows=1)
-    assert run_sql(store.cursor(), "SELECT count(*) FROM jobs", timeout_s=5, max_rows=1).rows == [[0]]
+        run_sql(store.cursor(), "SELECT len(list(i)) FROM range(10_000_000_000) t(i)", timeout_s=30, max_rows=1,
+                max_bytes=MAX_BYTES)
+    assert run_sql(store.cursor(), "SELECT count(*) FROM jobs", timeout_s=5, max_rows=1, max_bytes=MAX_BYTES).rows == [[0]]

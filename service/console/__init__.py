@@ -31,6 +31,7 @@ from ..taxonomy import NONE_LABEL
 HERE = Path(__file__).parent
 STATIC = {path.name: path for path in (HERE / "static").iterdir()}
 PAGE_SIZE = 50
+MAX_PAGE = 1_000_000  # 50 million documents deep; keeps the row offset far inside DuckDB's BIGINT
 TEMPLATES = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
 TEMPLATES.filters["percent"] = lambda v, digits=1: "–" if v is None else f"{100 * v:.{digits}f}%"
 
@@ -54,7 +55,7 @@ def _job_summary(store, job_id: str) -> dict:
 
 async def job_page(request: Request, job_id: str, label: str | None = None,
                    show: str = Query("all", pattern="^(" + "|".join(DOCUMENT_FILTERS) + ")$"),
-                   below: float = Query(0.6, ge=0, le=1), page: int = Query(1, ge=1)) -> HTMLResponse:
+                   below: float = Query(0.6, ge=0, le=1), page: int = Query(1, ge=1, le=MAX_PAGE)) -> HTMLResponse:
     """One job: label distribution, abstention reasons and a filterable table of its documents."""
     store = hosted(request).store
     job = await asyncio.to_thread(_job_summary, store, job_id)

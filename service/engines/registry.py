@@ -115,7 +115,7 @@ def create_engine(spec: ModelSpec, settings: Settings) -> Engine:
     if spec.engine == "embedded":
         from .embedded import EmbeddedEngine
 
-        return EmbeddedEngine(settings.models_dir, threads=settings.engine_threads)
+        return EmbeddedEngine(settings.models_dir, threads=settings.engine_threads, dtype=settings.engine_dtype)
     if spec.engine == "openai":
         from .openai import OpenAIEngine
 
