@@ -6,10 +6,15 @@ cosine similarity of the document to the label's prototype, the mean all-MiniLM-
 vector of "name: description" and of each example, and takes a softmax at
 ``temperature`` (0.05: MiniLM's similarities between a text and rival labels differ by
 a few hundredths, which this spreads over a usable probability range). Both share
-``request`` / ``decide`` / ``empty`` / ``key`` / ``spec``, so the job runner treats them alike.
+``requests`` / ``decide`` / ``empty`` / ``key`` / ``spec``, so the job runner treats them alike.
 The embedding annotator labels single-label taxonomies and never picks "none of these".
 ``ClassifierLabeller`` is a student (``service.students``) served by the StudentServer
 deployment; a cascade job runs it first and sends only its unsure documents to an LLM.
+The embedding annotator and students read the head of a long document (at most
+``model_input_chars`` characters, flagged ``truncated``) whatever the job's
+``long_documents``: their encoders cut the text at 256 (MiniLM) or 128 (students) tokens
+anyway, so a tail or whole windows would not reach them either (and ``chars_seen`` counts
+what they are given, not what their tokenisers keep).
 """
 
 from __future__ import annotations
@@ -38,15 +43,15 @@ class _OptionScorer:
         """Short stable id, as for LLM labellers."""
         return annotator_key(self.spec)
 
-    def request(self, text: str) -> tuple[str, bool]:
-        """The text to read, and whether it was cut to the input limit."""
-        return text[: self.model_input_chars], len(text) > self.model_input_chars
+    def requests(self, text: str) -> tuple[list[str], int]:
+        """The text to read, cut to the input limit, and ``chars_seen``."""
+        return [text[: self.model_input_chars]], min(len(text), self.model_input_chars)
 
-    def decide(self, scores: list[float], *, truncated: bool = False) -> Annotation:
+    def decide(self, scores: list[float]) -> Annotation:
         """The option probabilities through the taxonomy's candidate and abstention rules."""
         if len(scores) != len(self.options):
             raise ValueError(f"expected {len(self.options)} scores, got {len(scores)}")
-        return decide_single(dict(zip(self.options, self.probabilities(scores))), self.taxonomy, truncated=truncated)
+        return decide_single(dict(zip(self.options, self.probabilities(scores))), self.taxonomy)
 
     def empty(self) -> Annotation:
         """A blank document is not scored."""

@@ -205,13 +205,15 @@ async def create_job(request: Request, body: JobRequest) -> JSONResponse:
     aggregation = body.aggregation
     if body.classifier is not None:
         annotators, aggregation = [{"kind": "classifier", "classifier": body.classifier}, {"kind": "llm"}], CASCADE
-    panel = await asyncio.to_thread(ctx.runner.panel, body.taxonomy, body.taxonomy_version, body.model, annotators)
+    panel = await asyncio.to_thread(ctx.runner.panel, body.taxonomy, body.taxonomy_version, body.model, annotators,
+                                    body.long_documents)
     labeller = panel[0][1]
     if body.mode == "batch" and (len(panel) > 1 or isinstance(labeller, EmbeddingLabeller)):
         raise InvalidInput("mode 'batch' runs one LLM annotator; label with several annotators in mode 'stream'")
-    if body.mode == "batch" and labeller.taxonomy.long_documents == "reject":
-        raise InvalidInput(f"taxonomy {body.taxonomy!r} says long_documents: reject, which mode 'stream' checks at "
-                           "submission; mode 'batch' truncates long documents (flagged), so use mode 'stream'")
+    if body.mode == "batch" and labeller.long_documents == "reject":
+        raise InvalidInput(f"{_who_says(body, labeller.taxonomy)} long_documents: reject, which mode 'stream' checks at "
+                           "submission; in mode 'batch' choose truncate, head_tail or chunk (the job's "
+                           "'long_documents' overrides the taxonomy's)")
     caller = caller_of(request)
     if caller.token_id in (None, OPERATOR):  # the operator's token and loopback use have no job limit
         return await _create(ctx, body, panel, labeller, aggregation, caller)
@@ -226,13 +228,14 @@ async def _create(ctx: Context, body: JobRequest, panel: list, labeller, aggrega
     job_id = "job_" + uuid.uuid4().hex[:16]
     model = next((l.model for _, l in panel if isinstance(l, Labeller)), None) or ctx.runner.model(body.model).name
     job = dict(job_id=job_id, taxonomy=body.taxonomy, model=model, created_by=caller.token_id,
+               long_documents=body.long_documents,
                **job_record(panel, aggregation=aggregation, threshold=body.cascade_threshold))
     if body.mode == "batch":
         shards, stamp = await asyncio.to_thread(ctx.runner.batch_runner.plan, body.source, body.shard_size)
         batch = {"source": body.source, "text_field": body.text_field, "id_field": body.id_field, "stamp": stamp}
         total = await asyncio.to_thread(ctx.store.create_job, **job, batch=batch, shards=shards)
     else:
-        max_chars, limit_name = _longest(ctx.settings, labeller.taxonomy)
+        max_chars, limit_name = _longest(ctx.settings, body, labeller.taxonomy)
         rows = _job_rows(ctx.settings, body, max_chars)
         batches = (document_batch(job_id, batch, i * ctx.settings.batch_size)
                    for i, batch in enumerate(batched(rows, ctx.settings.batch_size)))
@@ -254,12 +257,18 @@ def _check_job_limit(ctx: Context, caller: Caller) -> None:
                               f"(ANNOTATE_MAX_ACTIVE_JOBS_PER_TOKEN) is {limit}; wait for one to end or cancel one")
 
 
-def _longest(settings: Settings, taxonomy: Taxonomy) -> tuple[int, str]:
+def _longest(settings: Settings, body: JobRequest, taxonomy: Taxonomy) -> tuple[int, str]:
     """The longest document a job accepts, and the setting that says so, for its error message."""
-    if taxonomy.long_documents == "reject" and settings.model_input_chars < settings.max_document_chars:
-        return settings.model_input_chars, (f"the model's input, ANNOTATE_MODEL_INPUT_CHARS; taxonomy "
-                                            f"{taxonomy.name!r} says long_documents: reject")
+    rejecting = (body.long_documents or taxonomy.long_documents) == "reject"
+    if rejecting and settings.model_input_chars < settings.max_document_chars:
+        return settings.model_input_chars, (f"the model's input, ANNOTATE_MODEL_INPUT_CHARS; "
+                                            f"{_who_says(body, taxonomy)} long_documents: reject")
     return settings.max_document_chars, CHARS_SETTING
+
+
+def _who_says(body: JobRequest, taxonomy: Taxonomy) -> str:
+    """Whose long_documents a job follows, for messages: the job's own, or its taxonomy's."""
+    return "the job says" if body.long_documents else f"taxonomy {taxonomy.name!r} says"
 
 
 def _job_rows(settings: Settings, body: JobRequest, max_chars: int) -> Iterator[dict]:

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .taxonomy import LongDocuments
+
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
@@ -63,6 +65,9 @@ class JobRequest(BaseModel):
                                                      "document and only its unsure ones go to the LLM ('model').")
     cascade_threshold: float = Field(0.8, gt=0, le=1, description="Cascade: documents the classifier is less "
                                                                   "confident of than this go to the LLM.")
+    long_documents: LongDocuments | None = Field(
+        None, description="How the LLM reads documents over ANNOTATE_MODEL_INPUT_CHARS: truncate, reject (stream "
+                          "mode only), head_tail or chunk; default the taxonomy's long_documents.")
     text_field: str = "text"
     id_field: str = "id"
 

@@ -19,6 +19,9 @@ by the shard size whatever the corpus size. Sources are local paths under
 ANNOTATE_INPUT_DIR or, with ANNOTATE_ALLOW_REMOTE_SOURCES, object-store URIs (s3://,
 gs://) read through pyarrow's filesystems. On a multi-node cluster the data dir must be
 a shared filesystem, since tasks write the shards that the ingress reads.
+Long documents are read as the job's ``long_documents`` says (truncate, head_tail or
+chunk: all windows of a call's documents go to the deployment together); ``reject``
+needs the documents at submission, so ``service.api`` refuses it in batch mode.
 """
 
 from __future__ import annotations
@@ -143,7 +146,7 @@ def label_shard(shard: dict, job: dict) -> dict:
     settings = Settings(**job["settings"])
     filesystem, path, kind = open_source(job["source"], settings)
     labeller = Labeller(job["taxonomy"], job["taxonomy_version"], load_template(job["template"]), job["engine"],
-                        settings.model_input_chars, model=job["model"])
+                        settings.model_input_chars, model=job["model"], long_documents=job["long_documents"])
     handle = serve.get_deployment_handle(job["deployment"], app_name=job["app_name"])
     started = time.perf_counter()
     documents, problems = [], {}
@@ -239,6 +242,7 @@ class BatchRunner:
                 "text_field": job["batch"]["text_field"], "id_field": job["batch"]["id_field"],
                 "taxonomy": labeller.taxonomy, "taxonomy_version": labeller.taxonomy_version,
                 "template": labeller.template.name, "engine": labeller.engine, "model": labeller.model,
+                "long_documents": labeller.long_documents,
                 "deployment": self.deployments[labeller.model], "app_name": self.app_name, "out_dir": str(out_dir)}
         for result in self._dataset(pending, task).iter_rows():
             if self._stopping.is_set():

@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .aggregation import DEFAULT_METHOD, aggregate
 from .annotators import EMBEDDING, ClassifierLabeller, EmbeddingLabeller, embedding_scorer, student_scorer
@@ -23,6 +23,7 @@ from .embeddings import shared_embedder
 from .engines.base import EngineInfo, ScoreRequest
 from .errors import Conflict, InvalidInput
 from .labelling import Annotation, Labeller, annotator_key, failed
+from .long_documents import combine
 from .prompts import load_template
 from .store import Store, annotation_row
 
@@ -62,16 +63,20 @@ class JobRunner:
         self._workers = [asyncio.create_task(self._work()) for _ in range(workers)]
 
     def labeller(self, taxonomy_name: str, version: str | None = None, model: str | None = None,
-                 prompt: str | None = None) -> Labeller:
+                 prompt: str | None = None, long_documents: str | None = None) -> Labeller:
         """The LLM annotator for a taxonomy version on a model (the one named, else the taxonomy's, else the default)."""
         taxonomy, version, _ = self.store.get_taxonomy(taxonomy_name, version)
         chosen = self.model(model or taxonomy.model)
         template = load_template(prompt or ("classify_multi" if taxonomy.multi_label else "classify"))
-        return Labeller(taxonomy, version, template, chosen.info, self.model_input_chars, model=chosen.name)
+        return Labeller(taxonomy, version, template, chosen.info, self.model_input_chars, model=chosen.name,
+                        long_documents=long_documents)
 
     def panel(self, taxonomy_name: str, version: str | None, model: str | None,
-              annotators: list[dict] | None) -> list[tuple[dict, Annotator]]:
-        """A job's annotators, each (its job_annotators row, its labeller); one LLM annotator when none are listed."""
+              annotators: list[dict] | None, long_documents: str | None = None) -> list[tuple[dict, Annotator]]:
+        """A job's annotators, each (its job_annotators row, its labeller); one LLM annotator when none are listed.
+
+        ``long_documents`` overrides the taxonomy's for the LLM annotators (the others read the head).
+        """
         entries = annotators or [{"kind": "llm"}]
         panel = []
         for i, entry in enumerate(entries):
@@ -86,7 +91,8 @@ class JobRunner:
                 labeller = EmbeddingLabeller(taxonomy, found, self.model_input_chars)
                 name = entry.get("name") or EMBEDDING
             else:
-                labeller = self.labeller(taxonomy_name, version, entry.get("model") or model, entry.get("prompt"))
+                labeller = self.labeller(taxonomy_name, version, entry.get("model") or model, entry.get("prompt"),
+                                         long_documents)
                 name = entry.get("name") or f"{labeller.model}/{labeller.template.name}"
             panel.append(({"name": name, "annotator": labeller.key, "kind": entry.get("kind") or "llm",
                            "model": entry.get("model") or entry.get("classifier"), "prompt": entry.get("prompt"),
@@ -184,7 +190,7 @@ class JobRunner:
     def _job_panel(self, job: dict) -> list[tuple[dict, Annotator]]:
         """Rebuild a stored job's annotators; refuse when the service would now label differently."""
         stored = job["annotators"] or [{"name": "llm", "annotator": job["annotator"], "kind": "llm"}]
-        panel = self.panel(job["taxonomy"], job["taxonomy_version"], job["model"], stored)
+        panel = self.panel(job["taxonomy"], job["taxonomy_version"], job["model"], stored, job["long_documents"])
         for (row, _), before in zip(panel, stored):
             if row["annotator"] != before["annotator"]:
                 raise RuntimeError(
@@ -261,24 +267,32 @@ async def annotate_texts(labeller: Labeller, texts: list[str], scorer: Scorer) -
 
 
 async def _score_texts(labeller: Labeller, texts: list[str], scorer: Scorer) -> list[Annotation]:
-    """Annotations of non-blank texts, with one solo retry of each failure."""
+    """Annotations of non-blank texts: every request of every text in one scorer call, one solo retry of each failure."""
     if not texts:
         return []
-    requests = [labeller.request(text) for text in texts]
-    results = await scorer([r for r, _ in requests])
+    views = [labeller.requests(text) for text in texts]
+    requests = [request for per_text, _ in views for request in per_text]
+    results = await scorer(requests)
     for i, result in enumerate(results):
         if isinstance(result, BaseException):
-            results[i] = (await scorer([requests[i][0]]))[0]
-    annotations = []
-    for (_, truncated), result in zip(requests, results):
-        if isinstance(result, BaseException):
-            annotations.append(failed(f"{type(result).__name__}: {result}"))
-            continue
-        try:
-            annotations.append(labeller.decide(result, truncated=truncated))
-        except (ValueError, OverflowError) as exc:
-            annotations.append(failed(f"malformed engine output: {exc}"))
+            results[i] = (await scorer([requests[i]]))[0]
+    annotations, first = [], 0
+    for text, (per_text, chars_seen) in zip(texts, views):
+        annotations.append(_decide(labeller, results[first: first + len(per_text)], chars_seen, len(text)))
+        first += len(per_text)
     return annotations
+
+
+def _decide(labeller: Labeller, results: list, chars_seen: int, chars: int) -> Annotation:
+    """One text's annotation from its requests' results (windows combined); failed if any of them failed."""
+    error = next((result for result in results if isinstance(result, BaseException)), None)
+    if error is not None:
+        return failed(f"{type(error).__name__}: {error}")
+    try:
+        annotation = labeller.decide(combine(results))
+    except (ValueError, OverflowError) as exc:
+        return failed(f"malformed engine output: {exc}")
+    return replace(annotation, truncated=chars_seen < chars, chars_seen=chars_seen)
 
 
 def _check_panel(panel: list[tuple[dict, Annotator]]) -> None:

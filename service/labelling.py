@@ -14,6 +14,9 @@ that is what choosing nothing means) and ``below_threshold`` otherwise. The ambi
 margin applies to single-label taxonomies only.
 
 A blank document (empty or whitespace) is not scored: abstained with ``empty_text``.
+A document longer than the model's input is read as its ``long_documents`` mode says
+(``service.long_documents``): one request, or one per window whose scores ``combine``
+merges before ``decide``; the caller records ``truncated`` and ``chars_seen``.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ import math
 from dataclasses import dataclass, field
 
 from .engines.base import EngineInfo, ScoreRequest
+from .long_documents import MAX_WINDOWS, model_texts, reading_spec
 from .prompts import PromptTemplate
-from .taxonomy import NONE_LABEL, Taxonomy
+from .taxonomy import NONE_LABEL, LongDocuments, Taxonomy
 
 OUT_OF_TAXONOMY = "out_of_taxonomy"
 EMPTY_TEXT = "empty_text"
@@ -44,7 +48,8 @@ class Annotation:
     candidates: list[str]
     abstained: bool
     abstain_reason: str | None
-    truncated: bool = False
+    truncated: bool = False  # the model did not see all of the text
+    chars_seen: int | None = None  # characters of the text that reached the model (None: not scored)
     status: str = "ok"
     error: str | None = None
 
@@ -59,6 +64,8 @@ class Labeller:
     engine: EngineInfo
     model_input_chars: int
     model: str = ""  # the models-config name jobs call; not part of the key (``engine`` identifies outputs)
+    long_documents: LongDocuments | None = None  # a job's override; None: the taxonomy's
+    max_windows: int = MAX_WINDOWS
     system: str = field(init=False)
     options: tuple[str, ...] = field(init=False)
     continuations: tuple[str, ...] = field(init=False)  # rendered once: the same after every document
@@ -74,6 +81,7 @@ class Labeller:
             multi_label=self.taxonomy.multi_label,
         )
         object.__setattr__(self, "system", system)
+        object.__setattr__(self, "long_documents", self.long_documents or self.taxonomy.long_documents)
         object.__setattr__(self, "options", options_of(self.taxonomy))
         answer = self.template.render("assistant")
         object.__setattr__(self, "continuations", tuple(answer + c for c in self._render_continuations()))
@@ -90,6 +98,7 @@ class Labeller:
             "taxonomy": self.taxonomy.name,
             "taxonomy_version": self.taxonomy_version,
             "model_input_chars": self.model_input_chars,
+            **reading_spec(self.long_documents, self.max_windows),
         }
 
     @property
@@ -97,11 +106,12 @@ class Labeller:
         """Short stable id of this annotator (the cache key's second half, next to the text hash)."""
         return annotator_key(self.spec)
 
-    def request(self, text: str) -> tuple[ScoreRequest, bool]:
-        """The engine request for one document, and whether its text was truncated for the model."""
-        truncated = len(text) > self.model_input_chars
-        user = self.template.render("user", text=text[: self.model_input_chars], options=self.options)
-        return ScoreRequest(self.system, user, self.continuations), truncated
+    def requests(self, text: str) -> tuple[list[ScoreRequest], int]:
+        """The engine requests for one document (one per window in ``chunk`` mode), and ``chars_seen``."""
+        texts, chars_seen = model_texts(text, self.long_documents, self.model_input_chars,
+                                        max_windows=self.max_windows)
+        return [ScoreRequest(self.system, self.template.render("user", text=piece, options=self.options),
+                             self.continuations) for piece in texts], chars_seen
 
     def _render_continuations(self) -> list[str]:
         """The texts scored after the prompt, in the order ``decide`` reads them."""
@@ -109,19 +119,19 @@ class Labeller:
             return [self.template.render(side, label=name) for name in self.options for side in ("yes", "no")]
         return [self.template.render("choice", label=name) for name in self.options]
 
-    def decide(self, scores: list[float], *, truncated: bool = False) -> Annotation:
+    def decide(self, scores: list[float]) -> Annotation:
         """Turn continuation log-probabilities into distribution, candidates and abstention."""
         if len(scores) != len(self.continuations):
             raise ValueError(f"expected {len(self.continuations)} scores, got {len(scores)}")
         if self.taxonomy.multi_label:
-            return self._decide_multi(scores, truncated)
-        return self._decide_single(scores, truncated)
+            return self._decide_multi(scores)
+        return self._decide_single(scores)
 
-    def _decide_single(self, scores: list[float], truncated: bool) -> Annotation:
+    def _decide_single(self, scores: list[float]) -> Annotation:
         """Softmax over options, then candidates and abstention rules."""
-        return decide_single(dict(zip(self.options, softmax(scores))), self.taxonomy, truncated=truncated)
+        return decide_single(dict(zip(self.options, softmax(scores))), self.taxonomy)
 
-    def _decide_multi(self, scores: list[float], truncated: bool) -> Annotation:
+    def _decide_multi(self, scores: list[float]) -> Annotation:
         """Independent P(yes) per label; choose all at or above the threshold."""
         distribution = {
             name: 1.0 / (1.0 + math.exp(scores[2 * i + 1] - scores[2 * i])) for i, name in enumerate(self.options)
@@ -132,7 +142,7 @@ class Labeller:
         return Annotation(
             distribution=distribution, label=chosen[0] if chosen else None, labels=chosen,
             confidence=ranked[0][1], candidates=chosen, abstained=not chosen,
-            abstain_reason=None if chosen else none_reason, truncated=truncated,
+            abstain_reason=None if chosen else none_reason,
         )
 
     def empty(self) -> Annotation:
@@ -151,7 +161,7 @@ def annotator_key(spec: dict) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def decide_single(distribution: dict[str, float], taxonomy: Taxonomy, *, truncated: bool = False) -> Annotation:
+def decide_single(distribution: dict[str, float], taxonomy: Taxonomy) -> Annotation:
     """Label, candidate set and abstention of a single-label distribution (any annotator, or an aggregate)."""
     ranked = sorted(distribution.items(), key=lambda kv: -kv[1])
     top, confidence = ranked[0]
@@ -167,7 +177,7 @@ def decide_single(distribution: dict[str, float], taxonomy: Taxonomy, *, truncat
     label = None if reason else top
     return Annotation(
         distribution=distribution, label=label, labels=[label] if label else [], confidence=confidence,
-        candidates=candidates, abstained=reason is not None, abstain_reason=reason, truncated=truncated,
+        candidates=candidates, abstained=reason is not None, abstain_reason=reason,
     )
 
 

@@ -48,7 +48,8 @@ class Settings(BaseSettings):
         "auto", description="Numeric type of the embedded engine: 'auto' measures float32 and bfloat16 matrix "
                             "products once per machine (cached in the models dir) and keeps the faster.")
     model_input_chars: int = Field(
-        2000, ge=100, description="The model sees at most this many characters of a document; longer ones are flagged truncated."
+        2000, ge=100, description="Characters of a document the model reads in one request; longer documents are "
+                                  "read as long_documents says (truncate, head_tail, chunk) and flagged when cut."
     )
     max_document_chars: int = Field(1_000_000, ge=1, description="Documents longer than this are rejected with 413.")
     max_documents_per_job: int = Field(100_000, ge=1, description="Most documents one inline job may carry.")

@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS model VARCHAR;
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS batch JSON;
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS created_by VARCHAR;
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS long_documents VARCHAR;
 CREATE TABLE IF NOT EXISTS inductions (
     induction_id VARCHAR PRIMARY KEY, name VARCHAR NOT NULL, status VARCHAR NOT NULL, stage VARCHAR,
     progress DOUBLE, options JSON, yaml VARCHAR, report JSON, error VARCHAR,
@@ -61,6 +62,7 @@ CREATE TABLE IF NOT EXISTS annotations (
     model VARCHAR, engine VARCHAR, prompt_hash VARCHAR, taxonomy_version VARCHAR, decoding JSON,
     text_hash VARCHAR NOT NULL, cached BOOLEAN NOT NULL, latency_ms DOUBLE, created_at TIMESTAMP NOT NULL,
     PRIMARY KEY (job_id, doc_id, annotator));
+ALTER TABLE annotations ADD COLUMN IF NOT EXISTS chars_seen INTEGER;
 CREATE INDEX IF NOT EXISTS annotations_by_text ON annotations (text_hash);
 CREATE TABLE IF NOT EXISTS job_annotators (
     job_id VARCHAR NOT NULL, name VARCHAR NOT NULL, annotator VARCHAR NOT NULL, kind VARCHAR NOT NULL,
@@ -99,7 +101,7 @@ CREATE TABLE IF NOT EXISTS classifiers (
     created_at TIMESTAMP NOT NULL, finished_at TIMESTAMP);
 CREATE OR REPLACE VIEW labels AS
     SELECT a.job_id, a.doc_id, a.label, a.labels, a.confidence, a.candidates, a.abstained,
-           a.abstain_reason, a.distribution, a.truncated, a.cached,
+           a.abstain_reason, a.distribution, a.truncated, a.chars_seen, a.cached,
            CASE WHEN c.threshold IS NOT NULL THEN list_transform(list_sort(list_transform(
                list_filter(map_entries(a.distribution), lambda e: e.value >= c.threshold),
                lambda e: {'p': -e.value, 'k': e.key})), lambda e: e.k) END AS conformal_candidates,
@@ -130,6 +132,7 @@ ANNOTATION_SCHEMA = pa.schema(
         ("error", pa.string()), ("model", pa.string()), ("engine", pa.string()), ("prompt_hash", pa.string()),
         ("taxonomy_version", pa.string()), ("decoding", pa.string()), ("text_hash", pa.string()),
         ("cached", pa.bool_()), ("latency_ms", pa.float64()), ("created_at", pa.timestamp("us")),
+        ("chars_seen", pa.int32()),  # last, as ALTER TABLE added it: inserts go by position
     ]
 )
 DOCUMENT_SCHEMA = pa.schema(
@@ -249,7 +252,8 @@ class Store(QualityStore, ClassifierStore, ConsoleStore):
     # jobs ---------------------------------------------------------------------
     def create_job(self, *, job_id: str, taxonomy: str, version: str, model: str, annotator: str,
                    annotator_spec: dict, annotators: list[dict], batches: Iterator[pa.RecordBatch] = iter(()), batch: dict | None = None,
-                   shards: list[dict] | None = None, created_by: str | None = None) -> int:
+                   shards: list[dict] | None = None, created_by: str | None = None,
+                   long_documents: str | None = None) -> int:
         """Insert a job with its documents (or, for a batch job, its shard plan) in one transaction; returns the total.
 
         No write lock: the batches may come from a large file, and DuckDB appends of a new
@@ -260,9 +264,10 @@ class Store(QualityStore, ClassifierStore, ConsoleStore):
         try:
             cur.execute(
                 "INSERT INTO jobs (job_id, taxonomy, taxonomy_version, annotator, annotator_spec, status, total,"
-                " created_at, model, batch, created_by) VALUES (?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?)",
+                " created_at, model, batch, created_by, long_documents)"
+                " VALUES (?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?, ?)",
                 [job_id, taxonomy, version, annotator, json.dumps(annotator_spec), utc_now(), model,
-                 None if batch is None else json.dumps(batch), created_by],
+                 None if batch is None else json.dumps(batch), created_by, long_documents],
             )
             if annotators:
                 cur.executemany("INSERT INTO job_annotators VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -288,7 +293,8 @@ class Store(QualityStore, ClassifierStore, ConsoleStore):
     def job(self, job_id: str) -> dict:
         """A job's row with live counts of done, failed and abstained documents."""
         rows = self._dicts(
-            "SELECT j.job_id, j.taxonomy, j.taxonomy_version, j.model, j.batch, j.annotator, j.annotator_spec, j.status,"
+            "SELECT j.job_id, j.taxonomy, j.taxonomy_version, j.model, j.batch, j.long_documents, j.annotator,"
+            " j.annotator_spec, j.status,"
             " j.total, j.error, j.created_at, j.started_at, j.finished_at,"
             " (SELECT count(*) FROM job_shards s WHERE s.job_id = j.job_id) AS shards,"
             " (SELECT count(*) FROM job_shards s WHERE s.job_id = j.job_id AND s.registered_at IS NOT NULL)"
@@ -431,15 +437,16 @@ class Store(QualityStore, ClassifierStore, ConsoleStore):
         cur = self.cursor()
         cur.execute(
             "SELECT DISTINCT ON (text_hash) text_hash, distribution, label, labels, confidence, candidates,"
-            " abstained, abstain_reason, truncated FROM annotations"
+            " abstained, abstain_reason, truncated, chars_seen FROM annotations"
             " WHERE annotator = ? AND status = 'ok' AND text_hash IN (SELECT unnest(?::VARCHAR[]))",
             [annotator, text_hashes],
         )
         found = {}
-        for text_hash, dist, label, labels, confidence, candidates, abstained, reason, truncated in cur.fetchall():
+        for text_hash, dist, label, labels, confidence, candidates, abstained, reason, truncated, seen in cur.fetchall():
             found[text_hash] = Annotation(
                 distribution=dict(dist), label=label, labels=list(labels), confidence=confidence,
                 candidates=list(candidates), abstained=abstained, abstain_reason=reason, truncated=truncated,
+                chars_seen=seen,
             )
         return found
 
@@ -466,7 +473,7 @@ class Store(QualityStore, ClassifierStore, ConsoleStore):
         self.job(job_id)
         return self.cursor().sql(
             "SELECT doc_id, label, labels, confidence, candidates, conformal_candidates, abstained, abstain_reason,"
-            " distribution, truncated, cached FROM labels WHERE job_id = ? ORDER BY position",
+            " distribution, truncated, chars_seen, cached FROM labels WHERE job_id = ? ORDER BY position",
             params=[job_id],
         ).to_arrow_reader(batch_size)
 

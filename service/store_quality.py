@@ -76,7 +76,7 @@ class QualityStore:
             cur.execute(
                 "INSERT INTO annotations SELECT job_id, doc_id, ? AS annotator, status, distribution, label, labels,"
                 " confidence, candidates, abstained, abstain_reason, truncated, error, model, engine, prompt_hash,"
-                " taxonomy_version, ? AS decoding, text_hash, cached, latency_ms, created_at FROM annotations"
+                " taxonomy_version, ? AS decoding, text_hash, cached, latency_ms, created_at, chars_seen FROM annotations"
                 " WHERE job_id = ? AND annotator IN (?, ?)"
                 " QUALIFY row_number() OVER (PARTITION BY doc_id ORDER BY annotator = ? DESC) = 1",
                 [output, json.dumps({"method": "cascade", "threshold": threshold, "student": student, "llm": llm}),

@@ -30,6 +30,7 @@ from service.errors import NotFound, TaxonomyError
 __all__ = ["NONE_LABEL", "Abstention", "Label", "Taxonomy", "format_loc", "load_taxonomy", "parse_taxonomy"]
 
 NONE_LABEL = "none_of_these"
+LongDocuments = Literal["truncate", "reject", "head_tail", "chunk"]  # how texts over the model's input are read
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _CROSS_CHECKED = "taxonomy_cross_checked"  # context flag: parse_taxonomy runs the cross checks itself
 
@@ -99,9 +100,12 @@ class Taxonomy(_Model):
     abstention: Abstention = Abstention()
     model: str | None = Field(default=None, description="default model for jobs on this taxonomy, "
                                                         "a name from the models config")
-    long_documents: Literal["truncate", "reject"] = Field(
+    long_documents: LongDocuments = Field(
         default="truncate", description="documents longer than the model's input (ANNOTATE_MODEL_INPUT_CHARS): "
-                                        "'truncate' labels their beginning and flags them; 'reject' refuses the job")
+                                        "'truncate' labels their beginning and flags them; 'reject' refuses the job; "
+                                        "'head_tail' labels their first two thirds and last third of that input; "
+                                        "'chunk' labels overlapping windows of the whole text and combines them "
+                                        "(service.long_documents)")
     labels: list[Label] = Field(description="the labels, each with at least name and description")
 
     @field_validator("name")

@@ -96,13 +96,13 @@ def test_wrong_number_of_scores_is_an_error():
         _labeller().decide([0.0, 0.0])
 
 
-def test_request_truncates_long_text_and_flags_it():
-    """The model sees at most model_input_chars characters; the flag says so."""
+def test_request_truncates_long_text_and_counts_what_the_model_sees():
+    """By default the model sees the first model_input_chars characters; chars_seen says how many."""
     labeller = _labeller()
-    request, truncated = labeller.request("x" * 80)
-    assert truncated and "x" * 50 in request.user and "x" * 51 not in request.user
+    (request,), chars_seen = labeller.requests("x" * 80)
+    assert chars_seen == 50 and "x" * 50 in request.user and "x" * 51 not in request.user
     assert request.continuations == ("a", "b", "c")
-    assert labeller.request("short")[1] is False
+    assert labeller.requests("short")[1] == 5
 
 
 def test_annotator_key_changes_with_what_determines_the_output():

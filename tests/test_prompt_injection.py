@@ -94,14 +94,14 @@ def test_document_text_is_never_a_template_and_chat_tokens_stay_text():
     taxonomy = load_taxonomy(REPO / "taxonomy" / "sms-spam.yaml")
     labeller = Labeller(taxonomy, "v", load_template("classify"), EngineInfo("embedded", "smollm2"), 10_000)
     for item in CORPUS:
-        request, _ = labeller.request(attacked(item))
+        (request,), _ = labeller.requests(attacked(item))
         assert item["injection"] in request.user  # not rendered: "{{ options }}" and "{% for %}" arrive as typed
     engine = EmbeddedEngine(Settings().models_dir, threads=1)
     special = set(engine.tokenizer.all_special_ids)
     forged = next(attacked(i) for i in CORPUS if "<|im_start|>" in i["injection"])
     assert set(engine.tokenizer(forged, add_special_tokens=False)["input_ids"]) & special, \
         "the attack should hold real special-token strings"
-    request, _ = labeller.request(forged)
+    (request,), _ = labeller.requests(forged)
     packed = engine._pack(request, engine._prefix(request.system))
     document = packed.tokens[:packed.body_len - len(engine._prefix(request.system).suffix_ids)]
     assert document and not set(document) & special  # the forged turns reach the model as plain text
