@@ -30,7 +30,7 @@ from .documents import CHARS_SETTING, batched, check_document, local_source, rea
 from .annotators import EmbeddingLabeller
 from .api_auth import AUTH_ROUTES, caller_of, guard, route_scopes
 from .api_classifiers import CLASSIFIER_ROUTES
-from .api_context import Context, hosted
+from .api_context import Context, hosted, read_upload
 from .api_quality import QUALITY_ROUTES
 from .console import CONSOLE_ROUTES
 from .auth import OPERATOR, Caller
@@ -163,12 +163,12 @@ async def list_prompts(request: Request) -> list[str]:
 
 async def push_taxonomy(request: Request) -> JSONResponse:
     """Store a taxonomy from its YAML body; a changed file becomes a new version."""
-    raw = await request.body()
+    raw = await read_upload(request, "taxonomy YAML")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise TaxonomyError("<request body>", [("", None, f"not valid UTF-8 at byte {exc.start}")]) from exc
-    taxonomy = parse_taxonomy(text, source="<request body>")
+    taxonomy = await asyncio.to_thread(parse_taxonomy, text, source="<request body>")  # the loop serves others
     _check_taxonomy_size(taxonomy, hosted(request).settings)
     version, created = await asyncio.to_thread(hosted(request).store.put_taxonomy, taxonomy, text)
     body = TaxonomyCreated(name=taxonomy.name, version=version, created=created)

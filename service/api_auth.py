@@ -115,21 +115,22 @@ def _peer(request: Request) -> str:
 async def _identify(ctx: Context, token: str | None, request: Request) -> Caller:
     """Who presents this token, or Unauthenticated saying why not; tokenless only where optional and trusted locally.
 
-    An address with too many failed tokens in a minute is refused with 429 before its
-    token is even looked at (``ANNOTATE_AUTH_FAILURES_PER_MINUTE``).
+    An invalid token from an address that sent too many in the last minute is answered 429
+    (``ANNOTATE_AUTH_FAILURES_PER_MINUTE``); a valid token always passes, so a guesser behind
+    the same proxy address as everyone else cannot lock the others out.
     """
     if token is None:
         if tokens_required(ctx.settings.auth, ctx.settings.host) or not _trusted_locally(request):
             raise Unauthenticated("this service needs an API token: send 'Authorization: Bearer ann_…' "
                                   "(`annotate token create` makes one; ANNOTATE_TOKEN for the CLI)")
         return ANONYMOUS
-    address = _peer(request)
-    if wait := ctx.auth_failures.blocked_for(address):
-        raise TooManyRequests(f"too many invalid API tokens from this address; retry in {wait:.0f} s "
-                              "(ANNOTATE_AUTH_FAILURES_PER_MINUTE)")
     try:
         return await _caller_of_token(ctx, token)
     except Unauthenticated:
+        address = _peer(request)
+        if wait := ctx.auth_failures.blocked_for(address):
+            raise TooManyRequests(f"too many invalid API tokens from this address; retry in {wait:.0f} s "
+                                  "(ANNOTATE_AUTH_FAILURES_PER_MINUTE)") from None
         ctx.auth_failures.failed(address)
         raise
 

@@ -8,7 +8,7 @@ from fastapi import Request
 
 from .auth import FailureCounter
 from .classifiers import ClassifierRunner
-from .errors import EngineUnavailable
+from .errors import EngineUnavailable, PayloadTooLarge
 from .induction import InductionRunner
 from .jobs import JobRunner
 from .settings import Settings
@@ -42,6 +42,16 @@ def attach(context: Context | None) -> None:
     """Make ``context`` the one the routes of this process use (Serve copies the app, not its state)."""
     global _hosted
     _hosted = context
+
+
+async def read_upload(request: Request, what: str) -> bytes:
+    """A body parsed in Python (YAML, CSV, JSON of labels), read only up to ``ANNOTATE_MAX_UPLOAD_BYTES``."""
+    limit, body = hosted(request).settings.max_upload_bytes, bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"{what} over the limit of {limit:,} bytes (ANNOTATE_MAX_UPLOAD_BYTES)")
+    return bytes(body)
 
 
 def hosted(request: Request) -> Context:

@@ -8,7 +8,7 @@ from fastapi import Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from . import gold, quality
-from .api_context import hosted
+from .api_context import hosted, read_upload
 from .api_models import AggregateRequest, CalibrateRequest, EstimateRequest, GoldSampleRequest
 
 
@@ -38,7 +38,9 @@ async def put_gold_labels(request: Request, job_id: str,
                           annotator: str | None = Query(None, description="Who labelled, when the body does not say.")):
     """Human labels for sampled documents: JSON, a CSV (Content-Type text/csv) or a Label Studio export."""
     ctx = hosted(request)
-    rows = gold.parse_upload(await request.body(), request.headers.get("content-type", ""), annotator)
+    await asyncio.to_thread(ctx.store.job, job_id)  # 404 before reading the upload
+    body = await read_upload(request, "gold labels")
+    rows = await asyncio.to_thread(gold.parse_upload, body, request.headers.get("content-type", ""), annotator)
     return await asyncio.to_thread(gold.put_labels, ctx.store, job_id, rows)
 
 

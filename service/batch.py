@@ -60,6 +60,9 @@ def open_source(source: str, settings: Settings) -> tuple[pafs.FileSystem, str, 
     if source.startswith(REMOTE_SCHEMES):
         if not settings.allow_remote_sources:
             raise InvalidInput(f"source {source!r} is remote; set ANNOTATE_ALLOW_REMOTE_SOURCES=true to allow it")
+        if any(c in source for c in "?#@"):  # ?endpoint_override=host would send the service's keys there (SSRF)
+            raise InvalidInput(f"source {source!r}: remote sources take no query, fragment or user part; the "
+                               "service's own configuration chooses endpoints and credentials")
         try:
             filesystem, path = pafs.FileSystem.from_uri(source)
         except ValueError as exc:  # ArrowInvalid: not a URI (a NUL byte, a space, ...)

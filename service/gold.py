@@ -92,6 +92,8 @@ def parse_upload(body: bytes, content_type: str, default_annotator: str | None) 
         return _from_csv(text, default_annotator)
     try:
         data = json.loads(text)
+    except RecursionError as exc:
+        raise InvalidInput("gold labels: JSON nested too deeply") from exc
     except json.JSONDecodeError as exc:
         raise InvalidInput(f"gold labels: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}; send "
                            "JSON, or a CSV with Content-Type text/csv") from exc

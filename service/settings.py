@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     max_document_chars: int = Field(1_000_000, ge=1, description="Documents longer than this are rejected with 413.")
     max_documents_per_job: int = Field(100_000, ge=1, description="Most documents one inline job may carry.")
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest HTTP request body accepted.")
+    max_upload_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="Largest taxonomy YAML or gold-label upload: they are parsed in Python, "
+                                              "so they get a tighter limit than other bodies.")
     taxonomy_max_labels: int = Field(1000, ge=1, description="Most labels a pushed taxonomy may have.")
     taxonomy_max_chars: int = Field(
         500_000, ge=1, description="Most characters of instruction, descriptions and examples a pushed taxonomy may have.")

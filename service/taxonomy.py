@@ -34,6 +34,7 @@ LongDocuments = Literal["truncate", "reject", "head_tail", "chunk"]  # how texts
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _CROSS_CHECKED = "taxonomy_cross_checked"  # context flag: parse_taxonomy runs the cross checks itself
 
+_LOADER = yaml.SafeLoader  # not libyaml's CSafeLoader: its syntax errors point at less helpful lines and columns
 Loc = tuple[str | int, ...]
 Problem = tuple[str, int | None, str]
 LineOf = Callable[[Loc], int | None]
@@ -211,7 +212,7 @@ def parse_taxonomy(text: str, *, source: str = "<taxonomy>") -> Taxonomy:
 def _read_yaml(text: str, source: str) -> tuple[yaml.Node, dict, list[Problem]]:
     """Parse once into nodes (for lines) and data; syntax and shape errors raise at once."""
     try:
-        loader = yaml.SafeLoader(text)
+        loader = _LOADER(text)
         try:
             root = loader.get_single_node()
             _refuse_aliases(text, source)
@@ -228,6 +229,9 @@ def _read_yaml(text: str, source: str) -> tuple[yaml.Node, dict, list[Problem]]:
         message = (f"YAML syntax error: {problem}{where}; check the indentation, and quote "
                    "text that contains ': ' or starts with a special character")
         raise TaxonomyError(source, [("", line, message)]) from exc
+    except RecursionError as exc:
+        raise TaxonomyError(source, [("", None, "YAML nested too deeply; a taxonomy is a mapping of lists of "
+                                      "mappings")]) from exc
     except yaml.reader.ReaderError as exc:
         line = text[: exc.position].count("\n") + 1
         message = f"character #x{exc.character:04x} is not allowed in YAML; remove it"
@@ -243,7 +247,7 @@ def _read_yaml(text: str, source: str) -> tuple[yaml.Node, dict, list[Problem]]:
 
 def _refuse_aliases(text: str, source: str) -> None:
     """Anchors and aliases (``&a``, ``*a``, ``<<: *a``) can expand a small file a thousandfold: refuse them."""
-    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+    for event in yaml.parse(text, Loader=_LOADER):
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
             raise TaxonomyError(source, [("", event.start_mark.line + 1, "YAML anchors and aliases (&name, *name) are "
                                           "not allowed in taxonomies; write each value out")])

@@ -107,6 +107,15 @@ def test_batch_sources_that_cannot_be_opened_are_refused_by_name(tmp_path, sourc
     assert str(tmp_path) not in str(refused.value)
 
 
+def test_remote_sources_cannot_choose_endpoints_or_credentials(tmp_path):
+    """SSRF: an endpoint_override in the URI would send the service's signed requests to the caller's host."""
+    settings = Settings(data_dir=tmp_path / "data", input_dir=tmp_path / "inputs", allow_remote_sources=True)
+    for source in ("s3://bucket/x.jsonl?endpoint_override=127.0.0.1:9&scheme=http", "s3://key:secret@bucket/x.jsonl",
+                   "gs://bucket/x.jsonl#frag"):
+        with pytest.raises(InvalidInput, match="no query, fragment or user part"):
+            open_source(source, settings)
+
+
 def test_batch_restart_mid_job_loses_and_duplicates_nothing(service, labelled_taxonomy):
     """20,000 documents in 10 shards; SIGTERM after 2 shards; after restart every document is labelled once.
 

@@ -28,6 +28,7 @@ from service.tokens import TokenStore
 
 OPERATOR_TOKEN = "hardening-operator-" + "0123456789abcdef"
 BODY_LIMIT = 1 << 20
+UPLOAD_LIMIT = 200_000
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def server(tmp_path_factory) -> str:
     data = tmp_path_factory.mktemp("hardening")
     settings = Settings(data_dir=data, host="127.0.0.1", auth="auto", max_body_bytes=BODY_LIMIT,
                         admin_token=OPERATOR_TOKEN, auth_failures_per_minute=5, taxonomy_max_labels=50,
-                        taxonomy_max_chars=20_000)
+                        taxonomy_max_chars=20_000, max_upload_bytes=UPLOAD_LIMIT)
     store, tokens = Store(settings.db_path, export_dir=settings.export_dir), TokenStore(data / "tokens.sqlite")
     attach(Context(settings, store, None, {}, None, None, None, tokens))
     port = free_port()
@@ -174,14 +175,16 @@ def test_login_form_refuses_cross_site_posts(server):
 
 
 def test_guessing_tokens_is_slowed_down(server):
-    """After the per-minute allowance of invalid tokens from one address, even a valid token waits (429)."""
+    """After the per-minute allowance of invalid tokens from one address they get 429; valid tokens still pass."""
     with httpx.Client(base_url=server) as client:
         good = client.post("/v1/tokens", json={"name": "reader", "scope": "read"}).json()["token"]
         statuses = [client.get("/v1/jobs", headers={"Authorization": f"Bearer ann_guess{i}_wrong"}).status_code
                     for i in range(6)]
         assert statuses[:5] == [401] * 5 and statuses[5] == 429
-        blocked = client.get("/v1/jobs", headers={"Authorization": f"Bearer {good}"})
+        blocked = client.get("/v1/jobs", headers={"Authorization": "Bearer ann_guess9_wrong"})
         assert blocked.status_code == 429 and "ANNOTATE_AUTH_FAILURES_PER_MINUTE" in blocked.json()["error"]["message"]
+        assert client.get("/v1/jobs", headers={"Authorization": f"Bearer {good}"}).status_code == 200
+        assert client.get("/v1/jobs", headers={"Authorization": f"Bearer {OPERATOR_TOKEN}"}).status_code == 200
         assert client.get("/v1/jobs").status_code == 200  # the local user without a token is not guessing
 
 
@@ -261,3 +264,32 @@ def test_unknown_prompts_list_the_known_and_reveal_nothing(tmp_path: Path):
             load_template(name)
         messages.append(str(caught.value).split(";", 1)[1])
     assert len(set(messages)) == 1 and "classify" in messages[0]
+
+
+def test_uploads_parsed_in_python_have_their_own_limit(server):
+    """A 3 MB taxonomy took the ingress's event loop for 79 s to parse: such uploads stop at their own cap."""
+    big = "name: big\ndescription: d\ninstruction: i\nlabels:\n" + "  - {name: a, description: x}\n" * 10_000
+    with httpx.Client(base_url=server) as client:
+        response = client.post("/v1/taxonomies", content=big.encode())
+        assert response.status_code == 413 and "ANNOTATE_MAX_UPLOAD_BYTES" in response.json()["error"]["message"]
+        deep = client.post("/v1/taxonomies", content=b"[" * 5000)
+        assert deep.status_code == 422 and "nested too deeply" in deep.text
+        assert client.post("/v1/jobs/nojob/gold", content=b"x" * (2 * UPLOAD_LIMIT)).status_code == 404
+
+
+def test_deeply_nested_gold_json_is_a_clear_error():
+    """A RecursionError from the JSON parser was a 500."""
+    from service.errors import InvalidInput
+    from service.gold import parse_upload
+
+    with pytest.raises(InvalidInput, match="nested too deeply"):
+        parse_upload(b"[" * 200_000, "application/json", "alice")
+
+
+def test_taxonomy_diffs_are_bounded():
+    """difflib is quadratic at worst: two long versions are not compared on the page."""
+    from service.console import DIFF_MAX_LINES, _diff
+
+    long = "\n".join(f"line {i}" for i in range(DIFF_MAX_LINES + 1))
+    assert len(_diff(long, long + "\nmore", "a", "b")) == 1
+    assert _diff("a\nb", "a\nc", "x@1", "x@2")[-2:] == ["-b", "+c"]

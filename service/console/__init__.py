@@ -150,9 +150,20 @@ async def taxonomy_page(request: Request, name: str, version: str | None = None,
     diff = []
     if older:
         _, older, before = await asyncio.to_thread(store.get_taxonomy, name, older)
-        diff = list(difflib.unified_diff(before.splitlines(), text.splitlines(), f"{name}@{older}", f"{name}@{shown}",
-                                         lineterm=""))
+        diff = await asyncio.to_thread(_diff, before, text, f"{name}@{older}", f"{name}@{shown}")
     return render_page("taxonomy.html", name=name, version=shown, yaml=text, versions=versions, compare=older, diff=diff)
+
+
+DIFF_MAX_LINES = 5000  # difflib is quadratic at worst: a page view must not cost the ingress minutes
+
+
+def _diff(before: str, after: str, old_name: str, new_name: str) -> list[str]:
+    """Unified diff lines of two YAML versions, or one line saying they are too long to compare here."""
+    old_lines, new_lines = before.splitlines(), after.splitlines()
+    if max(len(old_lines), len(new_lines)) > DIFF_MAX_LINES:
+        return [f"(not compared here: more than {DIFF_MAX_LINES:,} lines; compare the YAML of the two versions "
+                "from GET /v1/taxonomies/{name}?version=...)"]
+    return list(difflib.unified_diff(old_lines, new_lines, old_name, new_name, lineterm=""))
 
 
 async def home() -> RedirectResponse:
