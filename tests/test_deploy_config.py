@@ -236,7 +236,9 @@ def test_rayservice_fences_in_the_dashboard():
             for peer in peers:
                 labels = peer["podSelector"]["matchLabels"]
                 own = labels == selector and "namespaceSelector" not in peer
-                operator = labels == {"app.kubernetes.io/name": "kuberay-operator"} and ports == {dashboard}
+                namespace = peer.get("namespaceSelector", {}).get("matchLabels", {})
+                operator = (labels == {"app.kubernetes.io/name": "kuberay-operator"} and ports == {dashboard}
+                            and set(namespace) == {"kubernetes.io/metadata.name"})  # one namespace, not any
                 assert own or operator, rule
 
 

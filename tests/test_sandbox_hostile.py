@@ -113,6 +113,11 @@ HOSTILE = [
     refused("list_secrets", "SELECT * FROM duckdb_secrets()", FILE_ACCESS),
     # one call building a value of any size, which no interrupt or memory limit stops
     refused("repeat_string", "SELECT repeat('x', 2000000000)", "one call"),
+    refused("nested_replace", "SELECT length(replace(replace(replace(replace(replace(replace(replace(replace("
+            "'x','x','xxxxxxxxxx'),'x','xxxxxxxxxx'),'x','xxxxxxxxxx'),'x','xxxxxxxxxx'),'x','xxxxxxxxxx'),"
+            "'x','xxxxxxxxxx'),'x','xxxxxxxxxx'),'x','xxxxxxxxxx'))", "one call"),
+    refused("replace_in_cte_chain", "WITH a AS (SELECT 'x' AS s), b AS (SELECT regexp_replace(s, 'x', s || s, 'g') "
+            "AS s FROM a) SELECT length(s) FROM b", "one call"),
     refused("repeat_dot_syntax", "SELECT length('x'.repeat(2000000000))", "one call"),
     refused("repeat_list_quoted", "SELECT len(\"REPEAT\"([1, 2, 3, 4, 5, 6, 7, 8], 1000000000))", "one call"),
     refused("lpad", "SELECT length(lpad('x', 2000000000, 'y'))", "one call"),
