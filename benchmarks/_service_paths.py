@@ -159,7 +159,7 @@ def naive_chat(url: str, texts: list[str], llama_pid: int) -> tuple[dict, list[s
 
     def ask(client: httpx.Client, text: str) -> str:
         messages = [{"role": "system", "content": labeller.system},
-                    {"role": "user", "content": labeller.request(text)[0].user}]
+                    {"role": "user", "content": labeller.requests(text)[0][0].user}]
         reply = client.post("/chat/completions", json={"model": "smollm2", "messages": messages, "max_tokens": 8,
                                                        "temperature": 0})
         reply.raise_for_status()

@@ -99,10 +99,10 @@ def run_scoring(engine, labeller, rows: list[dict]) -> tuple[list[str], list[flo
         print(f"\r  {sum(b for _, b in batches)}/{len(rows)} docs", end="", file=sys.stderr, flush=True)
         return out
 
-    engine.score_sync([labeller.request(WARMUP_TEXT)[0]])  # warm-up: also computes the shared prefix KV cache
+    engine.score_sync([labeller.requests(WARMUP_TEXT)[0][0]])  # warm-up: also computes the shared prefix KV cache
     engine._forward = timed
     start = time.perf_counter()
-    requests = [labeller.request(row["text"])[0] for row in rows]
+    requests = [labeller.requests(row["text"])[0][0] for row in rows]
     annotations = [labeller.decide(s) for s in engine.score_sync(requests)]
     elapsed = time.perf_counter() - start
     print(file=sys.stderr)
@@ -113,7 +113,7 @@ def run_scoring(engine, labeller, rows: list[dict]) -> tuple[list[str], list[flo
 def generate_one(engine, labeller, text: str) -> str:
     """Greedy-generate up to 8 tokens for one document with the service's prompt."""
     messages = [{"role": "system", "content": labeller.system},
-                {"role": "user", "content": labeller.request(text)[0].user}]
+                {"role": "user", "content": labeller.requests(text)[0][0].user}]
     inputs = engine.tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = engine.model.generate(**inputs, max_new_tokens=8, do_sample=False,
