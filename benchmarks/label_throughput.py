@@ -14,6 +14,13 @@ ModelServer replica count (``--replicas``) and engine batch size (``--engine-bat
 the model entry's ``max_batch``), against the naive client that submits one-document
 jobs one after another and waits for each.
 
+``long``: the engine in-process, one document at a time, on real-length text (the
+convention speeches of ``../shared/data``, cut at ``ANNOTATE_MODEL_INPUT_CHARS`` as the
+default job does) beside short SMS texts: docs/s, ms/doc p50/p95, tokens/s, peak RSS,
+and the floor: the float32 matrix-product rate measured in the same run applied to the
+FLOPs each document needs (the model's non-embedding weights over the tokens it
+processes, plus the vocabulary projection of the scored positions).
+
 ``server``: a llama.cpp server (llama-cpp-python, the same SmolLM2 GGUF) labelled by the
 service's OpenAI-compatible engine (``scoring: top_logprobs``) against the naive loop:
 one ``/v1/chat/completions`` request per document, up to 8 generated tokens, label parsed.
@@ -49,6 +56,8 @@ from _report import fmt, fmt_acc, load_now, machine_facts, parse_label, percenti
 os.environ["HF_HUB_OFFLINE"] = "1"
 ROOT = _service.ROOT
 DEFAULT_DATA = ROOT / ".." / "shared" / "data" / "trec_questions.csv"
+SPEECHES = ROOT / ".." / "shared" / "data" / "convention_speeches_2012.csv"
+SMS = ROOT / ".." / "shared" / "data" / "sms_spam.csv"
 WARMUP_TEXT = "What is the capital of Peru ?"  # not in the measured set; excluded from timings
 METHODS = {  # method -> (taxonomy file, description for the table)
     "scoring": ("trec-coarse.yaml", "scoring (service), 6 coarse"),
@@ -225,6 +234,65 @@ def print_engine(results: list[dict], rows: list[dict], prepare_s: float, wall_s
             print(f"Unparsed naive outputs (first {len(r['unparsed_samples'])}): {r['unparsed_samples']!r}\n")
 
 
+def long_section(args) -> None:
+    """Real-length documents against short texts through the in-process engine, with the floor; prints a table."""
+    import psutil
+    from service.engines.base import ScoreRequest
+    from service.engines.embedded import EmbeddedEngine
+    from service.engines.numeric import gemm_tflops
+    from service.settings import Settings
+
+    if not SPEECHES.exists():
+        print_facts("Label throughput: long documents", [f"skipped: {SPEECHES} not found"])
+        return
+    settings = Settings()
+    engine = EmbeddedEngine(settings.models_dir, threads=settings.engine_threads)
+    config = engine.model.config
+    rate = gemm_tflops("float32", 512, config.hidden_size, config.intermediate_size, seconds=1.0) * 1e12
+    weights = sum(p.numel() for p in engine.model.model.layers.parameters())
+    sets = {"convention speeches": ("Classify the speech by the party of its speaker.", ("democrat", "republican"),
+                                    _column(SPEECHES, "text")[:args.long_n])}
+    if SMS.exists():
+        sets["SMS (short baseline)"] = ("Say whether the message is spam.", ("ham", "spam"),
+                                        _column(SMS, "text")[:args.long_n])
+    table = []
+    for name, (system, labels, texts) in sets.items():
+        requests = [ScoreRequest(system, text[:settings.model_input_chars], labels) for text in texts]
+        engine.score_sync(requests[:1])  # warm-up: the shared prefix
+        prefix = engine._prefix(system)
+        tokens = [len(engine._pack(r, prefix).tokens) for r in requests]
+        latencies = []
+        for request in requests:
+            start = time.perf_counter()
+            engine.score_sync([request])
+            latencies.append(1000 * (time.perf_counter() - start))
+        flops = [2 * weights * n + 2 * config.hidden_size * config.vocab_size * (len(labels) + 1) for n in tokens]
+        floor_ms = 1000 * sum(flops) / rate / len(flops)
+        total_s = sum(latencies) / 1000
+        table.append([name, len(requests), fmt(sum(map(len, (r.user for r in requests))) / len(requests), 0),
+                      fmt(sum(tokens) / len(tokens), 0), fmt(len(requests) / total_s, 2), fmt(percentile(latencies, 50), 0),
+                      fmt(percentile(latencies, 95), 0), fmt(sum(tokens) / total_s, 0), fmt(floor_ms, 0),
+                      fmt(percentile(latencies, 50) / floor_ms, 1), fmt(psutil.Process().memory_info().rss / 2**20, 0),
+                      fmt(peak_rss_mb(), 0)])
+    print_facts("Label throughput: long documents, engine in-process, one document at a time", [
+        f"numeric path: {engine.numeric.dtype} ({engine.numeric.source}; matrix-product rates measured at start: "
+        f"{engine.numeric.tflops or 'n/a'})",
+        f"float32 GEMM rate measured now ([512×{config.hidden_size}]·[{config.hidden_size}×{config.intermediate_size}]): "
+        f"{rate / 1e12:.3f} TFLOP/s; non-embedding weights: {weights / 1e6:.0f} M",
+        f"documents cut at ANNOTATE_MODEL_INPUT_CHARS={settings.model_input_chars}", load_now()])
+    print_table(["texts", "docs", "chars/doc", "tokens/doc", "docs/s", "ms/doc p50", "ms/doc p95", "tokens/s",
+                 "floor ms/doc", "p50 / floor", "RSS MB", "peak RSS MB"], table,
+                "Tokens are what the engine runs per document (the text, the chat suffix and the label trie; the "
+                "system prompt is cached). The floor is those tokens' FLOPs at the float32 matrix-product rate "
+                "measured in this run.")
+
+
+def _column(path: Path, column: str) -> list[str]:
+    """One column of a CSV, in file order."""
+    with path.open(newline="", encoding="utf-8") as f:
+        return [row[column] for row in csv.DictReader(f)]
+
+
 def int_list(text: str) -> list[int]:
     """Comma-separated integers."""
     return [int(part) for part in text.split(",") if part.strip()]
@@ -234,7 +302,7 @@ def main() -> None:
     """Parse flags, then run the chosen sections (or, with --worker, one engine-section method here)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--sections", default="engine,service,server", help="which sections to run, in order")
+    parser.add_argument("--sections", default="engine,long,service,server", help="which sections to run, in order")
     parser.add_argument("--n", type=int, default=200, help="engine: TREC questions for the scoring methods")
     parser.add_argument("--naive-n", type=int, default=50, help="engine: questions for generate+parse (first of --n)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="engine: CSV with columns text, coarse, fine")
@@ -248,6 +316,7 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=16, help="service: rows per shard of the batch jobs")
     parser.add_argument("--server-docs", type=int, default=32, help="server: documents for each path")
     parser.add_argument("--server-concurrency", type=int, default=2, help="server: the engine's max_concurrency")
+    parser.add_argument("--long-n", type=int, default=40, help="long: documents of each set")
     parser.add_argument("--workdir", type=Path, help="keep data dirs and logs here (default: a temporary dir)")
     parser.add_argument("--worker", choices=sorted(METHODS), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -255,9 +324,9 @@ def main() -> None:
         print(json.dumps(worker(args.worker, read_rows(args.data.resolve(), args.n))))
         return
     sections = [part.strip() for part in args.sections.split(",") if part.strip()]
-    unknown = set(sections) - {"engine", "service", "server"}
+    unknown = set(sections) - {"engine", "long", "service", "server"}
     if unknown:
-        parser.error(f"unknown sections {', '.join(sorted(unknown))}; choose from engine, service, server")
+        parser.error(f"unknown sections {', '.join(sorted(unknown))}; choose from engine, long, service, server")
     wall = time.perf_counter()
     print_facts("Machine", machine_facts())
     embedded: dict[str, str] = {}
@@ -267,6 +336,8 @@ def main() -> None:
             started = time.perf_counter()
             if section == "engine":
                 engine_section(args)
+            elif section == "long":
+                long_section(args)
             elif section == "service":
                 texts, origin = _service.sms_texts(args.docs)
                 results, embedded = paths.service_section(args, [t for t, _ in texts], workdir / "service")
