@@ -9,6 +9,8 @@ this machine's CPU has fast bfloat16 (the numeric type the service picks is test
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -110,3 +112,13 @@ def test_bfloat16_only_when_clearly_faster():
 def test_engine_reports_its_numeric_type(engine):
     """The type the engine computes in is part of its identity (cache keys, GET /v1/models)."""
     assert engine.info.decoding["dtype"] == "float32" == str(engine.model.dtype).removeprefix("torch.")
+
+
+def test_a_cache_from_another_version_is_measured_again(tmp_path):
+    """A models dir shared with an older release (other fields, unknown types) never breaks start-up."""
+    from service.engines.numeric import CACHE_FILE, machine_key
+
+    key = f"{machine_key(1)}-576x1536"
+    for entry in ({"dtype": "float32", "tflops": {}, "seconds": 0.2, "source": "measured"}, {"dtype": "int3"}, "x"):
+        (tmp_path / CACHE_FILE).write_text(json.dumps({key: entry}))
+        assert choose_dtype(tmp_path, 576, 1536, threads=1).source == "measured"

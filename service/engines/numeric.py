@@ -89,8 +89,9 @@ def choose_dtype(models_dir: Path, hidden: int, intermediate: int, threads: int,
         return NumericChoice(setting, {}, "setting")
     path, key = Path(models_dir) / CACHE_FILE, f"{machine_key(threads)}-{hidden}x{intermediate}"
     cached = _read_cache(path)
-    if key in cached:
-        choice = NumericChoice(**{**cached[key], "source": "cached"})
+    earlier = _cached_choice(cached.get(key))
+    if earlier is not None:
+        choice = earlier
     else:
         rates = {dtype: round(gemm_tflops(dtype, QUERY_ROWS, hidden, intermediate), 5) for dtype in CANDIDATES}
         choice = NumericChoice(pick(rates), rates, "measured")
@@ -100,6 +101,16 @@ def choose_dtype(models_dir: Path, hidden: int, intermediate: int, threads: int,
         os.replace(partial, path)  # two replicas starting together never read half a file
     log.info("engine numeric type", extra={"dtype": choice.dtype, "tflops": choice.tflops, "source": choice.source})
     return choice
+
+
+def _cached_choice(entry: object) -> NumericChoice | None:
+    """An earlier verdict, if it has this version's shape; anything else (another version's file) is measured again."""
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "tflops", "source"}:
+        return None
+    dtype, tflops = entry["dtype"], entry["tflops"]
+    if dtype not in CANDIDATES or not isinstance(tflops, dict):
+        return None
+    return NumericChoice(dtype, tflops, "cached")
 
 
 def _read_cache(path: Path) -> dict:
