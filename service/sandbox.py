@@ -37,10 +37,13 @@ ALLOWED = {duckdb.StatementType.SELECT}
 # Scalar functions one call of which builds a value as large as a number argument asks
 # (repeat('x', 2000000000), range(0, 10^9), lpad, printf('%2000000000d')), or as large as
 # its input times another argument's length (replace(s, 'x', s): quadratic, and nested calls
-# multiply), in memory DuckDB neither interrupts midway nor counts against its limit
-# (measured: three nested replace() calls took 1 GB outside a 200 MB limit).
+# multiply), or a fixed multiple of its input (hex: 2, bin: 8, regexp_escape: 2) that nested
+# calls compound, in memory DuckDB neither interrupts midway nor counts against its limit
+# (measured on DuckDB 2.0 with a 200 MB limit: three nested replace() calls took 1 GB, nine
+# nested hex() calls over a 1 MB string 1 GB, five nested bin() 4.5 GB; concat, url_encode,
+# to_base64 and to_json stay within the limit and are allowed).
 UNBOUNDED = {"repeat", "lpad", "rpad", "printf", "format", "range", "generate_series", "list_resize", "array_resize",
-             "replace", "regexp_replace"}
+             "replace", "regexp_replace", "hex", "to_hex", "bin", "to_binary", "regexp_escape"}
 # Table functions that run SQL given as text or as a serialized tree, which the checks here never see.
 HIDDEN_SQL = {"query", "json_execute_serialized_sql"}
 # Table functions that write or change state: the read-only transaction lets a checkpoint and log truncation

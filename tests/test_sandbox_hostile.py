@@ -118,6 +118,11 @@ HOSTILE = [
             "'x','xxxxxxxxxx'),'x','xxxxxxxxxx'),'x','xxxxxxxxxx'))", "one call"),
     refused("replace_in_cte_chain", "WITH a AS (SELECT 'x' AS s), b AS (SELECT regexp_replace(s, 'x', s || s, 'g') "
             "AS s FROM a) SELECT length(s) FROM b", "one call"),
+    refused("nested_hex", "SELECT length(hex(hex(hex(hex(hex(hex(hex(hex(hex(string_agg('x', ''))))))))))) "
+            "FROM range(1000000)", "one call"),
+    refused("nested_bin", "SELECT length(to_binary(bin(string_agg('x', '')))) FROM range(1000000)", "one call"),
+    refused("nested_regexp_escape", "SELECT length(regexp_escape(regexp_escape(string_agg('.', '')))) "
+            "FROM range(1000000)", "one call"),
     refused("repeat_dot_syntax", "SELECT length('x'.repeat(2000000000))", "one call"),
     refused("repeat_list_quoted", "SELECT len(\"REPEAT\"([1, 2, 3, 4, 5, 6, 7, 8], 1000000000))", "one call"),
     refused("lpad", "SELECT length(lpad('x', 2000000000, 'y'))", "one call"),
