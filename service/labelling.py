@@ -35,6 +35,7 @@ OUT_OF_TAXONOMY = "out_of_taxonomy"
 EMPTY_TEXT = "empty_text"
 BELOW_THRESHOLD = "below_threshold"
 AMBIGUOUS = "ambiguous"
+COMPLETION_END = "\n"  # a plain-text answer ends with its line; a chat answer ends with its turn (the engine's)
 
 
 @dataclass
@@ -79,12 +80,13 @@ class Labeller:
             allow_none=allow_none,
             none_label=NONE_LABEL,
             multi_label=self.taxonomy.multi_label,
+            demonstrations=demonstrations(self.taxonomy),
         )
         object.__setattr__(self, "system", system)
         object.__setattr__(self, "long_documents", self.long_documents or self.taxonomy.long_documents)
         object.__setattr__(self, "options", options_of(self.taxonomy))
-        answer = self.template.render("assistant")
-        object.__setattr__(self, "continuations", tuple(answer + c for c in self._render_continuations()))
+        answer, end = self.template.render("assistant"), "" if self.template.chat else COMPLETION_END
+        object.__setattr__(self, "continuations", tuple(answer + c + end for c in self._render_continuations()))
 
     @property
     def spec(self) -> dict:
@@ -111,7 +113,7 @@ class Labeller:
         texts, chars_seen = model_texts(text, self.long_documents, self.model_input_chars,
                                         max_windows=self.max_windows)
         return [ScoreRequest(self.system, self.template.render("user", text=piece, options=self.options),
-                             self.continuations) for piece in texts], chars_seen
+                             self.continuations, self.template.chat) for piece in texts], chars_seen
 
     def _render_continuations(self) -> list[str]:
         """The texts scored after the prompt, in the order ``decide`` reads them."""
@@ -148,6 +150,13 @@ class Labeller:
     def empty(self) -> Annotation:
         """A blank document is not sent to the model."""
         return empty(self.options)
+
+
+def demonstrations(taxonomy: Taxonomy) -> list[tuple[str, str]]:
+    """(label, example) pairs from the taxonomy's examples, one label after another, so no label comes in a block."""
+    leaves = taxonomy.leaves()
+    rounds = max((len(label.examples) for label in leaves), default=0)
+    return [(label.name, label.examples[i]) for i in range(rounds) for label in leaves if i < len(label.examples)]
 
 
 def options_of(taxonomy: Taxonomy) -> tuple[str, ...]:

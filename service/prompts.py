@@ -4,7 +4,10 @@ A template file is split into sections by ``### name`` lines; each section is a 
 template. Classification templates have ``system`` (instruction and taxonomy, shared by
 every document), ``user`` (the document), ``assistant`` (the start of the reply, not
 scored) and the continuations scored after it: ``choice`` for single-label taxonomies,
-``yes``/``no`` for multi-label ones.
+``yes``/``no`` for multi-label ones. An optional ``format`` section says ``completion`` for a
+plain-text prompt (system text, a blank line, the user text; no chat markup), whose
+answers end at the end of their line (``service.labelling`` appends the newline to each
+continuation); without it the prompt is a chat, whose answers end with the end of the turn.
 
 A prompt is chosen by *name* from the registry, the ``*.md`` files directly under
 ``prompts/``; a name is never joined onto a path, so a caller cannot point the service at
@@ -38,6 +41,16 @@ class PromptTemplate:
     name: str
     hash: str
     sections: dict[str, jinja2.Template]
+
+    @property
+    def chat(self) -> bool:
+        """Whether prompts from this template are chats (the default) or plain-text completions."""
+        if "format" not in self.sections:
+            return True
+        fmt = self.sections["format"].render().strip()
+        if fmt not in ("chat", "completion"):
+            raise InvalidInput(f"prompt {self.name!r}: section 'format' must be 'chat' or 'completion', not {fmt!r}")
+        return fmt == "chat"
 
     def render(self, section: str, **context) -> str:
         """Render one section, stripped of the newline that ends it in the file."""

@@ -126,3 +126,18 @@ def test_blank_document_annotation():
     result = _labeller().empty()
     assert result.distribution == {"a": 0.0, "b": 0.0, "c": 0.0}
     assert (result.abstained, result.abstain_reason, result.candidates) == (True, "empty_text", [])
+
+
+def test_a_completion_template_builds_plain_text_requests_with_demonstrations():
+    """classify_fewshot: no chat markup, the taxonomy's examples label by label, answers that end with their line."""
+    taxonomy = parse_taxonomy(_taxonomy().replace(
+        "{name: a, description: first}", "{name: a, description: first, examples: [a one, a two]}").replace(
+        "{name: b, description: second}", "{name: b, description: second, examples: [b one]}"))
+    labeller = Labeller(taxonomy, taxonomy.content_hash(), load_template("classify_fewshot"), ENGINE, 50)
+    (request,), seen = labeller.requests("some text")
+    assert request.chat is False and seen == len("some text")
+    assert request.continuations == (" a\n", " b\n", " c\n")
+    assert request.user == "Text: some text\nLabel:"
+    shots = [line for line in request.system.splitlines() if line.startswith(("Text:", "Label:"))]
+    assert shots == ["Text: a one", "Label: a", "Text: b one", "Label: b", "Text: a two", "Label: a"]
+    assert _labeller().requests("x")[0][0].chat is True  # chat templates stay chats

@@ -112,3 +112,12 @@ def test_rate_limited_requests_are_retried(llama_server):
     finally:
         proxy.shutdown()
     assert _Flaky.seen > 2 and len(scores) == 2 and all(s < 0 for s in scores)
+
+
+def test_plain_text_prompts_are_refused_by_name():
+    """Completion-format templates are the embedded engine's: a server model refuses them clearly, before any request."""
+    from service.errors import InvalidInput
+
+    request = ScoreRequest("Classify.", "Text: hi\nLabel:", (" ham\n", " spam\n"), chat=False)
+    with pytest.raises(InvalidInput, match="embedded engine only"):
+        asyncio.run(_engine("http://127.0.0.1:9/v1").score([request]))

@@ -15,11 +15,18 @@ from typing import Protocol, runtime_checkable
 
 @dataclass(frozen=True)
 class ScoreRequest:
-    """One document's prompt and the continuations to score after it."""
+    """One document's prompt and the continuations to score after it.
+
+    ``chat``: the prompt is the model's chat markup around ``system`` and ``user``, and each
+    continuation is the assistant's reply up to its end-of-turn token. Without it the
+    prompt is plain text, ``system`` then a blank line then ``user``, and each continuation
+    is scored exactly as given (so it carries its own terminator, e.g. a newline).
+    """
 
     system: str
     user: str
     continuations: tuple[str, ...]
+    chat: bool = True
 
 
 @dataclass(frozen=True)

@@ -90,9 +90,11 @@ class _Prefix(NamedTuple):
 
     layers: list
     length: int
+    lead: str  # text before each document's own (plain text: the blank line after the system text)
     suffix: str
     suffix_ids: list[int]
     continuation_ids: dict[str, list[int]]  # filled lazily: the same labels follow every document
+    end_ids: list[int]  # closes every continuation: the end of the assistant's turn in chat, nothing in plain text
 
 
 @dataclass
@@ -143,11 +145,11 @@ class EmbeddedEngine:
         """Group requests by system prompt and score each group in token-budgeted batches."""
         with self._lock, self._torch.inference_mode():
             results: list[list[float] | None] = [None] * len(requests)
-            groups: dict[str, list[int]] = {}
+            groups: dict[tuple[str, bool], list[int]] = {}
             for i, request in enumerate(requests):
-                groups.setdefault(request.system, []).append(i)
-            for system, indices in groups.items():
-                prefix = self._prefix(system)
+                groups.setdefault((request.system, request.chat), []).append(i)
+            for (system, chat), indices in groups.items():
+                prefix = self._prefix(system, chat)
                 packed = {i: self._pack(requests[i], prefix) for i in indices}
                 for batch in _batches(sorted(indices, key=lambda i: len(packed[i].tokens)), packed):
                     for i, scores in zip(batch, self._forward(prefix, [packed[i] for i in batch])):
@@ -184,8 +186,15 @@ class EmbeddedEngine:
                     budget = max(budget - used, 1)
             return values
 
-    def _chat_parts(self, system: str) -> tuple[str, str]:
-        """Split the chat template around the user text: (shared prefix, suffix after user)."""
+    def _chat_parts(self, system: str, chat: bool = True) -> tuple[str, str, str]:
+        """Split the prompt around the user text: (shared prefix, lead before the user text, suffix after it).
+
+        In plain text the blank line after the system text leads the user text: BPE merges
+        a trailing "\n\n" into one token but splits it before a word, so the shared prefix
+        ends at the system text's last word, where the cut does not change the tokens.
+        """
+        if not chat:
+            return system.rstrip(), "\n\n", ""
         marker = "\x00USER\x00"
         text = self.tokenizer.apply_chat_template(
             [{"role": "system", "content": system}, {"role": "user", "content": marker}],
@@ -193,20 +202,21 @@ class EmbeddedEngine:
             add_generation_prompt=True,
         )
         before, after = text.split(marker)
-        return before, after
+        return before, "", after
 
-    def _prefix(self, system: str) -> _Prefix:
-        """Key/value cache of the shared prefix, computed once per distinct system prompt."""
-        key = hashlib.sha256(system.encode()).hexdigest()
+    def _prefix(self, system: str, chat: bool = True) -> _Prefix:
+        """Key/value cache of the shared prefix, computed once per distinct system prompt and format."""
+        key = hashlib.sha256(f"{int(chat)}{system}".encode()).hexdigest()
         if key in self._prefixes:
             self._prefixes.move_to_end(key)
             return self._prefixes[key]
-        before, after = self._chat_parts(system)
+        before, lead, after = self._chat_parts(system, chat)
         ids = self.tokenizer(before, add_special_tokens=False)["input_ids"]
         tensor = self._torch.tensor([ids])
         out = self.model.model(input_ids=tensor, use_cache=True)
         layers = expand_heads([(k, v) for k, v, *_ in out.past_key_values], self.model.config.num_attention_heads)
-        entry = _Prefix(layers, len(ids), after, self.tokenizer(after, add_special_tokens=False)["input_ids"], {})
+        entry = _Prefix(layers, len(ids), lead, after, self.tokenizer(after, add_special_tokens=False)["input_ids"],
+                        {}, [self._end] if chat else [])
         self._prefixes[key] = entry
         if len(self._prefixes) > PREFIX_CACHE_SIZE:
             self._prefixes.popitem(last=False)
@@ -219,7 +229,7 @@ class EmbeddedEngine:
         tokens, so a 50-label hierarchy costs far fewer tokens than 50 separate suffixes.
         """
         prefix_len = prefix.length
-        body = (self.tokenizer(request.user, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        body = (self.tokenizer(prefix.lead + request.user, add_special_tokens=False, split_special_tokens=True)["input_ids"]
                 + prefix.suffix_ids)  # a document cannot forge chat tokens
         tokens = list(body)
         positions = list(range(prefix_len, prefix_len + len(body)))
@@ -229,7 +239,7 @@ class EmbeddedEngine:
         for continuation in request.continuations:
             ids = prefix.continuation_ids.get(continuation)
             if ids is None:
-                ids = self.tokenizer(continuation, add_special_tokens=False)["input_ids"] + [self._end]
+                ids = self.tokenizer(continuation, add_special_tokens=False)["input_ids"] + prefix.end_ids
                 prefix.continuation_ids[continuation] = ids
             predictor, path = len(body) - 1, []
             for depth, token in enumerate(ids[:-1]):

@@ -149,6 +149,9 @@ class OpenAIEngine:
 
     async def _score_one(self, request: ScoreRequest) -> list[float]:
         """Scores of one document's continuations by the configured (or detected) method."""
+        if not request.chat:  # llama-cpp-python's server echoed other log-probabilities than its own model here
+            raise InvalidInput(f"model {self.spec.model!r}: plain-text (completion) prompt templates are scored by "
+                               "the embedded engine only; choose a chat template such as 'classify'")
         prompt = self.chat.prompt(request.system, request.user)
         if self.scoring == "top_logprobs":
             return await self._descend(prompt, [c + self.chat.end for c in request.continuations])
