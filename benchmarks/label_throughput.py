@@ -15,11 +15,13 @@ the model entry's ``max_batch``), against the naive client that submits one-docu
 jobs one after another and waits for each.
 
 ``long``: the engine in-process, one document at a time, on real-length text (the
-convention speeches of ``../shared/data``, cut at ``ANNOTATE_MODEL_INPUT_CHARS`` as the
-default job does) beside short SMS texts: docs/s, ms/doc p50/p95, tokens/s, peak RSS,
-and the floor: the float32 matrix-product rate measured in the same run applied to the
-FLOPs each document needs (the model's non-embedding weights over the tokens it
-processes, plus the vocabulary projection of the scored positions).
+convention speeches of ``../shared/data`` with ``taxonomy/convention-speeches.yaml``, cut
+at ``ANNOTATE_MODEL_INPUT_CHARS`` as the default job does) beside short SMS texts: docs/s,
+ms/doc p50/p95, tokens/s, peak RSS, and the floor: the fastest matrix-product rate
+measured in the same run (float32 or bfloat16) applied to the FLOPs each document needs
+(the model's non-embedding weights over the tokens it processes, plus the vocabulary
+projection of the scored positions); then the same speeches as one job through the
+service (``--no-long-service`` skips it).
 
 ``server``: a llama.cpp server (llama-cpp-python, the same SmolLM2 GGUF) labelled by the
 service's OpenAI-compatible engine (``scoring: top_logprobs``) against the naive loop:
@@ -58,6 +60,7 @@ ROOT = _service.ROOT
 DEFAULT_DATA = ROOT / ".." / "shared" / "data" / "trec_questions.csv"
 SPEECHES = ROOT / ".." / "shared" / "data" / "convention_speeches_2012.csv"
 SMS = ROOT / ".." / "shared" / "data" / "sms_spam.csv"
+SPEECHES_TAXONOMY = ROOT / "taxonomy" / "convention-speeches.yaml"
 WARMUP_TEXT = "What is the capital of Peru ?"  # not in the measured set; excluded from timings
 METHODS = {  # method -> (taxonomy file, description for the table)
     "scoring": ("trec-coarse.yaml", "scoring (service), 6 coarse"),
@@ -234,61 +237,82 @@ def print_engine(results: list[dict], rows: list[dict], prepare_s: float, wall_s
             print(f"Unparsed naive outputs (first {len(r['unparsed_samples'])}): {r['unparsed_samples']!r}\n")
 
 
-def long_section(args) -> None:
-    """Real-length documents against short texts through the in-process engine, with the floor; prints a table."""
+def long_section(args, workdir: Path) -> None:
+    """Real-length documents against short texts, in-process and through the service, with the floor; prints a table."""
     import psutil
-    from service.engines.base import ScoreRequest
-    from service.engines.embedded import EmbeddedEngine
     from service.engines.numeric import CANDIDATES, gemm_tflops
+    from service.labelling import Labeller
+    from service.prompts import load_template
     from service.settings import Settings
+    from service.taxonomy import load_taxonomy
 
     if not SPEECHES.exists():
         print_facts("Label throughput: long documents", [f"skipped: {SPEECHES} not found"])
         return
     settings = Settings()
-    engine = EmbeddedEngine(settings.models_dir, threads=settings.engine_threads)
+    engine, _, _ = load("sms-spam.yaml")
     config = engine.model.config
     rates = {dtype: gemm_tflops(dtype, 512, config.hidden_size, config.intermediate_size, seconds=1.0)
              for dtype in CANDIDATES}
     fastest = max(rates, key=rates.get)
     rate = rates[fastest] * 1e12
     weights = sum(p.numel() for p in engine.model.model.layers.parameters())
-    sets = {"convention speeches": ("Classify the speech by the party of its speaker.", ("democrat", "republican"),
-                                    _column(SPEECHES, "text")[:args.long_n])}
+    sets = {"convention speeches": (SPEECHES_TAXONOMY, _column(SPEECHES, "text")[:args.long_n])}
     if SMS.exists():
-        sets["SMS (short baseline)"] = ("Say whether the message is spam.", ("ham", "spam"),
-                                        _column(SMS, "text")[:args.long_n])
+        sets["SMS (short baseline)"] = (ROOT / "taxonomy" / "sms-spam.yaml", _column(SMS, "text")[:args.long_n])
     table = []
-    for name, (system, labels, texts) in sets.items():
-        requests = [ScoreRequest(system, text[:settings.model_input_chars], labels) for text in texts]
+    for name, (taxonomy_file, texts) in sets.items():
+        taxonomy = load_taxonomy(taxonomy_file)
+        labeller = Labeller(taxonomy, taxonomy.version, load_template("classify"), engine.info,
+                            settings.model_input_chars)
+        requests = [labeller.requests(text)[0][0] for text in texts]  # truncate: one request per document
         engine.score_sync(requests[:1])  # warm-up: the shared prefix
-        prefix = engine._prefix(system)
+        prefix = engine._prefix(requests[0].system)
         tokens = [len(engine._pack(r, prefix).tokens) for r in requests]
         latencies = []
         for request in requests:
             start = time.perf_counter()
             engine.score_sync([request])
             latencies.append(1000 * (time.perf_counter() - start))
-        flops = [2 * weights * n + 2 * config.hidden_size * config.vocab_size * (len(labels) + 1) for n in tokens]
+        flops = [2 * weights * n + 2 * config.hidden_size * config.vocab_size * (len(taxonomy.leaves()) + 1)
+                 for n in tokens]
         floor_ms = 1000 * sum(flops) / rate / len(flops)
         total_s = sum(latencies) / 1000
-        table.append([name, len(requests), fmt(sum(map(len, (r.user for r in requests))) / len(requests), 0),
+        table.append([name, "in-process", len(requests), fmt(sum(map(len, (r.user for r in requests))) / len(requests), 0),
                       fmt(sum(tokens) / len(tokens), 0), fmt(len(requests) / total_s, 2), fmt(percentile(latencies, 50), 0),
                       fmt(percentile(latencies, 95), 0), fmt(sum(tokens) / total_s, 0), fmt(floor_ms, 0),
                       fmt(percentile(latencies, 50) / floor_ms, 1), fmt(psutil.Process().memory_info().rss / 2**20, 0),
                       fmt(peak_rss_mb(), 0)])
-    print_facts("Label throughput: long documents, engine in-process, one document at a time", [
+        if name == "convention speeches" and args.long_service:
+            table.append(_long_through_service(texts, workdir) + ["", fmt(floor_ms, 0), "", "", ""])
+    print_facts("Label throughput: long documents, one document at a time (in-process) and one job (service)", [
         f"numeric path: {engine.numeric.dtype} ({engine.numeric.source}; matrix-product rates measured at start: "
         f"{engine.numeric.tflops or 'n/a'})",
         f"GEMM rates measured now ([512×{config.hidden_size}]·[{config.hidden_size}×{config.intermediate_size}]): "
         + ", ".join(f"{dtype} {value:.3f}" for dtype, value in rates.items())
         + f" TFLOP/s; the floor uses the fastest ({fastest}); non-embedding weights: {weights / 1e6:.0f} M",
-        f"documents cut at ANNOTATE_MODEL_INPUT_CHARS={settings.model_input_chars}", load_now()])
-    print_table(["texts", "docs", "chars/doc", "tokens/doc", "docs/s", "ms/doc p50", "ms/doc p95", "tokens/s",
+        f"documents cut at ANNOTATE_MODEL_INPUT_CHARS={settings.model_input_chars}; prompt `classify` with the "
+        "taxonomies convention-speeches and sms-spam", load_now()])
+    print_table(["texts", "path", "docs", "chars/doc", "tokens/doc", "docs/s", "ms/doc p50", "ms/doc p95", "tokens/s",
                  "floor ms/doc", "p50 / floor", "RSS MB", "peak RSS MB"], table,
                 "Tokens are what the engine runs per document (the text, the chat suffix and the label trie; the "
                 "system prompt is cached). The floor is those tokens' FLOPs at the fastest matrix-product rate "
-                "measured in this run.")
+                "measured in this run. The service row is one stream job of the same speeches through `annotate "
+                "serve` (a fresh data dir, one ModelServer replica): docs/s from submission to the last document, "
+                "ms/doc the gaps between documents finishing, RSS the service's process tree.")
+
+
+def _long_through_service(texts: list[str], workdir: Path) -> list:
+    """One stream job of the speeches through `annotate serve`: the first columns of a table row."""
+    models = paths.EMBEDDED_MODELS.format(replicas=1, batch=8)
+    with _service.service(workdir / "long-service", models) as running:
+        warm = [{"id": "warm", "text": texts[-1][::-1]}]  # reversed: not one of the measured texts, same length
+        _service.measured_job(running, {"documents": warm}, tag="long-warm", taxonomy=SPEECHES_TAXONOMY)
+        documents = [{"id": f"s{i:03d}", "text": text} for i, text in enumerate(texts)]
+        run, rss = _service.measured_job(running, {"documents": documents}, tag="long", taxonomy=SPEECHES_TAXONOMY)
+    gaps = [1000 * (b - a) for a, b in zip([0.0, *run.done_at], run.done_at)]
+    return ["convention speeches", "service", len(texts), "", "", fmt(len(texts) / run.seconds, 2),
+            fmt(percentile(gaps, 50), 0), fmt(percentile(gaps, 95), 0)]
 
 
 def _column(path: Path, column: str) -> list[str]:
@@ -321,6 +345,8 @@ def main() -> None:
     parser.add_argument("--server-docs", type=int, default=32, help="server: documents for each path")
     parser.add_argument("--server-concurrency", type=int, default=2, help="server: the engine's max_concurrency")
     parser.add_argument("--long-n", type=int, default=40, help="long: documents of each set")
+    parser.add_argument("--no-long-service", dest="long_service", action="store_false",
+                        help="long: skip the job through the service")
     parser.add_argument("--workdir", type=Path, help="keep data dirs and logs here (default: a temporary dir)")
     parser.add_argument("--worker", choices=sorted(METHODS), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -341,7 +367,7 @@ def main() -> None:
             if section == "engine":
                 engine_section(args)
             elif section == "long":
-                long_section(args)
+                long_section(args, workdir)
             elif section == "service":
                 texts, origin = _service.sms_texts(args.docs)
                 results, embedded = paths.service_section(args, [t for t, _ in texts], workdir / "service")
