@@ -7,6 +7,16 @@ Methods (``METHODS``):
   ``Wawa`` estimates it (accuracy against the majority vote), so no gold label is needed.
 - ``dawid_skene``: the Dawid–Skene label model (crowd-kit ``DawidSkene``), which estimates
   each annotator's confusion matrix by EM without gold labels; its posterior is the distribution.
+- ``calibrated_mean``: the weighted mean (job weights, else 1) of the distributions after each
+  LLM annotator's are batch-calibrated over the job (Zhou et al. 2024, "Batch Calibration"):
+  divided label by label by that annotator's mean distribution over the job's documents,
+  then renormalised. That cancels a prompt's pull toward one label, and an annotator whose
+  distribution hardly moves with the document (199 of 200 news articles given the first
+  label at 0.92, as measured) becomes nearly uniform instead of outvoting the others, which
+  Dawid–Skene and the soft vote did not notice. With fewer than ``CALIBRATION_MIN_DOCS``
+  documents an annotator is left as it is. Measured on 300 documents each (SmolLM2 with
+  ``classify`` + the embedding annotator): SMS 0.827, TREC coarse 0.503, Rotten Tomatoes
+  0.617, against 0.823, 0.290, 0.587 for the LLM alone.
 
 An abstention is "no opinion", not a class: an annotator that abstained (or failed) on a
 document casts no vote there. A document nobody voted on is abstained with the reason
@@ -20,27 +30,31 @@ from __future__ import annotations
 from collections import Counter
 from itertools import combinations
 
-import krippendorff
 import numpy as np
-import pandas as pd
-from sklearn.metrics import cohen_kappa_score
 
 from .labelling import Annotation, decide_single, failed
 from .taxonomy import Taxonomy
 
-METHODS = ("majority_vote", "weighted_soft_vote", "dawid_skene")
+METHODS = ("majority_vote", "weighted_soft_vote", "dawid_skene", "calibrated_mean")
+CALIBRATION_MIN_DOCS = 20  # below this an annotator's mean distribution says more about the sample than the prompt
 DEFAULT_METHOD = "dawid_skene"
 
 
 def aggregate(rows: list[dict], taxonomy: Taxonomy, options: tuple[str, ...], *, method: str,
-              weights: dict[str, float | None]) -> dict[str, Annotation]:
-    """One annotation per document from its annotators' rows (doc_id, annotator, status, label, distribution...)."""
+              weights: dict[str, float | None], calibrated: frozenset[str] = frozenset()) -> dict[str, Annotation]:
+    """One annotation per document from its annotators' rows (doc_id, annotator, status, label, distribution...).
+
+    ``calibrated``: the annotators (LLMs) whose distributions ``calibrated_mean`` batch-calibrates.
+    """
+    import pandas as pd  # here, not at the top: the CLI and the API models read METHODS without the data stack
+
     if method not in METHODS:
         raise ValueError(f"unknown aggregation method {method!r}; choose one of {', '.join(METHODS)}")
     frame = pd.DataFrame(rows, columns=["doc_id", "annotator", "status", "label", "distribution", "abstained",
                                         "abstain_reason", "error"])
     voting = frame[(frame["status"] == "ok") & ~frame["abstained"].astype(bool) & frame["label"].notna()]
-    probs = _probabilities(voting, options, method, weights) if len(voting) else pd.DataFrame(columns=list(options))
+    probs = (_probabilities(voting, options, method, weights, calibrated) if len(voting)
+             else pd.DataFrame(columns=list(options)))
     out = {}
     for doc_id, group in frame.groupby("doc_id", sort=False):
         if doc_id in probs.index:
@@ -57,8 +71,9 @@ def aggregate(rows: list[dict], taxonomy: Taxonomy, options: tuple[str, ...], *,
 
 
 def _probabilities(voting: pd.DataFrame, options: tuple[str, ...], method: str,
-                   weights: dict[str, float | None]) -> pd.DataFrame:
+                   weights: dict[str, float | None], calibrated: frozenset[str]) -> pd.DataFrame:
     """Per document (index) the aggregated probability of each option (columns)."""
+    import pandas as pd
     from crowdkit.aggregation import DawidSkene, MajorityVote, Wawa
 
     votes = voting.rename(columns={"doc_id": "task", "annotator": "worker"})[["task", "worker", "label"]]
@@ -67,15 +82,33 @@ def _probabilities(voting: pd.DataFrame, options: tuple[str, ...], method: str,
     elif method == "dawid_skene":
         probs = DawidSkene(n_iter=100).fit_predict_proba(votes)
     else:
-        estimated = Wawa().fit(votes).skills_ if None in weights.values() else {}
-        weight = voting["annotator"].map(lambda a: weights.get(a) if weights.get(a) is not None else estimated[a])
         matrix = np.array([[dist.get(name, 0.0)
                             for name in options] for dist in voting["distribution"]])
+        if method == "calibrated_mean":
+            matrix = _batch_calibrated(matrix, voting["annotator"].to_numpy(), calibrated)
+            estimated = {}
+        else:
+            estimated = Wawa().fit(votes).skills_ if None in weights.values() else {}
+        default = 1.0 if method == "calibrated_mean" else None
+        weight = voting["annotator"].map(
+            lambda a: weights.get(a) if weights.get(a) is not None else estimated.get(a, default))
         weighted = pd.DataFrame(matrix * weight.to_numpy()[:, None], columns=list(options))
         weighted["task"] = voting["doc_id"].to_numpy()
         sums = weighted.groupby("task", sort=False).sum()
         probs = sums.div(sums.sum(axis=1).replace(0, 1), axis=0)
     return probs.reindex(columns=list(options), fill_value=0.0).fillna(0.0)
+
+
+def _batch_calibrated(matrix: np.ndarray, annotators: np.ndarray, calibrated: frozenset[str]) -> np.ndarray:
+    """Each calibrated annotator's rows divided by its mean row over the job, renormalised (see the module doc)."""
+    out = matrix.copy()
+    for annotator in calibrated:
+        rows = annotators == annotator
+        if rows.sum() < CALIBRATION_MIN_DOCS:
+            continue
+        scaled = matrix[rows] / np.maximum(matrix[rows].mean(axis=0), 1e-9)
+        out[rows] = scaled / np.maximum(scaled.sum(axis=1, keepdims=True), 1e-12)
+    return out
 
 
 def agreement(rows: list[dict], names: dict[str, str]) -> dict:
@@ -98,6 +131,8 @@ def _kappa(left: list[str], right: list[str]) -> float | None:
     """Cohen's kappa, None when undefined (no overlap, or a single label everywhere)."""
     if not left or len(set(left) | set(right)) < 2:
         return None
+    from sklearn.metrics import cohen_kappa_score
+
     return float(cohen_kappa_score(left, right))
 
 
@@ -115,4 +150,6 @@ def _alpha(votes: dict, annotators: list[str], docs: list[str]) -> float | None:
     pairable = (~np.isnan(matrix)).sum(axis=0) >= 2
     if not pairable.any():
         return None
+    import krippendorff
+
     return float(krippendorff.alpha(reliability_data=matrix[:, pairable], level_of_measurement="nominal"))

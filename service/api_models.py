@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .aggregation import METHODS
 from .taxonomy import LongDocuments
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -59,7 +60,7 @@ class JobRequest(BaseModel):
     shard_size: int | None = Field(None, ge=1, description="Batch mode: rows per shard (default ANNOTATE_SHARD_SIZE).")
     annotators: list[AnnotatorIn] | None = Field(
         None, min_length=1, max_length=20, description="Several annotators that vote (default: one LLM annotator).")
-    aggregation: Literal["majority_vote", "weighted_soft_vote", "dawid_skene"] = Field(
+    aggregation: Literal[METHODS] = Field(
         "dawid_skene", description="How several annotators' votes become the job's labels.")
     classifier: str | None = Field(None, description="A cascade: this distilled classifier (id or name) labels every "
                                                      "document and only its unsure ones go to the LLM ('model').")
@@ -294,7 +295,7 @@ class AggregateRequest(BaseModel):
     """Recompute a several-annotator job's labels with another aggregation method."""
 
     model_config = ConfigDict(extra="forbid")
-    method: Literal["majority_vote", "weighted_soft_vote", "dawid_skene"]
+    method: Literal[METHODS]
 
 
 class ClassifierRequest(BaseModel):

@@ -18,6 +18,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .aggregation import METHODS
 from .cli_classifiers import register_classifier_commands
 from .cli_common import FINAL, URL, auth_headers, call, console, errors, error_message, fail
 from .cli_quality import register_quality_commands
@@ -192,12 +193,7 @@ def submit(
             fail(f"job {job['job_id']} ended {final['status']}: {final.get('error') or ''}")
 
 
-class Aggregation(str, Enum):
-    """Aggregation methods of several-annotator jobs."""
-
-    majority_vote = "majority_vote"
-    weighted_soft_vote = "weighted_soft_vote"
-    dawid_skene = "dawid_skene"
+Aggregation = Enum("Aggregation", {method: method for method in METHODS}, type=str)  # of several-annotator jobs
 
 
 def _annotator_spec(spec: str) -> dict:

@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from .aggregation import METHODS
 from .cli_common import URL, call, console, errors, fail
 
 gold_app = typer.Typer(help="Gold standard: draw a sample, export it for people, import their labels.",
@@ -184,7 +185,7 @@ def audit(job_id: str, kind: IssueKind = typer.Option("gold", help="gold (human 
     console.print(f"{body['issues']} likely errors among {body['checked']} labels", highlight=False)
 
 
-def aggregate(job_id: str, method: str = typer.Argument(..., help="majority_vote, weighted_soft_vote or dawid_skene."),
+def aggregate(job_id: str, method: str = typer.Argument(..., help=", ".join(METHODS) + "."),
               url: str = URL) -> None:
     """Recompute a several-annotator job's labels with another aggregation method."""
     body = call("POST", f"{url}/v1/jobs/{job_id}/aggregate", json={"method": method}).json()

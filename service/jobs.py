@@ -214,7 +214,9 @@ class JobRunner:
         taxonomy, version, _ = self.store.get_taxonomy(job["taxonomy"], job["taxonomy_version"])
         rows = self.store.member_rows(job_id)
         weights = {a["annotator"]: a["weight"] for a in job["annotators"]}
-        decided = aggregate(rows, taxonomy, tuple(taxonomy.label_names()), method=method, weights=weights)
+        llms = frozenset(a["annotator"] for a in job["annotators"] if a.get("kind", "llm") == "llm")
+        decided = aggregate(rows, taxonomy, tuple(taxonomy.label_names()), method=method, weights=weights,
+                            calibrated=llms)
         hashes = {r["doc_id"]: r["text_hash"] for r in rows}
         keys = dict(job_id=job_id, annotator=job["annotator"], model=method, engine="aggregate", prompt_hash=None,
                     taxonomy_version=version, decoding=json.dumps({"method": method, "members": sorted(weights)}))

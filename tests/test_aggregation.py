@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import cohen_kappa_score
 
-from service.aggregation import METHODS, aggregate, agreement
+from service.aggregation import CALIBRATION_MIN_DOCS, METHODS, aggregate, agreement
 from service.taxonomy import parse_taxonomy
 
 TAXONOMY = parse_taxonomy("""
@@ -101,3 +101,22 @@ def test_agreement_matches_sklearn_kappa_and_alpha_is_one_for_identical_annotato
     assert -1 <= report["krippendorff_alpha"] < 1
     twins = [dict(r, annotator=twin) for r in rows if r["annotator"] == "good1" for twin in ("x", "y")]
     assert agreement(twins, {"x": "x", "y": "y"})["krippendorff_alpha"] == pytest.approx(1.0)
+
+
+def test_calibrated_mean_stops_a_constant_annotator_from_outvoting_an_informative_one():
+    """An LLM that says 'red' at 0.92 for every document carries no information: after batch calibration it is
+    nearly uniform, so the informative annotator decides; the plain soft vote follows the constant one."""
+    truth = [OPTIONS[i % 3] for i in range(60)]
+    constant = {"red": 0.92, "green": 0.04, "blue": 0.04}
+    rows = [row for i, label in enumerate(truth) for row in (
+        _row(f"d{i}", "llm", "red", distribution=constant),
+        _row(f"d{i}", "emb", label, distribution={name: 0.6 if name == label else 0.2 for name in OPTIONS}))]
+    weights = {"llm": None, "emb": None}
+    plain = aggregate(rows, TAXONOMY, OPTIONS, method="weighted_soft_vote", weights={"llm": 1.0, "emb": 1.0})
+    calibrated = aggregate(rows, TAXONOMY, OPTIONS, method="calibrated_mean", weights=weights,
+                           calibrated=frozenset({"llm"}))
+    assert [plain[f"d{i}"].label for i in range(60)] == ["red"] * 60
+    assert [calibrated[f"d{i}"].label for i in range(60)] == truth
+    few = aggregate(rows[:2 * (CALIBRATION_MIN_DOCS - 1)], TAXONOMY, OPTIONS, method="calibrated_mean",
+                    weights=weights, calibrated=frozenset({"llm"}))
+    assert all(annotation.label == "red" for annotation in few.values())  # too few documents: left as it is

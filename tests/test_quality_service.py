@@ -48,6 +48,9 @@ def test_each_annotator_labels_every_question_and_the_votes_are_aggregated(servi
         assert len(sql(client, f"SELECT doc_id FROM labels WHERE job_id = '{panel_job}'")) == len(QUESTIONS)
         agreement = client.get(f"/v1/jobs/{panel_job}/agreement").json()
         assert len(agreement["pairs"]) == 3 and all(p["n"] > 0 for p in agreement["pairs"])
+        service.cli("aggregate", panel_job, "calibrated_mean")
+        assert client.get(f"/v1/jobs/{panel_job}").json()["aggregation"] == "calibrated_mean"
+        assert len(sql(client, f"SELECT doc_id FROM labels WHERE job_id = '{panel_job}'")) == len(QUESTIONS)
         service.cli("aggregate", panel_job, "majority_vote")
         assert client.get(f"/v1/jobs/{panel_job}").json()["aggregation"] == "majority_vote"
         unanimous = sql(client, f"""
