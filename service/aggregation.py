@@ -29,10 +29,14 @@ from __future__ import annotations
 
 from collections import Counter
 from itertools import combinations
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .labelling import Annotation, decide_single, failed
+
+if TYPE_CHECKING:
+    import pandas as pd
 from .taxonomy import Taxonomy
 
 METHODS = ("majority_vote", "weighted_soft_vote", "dawid_skene", "calibrated_mean")
