@@ -1,6 +1,6 @@
 """Every setting of the service, declared once; each reads ``ANNOTATE_<NAME>`` from the environment.
 
-The README's "Configuration" table is generated from this class's field descriptions
+The "Configuration" table of docs/configuration.md is generated from this class's field descriptions
 (``annotate settings``), so a setting cannot exist undocumented.
 """
 

@@ -6,7 +6,7 @@ page's charts and filters are checked against SQL. A gold sample is drawn from t
 "bob" labels it over the API, and "alice" labels five documents with the keyboard in the
 console, which never sends the LLM's label to her browser. The quality page's numbers are
 checked against the report API, and the taxonomy page diffs two versions. A screenshot of
-every page goes to test-output/console/ (the README's pictures come from there).
+every page goes to test-output/console/ (docs/console.md's pictures come from there).
 """
 
 from __future__ import annotations

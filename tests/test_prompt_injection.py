@@ -70,7 +70,7 @@ def test_attacks_reach_only_the_label_scores(service, injection_job):
 
 
 def test_flip_rate_is_measured_and_recorded(service, injection_job):
-    """How often an attack moves the label to its target; written down for the README's table."""
+    """How often an attack moves the label to its target; written down for the table in docs/security.md."""
     job_id = injection_job[0]
     with service.client() as client:
         labels = {r["doc_id"]: r["label"] for r in sql(client, f"SELECT doc_id, label FROM labels WHERE job_id = '{job_id}'")}
