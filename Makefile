@@ -30,6 +30,7 @@ serve: models
 	HF_HUB_OFFLINE=1 $(BIN)/annotate serve
 
 test: models browser
+	$(BIN)/ruff check service tests benchmarks
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
 # The console's browser tests drive Debian's Chromium and ChromeDriver (never a downloaded browser).

@@ -38,10 +38,9 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+import _service
 import httpx
 import numpy as np
-
-import _service
 from _report import fmt, fmt_acc, load_now, machine_facts, percentile, print_facts, print_table
 
 ROOT = _service.ROOT

@@ -40,12 +40,12 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+import _service
 import httpx
 import numpy as np
-
-import _service
-from service.statistics import TIE_DECIMALS  # the report's ties: confidences equal to 9 decimals
 from _report import fmt_acc, load_now, machine_facts, print_facts, print_table
+
+from service.statistics import TIE_DECIMALS  # the report's ties: confidences equal to 9 decimals
 
 ROOT = _service.ROOT
 DATA = ROOT / ".." / "shared" / "data"

@@ -240,6 +240,7 @@ def print_engine(results: list[dict], rows: list[dict], prepare_s: float, wall_s
 def long_section(args, workdir: Path) -> None:
     """Real-length documents against short texts, in-process and through the service, with the floor; prints a table."""
     import psutil
+
     from service.engines.numeric import CANDIDATES, gemm_tflops
     from service.labelling import Labeller
     from service.prompts import load_template

@@ -46,10 +46,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import _service
 import httpx
 import psutil
-
-import _service
 from _report import fmt, load_now, machine_facts, percentile, print_facts, print_table
 
 OPERATIONS = ("submit", "status", "labels", "sql", "list")

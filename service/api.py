@@ -24,16 +24,24 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
 from . import __version__
-from .api_models import (InductionRequest, InductionStatus, JobCreated, JobRequest, JobStatus, SqlRequest, SqlResponse,
-                         TaxonomyCreated)
-from .documents import CHARS_SETTING, batched, check_document, local_source, read_file
 from .annotators import EmbeddingLabeller
 from .api_auth import AUTH_ROUTES, caller_of, guard, route_scopes
 from .api_classifiers import CLASSIFIER_ROUTES
 from .api_context import Context, hosted, read_upload
+from .api_models import (
+    InductionRequest,
+    InductionStatus,
+    JobCreated,
+    JobRequest,
+    JobStatus,
+    SqlRequest,
+    SqlResponse,
+    TaxonomyCreated,
+)
 from .api_quality import QUALITY_ROUTES
-from .console import CONSOLE_ROUTES
 from .auth import OPERATOR, Caller
+from .console import CONSOLE_ROUTES
+from .documents import CHARS_SETTING, batched, check_document, local_source, read_file
 from .errors import AnnotateError, Conflict, EngineUnavailable, InvalidInput, PayloadTooLarge, TaxonomyError, TooManyRequests
 from .induction import InductionOptions, sample_texts
 from .jobs import CASCADE, job_record
@@ -43,7 +51,6 @@ from .sandbox import SqlResult, run_sql
 from .settings import Settings
 from .store import Store, document_batch
 from .taxonomy import Taxonomy, format_loc, parse_taxonomy
-
 
 _SUBMITTING: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)  # per token (one ingress replica)
 _SQL_RUNNING: Counter[str | None] = Counter()  # token id -> its user SQL queries admitted and not yet ended
@@ -226,7 +233,8 @@ async def _create(ctx: Context, body: JobRequest, panel: list, labeller, aggrega
                   caller: Caller) -> JSONResponse:
     """Store the job's documents (or shard plan), queue it and answer 202."""
     job_id = "job_" + uuid.uuid4().hex[:16]
-    model = next((l.model for _, l in panel if isinstance(l, Labeller)), None) or ctx.runner.model(body.model).name
+    llm = next((labeller.model for _, labeller in panel if isinstance(labeller, Labeller)), None)
+    model = llm or ctx.runner.model(body.model).name
     job = dict(job_id=job_id, taxonomy=body.taxonomy, model=model, created_by=caller.token_id,
                long_documents=body.long_documents,
                **job_record(panel, aggregation=aggregation, threshold=body.cascade_threshold))
@@ -444,10 +452,13 @@ ROUTES = [
          tags=["taxonomies"]),
     dict(path="/v1/inductions/{induction_id}", endpoint=get_induction, scope="read", methods=["GET"], tags=["taxonomies"],
          response_model=InductionStatus),
-    dict(path="/v1/jobs", endpoint=create_job, scope="write", methods=["POST"], status_code=202, tags=["jobs"], response_model=JobCreated),
+    dict(path="/v1/jobs", endpoint=create_job, scope="write", methods=["POST"], status_code=202, tags=["jobs"],
+         response_model=JobCreated),
     dict(path="/v1/jobs", endpoint=list_jobs, scope="read", methods=["GET"], tags=["jobs"]),
-    dict(path="/v1/jobs/{job_id}", endpoint=get_job, scope="read", methods=["GET"], tags=["jobs"], response_model=JobStatus),
-    dict(path="/v1/jobs/{job_id}", endpoint=cancel_job, scope="write", methods=["DELETE"], tags=["jobs"], response_model=JobStatus),
+    dict(path="/v1/jobs/{job_id}", endpoint=get_job, scope="read", methods=["GET"], tags=["jobs"],
+         response_model=JobStatus),
+    dict(path="/v1/jobs/{job_id}", endpoint=cancel_job, scope="write", methods=["DELETE"], tags=["jobs"],
+         response_model=JobStatus),
     dict(path="/v1/jobs/{job_id}/labels", endpoint=job_labels, scope="read", methods=["GET"], tags=["jobs"]),
     dict(path="/v1/jobs/{job_id}/failures", endpoint=job_failures, scope="read", methods=["GET"], tags=["jobs"]),
     dict(path="/v1/sql", endpoint=query_sql, scope="read", methods=["POST"], tags=["sql"], response_model=SqlResponse),

@@ -17,8 +17,21 @@ from pydantic import BaseModel, Field
 from starlette.routing import Match
 
 from .api_context import Context, hosted
-from .auth import ANONYMOUS, COOKIE, OPERATOR, SCOPES, Caller, host_name, is_operator, new_token, presented_token, \
-    same_secret, split_token, tokens_required, trusted_locally
+from .auth import (
+    ANONYMOUS,
+    COOKIE,
+    OPERATOR,
+    SCOPES,
+    Caller,
+    host_name,
+    is_operator,
+    new_token,
+    presented_token,
+    same_secret,
+    split_token,
+    tokens_required,
+    trusted_locally,
+)
 from .console import render_page
 from .errors import AnnotateError, BadRequest, Forbidden, TooManyRequests, Unauthenticated
 

@@ -73,7 +73,8 @@ def _archive(source: Path, archive: Path, name: str) -> None:
 
 
 CLASSIFIER_ROUTES = [
-    dict(path="/v1/classifiers", endpoint=create_classifier, scope="admin", methods=["POST"], status_code=202, tags=["classifiers"]),
+    dict(path="/v1/classifiers", endpoint=create_classifier, scope="admin", methods=["POST"], status_code=202,
+         tags=["classifiers"]),
     dict(path="/v1/classifiers", endpoint=list_classifiers, scope="read", methods=["GET"], tags=["classifiers"]),
     dict(path="/v1/classifiers/{ref}", endpoint=get_classifier, scope="read", methods=["GET"], tags=["classifiers"]),
     dict(path="/v1/classifiers/{ref}/predict", endpoint=predict, scope="read", methods=["POST"], tags=["classifiers"]),

@@ -135,7 +135,8 @@ class JobStatus(BaseModel):
     routing_rate: float | None = Field(None, description="Cascade: routed / total.")
     annotators: list[AnnotatorStatus] = []
     aggregation: str | None = None
-    docs_per_s: float | None = Field(None, description="Documents' worth of work (all annotators) finished per second since the start.")
+    docs_per_s: float | None = Field(
+        None, description="Documents' worth of work (all annotators) finished per second since the start.")
     eta_s: float | None = Field(None, description="Seconds left at the current pace, while running.")
     error: str | None = None
     created_at: datetime

@@ -29,8 +29,8 @@ from .engines import EngineInfo, ModelSpec, ScoreRequest, create_engine, load_mo
 from .errors import cause_of
 from .induction import InductionRunner
 from .jobs import JobRunner, Model
-from .metrics import ModelStats
 from .logs import configure_logging
+from .metrics import ModelStats
 from .settings import Settings
 from .store import Store
 from .tokens import TokenStore

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from .aggregation import METHODS
 from .cli_classifiers import register_classifier_commands
-from .cli_common import FINAL, URL, auth_headers, call, console, errors, error_message, fail
+from .cli_common import FINAL, URL, auth_headers, call, console, error_message, errors, fail
 from .cli_quality import register_quality_commands
 from .cli_tokens import register_token_commands
 from .errors import AnnotateError

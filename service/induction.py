@@ -185,7 +185,7 @@ class Inducer:
             return groups, {}
         leaves = base.leaves()
         label_vectors = await asyncio.to_thread(
-            self.embed, [_spoken(l.name, f"{l.description} {' '.join(l.examples)}") for l in leaves])
+            self.embed, [_spoken(leaf.name, f"{leaf.description} {' '.join(leaf.examples)}") for leaf in leaves])
         attached: dict[str, list[int]] = {}
         new = []
         for group in groups:
@@ -253,10 +253,10 @@ class Inducer:
 
     async def _llm_loop(self, sample: list[str], options: InductionOptions, base: Taxonomy | None) -> list[_Group]:
         """TnT-LLM's mini-batch loop: the model rewrites the whole label list after each batch."""
-        labels = [{"name": l.name, "description": l.description} for l in (base.leaves() if base else [])]
+        labels = [{"name": leaf.name, "description": leaf.description} for leaf in (base.leaves() if base else [])]
         batch = 20
         for start in range(0, len(sample), batch):
-            current = "\n".join(f"- {l['name']}: {l['description']}" for l in labels) or "(none yet)"
+            current = "\n".join(f"- {label['name']}: {label['description']}" for label in labels) or "(none yet)"
             user = (f"Current labels:\n{current}\n\nNew texts:\n"
                     + "\n".join(f"- {t[:300]}" for t in sample[start:start + batch])
                     + f"\n\nUpdate the label list so it covers all texts seen, with at most {options.max_labels} "
@@ -267,9 +267,10 @@ class Inducer:
             except ValueError as exc:
                 raise ValueError(f"method 'llm' needs a model that writes JSON lists (a server model behind the "
                                  f"OpenAI-compatible engine): {exc}") from exc
-            labels = [l for l in reply.get("labels", []) if isinstance(l, dict) and l.get("name")][: options.max_labels]
+            labels = [label for label in reply.get("labels", [])
+                      if isinstance(label, dict) and label.get("name")][: options.max_labels]
             self.progress("proposing", 0.2 + 0.5 * min(1.0, (start + batch) / len(sample)))
-        groups = [_Group([], np.zeros(1), _slug(str(l["name"])), str(l.get("description", ""))) for l in labels]
+        groups = [_Group([], np.zeros(1), _slug(str(label["name"])), str(label.get("description", ""))) for label in labels]
         _unique_names(groups, [[] for _ in groups])
         return [g for g in groups if g.name]
 

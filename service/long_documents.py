@@ -115,7 +115,10 @@ def _cut_back(text: str, stop: int, reach: int) -> int:
 
 
 def _cut_forward(text: str, start: int, reach: int) -> int:
-    """``start`` (at least 1) moved on to a word's beginning: after the first whitespace from ``start - 1`` on, if any within ``reach``."""
+    """``start`` (at least 1) moved on to a word's beginning.
+
+    That is after the first whitespace from ``start - 1`` on, if there is one within ``reach``.
+    """
     return next((i + 1 for i in range(start - 1, start - 1 + reach) if text[i].isspace()), start)
 
 

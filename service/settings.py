@@ -12,7 +12,6 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-
 MIN_ADMIN_TOKEN_CHARS = 24
 
 
@@ -37,10 +36,14 @@ class Settings(BaseSettings):
     )
     model: str | None = Field(None, description="Default model, a name from the models config (unset: the file's default).")
     batch_size: int = Field(32, ge=1, description="Documents per job batch; progress is committed once per batch.")
-    shard_size: int = Field(2000, ge=1, description="Rows per shard of a batch job (mode 'batch'): the unit of Ray Data tasks and of resuming.")
-    batch_concurrency: int = Field(2, ge=1, description="Shards of a batch job labelled at the same time (Ray Data tasks in flight).")
-    batch_task_cpus: float = Field(0.25, gt=0, description="CPUs Ray reserves per batch task (they mostly wait on the model deployment).")
-    allow_remote_sources: bool = Field(False, description="Let batch jobs read object-store URIs (s3://, gs://) with the service's credentials.")
+    shard_size: int = Field(
+        2000, ge=1, description="Rows per shard of a batch job (mode 'batch'): the unit of Ray Data tasks and of resuming.")
+    batch_concurrency: int = Field(
+        2, ge=1, description="Shards of a batch job labelled at the same time (Ray Data tasks in flight).")
+    batch_task_cpus: float = Field(
+        0.25, gt=0, description="CPUs Ray reserves per batch task (they mostly wait on the model deployment).")
+    allow_remote_sources: bool = Field(
+        False, description="Let batch jobs read object-store URIs (s3://, gs://) with the service's credentials.")
     engine_max_batch: int = Field(16, ge=1, description="Most documents the model deployment scores in one forward pass.")
     engine_batch_wait_s: float = Field(0.01, ge=0, description="How long the model deployment waits to fill a batch.")
     engine_threads: int = Field(0, ge=0, description="Torch threads for the embedded engine (0: one per core).")

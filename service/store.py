@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,8 +21,8 @@ import pyarrow as pa
 
 from .errors import AnnotateError, InvalidInput, NotFound
 from .labelling import Annotation
-from .store_console import ConsoleStore
 from .store_classifiers import ClassifierStore
+from .store_console import ConsoleStore
 from .store_quality import QualityStore, utc_now
 from .taxonomy import Taxonomy, parse_taxonomy
 
@@ -251,7 +251,8 @@ class Store(QualityStore, ClassifierStore, ConsoleStore):
 
     # jobs ---------------------------------------------------------------------
     def create_job(self, *, job_id: str, taxonomy: str, version: str, model: str, annotator: str,
-                   annotator_spec: dict, annotators: list[dict], batches: Iterator[pa.RecordBatch] = iter(()), batch: dict | None = None,
+                   annotator_spec: dict, annotators: list[dict], batches: Iterable[pa.RecordBatch] = (),
+                   batch: dict | None = None,
                    shards: list[dict] | None = None, created_by: str | None = None,
                    long_documents: str | None = None) -> int:
         """Insert a job with its documents (or, for a batch job, its shard plan) in one transaction; returns the total.

@@ -8,7 +8,6 @@ same app in this process (the ``in_process`` fixture), with files laid out aroun
 from __future__ import annotations
 
 import pytest
-
 from conftest import REPO
 
 GOOD_YAML = (REPO / "taxonomy" / "sms-spam.yaml").read_text()

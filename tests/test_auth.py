@@ -14,9 +14,9 @@ import re
 import subprocess
 
 import pytest
+from conftest import ANNOTATE, FIXTURES
 from fastapi.testclient import TestClient
 
-from conftest import ANNOTATE, FIXTURES
 from service.api import ROUTES, create_api
 from service.api_auth import AUTH_ROUTES, route_scopes
 from service.api_classifiers import CLASSIFIER_ROUTES

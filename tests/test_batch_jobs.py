@@ -15,8 +15,8 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import FIXTURES, sql, wait_for_job
+
 from service.batch import open_source
 from service.errors import InvalidInput
 from service.settings import Settings

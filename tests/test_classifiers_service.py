@@ -15,8 +15,8 @@ import time
 
 import joblib
 import pytest
-
 from conftest import FIXTURES, REPO, sql, wait_for_job
+
 from service.classifiers import student_dir
 from service.errors import InvalidInput
 

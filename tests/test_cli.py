@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 
 from conftest import ANNOTATE, REPO
+
 from service.store import Store
 
 

@@ -15,7 +15,6 @@ import json
 import shutil
 
 import pytest
-
 from conftest import FIXTURES, REPO, sql
 
 pytest.importorskip("selenium")
@@ -156,7 +155,7 @@ def test_gold_labelling_with_the_keyboard_then_the_quality_page(service, browser
         doc_id = current()
         label = HUMAN[doc_id] if i else "none_of_these"  # one "none of these", to show it is a choice too
         browser.find_element(By.TAG_NAME, "body").send_keys(keys[label] if i else "n")
-        wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "[data-field=answered]").text == str(i + 1), 30,
+        wait(browser, lambda d, done=str(i + 1): d.find_element(By.CSS_SELECTOR, "[data-field=answered]").text == done, 30,
              f"answer {i + 1} was not saved: {d_status(browser)}")
         answered[doc_id] = label
     assert skipped not in answered

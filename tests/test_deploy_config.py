@@ -15,10 +15,10 @@ import sys
 
 import pytest
 import yaml
+from conftest import REPO
 from packaging.requirements import Requirement
 from ray.serve.schema import ServeDeploySchema
 
-from conftest import REPO
 from service.app import build
 from service.engines import load_models
 from service.settings import Settings

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 import typer
-
 from conftest import REPO
 
 PLACEHOLDER = re.compile(r"\{[^}]*\}")

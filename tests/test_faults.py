@@ -17,7 +17,6 @@ import signal
 import time
 
 import psutil
-
 from conftest import FIXTURES, FaultyProxy, sql, wait_for_job
 
 TEXTS = [json.loads(line)["text"] for line in (FIXTURES / "sms.jsonl").read_text().splitlines()]

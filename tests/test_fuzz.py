@@ -14,11 +14,10 @@ here, each under its own Hypothesis run.)
 from __future__ import annotations
 
 import schemathesis
+from conftest import OPERATOR_TOKEN
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance
-
-from conftest import OPERATOR_TOKEN
 
 EXAMPLES = 15
 CHECKS = [not_a_server_error, response_schema_conformance, content_type_conformance]

@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-
 from conftest import REPO, free_port
+
 from service.api import create_api
 from service.api_context import Context, attach
 from service.settings import Settings

@@ -13,8 +13,8 @@ import time
 
 import pytest
 import yaml
-
 from conftest import FIXTURES, REPO, wait_for_job
+
 from service.induction import diff, sample_texts
 from service.taxonomy import load_taxonomy, parse_taxonomy
 

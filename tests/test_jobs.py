@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from conftest import REPO
+
 from service.documents import check_document
 from service.engines.fake import FakeEngine
 from service.errors import InvalidInput

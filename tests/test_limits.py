@@ -55,7 +55,8 @@ def test_long_documents_are_truncated_with_a_flag_or_rejected_as_the_taxonomy_sa
         accepted = client.post("/v1/jobs", json={"taxonomy": "sms-spam", "model": "fake", "documents": documents})
         job_id = accepted.json()["job_id"]
         assert wait_for_job(client, job_id)["status"] == "succeeded"
-        flags = {r["doc_id"]: r["truncated"] for r in sql(client, f"SELECT doc_id, truncated FROM labels WHERE job_id = '{job_id}'")}
+        rows = sql(client, f"SELECT doc_id, truncated FROM labels WHERE job_id = '{job_id}'")
+        flags = {r["doc_id"]: r["truncated"] for r in rows}
     assert flags == {"short": False, "long": True}
 
 

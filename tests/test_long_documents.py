@@ -11,8 +11,8 @@ import math
 from itertools import pairwise
 
 import pytest
-
 from conftest import REPO, sql, wait_for_job
+
 from service.engines.base import EngineInfo
 from service.engines.fake import FakeEngine
 from service.jobs import annotate_texts, engine_scorer

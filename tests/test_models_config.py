@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import REPO
+
 from service.engines.openai import CHAT_FORMATS, _tail_logprob
 from service.engines.registry import BUILT_IN, load_models, parse_models
 from service.errors import InvalidInput

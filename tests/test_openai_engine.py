@@ -15,8 +15,8 @@ import threading
 from http.server import ThreadingHTTPServer
 
 import pytest
-
 from conftest import FIXTURES, UpstreamProxy, free_port, sql, wait_for_job
+
 from service.engines.base import ScoreRequest
 from service.engines.openai import OpenAIEngine
 from service.engines.registry import ModelSpec

@@ -18,8 +18,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import FIXTURES, REPO, sql, wait_for_job
+
 from service.engines.base import EngineInfo
 from service.labelling import Labeller
 from service.prompts import load_template

@@ -10,13 +10,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-
 from xml.etree import ElementTree
 
 import numpy as np
 import pytest
-
 from conftest import REPO
+
 from service import gold, quality
 from service.documents import check_document
 from service.errors import Conflict, InvalidInput
@@ -37,8 +36,8 @@ def _job(tmp_path, seed: int = 0, ids: list[str] | None = None) -> tuple[Store, 
     truth = {doc_id: "spam" if rng.random() < 0.3 else "ham" for doc_id in ids or [f"d{i:04d}" for i in range(N)]}
     channels = rng.choice(["sms", "whatsapp"], size=len(truth))
     text = "{} message " if ids else "message {} "
-    docs = [check_document(f"documents[{i}]", doc_id, text.format(doc_id) + "x" * int(rng.integers(0, 50)), {"length": float(rng.integers(5, 200)),
-                                                                           "channel": str(channels[i])},
+    docs = [check_document(f"documents[{i}]", doc_id, text.format(doc_id) + "x" * int(rng.integers(0, 50)),
+                           {"length": float(rng.integers(5, 200)), "channel": str(channels[i])},
                            max_chars=1000) for i, doc_id in enumerate(truth)]
     store.create_job(job_id="job_q", taxonomy="sms-spam", version=version, model="sim", annotator="sim",
                      annotator_spec={}, annotators=[], batches=iter([document_batch("job_q", docs, 0)]))

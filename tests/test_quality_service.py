@@ -13,7 +13,6 @@ import csv
 import json
 
 import pytest
-
 from conftest import FIXTURES, REPO, sql, wait_for_job
 
 QUESTIONS = [json.loads(line) for line in (FIXTURES / "questions.jsonl").read_text().splitlines() if line.strip()]

@@ -12,7 +12,6 @@ import math
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import FIXTURES, REPO, sql, wait_for_job
 
 TAXONOMY = REPO / "taxonomy" / "sms-spam.yaml"

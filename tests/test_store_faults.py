@@ -13,8 +13,9 @@ import subprocess
 import sys
 
 from conftest import REPO
-from service.engines.fake import FakeEngine
 from test_jobs import _runner, _store, _submit  # the same real store and runner as the job tests
+
+from service.engines.fake import FakeEngine
 
 DOCUMENTS, BATCH = 3000, 16
 CHILD = f"""

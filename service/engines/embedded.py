@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import importlib.util
+import json
 import os
 import threading
 from collections import OrderedDict
