@@ -1,0 +1,155 @@
+"""Zero-shot label quality in-process: prompt formats, calibration, the embedding annotator and panels, per dataset.
+
+For each dataset of ``../shared/data`` (SMS, Rotten Tomatoes with ``plot``, TREC coarse,
+the convention speeches) a seeded sample of ``--n`` documents is labelled with no human
+label by the shipped parts: the embedded SmolLM2 with the default ``classify`` prompt
+(chat, options listed) and with ``classify_fewshot`` (plain completion, the taxonomy's
+examples as demonstrations), the latter also with contextual calibration (Zhao et al.
+2021: each label's probability divided by its mean over three content-free inputs), the
+MiniLM embedding annotator, and two panels of ``classify`` + embedding aggregated by
+``service.aggregation`` (``weighted_soft_vote`` with equal weights and ``calibrated_mean``).
+Beside them: the majority class of the sample, and the simplest strong baseline, a logistic
+regression on the same MiniLM embeddings trained on ``--train`` labelled documents drawn
+apart from the sample. Accuracy with 95% Wilson intervals.
+
+    .venv/bin/python benchmarks/zero_shot.py [--n 300] [--train 100] [--seed 0] [--datasets sms,rt,trec,speeches]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+from _report import fmt_acc, load_now, machine_facts, print_facts, print_table
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / ".." / "shared" / "data"
+DATASETS = {  # name -> (taxonomy file, data file, label column)
+    "sms": ("sms-spam.yaml", "sms_spam.csv", "label"),
+    "rt": ("rotten-tomatoes.yaml", "rotten_tomatoes.csv", "label"),
+    "trec": ("trec-coarse.yaml", "trec_questions.csv", "coarse"),
+    "speeches": ("convention-speeches.yaml", "convention_speeches_2012.csv", "label"),
+}
+CONTENT_FREE = ("", "N/A", "[MASK]")
+
+
+def sample(path: Path, column: str, n: int, train: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """A seeded sample of ``n`` rows to label and ``train`` other rows for the supervised baseline."""
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = [{"text": r["text"], "label": r[column]} for r in csv.DictReader(f)]
+    random.Random(seed).shuffle(rows)
+    train_rows = rows[-train:] if train else []
+    return rows[: min(n, len(rows) - train)], train_rows
+
+
+def llm_probabilities(engine, labeller, texts: list[str]) -> np.ndarray:
+    """The labeller's distributions over its options, one row per text."""
+    from service.labelling import softmax
+
+    requests = [labeller.requests(text)[0][0] for text in texts]
+    return np.array([softmax(scores) for scores in engine.score_sync(requests)])
+
+
+def panel(names: tuple[str, ...], members: dict[str, np.ndarray], taxonomy, method: str, calibrated: set[str]) -> list:
+    """Labels of the shipped aggregation over annotators' distributions (rows as the store gives them)."""
+    from service.aggregation import aggregate
+
+    rows = []
+    for annotator, matrix in members.items():
+        for i, probs in enumerate(matrix):
+            distribution = dict(zip(names, map(float, probs)))
+            rows.append({"doc_id": f"d{i}", "annotator": annotator, "status": "ok", "error": None,
+                         "label": max(distribution, key=distribution.get), "distribution": distribution,
+                         "abstained": False, "abstain_reason": None})
+    out = aggregate(rows, taxonomy, names, method=method, weights={a: 1.0 for a in members},
+                    calibrated=frozenset(calibrated))
+    return [out[f"d{i}"].label for i in range(len(next(iter(members.values()))))]
+
+
+def measure(name: str, engine, embedder, args) -> list[list]:
+    """One dataset: every method's (correct, total) as table rows."""
+    from sklearn.linear_model import LogisticRegression
+
+    from service.annotators import EmbeddingLabeller, embedding_scorer
+    from service.labelling import Labeller, softmax
+    from service.prompts import load_template
+    from service.settings import Settings
+    from service.taxonomy import load_taxonomy
+
+    taxonomy_file, data_file, column = DATASETS[name]
+    taxonomy = load_taxonomy(ROOT / "taxonomy" / taxonomy_file)
+    rows, train = sample(DATA / data_file, column, args.n, args.train, args.seed)
+    texts, truth = [r["text"] for r in rows], [r["label"] for r in rows]
+    chars = Settings().model_input_chars
+    names = tuple(taxonomy.label_names())
+    started = time.perf_counter()
+    results: dict[str, list] = {}
+    for prompt in ("classify", "classify_fewshot"):
+        labeller = Labeller(taxonomy, taxonomy.version, load_template(prompt), engine.info, chars)
+        probs = llm_probabilities(engine, labeller, texts)
+        results[prompt] = probs
+        if prompt == "classify_fewshot":
+            neutral = llm_probabilities(engine, labeller, list(CONTENT_FREE)).mean(axis=0)
+            scaled = probs / neutral
+            results["classify_fewshot + contextual calibration"] = scaled / scaled.sum(axis=1, keepdims=True)
+    embedding = EmbeddingLabeller(taxonomy, taxonomy.version, chars)
+    scores = asyncio.run(embedding_scorer(embedding, embedder.embed)([t[:chars] for t in texts]))
+    results["embedding annotator"] = np.array([softmax(s) for s in scores])
+    members = {"classify": results["classify"], "embedding": results["embedding annotator"]}
+    labels = {method: [names[i] for i in probs.argmax(axis=1)] for method, probs in results.items()}
+    labels["panel classify + embedding, weighted_soft_vote"] = panel(names, members, taxonomy, "weighted_soft_vote",
+                                                                     set())
+    labels["panel classify + embedding, calibrated_mean"] = panel(names, members, taxonomy, "calibrated_mean",
+                                                                  {"classify"})
+    if train:
+        model = LogisticRegression(max_iter=2000).fit(embedder.embed([r["text"][:chars] for r in train]),
+                                                      [r["label"] for r in train])
+        labels[f"logistic regression on embeddings, {len(train)} labels"] = list(
+            model.predict(embedder.embed([t[:chars] for t in texts])))
+    majority = max(set(truth), key=truth.count)
+    table = [[name, f"majority class ({majority})", fmt_acc(truth.count(majority), len(truth))]]
+    for method, predicted in labels.items():
+        correct = sum(p == t for p, t in zip(predicted, truth))
+        table.append([name, method, fmt_acc(correct, len(truth))])
+    print(f"{name}: {len(texts)} documents in {time.perf_counter() - started:.0f} s", flush=True)
+    return table
+
+
+def main() -> None:
+    """Parse flags, label every dataset with every method, print one table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=300, help="documents labelled per dataset (all speeches if fewer)")
+    parser.add_argument("--train", type=int, default=100, help="labelled documents for the supervised baseline")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the samples")
+    parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated, from " + ", ".join(DATASETS))
+    args = parser.parse_args()
+    from service.embeddings import Embedder
+    from service.engines.embedded import EmbeddedEngine
+    from service.settings import Settings
+
+    settings = Settings()
+    engine = EmbeddedEngine(settings.models_dir, threads=settings.engine_threads, dtype=settings.engine_dtype)
+    embedder = Embedder()
+    table = []
+    for name in [part.strip() for part in args.datasets.split(",") if part.strip()]:
+        if not (DATA / DATASETS[name][1]).exists():
+            print(f"{name}: skipped, {DATA / DATASETS[name][1]} not found")
+            continue
+        table += measure(name, engine, embedder, args)
+    print_facts("Zero-shot label quality, in-process", [
+        *machine_facts(), f"engine: {engine.info.model}, {engine.numeric.dtype}; embedding annotator: all-MiniLM-L6-v2",
+        f"samples: seed {args.seed}, up to {args.n} documents per dataset; baseline trained on {args.train} others",
+        load_now()])
+    print_table(["dataset", "method (no human label unless stated)", "accuracy [95% CI]"], table,
+                "Every method labels the same documents; the panels aggregate the classify and embedding rows above.")
+
+
+if __name__ == "__main__":
+    main()
