@@ -18,6 +18,9 @@ Methods (``METHODS``):
   ``classify`` + the embedding annotator): SMS 0.827, TREC coarse 0.503, Rotten Tomatoes
   0.617, against 0.823, 0.290, 0.587 for the LLM alone.
 
+The aggregate read as much of a document as the member that read most: its ``chars_seen``
+is their largest, and it is ``truncated`` only when every member was.
+
 An abstention is "no opinion", not a class: an annotator that abstained (or failed) on a
 document casts no vote there. A document nobody voted on is abstained with the reason
 most of its annotators gave, or failed when every annotator failed. The aggregated
@@ -41,7 +44,8 @@ from .taxonomy import Taxonomy
 
 METHODS = ("majority_vote", "weighted_soft_vote", "dawid_skene", "calibrated_mean")
 CALIBRATION_MIN_DOCS = 20  # below this an annotator's mean distribution says more about the sample than the prompt
-DEFAULT_METHOD = "dawid_skene"
+DEFAULT_METHOD = "dawid_skene"  # of a job that lists its annotators
+DEFAULT_PANEL_AGGREGATION = "calibrated_mean"  # of the default panel (service.api): robust to a constant LLM
 
 
 def aggregate(rows: list[dict], taxonomy: Taxonomy, options: tuple[str, ...], *, method: str,
@@ -55,23 +59,28 @@ def aggregate(rows: list[dict], taxonomy: Taxonomy, options: tuple[str, ...], *,
     if method not in METHODS:
         raise ValueError(f"unknown aggregation method {method!r}; choose one of {', '.join(METHODS)}")
     frame = pd.DataFrame(rows, columns=["doc_id", "annotator", "status", "label", "distribution", "abstained",
-                                        "abstain_reason", "error"])
+                                        "abstain_reason", "error", "truncated", "chars_seen"])
     voting = frame[(frame["status"] == "ok") & ~frame["abstained"].astype(bool) & frame["label"].notna()]
     probs = (_probabilities(voting, options, method, weights, calibrated) if len(voting)
              else pd.DataFrame(columns=list(options)))
     out = {}
     for doc_id, group in frame.groupby("doc_id", sort=False):
-        if doc_id in probs.index:
-            distribution = {name: float(probs.at[doc_id, name]) for name in options}
-            out[doc_id] = decide_single(distribution, taxonomy)
-        elif (group["status"] == "failed").all():
-            out[doc_id] = failed("; ".join(sorted(set(group["error"].dropna()))) or "every annotator failed")
-        else:
-            reasons = Counter(group["abstain_reason"].dropna())
-            out[doc_id] = Annotation(distribution={name: 0.0 for name in options}, label=None, labels=[],
-                                     confidence=0.0, candidates=[], abstained=True,
-                                     abstain_reason=reasons.most_common(1)[0][0] if reasons else "no_votes")
+        out[doc_id] = _decided(doc_id, group, probs, taxonomy, options)
+        if group["chars_seen"].notna().any():
+            out[doc_id].chars_seen = int(group["chars_seen"].max())
+            out[doc_id].truncated = bool(group["truncated"].fillna(False).astype(bool).all())
     return out
+
+
+def _decided(doc_id: str, group, probs, taxonomy: Taxonomy, options: tuple[str, ...]) -> Annotation:
+    """One document's aggregate: the voted distribution through the taxonomy's rules, else failed or abstained."""
+    if doc_id in probs.index:
+        return decide_single({name: float(probs.at[doc_id, name]) for name in options}, taxonomy)
+    if (group["status"] == "failed").all():
+        return failed("; ".join(sorted(set(group["error"].dropna()))) or "every annotator failed")
+    reasons = Counter(group["abstain_reason"].dropna())
+    return Annotation(distribution={name: 0.0 for name in options}, label=None, labels=[], confidence=0.0,
+                      candidates=[], abstained=True, abstain_reason=reasons.most_common(1)[0][0] if reasons else "no_votes")
 
 
 def _probabilities(voting: pd.DataFrame, options: tuple[str, ...], method: str,

@@ -24,7 +24,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
 from . import __version__
-from .annotators import EmbeddingLabeller
+from .aggregation import DEFAULT_PANEL_AGGREGATION
+from .annotators import EMBEDDING, EmbeddingLabeller
 from .api_auth import AUTH_ROUTES, caller_of, guard, route_scopes
 from .api_classifiers import CLASSIFIER_ROUTES
 from .api_context import Context, hosted, read_upload
@@ -205,6 +206,21 @@ async def get_taxonomy(request: Request, name: str, version: str | None = None) 
     return {"name": name, "version": found, "yaml": yaml_text, "taxonomy": taxonomy.model_dump(), "versions": versions}
 
 
+def _default_panel(ctx: Context, body: JobRequest) -> bool:
+    """Whether a job that names no annotators gets the default panel (ANNOTATE_DEFAULT_ANNOTATORS).
+
+    The LLM and the embedding annotator, measured together (benchmarks/zero_shot.py) against
+    the LLM alone: the embedding annotator is the stronger zero-shot annotator on TREC, the
+    speeches and news, and calibrated_mean keeps an LLM that gives every document the same
+    label from outvoting it. The embedding annotator labels single-label taxonomies in
+    stream jobs only, so multi-label taxonomies and batch jobs keep the LLM alone.
+    """
+    if ctx.settings.default_annotators != "llm+embedding" or body.mode != "stream":
+        return False
+    taxonomy, _, _ = ctx.store.get_taxonomy(body.taxonomy, body.taxonomy_version)
+    return not taxonomy.multi_label
+
+
 async def create_job(request: Request, body: JobRequest) -> JSONResponse:
     """Validate and store a job's documents, queue it, answer 202 with its id."""
     ctx = hosted(request)
@@ -212,6 +228,9 @@ async def create_job(request: Request, body: JobRequest) -> JSONResponse:
     aggregation = body.aggregation
     if body.classifier is not None:
         annotators, aggregation = [{"kind": "classifier", "classifier": body.classifier}, {"kind": "llm"}], CASCADE
+    elif annotators is None and await asyncio.to_thread(_default_panel, ctx, body):
+        annotators = [{"kind": "llm"}, {"kind": EMBEDDING}]
+        aggregation = aggregation if "aggregation" in body.model_fields_set else DEFAULT_PANEL_AGGREGATION
     panel = await asyncio.to_thread(ctx.runner.panel, body.taxonomy, body.taxonomy_version, body.model, annotators,
                                     body.long_documents)
     labeller = panel[0][1]
@@ -257,6 +276,14 @@ async def _create(ctx: Context, body: JobRequest, panel: list, labeller, aggrega
     return JSONResponse(created.model_dump(), status_code=202)
 
 
+def _induction_text(i: int, text: str, max_chars: int) -> str:
+    """An inline induction document, refused with 413 over ANNOTATE_MAX_DOCUMENT_CHARS as a job's would be."""
+    if len(text) > max_chars:
+        raise PayloadTooLarge(f"documents[{i}] has {len(text):,} characters, over the limit of {max_chars:,} "
+                              f"({CHARS_SETTING})")
+    return text
+
+
 def _check_job_limit(ctx: Context, caller: Caller) -> None:
     """A token may have so many jobs queued or running at once."""
     active, limit = ctx.store.active_jobs_of(caller.token_id), ctx.settings.max_active_jobs_per_token
@@ -298,7 +325,12 @@ def _job_rows(settings: Settings, body: JobRequest, max_chars: int) -> Iterator[
 
 async def induce_taxonomy(request: Request, body: InductionRequest) -> JSONResponse:
     """Start inducing a taxonomy from a corpus sample; answer 202 with the induction's id."""
-    ctx = hosted(request)
+    ctx, caller = hosted(request), caller_of(request)
+    if caller.token_id not in (None, OPERATOR):  # as for jobs: the operator and loopback use have no limit
+        active, limit = ctx.inductions.active_of(caller.token_id), ctx.settings.max_active_jobs_per_token
+        if active >= limit:
+            raise TooManyRequests(f"token {caller.token_id} has {active} inductions running, the limit "
+                                  f"(ANNOTATE_MAX_ACTIVE_JOBS_PER_TOKEN) is {limit}; wait for one to end")
     model = ctx.runner.model(body.model).name
     base = (await asyncio.to_thread(ctx.store.get_taxonomy, body.base))[0] if body.base else None
     if body.source is not None:
@@ -306,9 +338,11 @@ async def induce_taxonomy(request: Request, body: InductionRequest) -> JSONRespo
                          max_chars=ctx.settings.max_document_chars, name=body.source)
         source = body.source
     else:
-        rows = ({"text": d if isinstance(d, str) else d.text} for d in body.documents)
+        rows = ({"text": _induction_text(i, d if isinstance(d, str) else d.text, ctx.settings.max_document_chars)}
+                for i, d in enumerate(body.documents))
         source = f"{len(body.documents)} inline documents"
     texts, corpus_size = await asyncio.to_thread(sample_texts, rows, body.sample_size, body.seed)
+    texts = [text[: ctx.settings.model_input_chars] for text in texts]  # what the models read of each anyway
     options = InductionOptions(name=body.name, max_labels=body.max_labels,
                                report_size=body.report_size, seed=body.seed, method=body.method,
                                allow_none=body.allow_none)
@@ -316,7 +350,7 @@ async def induce_taxonomy(request: Request, body: InductionRequest) -> JSONRespo
     await asyncio.to_thread(ctx.store.create_induction, induction_id, body.name,
                             body.model_dump(exclude={"documents"}) | {"model": model})
     ctx.inductions.submit(induction_id, texts, options, source=source, corpus_size=corpus_size, model=model,
-                          base=base, push=body.push)
+                          base=base, push=body.push, owner=caller.token_id)
     return JSONResponse({"induction_id": induction_id, "status": "queued", "corpus_size": corpus_size,
                          "sample_size": len(texts)}, status_code=202)
 

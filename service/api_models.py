@@ -278,8 +278,9 @@ class EstimateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     target: Literal["proportions", "regression"] = "proportions"
     outcome: str | None = Field(None, description="regression: the label whose indicator is the outcome.")
-    covariates: list[str] | None = Field(None, description="regression: meta fields (numbers, or strings one-hot) "
-                                                           "or 'text_chars'.")
+    covariates: list[str] | None = Field(None, max_length=100,
+                                         description="regression: meta fields (numbers, or strings one-hot) "
+                                         "or 'text_chars'.")
     model: Literal["linear", "logistic"] = "linear"
     level: float = Field(0.95, gt=0.5, lt=1, description="Confidence level of the intervals.")
     seed: int = Field(0, description="Seed of the cross-fitting folds.")

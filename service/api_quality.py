@@ -41,7 +41,8 @@ async def put_gold_labels(request: Request, job_id: str,
     await asyncio.to_thread(ctx.store.job, job_id)  # 404 before reading the upload
     body = await read_upload(request, "gold labels")
     rows = await asyncio.to_thread(gold.parse_upload, body, request.headers.get("content-type", ""), annotator)
-    return await asyncio.to_thread(gold.put_labels, ctx.store, job_id, rows)
+    return await asyncio.to_thread(gold.put_labels, ctx.store, job_id, rows,
+                                   max_annotators=ctx.settings.gold_max_annotators)
 
 
 async def job_report(request: Request, job_id: str) -> dict:

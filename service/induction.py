@@ -328,16 +328,20 @@ class InductionRunner:
         self.store = store
         self.generators = generators
         self.runner = runner
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: dict[asyncio.Task, str | None] = {}  # each running induction's task and the token that asked
         self.live: dict[str, tuple[str, float]] = {}  # running inductions' (stage, progress): kept off the database
 
+    def active_of(self, token_id: str | None) -> int:
+        """Inductions a token has running (its limit is the jobs' one, ANNOTATE_MAX_ACTIVE_JOBS_PER_TOKEN)."""
+        return sum(owner == token_id for owner in self._tasks.values())
+
     def submit(self, induction_id: str, texts: list[str], options: InductionOptions, *, source: str,
-               corpus_size: int, model: str, base: Taxonomy | None, push: bool) -> None:
+               corpus_size: int, model: str, base: Taxonomy | None, push: bool, owner: str | None = None) -> None:
         """Start an induction in the background."""
         task = asyncio.create_task(self._run(induction_id, texts, options, source=source, corpus_size=corpus_size,
                                              model=model, base=base, push=push))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[task] = owner
+        task.add_done_callback(lambda done: self._tasks.pop(done, None))
 
     async def close(self) -> None:
         """Cancel running inductions (they are marked failed on the next start)."""

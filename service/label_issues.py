@@ -34,6 +34,8 @@ def rank_gold_issues(data) -> dict:
     gold_index = data.gold_index()
     mass = data.probs.sum(axis=1)
     keep = np.flatnonzero(data.gold & (gold_index >= 0) & (mass > 0))
+    if len(set(gold_index[keep].tolist())) < 2:  # confident learning compares classes: one is nothing to rank
+        return {"checked": 0, "rows": []}
     agreement = np.array([1.0 if a is None else a for a in data.columns["human_agreement"]])
     return {"checked": len(keep), "rows": _rank(
         [data.columns["doc_id"][i] for i in keep], gold_index[keep], data.probs[keep] / mass[keep, None],

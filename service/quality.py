@@ -187,10 +187,15 @@ def estimate(store: Store, job_id: str, *, target: str, outcome: str | None = No
             "estimates": rows}
 
 
+MAX_COVARIATE_COLUMNS = 100  # regression columns after one-hot coding: the fit grows with their square
+
+
 def _covariates(columns: dict, names: list[str]) -> tuple[np.ndarray, list[str]]:
     """A numeric matrix of document metadata: numbers as they are, strings one-hot (first category dropped)."""
     if not names:
         raise InvalidInput("covariates: name at least one metadata field (or 'text_chars') for a regression")
+    if len(set(names)) != len(names):
+        raise InvalidInput("covariates: each field once; a repeated column makes the regression singular")
     metas = [json.loads(m) if m else {} for m in columns["meta"]]
     blocks, out_names = [], []
     for name in names:
@@ -210,6 +215,9 @@ def _covariates(columns: dict, names: list[str]) -> tuple[np.ndarray, list[str]]
             levels = sorted({str(v) for v in values})
             if len(levels) < 2:
                 raise InvalidInput(f"covariates: meta field {name!r} has one value only ({levels[0]!r})")
+            if len(out_names) + len(levels) - 1 > MAX_COVARIATE_COLUMNS:
+                raise InvalidInput(f"covariates: meta field {name!r} has {len(levels):,} distinct values; one-hot "
+                                   f"coding would pass {MAX_COVARIATE_COLUMNS} regression columns")
             blocks.append(np.array([[str(v) == level for level in levels[1:]] for v in values], dtype=float))
             out_names += [f"{name}={level}" for level in levels[1:]]
     return np.hstack(blocks), out_names

@@ -42,8 +42,15 @@ ALLOWED = {duckdb.StatementType.SELECT}
 # (measured on DuckDB 2.0 with a 200 MB limit: three nested replace() calls took 1 GB, nine
 # nested hex() calls over a 1 MB string 1 GB, five nested bin() 4.5 GB; concat, url_encode,
 # to_base64 and to_json stay within the limit and are allowed).
+# Lambda functions (and the list comprehensions that parse into them) build their results
+# outside the memory limit too, and nest: three levels over an 800-element list reached
+# 10 GB against a 5.8 GB limit and ran past the time limit (second security review).
+LAMBDAS = {"list_transform", "array_transform", "list_apply", "array_apply", "apply", "list_filter", "array_filter",
+           "filter", "list_reduce", "array_reduce", "reduce"}
 UNBOUNDED = {"repeat", "lpad", "rpad", "printf", "format", "range", "generate_series", "list_resize", "array_resize",
-             "replace", "regexp_replace", "hex", "to_hex", "bin", "to_binary", "regexp_escape"}
+             "replace", "regexp_replace", "hex", "to_hex", "bin", "to_binary", "regexp_escape", *LAMBDAS}
+# Table functions that show the server's paths (data dir, temp dir, secrets dir) and nothing a query needs.
+REVEALING = {"duckdb_settings", "duckdb_databases", "duckdb_temporary_files"}
 # Table functions that run SQL given as text or as a serialized tree, which the checks here never see.
 HIDDEN_SQL = {"query", "json_execute_serialized_sql"}
 # Table functions that write or change state: the read-only transaction lets a checkpoint and log truncation
@@ -137,17 +144,23 @@ def _fetch(cursor: duckdb.DuckDBPyConnection, *, max_rows: int, max_bytes: int) 
 
 def _refuse_calls(cursor: duckdb.DuckDBPyConnection, query: str) -> None:
     """Refuse UNBOUNDED, HIDDEN_SQL and STATEFUL calls; the parse tree sees through quoting, schemas and dot syntax."""
-    tree = json.loads(cursor.execute("SELECT json_serialize_sql(?)", [query]).fetchone()[0])
-    if tree["error"]:
-        raise SqlRejected(f"SQL cannot be checked: {tree['error_message']}")
-    calls = set(_function_calls(tree))
+    try:
+        tree = json.loads(cursor.execute("SELECT json_serialize_sql(?)", [query]).fetchone()[0])
+        if tree["error"]:
+            raise SqlRejected(f"SQL cannot be checked: {tree['error_message']}")
+        calls = set(_function_calls(tree))
+    except RecursionError as exc:
+        raise SqlRejected("SQL nests too deeply to be checked; write it with fewer nested expressions") from exc
     if hidden := sorted({name for name, in_from in calls if in_from and name in HIDDEN_SQL}):
         raise SqlRejected(f"{hidden[0]}() is not allowed: it runs SQL the sandbox cannot check; write that SQL directly")
+    if revealing := sorted({name for name, in_from in calls if in_from and name in REVEALING}):
+        raise SqlRejected(f"{revealing[0]}() is not allowed: it shows the server's configuration and paths")
     if stateful := sorted({name for name, in_from in calls if in_from and name in STATEFUL}):
         raise SqlRejected(f"{stateful[0]}() is not allowed: it changes the database's state, and SQL access is read-only")
     if unbounded := sorted({name for name, in_from in calls if not in_from and name in UNBOUNDED}):
         raise SqlRejected(f"{', '.join(unbounded)}() not allowed: one call can build a value of any size, which neither "
-                          "the time limit nor the memory limit can stop (range and generate_series are fine in FROM)")
+                          "the time limit nor the memory limit can stop (range and generate_series are fine in FROM; "
+                          "instead of list lambdas and comprehensions, unnest the list and aggregate)")
 
 
 def _function_calls(node, in_from: bool = False):

@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     engine_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Numeric type of the embedded engine: 'auto' measures float32 and bfloat16 matrix "
                             "products once per machine (cached in the models dir) and keeps the faster.")
+    default_annotators: Literal["llm+embedding", "llm"] = Field(
+        "llm+embedding", description="Annotators of a stream job that names none: the LLM and the embedding annotator, "
+                                     "aggregated by calibrated_mean unless the job sets 'aggregation' (multi-label "
+                                     "taxonomies: the LLM alone), or 'llm' alone. Batch jobs and cascades run the LLM.")
     model_input_chars: int = Field(
         2000, ge=100, description="Characters of a document the model reads in one request; longer documents are "
                                   "read as long_documents says (truncate, head_tail, chunk) and flagged when cut."
@@ -79,6 +83,8 @@ class Settings(BaseSettings):
                                       "`annotate token create`.")
     auth_failures_per_minute: int = Field(
         20, ge=1, description="Invalid API tokens one client address may send in a minute before it gets 429 (back-off).")
+    gold_max_annotators: int = Field(
+        100, ge=1, description="Distinct people whose gold labels one job may hold (agreement compares every pair).")
     max_active_jobs_per_token: int = Field(
         8, ge=1, description="Queued or running jobs one API token may have at once (the operator's token is exempt).")
     log_level: str = Field("WARNING", description="Log level of the service's structured (JSON) logs.")

@@ -52,7 +52,7 @@ class QualityStore:
         """Every annotator's row for every document of a job (its own output excluded), with the text hash."""
         rows = self._dicts(
             "SELECT a.doc_id, a.annotator, a.status, a.label, a.distribution, a.abstained, a.abstain_reason, a.error,"
-            " d.text_hash FROM annotations a JOIN job_annotators ja USING (job_id, annotator)"
+            " a.truncated, a.chars_seen, d.text_hash FROM annotations a JOIN job_annotators ja USING (job_id, annotator)"
             " JOIN documents d USING (job_id, doc_id) WHERE a.job_id = ? ORDER BY d.position, ja.position", [job_id])
         for row in rows:
             row["distribution"] = dict(row["distribution"] or {})
@@ -123,9 +123,17 @@ class QualityStore:
                            "(or `annotate gold sample`)")
         return rows
 
-    def put_gold_labels(self, job_id: str, rows: list[tuple[str, str, str]]) -> int:
-        """Store human labels (doc_id, annotator, label) of sampled documents; a repeat by the same person replaces."""
+    def put_gold_labels(self, job_id: str, rows: list[tuple[str, str, str]], *, max_annotators: int) -> int:
+        """Store human labels (doc_id, annotator, label) of sampled documents; a repeat by the same person replaces.
+
+        At most ``max_annotators`` distinct people per job: agreement statistics compare every pair of them.
+        """
         with self._transaction() as cur:
+            people = {r[0] for r in cur.execute("SELECT DISTINCT annotator FROM gold_labels WHERE job_id = ?",
+                                                [job_id]).fetchall()} | {annotator for _, annotator, _ in rows}
+            if len(people) > max_annotators:
+                raise InvalidInput(f"job {job_id}'s gold labels would come from {len(people):,} people, over the limit "
+                                   f"of {max_annotators:,} (ANNOTATE_GOLD_MAX_ANNOTATORS)")
             sampled = {r[0] for r in cur.execute("SELECT doc_id FROM gold_samples WHERE job_id = ?", [job_id]).fetchall()}
             outside = [doc_id for doc_id, _, _ in rows if doc_id not in sampled]
             if outside:
@@ -174,6 +182,8 @@ class QualityStore:
         now = utc_now()
         with self._transaction() as cur:
             cur.execute("DELETE FROM label_issues WHERE job_id = ? AND kind = ?", [job_id, kind])
+            if not rows:  # nothing to rank (one class): the old ranking is gone all the same
+                return
             cur.executemany(
                 "INSERT INTO label_issues VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [[job_id, kind, r["rank"], r["doc_id"], r["given_label"], r["suggested_label"], r["quality"],

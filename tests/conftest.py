@@ -219,6 +219,8 @@ def service(tmp_path_factory, llama_server, faulty_proxy) -> Service:
            "ANNOTATE_INPUT_DIR": str(input_dir), "ANNOTATE_URL": url, "HF_HUB_OFFLINE": "1",
            "ANNOTATE_AUTH": "required", "ANNOTATE_ADMIN_TOKEN": OPERATOR_TOKEN, "ANNOTATE_TOKEN": OPERATOR_TOKEN,
            "ANNOTATE_AUTH_FAILURES_PER_MINUTE": "100000",  # the route battery sends bad tokens on purpose
+           # one annotator per job unless a test lists several: the default panel is tested in test_default_panel.py
+           "ANNOTATE_DEFAULT_ANNOTATORS": "llm",
            "ANNOTATE_MODELS_FILE": str(models_file(data_dir.parent, llama_server, faulty_proxy))}
     running = Service(url=url, data_dir=data_dir, input_dir=input_dir, process=None, env=env)
     running.start()

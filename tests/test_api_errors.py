@@ -196,3 +196,13 @@ def test_a_page_past_any_job_is_a_422_naming_it(in_process):
     assert in_process.client.get(page, params={"page": 2}).status_code == 200
     body = _error(in_process.client.get(page, params={"page": "1" + "0" * 29}), 422)
     assert body["message"].startswith("page:")
+
+
+def test_an_induction_document_over_the_character_limit_is_413(in_process):
+    """Inline induction documents obey ANNOTATE_MAX_DOCUMENT_CHARS as a job's do (they went whole to the embedder)."""
+    huge = "a" * (in_process.settings.max_document_chars + 1)
+    answer = in_process.client.post("/v1/taxonomies:induce", json={"name": "big", "documents": [huge, "b b b"],
+                                                                   "sample_size": 2, "report_size": 1})
+    assert answer.status_code == 413, answer.text
+    message = answer.json()["error"]["message"]
+    assert "documents[0]" in message and "ANNOTATE_MAX_DOCUMENT_CHARS" in message

@@ -151,3 +151,15 @@ def test_batch_restart_mid_job_loses_and_duplicates_nothing(service, labelled_ta
     assert counts == [{"n": LARGE, "docs": LARGE}]
     assert sorted(kept, key=lambda r: r["shard"]) == sorted(registered, key=lambda r: r["shard"])
     assert shard_files == [{"n": LARGE // SHARD}]
+
+
+def test_a_damaged_parquet_source_is_refused_by_name(tmp_path):
+    """A .parquet file that is not Parquet is a 4xx naming the source (pyarrow's 500 before), with no server path."""
+    from service.batch import BatchRunner
+
+    settings = Settings(data_dir=tmp_path / "data", input_dir=tmp_path / "inputs")
+    settings.input_dir.mkdir(parents=True)
+    (settings.input_dir / "bad.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(InvalidInput, match="^source 'bad.parquet' cannot be read as parquet") as refused:
+        BatchRunner(None, settings, {}, "annotate").plan("bad.parquet")
+    assert str(tmp_path) not in str(refused.value)

@@ -71,7 +71,7 @@ def _label_sample_by_csv(store: Store, truth: dict[str, str], flipped: set[str] 
             label = "ham" if label == "spam" else "spam"
         writer.writerow({**row, "label": label, "annotator": "alice"})
     parsed = gold.parse_upload(out.getvalue().encode(), "text/csv", None)
-    return gold.put_labels(store, "job_q", parsed)["labelled"]
+    return gold.put_labels(store, "job_q", parsed, max_annotators=10)["labelled"]
 
 
 def test_gold_sample_designs_store_inclusion_probabilities(tmp_path):
@@ -101,10 +101,12 @@ def test_human_labels_are_checked_and_round_trip_through_csv_and_label_studio(tm
     sample = store.gold_sample("job_q")
     first = sample[0]["doc_id"]
     with pytest.raises(InvalidInput, match="row 1: 'maybe'"):
-        gold.put_labels(store, "job_q", [(first, "alice", "maybe")])
+        gold.put_labels(store, "job_q", [(first, "alice", "maybe")], max_annotators=10)
     outside = next(doc for doc in truth if doc not in {r["doc_id"] for r in sample})
     with pytest.raises(InvalidInput, match="not in job job_q's gold sample"):
-        gold.put_labels(store, "job_q", [(outside, "alice", "ham")])
+        gold.put_labels(store, "job_q", [(outside, "alice", "ham")], max_annotators=10)
+    with pytest.raises(InvalidInput, match="from 3 people, over the limit of 2 .ANNOTATE_GOLD_MAX_ANNOTATORS"):
+        gold.put_labels(store, "job_q", [(first, name, "ham") for name in ("ann", "bob", "cy")], max_annotators=2)
     with pytest.raises(InvalidInput, match="missing column"):
         gold.parse_upload(b"id,answer\n1,ham\n", "text/csv", "alice")
     assert _label_sample_by_csv(store, truth) == 40
@@ -114,7 +116,7 @@ def test_human_labels_are_checked_and_round_trip_through_csv_and_label_studio(tm
                 for task in tasks]
     rows = gold.parse_upload(json.dumps(exported).encode(), "application/json", None)
     assert rows == [(t["data"]["doc_id"], "bob@example.org", truth[t["data"]["doc_id"]]) for t in tasks]
-    gold.put_labels(store, "job_q", rows)
+    gold.put_labels(store, "job_q", rows, max_annotators=10)
     agreement = _sql(store, "SELECT min(human_agreement), max(human_annotators) FROM gold WHERE job_id = 'job_q'")[0]
     assert agreement == (1.0, 2)
 
@@ -137,7 +139,7 @@ def test_csv_export_cannot_run_formulas_and_imports_back_to_the_same_documents(t
     writer.writerows({**row, "label": "ham", "annotator": "alice"} for row in rows)
     parsed = gold.parse_upload(out.getvalue().encode(), "text/csv", None)
     assert sorted(doc_id for doc_id, _, _ in parsed) == sorted(ids)
-    assert gold.put_labels(store, "job_q", parsed)["labelled"] == len(ids)
+    assert gold.put_labels(store, "job_q", parsed, max_annotators=10)["labelled"] == len(ids)
     saved_bare = gold.parse_upload(b"doc_id,label\n=1+1,spam\n", "text/csv", "bob")  # a spreadsheet dropped the '
     assert saved_bare == [("=1+1", "bob", "spam")]
 
@@ -187,7 +189,7 @@ def test_calibration_sets_the_conformal_candidates_of_every_label(tmp_path):
         assert candidates == expected
 
 
-def test_estimates_put_dsl_beside_naive_and_gold_only(tmp_path):
+def test_estimates_put_dsl_beside_naive_and_gold_only(tmp_path, monkeypatch):
     """Naive is the LLM's top-label share; gold-only the Hájek share; DSL is tighter than gold-only."""
     store, truth = _job(tmp_path)
     gold.draw(store, "job_q", size=150, design="random", seed=5, replace=False)
@@ -208,6 +210,9 @@ def test_estimates_put_dsl_beside_naive_and_gold_only(tmp_path):
         quality.estimate(store, "job_q", target="regression", outcome="spam", covariates=["length", "length"])
     with pytest.raises(InvalidInput, match="no meta field 'missing'"):
         quality.estimate(store, "job_q", target="regression", outcome="spam", covariates=["missing"])
+    monkeypatch.setattr(quality, "MAX_COVARIATE_COLUMNS", 1)  # a string field unique per document would be 100k columns
+    with pytest.raises(InvalidInput, match="would pass 1 regression columns"):
+        quality.estimate(store, "job_q", target="regression", outcome="spam", covariates=["length", "channel"])
 
 
 def test_label_issues_put_planted_human_mistakes_first(tmp_path):
@@ -224,3 +229,13 @@ def test_label_issues_put_planted_human_mistakes_first(tmp_path):
     assert all(row["is_issue"] for row in result["rows"] if row["doc_id"] in planted)
     assert _sql(store, "SELECT count(*) FROM label_issues WHERE job_id = 'job_q' AND kind = 'gold'")[0][0] == \
         result["checked"]
+
+
+def test_gold_labels_of_one_class_rank_nothing_instead_of_failing(tmp_path):
+    """Confident learning needs two classes: one gold class is an empty ranking, not cleanlab's 500."""
+    store, _ = _job(tmp_path)
+    gold.draw(store, "job_q", size=20, design="random", seed=1, replace=False)
+    rows = [(row["doc_id"], "alice", "ham") for row in store.gold_sample("job_q")]
+    gold.put_labels(store, "job_q", rows, max_annotators=10)
+    assert quality.label_issues(store, "job_q", kind="gold") == {"job_id": "job_q", "kind": "gold", "checked": 0,
+                                                                  "issues": 0, "rows": []}

@@ -123,6 +123,15 @@ HOSTILE = [
     refused("nested_bin", "SELECT length(to_binary(bin(string_agg('x', '')))) FROM range(1000000)", "one call"),
     refused("nested_regexp_escape", "SELECT length(regexp_escape(regexp_escape(string_agg('.', '')))) "
             "FROM range(1000000)", "one call"),
+    refused("nested_lambdas", "SELECT sum(len(list_transform(l, lambda x: list_transform(l, lambda y: l)))) "
+            "FROM (SELECT list(i) l FROM range(800) t(i))", "one call"),
+    refused("list_comprehension", "SELECT [[l for y in l] for x in l] FROM (SELECT list(i) l FROM range(800) t(i))",
+            "one call"),
+    refused("list_reduce", "SELECT list_reduce(l, lambda a, b: a || b) FROM (SELECT list(i::VARCHAR) l FROM range(9))",
+            "one call"),
+    refused("deep_nesting", "SELECT " + "abs(" * 400 + "1" + ")" * 400, "nests too deeply"),
+    refused("server_paths", "SELECT name, value FROM duckdb_settings() WHERE value LIKE '%/%'", "paths"),
+    refused("database_files", "SELECT * FROM duckdb_databases()", "paths"),
     refused("repeat_dot_syntax", "SELECT length('x'.repeat(2000000000))", "one call"),
     refused("repeat_list_quoted", "SELECT len(\"REPEAT\"([1, 2, 3, 4, 5, 6, 7, 8], 1000000000))", "one call"),
     refused("lpad", "SELECT length(lpad('x', 2000000000, 'y'))", "one call"),
