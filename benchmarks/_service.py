@@ -90,7 +90,9 @@ def service(workdir: Path, models_yaml: str, env: dict[str, str] | None = None, 
     port = free_port()
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "ANNOTATE_DATA_DIR": str(data_dir),
                 "ANNOTATE_INPUT_DIR": str(input_dir), "ANNOTATE_PORT": str(port),
-                "ANNOTATE_MODELS_FILE": str(models_file), **(env or {})}
+                "ANNOTATE_MODELS_FILE": str(models_file),
+                "ANNOTATE_DEFAULT_ANNOTATORS": "llm",  # throughput of the model: jobs that list no annotators run it alone
+                **(env or {})}
     log = workdir / "serve.log"
     with open(log, "w") as handle:
         process = subprocess.Popen([str(ANNOTATE), "serve"], env=full_env, stdout=handle, stderr=subprocess.STDOUT)
