@@ -66,9 +66,10 @@ def aggregate(rows: list[dict], taxonomy: Taxonomy, options: tuple[str, ...], *,
     out = {}
     for doc_id, group in frame.groupby("doc_id", sort=False):
         out[doc_id] = _decided(doc_id, group, probs, taxonomy, options)
-        if group["chars_seen"].notna().any():
-            out[doc_id].chars_seen = int(group["chars_seen"].max())
-            out[doc_id].truncated = bool(group["truncated"].fillna(False).astype(bool).all())
+        read = group[group["chars_seen"].notna()]  # a failed member read nothing and says nothing of truncation
+        if len(read):
+            out[doc_id].chars_seen = int(read["chars_seen"].max())
+            out[doc_id].truncated = bool(read["truncated"].astype(bool).all())
     return out
 
 

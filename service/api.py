@@ -213,12 +213,14 @@ def _default_panel(ctx: Context, body: JobRequest) -> bool:
     the LLM alone: the embedding annotator is the stronger zero-shot annotator on TREC, the
     speeches and news, and calibrated_mean keeps an LLM that gives every document the same
     label from outvoting it. The embedding annotator labels single-label taxonomies in
-    stream jobs only, so multi-label taxonomies and batch jobs keep the LLM alone.
+    stream jobs only and never says "none of these", so multi-label taxonomies, taxonomies
+    that allow "none of these" (its vote would outweigh the LLM's abstention) and batch jobs
+    keep the LLM alone.
     """
     if ctx.settings.default_annotators != "llm+embedding" or body.mode != "stream":
         return False
     taxonomy, _, _ = ctx.store.get_taxonomy(body.taxonomy, body.taxonomy_version)
-    return not taxonomy.multi_label
+    return not taxonomy.multi_label and not taxonomy.abstention.allow_none
 
 
 async def create_job(request: Request, body: JobRequest) -> JSONResponse:
@@ -326,6 +328,12 @@ def _job_rows(settings: Settings, body: JobRequest, max_chars: int) -> Iterator[
 async def induce_taxonomy(request: Request, body: InductionRequest) -> JSONResponse:
     """Start inducing a taxonomy from a corpus sample; answer 202 with the induction's id."""
     ctx, caller = hosted(request), caller_of(request)
+    async with _SUBMITTING[caller.token_id]:  # checked and counted under one lock, as for jobs
+        return await _start_induction(ctx, caller, body)
+
+
+async def _start_induction(ctx: Context, caller: Caller, body: InductionRequest) -> JSONResponse:
+    """Check the caller's induction limit, sample the corpus and start the induction."""
     if caller.token_id not in (None, OPERATOR):  # as for jobs: the operator and loopback use have no limit
         active, limit = ctx.inductions.active_of(caller.token_id), ctx.settings.max_active_jobs_per_token
         if active >= limit:

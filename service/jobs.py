@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from .aggregation import DEFAULT_METHOD, aggregate
 from .annotators import EMBEDDING, ClassifierLabeller, EmbeddingLabeller, embedding_scorer, student_scorer
 from .embeddings import shared_embedder
-from .engines.base import EngineInfo, ScoreRequest
+from .engines.base import EMBEDDED_ENGINE, EngineInfo, ScoreRequest
 from .errors import Conflict, InvalidInput
 from .labelling import Annotation, Labeller, annotator_key, failed
 from .long_documents import combine
@@ -68,6 +68,9 @@ class JobRunner:
         taxonomy, version, _ = self.store.get_taxonomy(taxonomy_name, version)
         chosen = self.model(model or taxonomy.model)
         template = load_template(prompt or ("classify_multi" if taxonomy.multi_label else "classify"))
+        if not template.chat and chosen.info.engine != EMBEDDED_ENGINE:
+            raise InvalidInput(f"prompt {template.name!r} is a plain-text completion, which only the embedded engine "
+                               f"scores; model {chosen.name!r} runs {chosen.info.engine}: choose a chat template")
         return Labeller(taxonomy, version, template, chosen.info, self.model_input_chars, model=chosen.name,
                         long_documents=long_documents)
 
@@ -182,8 +185,8 @@ class JobRunner:
             finished = await self.run_stream(job_id, student) and await self.run_stream(job_id, llm, route=route)
         else:
             finished = all(await asyncio.gather(*(self.run_stream(job_id, labeller) for _, labeller in panel)))
-        if finished and len(panel) > 1:
-            await asyncio.to_thread(self.aggregate, job_id)
+        if len(panel) > 1 and (finished or await asyncio.to_thread(self.store.job_state, job_id) == "cancelled"):
+            await asyncio.to_thread(self.aggregate, job_id)  # a cancelled job's labelled documents get theirs too
         if finished:
             await asyncio.to_thread(self.store.set_job_status, job_id, "succeeded", only_if_active=True)
 

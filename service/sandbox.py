@@ -49,8 +49,9 @@ LAMBDAS = {"list_transform", "array_transform", "list_apply", "array_apply", "ap
            "filter", "list_reduce", "array_reduce", "reduce"}
 UNBOUNDED = {"repeat", "lpad", "rpad", "printf", "format", "range", "generate_series", "list_resize", "array_resize",
              "replace", "regexp_replace", "hex", "to_hex", "bin", "to_binary", "regexp_escape", *LAMBDAS}
-# Table functions that show the server's paths (data dir, temp dir, secrets dir) and nothing a query needs.
-REVEALING = {"duckdb_settings", "duckdb_databases", "duckdb_temporary_files"}
+# Table functions, their views and the scalar that show the server's paths (data dir, temp dir,
+# allowed directories) and nothing a query over the service's tables needs.
+REVEALING = {"duckdb_settings", "duckdb_databases", "duckdb_temporary_files", "current_setting"}
 # Table functions that run SQL given as text or as a serialized tree, which the checks here never see.
 HIDDEN_SQL = {"query", "json_execute_serialized_sql"}
 # Table functions that write or change state: the read-only transaction lets a checkpoint and log truncation
@@ -149,11 +150,12 @@ def _refuse_calls(cursor: duckdb.DuckDBPyConnection, query: str) -> None:
         if tree["error"]:
             raise SqlRejected(f"SQL cannot be checked: {tree['error_message']}")
         calls = set(_function_calls(tree))
+        tables = set(_table_names(tree))
     except RecursionError as exc:
         raise SqlRejected("SQL nests too deeply to be checked; write it with fewer nested expressions") from exc
     if hidden := sorted({name for name, in_from in calls if in_from and name in HIDDEN_SQL}):
         raise SqlRejected(f"{hidden[0]}() is not allowed: it runs SQL the sandbox cannot check; write that SQL directly")
-    if revealing := sorted({name for name, in_from in calls if in_from and name in REVEALING}):
+    if revealing := sorted(({name for name, _ in calls} | tables) & REVEALING):
         raise SqlRejected(f"{revealing[0]}() is not allowed: it shows the server's configuration and paths")
     if stateful := sorted({name for name, in_from in calls if in_from and name in STATEFUL}):
         raise SqlRejected(f"{stateful[0]}() is not allowed: it changes the database's state, and SQL access is read-only")
@@ -173,6 +175,18 @@ def _function_calls(node, in_from: bool = False):
             yield node["function_name"].lower(), in_from
         for key, child in node.items():
             yield from _function_calls(child, node.get("type") == "TABLE_FUNCTION" and key == "function")
+
+
+def _table_names(node):
+    """Every table or view named in a json_serialize_sql tree (``FROM duckdb_databases`` has no call)."""
+    if isinstance(node, list):
+        for child in node:
+            yield from _table_names(child)
+    elif isinstance(node, dict):
+        if node.get("type") == "BASE_TABLE" and isinstance(node.get("table_name"), str):
+            yield node["table_name"].lower()
+        for child in node.values():
+            yield from _table_names(child)
 
 
 def _interrupt_after(cursor: duckdb.DuckDBPyConnection, timeout_s: float, finished: threading.Event) -> None:

@@ -206,3 +206,11 @@ def test_an_induction_document_over_the_character_limit_is_413(in_process):
     assert answer.status_code == 413, answer.text
     message = answer.json()["error"]["message"]
     assert "documents[0]" in message and "ANNOTATE_MAX_DOCUMENT_CHARS" in message
+
+
+def test_a_plain_text_prompt_on_a_server_model_is_refused_at_submission(in_process):
+    """Only the embedded engine scores completion templates: another engine's job is a 422, not failed documents."""
+    answer = in_process.client.post("/v1/jobs", json={"taxonomy": "sms-spam", "documents": [{"id": "a", "text": "hi"}],
+                                                      "annotators": [{"kind": "llm", "prompt": "classify_fewshot"}]})
+    assert answer.status_code == 422, answer.text
+    assert "plain-text completion" in answer.json()["error"]["message"]

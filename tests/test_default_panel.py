@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from conftest import REPO
 
 DOCS = [{"id": f"m{i}", "text": text} for i, text in enumerate([
@@ -51,12 +53,13 @@ def test_a_chosen_aggregation_and_the_single_llm_setting_are_kept(in_process):
     assert [a["kind"] for a in job["annotators"]] == ["llm"]
 
 
-def test_multi_label_taxonomies_keep_the_llm_alone(in_process):
-    """The embedding annotator labels single-label taxonomies only, so a multi-label job is not refused by default."""
+@pytest.mark.parametrize("setting", ["multi_label: true", "abstention: {allow_none: true}"])
+def test_multi_label_and_none_of_these_taxonomies_keep_the_llm_alone(in_process, setting):
+    """The embedding annotator labels single-label taxonomies and never says "none of these": the LLM labels alone."""
     client = in_process.client
-    text = (REPO / "taxonomy" / "sms-spam.yaml").read_text().replace("name: sms-spam", "name: sms-multi", 1)
-    pushed = client.post("/v1/taxonomies", content=(text + "\nmulti_label: true\n").encode())
+    text = (REPO / "taxonomy" / "sms-spam.yaml").read_text().replace("name: sms-spam", "name: sms-other", 1)
+    pushed = client.post("/v1/taxonomies", content=(text + f"\n{setting}\n").encode())
     assert pushed.status_code == 201, pushed.text
-    answer = client.post("/v1/jobs", json={"taxonomy": "sms-multi", "documents": DOCS})
+    answer = client.post("/v1/jobs", json={"taxonomy": "sms-other", "documents": DOCS})
     assert answer.status_code == 202, answer.text
     assert [a["kind"] for a in _finished(client, answer.json()["job_id"])["annotators"]] == ["llm"]

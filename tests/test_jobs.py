@@ -122,6 +122,29 @@ def test_cancel_stops_between_batches(tmp_path):
     assert not store.set_job_status("job_cancel", "cancelled", only_if_active=True)
 
 
+def test_a_cancelled_panel_job_keeps_the_aggregate_of_what_was_labelled(tmp_path):
+    """Several annotators, cancelled midway: the documents every member labelled get their aggregated label."""
+    store = _store(tmp_path)
+
+    async def scenario():
+        runner = await _runner(store, FakeEngine(delay_s=0.05), batch_size=2)
+        _submit(store, runner, "job_panel_cancel", [f"text {i}" for i in range(400)],
+                annotators=[{"kind": "llm"}, {"kind": "embedding"}], aggregation="calibrated_mean")
+        runner.submit("job_panel_cancel")
+        while min(a["done"] for a in store.job("job_panel_cancel")["annotators"]) < 2:
+            await asyncio.sleep(0.01)
+        assert store.set_job_status("job_panel_cancel", "cancelled", only_if_active=True)
+        await asyncio.sleep(0.5)
+        await runner.close()
+
+    asyncio.run(scenario())
+    job = store.job("job_panel_cancel")
+    aggregated = store._dicts("SELECT count(*) AS n FROM annotations WHERE job_id = ? AND annotator = ?",
+                              ["job_panel_cancel", job["annotator"]])[0]["n"]
+    llm_done = job["annotators"][0]["done"]  # 400 × 50 ms of fake LLM: far from done when cancelled
+    assert job["status"] == "cancelled" and 2 <= llm_done < 400 and aggregated >= llm_done
+
+
 def test_cache_serves_repeated_texts_across_jobs(tmp_path):
     """A second job with the same texts and annotator is answered from stored annotations."""
     store = _store(tmp_path)

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+EMBEDDED_ENGINE = "embedded-transformers"  # the engine name of the in-process model (the only one scoring plain text)
+
 
 @dataclass(frozen=True)
 class ScoreRequest:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..errors import EngineUnavailable
-from .base import EngineInfo, ScoreRequest
+from .base import EMBEDDED_ENGINE, EngineInfo, ScoreRequest
 from .numeric import NumericChoice, choose_dtype
 from .prefix_attention import expand_heads
 
@@ -132,7 +132,7 @@ class EmbeddedEngine:
         self._prefixes: OrderedDict[str, tuple] = OrderedDict()
         self._lock = threading.Lock()
         self.info = EngineInfo(
-            engine="embedded-transformers",
+            engine=EMBEDDED_ENGINE,
             model=MODEL_ID,
             decoding={"method": "continuation-logprob", "dtype": self.numeric.dtype, "chat_template": True},
         )
