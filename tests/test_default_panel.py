@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from conftest import REPO
 
 DOCS = [{"id": f"m{i}", "text": text} for i, text in enumerate([
