@@ -7,10 +7,8 @@ are under test here (the embedded model's labels are measured in benchmarks/zero
 
 from __future__ import annotations
 
-import time
-
 import pytest
-from conftest import REPO
+from conftest import REPO, wait_for_job
 
 DOCS = [{"id": f"m{i}", "text": text} for i, text in enumerate([
     "WINNER!! You have won a 1000 GBP prize, call 09061701461 now to claim", "see you at dinner tonight mum",
@@ -18,14 +16,8 @@ DOCS = [{"id": f"m{i}", "text": text} for i, text in enumerate([
 
 
 def _finished(client, job_id: str) -> dict:
-    """Poll a job until it ends."""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} did not finish: {job}")
+    """The job once it has ended."""
+    return wait_for_job(client, job_id, timeout_s=120)
 
 
 def test_a_job_without_annotators_gets_the_default_panel(in_process):
