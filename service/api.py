@@ -278,14 +278,6 @@ async def _create(ctx: Context, body: JobRequest, panel: list, labeller, aggrega
     return JSONResponse(created.model_dump(), status_code=202)
 
 
-def _induction_text(i: int, text: str, max_chars: int) -> str:
-    """An inline induction document, refused with 413 over ANNOTATE_MAX_DOCUMENT_CHARS as a job's would be."""
-    if len(text) > max_chars:
-        raise PayloadTooLarge(f"documents[{i}] has {len(text):,} characters, over the limit of {max_chars:,} "
-                              f"({CHARS_SETTING})")
-    return text
-
-
 def _check_job_limit(ctx: Context, caller: Caller) -> None:
     """A token may have so many jobs queued or running at once."""
     active, limit = ctx.store.active_jobs_of(caller.token_id), ctx.settings.max_active_jobs_per_token
@@ -346,8 +338,8 @@ async def _start_induction(ctx: Context, caller: Caller, body: InductionRequest)
                          max_chars=ctx.settings.max_document_chars, name=body.source)
         source = body.source
     else:
-        rows = ({"text": _induction_text(i, d if isinstance(d, str) else d.text, ctx.settings.max_document_chars)}
-                for i, d in enumerate(body.documents))
+        rows = (check_document(f"documents[{i}]", i, d if isinstance(d, str) else d.text, None,
+                               max_chars=ctx.settings.max_document_chars) for i, d in enumerate(body.documents))
         source = f"{len(body.documents)} inline documents"
     texts, corpus_size = await asyncio.to_thread(sample_texts, rows, body.sample_size, body.seed)
     texts = [text[: ctx.settings.model_input_chars] for text in texts]  # what the models read of each anyway

@@ -41,16 +41,7 @@ class PromptTemplate:
     name: str
     hash: str
     sections: dict[str, jinja2.Template]
-
-    @property
-    def chat(self) -> bool:
-        """Whether prompts from this template are chats (the default) or plain-text completions."""
-        if "format" not in self.sections:
-            return True
-        fmt = self.sections["format"].render().strip()
-        if fmt not in ("chat", "completion"):
-            raise InvalidInput(f"prompt {self.name!r}: section 'format' must be 'chat' or 'completion', not {fmt!r}")
-        return fmt == "chat"
+    chat: bool = True  # a chat (the default) or a plain-text completion (``### format``, read once at load)
 
     def render(self, section: str, **context) -> str:
         """Render one section, stripped of the newline that ends it in the file."""
@@ -72,4 +63,8 @@ def load_template(name: str, directory: Path = PROMPTS_DIR) -> PromptTemplate:
     text = known[name].read_text(encoding="utf-8")
     parts = _SECTION.split(text)
     sections = {parts[i]: _ENV.from_string(parts[i + 1].lstrip("\n")) for i in range(1, len(parts), 2)}
-    return PromptTemplate(name=name, hash=hashlib.sha256(text.encode()).hexdigest()[:12], sections=sections)
+    fmt = sections["format"].render().strip() if "format" in sections else "chat"
+    if fmt not in ("chat", "completion"):
+        raise InvalidInput(f"prompt {name!r}: section 'format' must be 'chat' or 'completion', not {fmt[:64]!r}")
+    return PromptTemplate(name=name, hash=hashlib.sha256(text.encode()).hexdigest()[:12], sections=sections,
+                          chat=fmt == "chat")

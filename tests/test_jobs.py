@@ -102,22 +102,27 @@ def test_resume_after_restart_neither_loses_nor_duplicates(tmp_path):
     assert engine.calls == -(-(40 - done_before) // 4)  # only the remaining batches were scored
 
 
-def test_cancel_stops_between_batches(tmp_path):
-    """A cancelled job keeps what it finished and labels nothing more."""
-    store = _store(tmp_path)
+def _cancel_midway(store: Store, job_id: str, texts: list[str], done, *, settle_s: float, **panel) -> dict:
+    """Run a job on a slow fake engine, cancel it once ``done(job)`` reaches 2, let it settle; the job then."""
 
     async def scenario():
         runner = await _runner(store, FakeEngine(delay_s=0.05), batch_size=2)
-        _submit(store, runner, "job_cancel", [f"text {i}" for i in range(30)])
-        runner.submit("job_cancel")
-        while store.job("job_cancel")["done"] < 2:
+        _submit(store, runner, job_id, texts, **panel)
+        runner.submit(job_id)
+        while done(store.job(job_id)) < 2:
             await asyncio.sleep(0.01)
-        assert store.set_job_status("job_cancel", "cancelled", only_if_active=True)
-        await asyncio.sleep(0.3)
+        assert store.set_job_status(job_id, "cancelled", only_if_active=True)
+        await asyncio.sleep(settle_s)
         await runner.close()
 
     asyncio.run(scenario())
-    job = store.job("job_cancel")
+    return store.job(job_id)
+
+
+def test_cancel_stops_between_batches(tmp_path):
+    """A cancelled job keeps what it finished and labels nothing more."""
+    store = _store(tmp_path)
+    job = _cancel_midway(store, "job_cancel", [f"text {i}" for i in range(30)], lambda job: job["done"], settle_s=0.3)
     assert job["status"] == "cancelled" and 2 <= job["done"] <= 6
     assert not store.set_job_status("job_cancel", "cancelled", only_if_active=True)
 
@@ -125,20 +130,9 @@ def test_cancel_stops_between_batches(tmp_path):
 def test_a_cancelled_panel_job_keeps_the_aggregate_of_what_was_labelled(tmp_path):
     """Several annotators, cancelled midway: the documents every member labelled get their aggregated label."""
     store = _store(tmp_path)
-
-    async def scenario():
-        runner = await _runner(store, FakeEngine(delay_s=0.05), batch_size=2)
-        _submit(store, runner, "job_panel_cancel", [f"text {i}" for i in range(400)],
-                annotators=[{"kind": "llm"}, {"kind": "embedding"}], aggregation="calibrated_mean")
-        runner.submit("job_panel_cancel")
-        while min(a["done"] for a in store.job("job_panel_cancel")["annotators"]) < 2:
-            await asyncio.sleep(0.01)
-        assert store.set_job_status("job_panel_cancel", "cancelled", only_if_active=True)
-        await asyncio.sleep(0.5)
-        await runner.close()
-
-    asyncio.run(scenario())
-    job = store.job("job_panel_cancel")
+    job = _cancel_midway(store, "job_panel_cancel", [f"text {i}" for i in range(400)],
+                         lambda job: min(a["done"] for a in job["annotators"]), settle_s=0.5,
+                         annotators=[{"kind": "llm"}, {"kind": "embedding"}], aggregation="calibrated_mean")
     aggregated = store._dicts("SELECT count(*) AS n FROM annotations WHERE job_id = ? AND annotator = ?",
                               ["job_panel_cancel", job["annotator"]])[0]["n"]
     llm_done = job["annotators"][0]["done"]  # 400 × 50 ms of fake LLM: far from done when cancelled
