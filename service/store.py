@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
@@ -190,8 +191,18 @@ class Store(QualityStore, ClassifierStore, ConsoleStore):
         return self._db.cursor()
 
     def close(self) -> None:
-        """Release the file once any write in flight has committed."""
+        """Release the file once any write in flight has committed and any read in flight has ended.
+
+        A thread of a cancelled task may still be inside a call on the connection, which then
+        refuses to close ("busy with another call"); it is given up to 10 s to finish.
+        """
         with self._write_lock:
+            for _ in range(100):
+                try:
+                    self._db.close()
+                    return
+                except duckdb.ResourceInUseException:
+                    time.sleep(0.1)
             self._db.close()
 
     # taxonomies ---------------------------------------------------------------
