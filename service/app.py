@@ -65,7 +65,8 @@ class ModelServer:
 
     def report(self) -> dict:
         """Queue depth and throughput of this replica (also exported as Ray metrics)."""
-        return self.stats.report()
+        prefill = getattr(self.engine, "prefill", None)  # servers behind the OpenAI engine: prompt tokens computed
+        return {**self.stats.report(), **(prefill.report() if prefill is not None else {})}
 
     async def generate_json(self, system: str, user: str, schema: dict, max_tokens: int = 256) -> dict:
         """Free-form output constrained to a JSON schema (taxonomy induction)."""

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -105,13 +106,13 @@ def _wait_ready(url: str, process: subprocess.Popen, log: Path) -> None:
     pytest.fail(f"annotate serve not healthy after {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
 
 
-@pytest.fixture(scope="session")
-def llama_server(tmp_path_factory) -> str:
-    """A real llama.cpp server (llama-cpp-python) serving the SmolLM2 GGUF on loopback; yields its /v1 URL."""
+@contextmanager
+def running_llama_server(log: Path):
+    """A real llama.cpp server (llama-cpp-python) serving the SmolLM2 GGUF on loopback, its output in ``log``;
+    yields its /v1 URL."""
     from service.engines.embedded import gguf_path
 
     port = free_port()
-    log = tmp_path_factory.mktemp("llama-server") / "server.log"
     command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path()), "--host", "127.0.0.1",
                "--port", str(port), "--model_alias", "smollm2", "--n_ctx", "4096", "--n_threads", "1",
                "--logits_all", "true"]
@@ -119,18 +120,29 @@ def llama_server(tmp_path_factory) -> str:
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
     deadline = time.monotonic() + 180
-    while True:
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"llama.cpp server did not start ({' '.join(command)}):\n{log.read_text()[-4000:]}")
+    try:
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"llama.cpp server did not start ({' '.join(command)}):\n{log.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{url}/models", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
         try:
-            if httpx.get(f"{url}/models", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.fixture(scope="session")
+def llama_server(tmp_path_factory) -> str:
+    """The session's llama.cpp server (see ``running_llama_server``); yields its /v1 URL."""
+    with running_llama_server(tmp_path_factory.mktemp("llama-server") / "server.log") as url:
+        yield url
 
 
 class UpstreamProxy(BaseHTTPRequestHandler):
@@ -200,7 +212,7 @@ models:
   smollm2: {{engine: embedded}}
   fake: {{engine: fake}}
   slow-fake: {{engine: fake, delay_ms: 1}}
-  llama: {{engine: openai, base_url: "{llama_url}", model: smollm2, scoring: top_logprobs, top_logprobs: 1000,
+  llama: {{engine: openai, base_url: "{llama_url}", model: smollm2, scoring: auto, top_logprobs: 1000,
            max_concurrency: 2, timeout_s: 300}}
   faulty: {{engine: openai, base_url: "{faulty_url}", model: smollm2, scoring: top_logprobs, top_logprobs: 1000,
             max_concurrency: 4, timeout_s: {FAULTY_TIMEOUT_S}, max_retries: 0}}

@@ -2,22 +2,30 @@
 
 vLLM, Ray Serve LLM and the llama.cpp server all qualify. The engine renders the chat
 prompt itself (``chat_format``: the model's chat markup) and uses ``/v1/completions``,
-because only the completions route returns log-probabilities of prompt tokens:
+the route that returns log-probabilities. Three scoring methods (``scoring``):
 
-- ``echo`` scoring sends prompt + label + end-of-turn with ``echo: true, logprobs``
-  and sums the log-probabilities of the label's tokens: exactly what the embedded
-  engine computes, one request per label (servers reuse the shared prefix through
-  prefix caching);
-- ``top_logprobs`` scoring, for servers without prompt log-probabilities (or, like
-  llama-cpp-python, slow to compute them: it sorts the whole vocabulary for every
-  prompt token), asks for the top-k next-token log-probabilities and walks each label
-  token by token down to its end-of-turn marker, shared prefixes once (one short
-  request per step; servers reuse the cached prompt). A label whose next token is not
-  in the top k gets the k-th log-probability, an upper bound, and stops there. Only
-  log-probabilities are read, never sampled text, so no output constraint is needed;
-- ``auto`` tries echo and falls back to top_logprobs for good when the server refuses
-  it (a 4xx, or an answer without prompt log-probabilities); outages are errors, never
-  a reason to switch.
+- ``auto`` (default): walk each document's label trie one token at a time. Each step is
+  one prompt (the document's prompt plus the label tokens consumed so far) asking for
+  ``max_tokens: 1`` with the top-k next-token log-probabilities; every step of a document
+  shares the document's prompt as a prefix, so a server with prefix caching (vLLM's
+  automatic prefix caching, llama.cpp's slot cache) computes the document once and each
+  step adds a few tokens. A label token outside the top k is scored exactly by one
+  ``echo`` request for that branch (the only request that recomputes the prompt); a
+  server that refuses echo gets the k-th log-probability there, an upper bound, logged.
+  The steps of one trie level go in one call as a list of prompts where the server takes
+  lists (vLLM does; llama-cpp-python does not, detected once).
+- ``top_logprobs``: the same walk, always with the bound (servers without prompt
+  log-probabilities, such as OpenAI's API).
+- ``echo``: one request per label, prompt + label + end-of-turn with ``echo: true`` and
+  ``logprobs``, summing the label's prompt log-probabilities. Exact, but every request
+  recomputes the whole prompt: vLLM sets ``skip_reading_prefix_cache`` for requests with
+  prompt log-probabilities (vLLM 0.29, ``sampling_params.py``), so a 50-label taxonomy costs
+  about 50 prefills of the document (``benchmarks/gpu_cost.py`` prints what that costs).
+
+The engine counts the prompt tokens each document made the server compute
+(``prefill``): the server's ``usage.prompt_tokens`` less ``prompt_tokens_details.cached_tokens``
+where it reports them (vLLM with ``--enable-prompt-tokens-details``), else, for the walk,
+the tokens beyond the document's prompt that each step adds (the prefix assumed cached).
 
 Free-form output (taxonomy induction, rationales) goes through ``/v1/chat/completions``
 with a JSON-schema ``response_format``. Requests share one pooled httpx client, at most
@@ -46,6 +54,37 @@ RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 FIRST_TOP_K = 5  # the OpenAI API's own limit; more only when a label's token is missing
 UNSEEN_LOGPROB = -10.0  # a label step the server gave no log-probability for (it ended the turn instead)
 BACKOFF_S = 0.5
+
+
+@dataclass
+class PrefillCount:
+    """Documents scored and the prompt tokens they made the server compute (reported by ``GET /v1/models``)."""
+
+    documents: int = 0
+    tokens: int = 0
+
+    def report(self) -> dict:
+        """Plain JSON for the model's stats."""
+        return {"prefill_tokens": self.tokens,
+                "prefill_tokens_per_doc": round(self.tokens / self.documents, 1) if self.documents else 0.0}
+
+
+@dataclass
+class _Prefill:
+    """One document's prefill: its prompt's token count (from the first answer) and the tokens computed."""
+
+    document: int = 0
+    tokens: int = 0
+
+    def add(self, usage: dict | None, *, prompts: int, shared: int) -> None:
+        """Count one answer: what the server says it computed, else its prompt tokens less ``shared`` per prompt."""
+        usage = usage or {}
+        total = int(usage.get("prompt_tokens") or 0)
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+        if not self.document:
+            self.document = total // max(prompts, 1)
+            shared = 0
+        self.tokens += total - int(cached) if cached is not None else max(total - prompts * shared, 0)
 
 
 class ServerUnreachable(EngineUnavailable):
@@ -103,6 +142,9 @@ class OpenAIEngine:
                                          "top_logprobs": spec.top_logprobs})
         self._client: httpx.AsyncClient | None = None
         self._slots: asyncio.Semaphore | None = None
+        self._lists: bool | None = None  # whether the server takes a list of prompts (None: not asked yet)
+        self._echo_works: bool | None = None  # whether it gives prompt log-probabilities (None: not needed yet)
+        self.prefill = PrefillCount()
 
     async def score(self, requests: list[ScoreRequest]) -> list[list[float]]:
         """Log-probability of each continuation of each request, requests in parallel."""
@@ -148,24 +190,22 @@ class OpenAIEngine:
             self._client = None
 
     async def _score_one(self, request: ScoreRequest) -> list[float]:
-        """Scores of one document's continuations by the configured (or detected) method."""
+        """Scores of one document's continuations by the configured method, counting the prefill it caused."""
         if not request.chat:  # llama-cpp-python's server echoed other log-probabilities than its own model here
             raise InvalidInput(f"model {self.spec.model!r}: plain-text (completion) prompt templates are scored by "
                                "the embedded engine only; choose a chat template such as 'classify'")
         prompt = self.chat.prompt(request.system, request.user)
-        if self.scoring == "top_logprobs":
-            return await self._descend(prompt, [c + self.chat.end for c in request.continuations])
-        try:
-            return list(await asyncio.gather(*(self._echo(prompt, c + self.chat.end) for c in request.continuations)))
-        except EchoRefused:
-            if self.scoring == "echo":
-                raise
-            log.warning("server has no prompt log-probabilities; scoring by top log-probabilities",
-                        extra={"base_url": self.base_url})
-            self.scoring = "top_logprobs"
-            return await self._score_one(request)
+        continuations = [c + self.chat.end for c in request.continuations]
+        prefill = _Prefill()
+        if self.scoring == "echo":
+            scores = list(await asyncio.gather(*(self._echo(prompt, c, prefill) for c in continuations)))
+        else:
+            scores = await self._descend(prompt, continuations, prefill)
+        self.prefill.documents += 1
+        self.prefill.tokens += prefill.tokens
+        return scores
 
-    async def _echo(self, prompt: str, continuation: str) -> float:
+    async def _echo(self, prompt: str, continuation: str, prefill: _Prefill) -> float:
         """Sum of the prompt log-probabilities of the tokens that spell ``continuation``."""
         body = {"model": self.spec.model, "prompt": prompt + continuation, "max_tokens": 1, "temperature": 0,
                 "echo": True, "logprobs": 1}
@@ -181,17 +221,18 @@ class OpenAIEngine:
         if not tokens or not values or len(tokens) != len(values):
             raise EchoRefused(f"{self.base_url} returned no prompt log-probabilities for echo=true; "
                               "set scoring: top_logprobs for this model")
+        prefill.add(reply.get("usage"), prompts=1, shared=0)  # prompt log-probabilities bypass prefix caches
         generated = (reply.get("usage") or {}).get("completion_tokens", 1)  # echoed after the prompt's tokens
         cut = len(tokens) - generated
         return _tail_logprob(tokens[:cut], values[:cut], self.chat.visible(continuation), self.chat.specials)
 
-    async def _descend(self, prompt: str, continuations: list[str]) -> list[float]:
+    async def _descend(self, prompt: str, continuations: list[str], prefill: _Prefill) -> list[float]:
         """Score continuations token by token from top-k next-token log-probabilities, shared prefixes once."""
         scores = [0.0] * len(continuations)
         frontier: dict[str, list[int]] = {"": list(range(len(continuations)))}
         while frontier:
-            steps = await asyncio.gather(*(self._step(prompt + consumed, [continuations[m][len(consumed):] for m in members])
-                                           for consumed, members in frontier.items()))
+            steps = await self._steps(prompt, [(consumed, [continuations[m][len(consumed):] for m in members])
+                                               for consumed, members in frontier.items()], prefill)
             deeper: dict[str, list[int]] = {}
             for (consumed, members), found in zip(frontier.items(), steps):
                 for m, (logprob, step) in zip(members, found):
@@ -202,27 +243,59 @@ class OpenAIEngine:
             frontier = deeper
         return scores
 
-    async def _step(self, prompt: str, rests: list[str]) -> list[tuple[float, int]]:
-        """(log-probability, characters consumed) of each continuation's next token; 0 characters ends it.
+    async def _steps(self, prompt: str, level: list[tuple[str, list[str]]],
+                     prefill: _Prefill) -> list[list[tuple[float, int]]]:
+        """(log-probability, characters consumed) of each continuation's next token at one trie level; 0 ends it.
 
-        Asks for a few top tokens first and for the configured top k only if a
+        Asks for a few top tokens first and for the configured top k only where a
         continuation's next token is not among them (llama.cpp renders every special
-        token as "", so a short list keeps the end-of-turn marker unambiguous).
+        token as "", so a short list keeps the end-of-turn marker unambiguous); a token
+        outside the top k is scored exactly by echo where allowed (see the module docstring).
         """
-        top = await self._top(prompt, min(FIRST_TOP_K, self.spec.top_logprobs))
-        if top and any(self._next_token(rest, top) is None for rest in rests) and self.spec.top_logprobs > FIRST_TOP_K:
-            top = {**await self._top(prompt, self.spec.top_logprobs), **top}
+        prompts = [prompt + consumed for consumed, _ in level]
+        tops = await self._tops(prompts, min(FIRST_TOP_K, self.spec.top_logprobs), prefill)
+        short = [i for i, (top, (_, rests)) in enumerate(zip(tops, level))
+                 if top and any(self._next_token(rest, top) is None for rest in rests)]
+        if short and self.spec.top_logprobs > FIRST_TOP_K:
+            wider = await self._tops([prompts[i] for i in short], self.spec.top_logprobs, prefill)
+            for i, top in zip(short, wider):
+                tops[i] = {**top, **tops[i]}
+        found = await asyncio.gather(*(self._found(prompts[i], rests, top, prefill)
+                                       for i, (top, (_, rests)) in enumerate(zip(tops, level))))
+        return list(found)
+
+    async def _found(self, prompt: str, rests: list[str], top: dict[str, float],
+                     prefill: _Prefill) -> list[tuple[float, int]]:
+        """Each continuation's next step after ``prompt`` given the server's top-k list there."""
         found = []
         for rest in rests:
             if not top:  # greedy decoding ended the turn here: the end marker was the argmax
                 found.append((0.0 if rest == self.chat.end else UNSEEN_LOGPROB, 0))
                 continue
             token = self._next_token(rest, top)
-            if token is None:
-                found.append((min(top.values()), 0))  # not in the top k: at most the k-th, and stop here
-            else:
+            if token is not None:
                 found.append((top[token], len(self.chat.end) if rest == self.chat.end else len(token)))
+            elif self._echo_allowed():
+                found.append((await self._exact(prompt, rest, prefill, min(top.values())), 0))
+            else:
+                found.append((min(top.values()), 0))  # not in the top k: at most the k-th, and stop here
         return found
+
+    def _echo_allowed(self) -> bool:
+        """Whether a label token outside the top k may be scored by echo (``auto``, until the server refuses it)."""
+        return self.scoring == "auto" and self._echo_works is not False
+
+    async def _exact(self, prompt: str, rest: str, prefill: _Prefill, bound: float) -> float:
+        """The exact log-probability of ``rest`` after ``prompt`` by echo; the bound if the server refuses echo."""
+        try:
+            value = await self._echo(prompt, rest, prefill)
+        except EchoRefused as exc:
+            log.warning("server has no prompt log-probabilities; labels outside the top k get the k-th "
+                        "log-probability (an upper bound)", extra={"base_url": self.base_url, "reason": str(exc)})
+            self._echo_works = False
+            return bound
+        self._echo_works = True
+        return value
 
     def _next_token(self, rest: str, top: dict[str, float]) -> str | None:
         """The top-k token that continues ``rest``: its longest match, or the end-of-turn marker.
@@ -234,12 +307,42 @@ class OpenAIEngine:
             return next((t for t in (self.chat.end, "") if t in top), None)
         return max((t for t in top if t and rest.startswith(t)), key=len, default=None)
 
-    async def _top(self, prompt: str, k: int) -> dict[str, float]:
-        """The server's top-k next tokens after ``prompt`` with their log-probabilities ({} if it ended the turn)."""
-        body = {"model": self.spec.model, "prompt": prompt, "max_tokens": 1, "temperature": 0,
-                "logprobs": k}
-        reply = await self._post("/completions", body)
-        choice = reply["choices"][0]
+    async def _tops(self, prompts: list[str], k: int, prefill: _Prefill) -> list[dict[str, float]]:
+        """The server's top-k next tokens after each prompt ({} where it ended the turn), one call where it can.
+
+        A list of prompts goes in one request if the server takes lists (asked once, without
+        retries: llama-cpp-python answers 500 to a list longer than one); otherwise one
+        request per prompt, in parallel.
+        """
+        body = {"model": self.spec.model, "max_tokens": 1, "temperature": 0, "logprobs": k}
+        if len(prompts) > 1 and self._lists is not False:
+            try:
+                reply = await self._post("/completions", {**body, "prompt": prompts},
+                                         retries=0 if self._lists is None else None)
+                choices = sorted(reply.get("choices") or [], key=lambda c: c.get("index", 0))
+                if len(choices) != len(prompts):
+                    raise EngineError(f"{len(choices)} choices for {len(prompts)} prompts")
+            except ServerUnreachable:
+                raise
+            except EngineError as exc:
+                if self._lists:
+                    raise
+                log.info("server takes one prompt per completion request", extra={"base_url": self.base_url,
+                                                                                   "reason": str(exc)[:200]})
+                self._lists = False
+            else:
+                self._lists = True
+                prefill.add(reply.get("usage"), prompts=len(prompts), shared=prefill.document)
+                return [self._top_of(choice) for choice in choices]
+        replies = await asyncio.gather(*(self._post("/completions", {**body, "prompt": p}) for p in prompts))
+        tops = []
+        for reply in replies:
+            prefill.add(reply.get("usage"), prompts=1, shared=prefill.document)
+            tops.append(self._top_of(reply["choices"][0]))
+        return tops
+
+    def _top_of(self, choice: dict) -> dict[str, float]:
+        """The top-k next tokens of one completion choice ({} if the server ended the turn at once)."""
         top = ((choice.get("logprobs") or {}).get("top_logprobs") or [None])[0]
         if not top and choice.get("finish_reason") == "stop" and not choice.get("text"):
             return {}  # some servers (llama.cpp) report nothing when the first token is end-of-sequence
@@ -248,11 +351,13 @@ class OpenAIEngine:
                                     "a server that supports 'logprobs' on /v1/completions")
         return top
 
-    async def _post(self, path: str, body: dict) -> dict:
-        """POST with bounded concurrency and retries; errors name the server and what it said."""
+    async def _post(self, path: str, body: dict, *, retries: int | None = None) -> dict:
+        """POST with bounded concurrency and retries (the model's ``max_retries`` unless given); errors name the
+        server and what it said."""
         client, slots = self._connection()
-        for attempt in range(self.spec.max_retries + 1):
-            last = attempt == self.spec.max_retries
+        retries = self.spec.max_retries if retries is None else retries
+        for attempt in range(retries + 1):
+            last = attempt == retries
             try:
                 async with slots:
                     response = await client.post(path, json=body)

@@ -39,9 +39,11 @@ class ModelSpec(BaseModel):
     api_key_env: str | None = Field(None, description="openai: environment variable holding the API key")
     chat_format: str = Field("chatml", description="openai: how system/user messages become the prompt text")
     scoring: Literal["auto", "echo", "top_logprobs"] = Field(
-        "auto", description="openai: prompt log-probabilities (echo), top-k log-probabilities, or auto-detect")
+        "auto", description="openai: auto (label tokens walked through top-k lists, prefix-cached, exact by echo "
+                            "outside the top k), top_logprobs (the same walk, bounded outside the top k) or echo "
+                            "(one uncached prefill per label)")
     top_logprobs: int = Field(20, ge=1, le=1000, description="openai: top log-probabilities asked per step "
-                                                           "(OpenAI allows 5, vLLM 20 unless --max-logprobs)")
+                                                           "(OpenAI allows 5, vLLM 20 unless max_logprobs)")
     max_concurrency: int = Field(16, ge=1, description="openai: most requests in flight to the server")
     timeout_s: float = Field(60.0, gt=0, description="openai: per-request timeout")
     max_retries: int = Field(4, ge=0, description="openai: retries on 429, 5xx, timeouts and dropped connections")
