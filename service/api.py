@@ -233,9 +233,13 @@ async def create_job(request: Request, body: JobRequest) -> JSONResponse:
     elif annotators is None and await asyncio.to_thread(_default_panel, ctx, body):
         annotators = [{"kind": "llm"}, {"kind": EMBEDDING}]
         aggregation = aggregation if "aggregation" in body.model_fields_set else DEFAULT_PANEL_AGGREGATION
+    shortlist = None if body.shortlist is None else body.shortlist.model_dump()
     panel = await asyncio.to_thread(ctx.runner.panel, body.taxonomy, body.taxonomy_version, body.model, annotators,
-                                    body.long_documents)
+                                    body.long_documents, shortlist)
     labeller = panel[0][1]
+    if body.mode == "batch" and getattr(labeller, "shortlister", None) is not None:
+        raise InvalidInput("shortlisted labelling (the job's or the taxonomy's 'shortlist') runs in mode 'stream' only: "
+                           "the retriever lives in the service")
     if body.mode == "batch" and (len(panel) > 1 or isinstance(labeller, EmbeddingLabeller)):
         raise InvalidInput("mode 'batch' runs one LLM annotator; label with several annotators in mode 'stream'")
     if body.mode == "batch" and labeller.long_documents == "reject":
@@ -258,6 +262,7 @@ async def _create(ctx: Context, body: JobRequest, panel: list, labeller, aggrega
     model = llm or ctx.runner.model(body.model).name
     job = dict(job_id=job_id, taxonomy=body.taxonomy, model=model, created_by=caller.token_id,
                long_documents=body.long_documents,
+               shortlist=None if body.shortlist is None else body.shortlist.model_dump(),
                **job_record(panel, aggregation=aggregation, threshold=body.cascade_threshold))
     if body.mode == "batch":
         shards, stamp = await asyncio.to_thread(ctx.runner.batch_runner.plan, body.source, body.shard_size)

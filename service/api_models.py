@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .aggregation import METHODS
-from .taxonomy import LongDocuments
+from .taxonomy import LongDocuments, Shortlist
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -69,6 +69,9 @@ class JobRequest(BaseModel):
     long_documents: LongDocuments | None = Field(
         None, description="How the LLM reads documents over ANNOTATE_MODEL_INPUT_CHARS: truncate, reject (stream "
                           "mode only), head_tail or chunk; default the taxonomy's long_documents.")
+    shortlist: Shortlist | None = Field(
+        None, description="Score each document on its K most plausible labels only ({\"k\": 10} or {\"k\": \"auto\", "
+                          "\"recall\": 0.98}); default the taxonomy's shortlist. Stream mode, single-label taxonomies.")
     text_field: str = "text"
     id_field: str = "id"
 

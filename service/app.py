@@ -182,7 +182,7 @@ class Ingress:
                             app_name=serve.get_replica_context().app_name)
         runner = JobRunner(store, named, default_model, batch_size=parsed.batch_size,
                            model_input_chars=parsed.model_input_chars, workers=parsed.job_workers, batch_runner=batch,
-                           students=students)
+                           students=students, max_scored_labels=parsed.max_scored_labels)
         resumed = runner.resume()
         if resumed:
             log.warning("resuming unfinished jobs", extra={"jobs": resumed})

@@ -25,12 +25,15 @@ from .errors import Conflict, InvalidInput
 from .labelling import Annotation, Labeller, annotator_key, failed
 from .long_documents import combine
 from .prompts import load_template
+from .shortlist import TOP_DOWN, Shortlister, TopDown
 from .store import Store, annotation_row
+from .taxonomy import Shortlist, Taxonomy
 
 log = logging.getLogger(__name__)
 
 Scorer = Callable[[list[ScoreRequest]], Awaitable[list["list[float] | BaseException"]]]
 Annotator = Labeller | EmbeddingLabeller | ClassifierLabeller
+SHORTLISTERS_KEPT = 4  # retrievers kept built (each holds its taxonomy's prototypes and labelled texts)
 CASCADE = "cascade"  # the aggregation of a student-then-LLM job: the LLM's label where it was asked
 
 
@@ -51,8 +54,11 @@ class JobRunner:
     """
 
     def __init__(self, store: Store, models: dict[str, Model], default_model: str, *, batch_size: int,
-                 model_input_chars: int, workers: int = 1, batch_runner=None, students=None):
+                 model_input_chars: int, workers: int = 1, batch_runner=None, students=None,
+                 max_scored_labels: int = 100):
         self.store = store
+        self.max_scored_labels = max_scored_labels
+        self._shortlisters: dict[tuple, Shortlister] = {}
         self.students = students  # the StudentServer deployment handle, for cascades
         self.models = models
         self.default_model = default_model
@@ -63,19 +69,49 @@ class JobRunner:
         self._workers = [asyncio.create_task(self._work()) for _ in range(workers)]
 
     def labeller(self, taxonomy_name: str, version: str | None = None, model: str | None = None,
-                 prompt: str | None = None, long_documents: str | None = None) -> Labeller:
-        """The LLM annotator for a taxonomy version on a model (the one named, else the taxonomy's, else the default)."""
+                 prompt: str | None = None, long_documents: str | None = None,
+                 shortlist: dict | None = None) -> Labeller:
+        """The LLM annotator for a taxonomy version on a model (the one named, else the taxonomy's, else the default).
+
+        ``shortlist`` (a job's) overrides the taxonomy's; a single-label taxonomy of more than
+        ``max_scored_labels`` leaves is scored only through a shortlist.
+        """
         taxonomy, version, _ = self.store.get_taxonomy(taxonomy_name, version)
         chosen = self.model(model or taxonomy.model)
-        template = load_template(prompt or ("classify_multi" if taxonomy.multi_label else "classify"))
+        plan = Shortlist.model_validate(shortlist) if shortlist else taxonomy.shortlist
+        default = "classify_multi" if taxonomy.multi_label else "classify_shortlist" if plan else "classify"
+        template = load_template(prompt or default)
         if not template.chat and chosen.info.engine != EMBEDDED_ENGINE:
             raise InvalidInput(f"prompt {template.name!r} is a plain-text completion, which only the embedded engine "
                                f"scores; model {chosen.name!r} runs {chosen.info.engine}: choose a chat template")
+        leaves = len(taxonomy.leaves())
+        if plan is None and leaves > self.max_scored_labels:
+            raise InvalidInput(
+                f"taxonomy {taxonomy.name!r} has {leaves} labels to score, more than one prompt holds "
+                f"(ANNOTATE_MAX_SCORED_LABELS = {self.max_scored_labels}): set 'shortlist: {{k: auto}}' in the "
+                "taxonomy, or give the job \"shortlist\": {\"k\": 10}, so each document is scored on its most "
+                "plausible labels only")
+        if plan is not None and taxonomy.multi_label:
+            raise InvalidInput(f"taxonomy {taxonomy.name!r} is multi-label; shortlists cover single-label taxonomies")
         return Labeller(taxonomy, version, template, chosen.info, self.model_input_chars, model=chosen.name,
-                        long_documents=long_documents)
+                        long_documents=long_documents,
+                        shortlister=None if plan is None else self._shortlister(taxonomy, version, plan))
 
-    def panel(self, taxonomy_name: str, version: str | None, model: str | None,
-              annotators: list[dict] | None, long_documents: str | None = None) -> list[tuple[dict, Annotator]]:
+    def _shortlister(self, taxonomy: Taxonomy, version: str, plan: Shortlist) -> Shortlister | TopDown:
+        """The taxonomy version's retriever for ``plan``, rebuilt when people have labelled more of its texts."""
+        if plan.strategy == TOP_DOWN:
+            return TopDown(taxonomy)
+        labelled = self.store.labelled_texts(taxonomy.name)
+        key = (taxonomy.name, version, plan.k, plan.recall, plan.max_k, len(labelled))
+        if key not in self._shortlisters:
+            if len(self._shortlisters) >= SHORTLISTERS_KEPT:
+                self._shortlisters.pop(next(iter(self._shortlisters)))
+            self._shortlisters[key] = Shortlister(taxonomy, shared_embedder().embed, k=plan.k, recall=plan.recall,
+                                                  max_k=plan.max_k, labelled=labelled)
+        return self._shortlisters[key]
+
+    def panel(self, taxonomy_name: str, version: str | None, model: str | None, annotators: list[dict] | None,
+              long_documents: str | None = None, shortlist: dict | None = None) -> list[tuple[dict, Annotator]]:
         """A job's annotators, each (its job_annotators row, its labeller); one LLM annotator when none are listed.
 
         ``long_documents`` overrides the taxonomy's for the LLM annotators (the others read the head).
@@ -95,7 +131,7 @@ class JobRunner:
                 name = entry.get("name") or EMBEDDING
             else:
                 labeller = self.labeller(taxonomy_name, version, entry.get("model") or model, entry.get("prompt"),
-                                         long_documents)
+                                         long_documents, shortlist)
                 name = entry.get("name") or f"{labeller.model}/{labeller.template.name}"
             panel.append(({"name": name, "annotator": labeller.key, "kind": entry.get("kind") or "llm",
                            "model": entry.get("model") or entry.get("classifier"), "prompt": entry.get("prompt"),
@@ -193,7 +229,8 @@ class JobRunner:
     def _job_panel(self, job: dict) -> list[tuple[dict, Annotator]]:
         """Rebuild a stored job's annotators; refuse when the service would now label differently."""
         stored = job["annotators"] or [{"name": "llm", "annotator": job["annotator"], "kind": "llm"}]
-        panel = self.panel(job["taxonomy"], job["taxonomy_version"], job["model"], stored, job["long_documents"])
+        panel = self.panel(job["taxonomy"], job["taxonomy_version"], job["model"], stored, job["long_documents"],
+                           job["shortlist"])
         for (row, _), before in zip(panel, stored):
             if row["annotator"] != before["annotator"]:
                 raise RuntimeError(
@@ -272,29 +309,37 @@ async def annotate_texts(labeller: Labeller, texts: list[str], scorer: Scorer) -
 
 
 async def _score_texts(labeller: Labeller, texts: list[str], scorer: Scorer) -> list[Annotation]:
-    """Annotations of non-blank texts: every request of every text in one scorer call, one solo retry of each failure."""
+    """Annotations of non-blank texts: every request of every text in one scorer call, one solo retry of each failure.
+
+    A shortlisting labeller's shortlists are drawn first, for the whole batch in one embedding call.
+    """
     if not texts:
         return []
-    views = [labeller.requests(text) for text in texts]
+    shortlister = getattr(labeller, "shortlister", None)
+    shortlists = await shortlister.propose(texts, labeller, scorer) if shortlister else [None] * len(texts)
+    views = [labeller.requests(text, shortlist) if shortlist else labeller.requests(text)
+             for text, shortlist in zip(texts, shortlists)]
     requests = [request for per_text, _ in views for request in per_text]
     results = await scorer(requests)
     for i, result in enumerate(results):
         if isinstance(result, BaseException):
             results[i] = (await scorer([requests[i]]))[0]
     annotations, first = [], 0
-    for text, (per_text, chars_seen) in zip(texts, views):
-        annotations.append(_decide(labeller, results[first: first + len(per_text)], chars_seen, len(text)))
+    for text, (per_text, chars_seen), shortlist in zip(texts, views, shortlists):
+        annotations.append(_decide(labeller, results[first: first + len(per_text)], chars_seen, len(text), shortlist))
         first += len(per_text)
     return annotations
 
 
-def _decide(labeller: Labeller, results: list, chars_seen: int, chars: int) -> Annotation:
+def _decide(labeller: Labeller, results: list, chars_seen: int, chars: int,
+            shortlist: tuple[str, ...] | None = None) -> Annotation:
     """One text's annotation from its requests' results (windows combined); failed if any of them failed."""
     error = next((result for result in results if isinstance(result, BaseException)), None)
     if error is not None:
         return failed(f"{type(error).__name__}: {error}")
     try:
-        annotation = labeller.decide(combine(results))
+        combined = combine(results)
+        annotation = labeller.decide(combined, shortlist) if shortlist else labeller.decide(combined)
     except (ValueError, OverflowError) as exc:
         return failed(f"malformed engine output: {exc}")
     return replace(annotation, truncated=chars_seen < chars, chars_seen=chars_seen)

@@ -13,6 +13,15 @@ abstained, ``out_of_taxonomy`` when the taxonomy allows "none of these" (in mult
 that is what choosing nothing means) and ``below_threshold`` otherwise. The ambiguity
 margin applies to single-label taxonomies only.
 
+Shortlisted (a taxonomy's or job's ``shortlist``, ``service.shortlist``): each document is
+scored on its own shortlist of leaves only, the other leaves get probability 0. The default
+template for it, ``classify_shortlist``, lists the shortlisted labels with their
+descriptions after the document, so the system prompt (the instruction) is the same for
+every document and its cache is shared; a template that lists labels in its system section
+gets just the shortlist there (in taxonomy order, so equal shortlists share a prompt). The
+whole-taxonomy prompt is never built, and a distribution flat over the shortlist (top probability
+under ``FLAT_FACTOR`` / K) is abstained as ``flat_shortlist`` rather than forced.
+
 A blank document (empty or whitespace) is not scored: abstained with ``empty_text``.
 A document longer than the model's input is read as its ``long_documents`` mode says
 (``service.long_documents``): one request, or one per window whose scores ``combine``
@@ -24,17 +33,21 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .engines.base import EngineInfo, ScoreRequest
 from .long_documents import MAX_WINDOWS, model_texts, reading_spec
 from .prompts import PromptTemplate
+from .shortlist import Shortlister, TopDown
 from .taxonomy import NONE_LABEL, LongDocuments, Taxonomy
 
 OUT_OF_TAXONOMY = "out_of_taxonomy"
 EMPTY_TEXT = "empty_text"
 BELOW_THRESHOLD = "below_threshold"
 AMBIGUOUS = "ambiguous"
+FLAT_SHORTLIST = "flat_shortlist"
+SHORTLIST_PROMPTS = 256
+FLAT_FACTOR = 1.5  # a shortlist's top probability under 1.5 / K is too close to uniform to be a choice
 COMPLETION_END = "\n"  # a plain-text answer ends with its line; a chat answer ends with its turn (the engine's)
 
 
@@ -53,6 +66,7 @@ class Annotation:
     chars_seen: int | None = None  # characters of the text that reached the model (None: not scored)
     status: str = "ok"
     error: str | None = None
+    shortlist: list[str] | None = None  # the leaves that were scored, when the labeller shortlists
 
 
 @dataclass(frozen=True)
@@ -67,30 +81,59 @@ class Labeller:
     model: str = ""  # the models-config name jobs call; not part of the key (``engine`` identifies outputs)
     long_documents: LongDocuments | None = None  # a job's override; None: the taxonomy's
     max_windows: int = MAX_WINDOWS
+    shortlister: Shortlister | TopDown | None = None  # scores each document's shortlist only (large taxonomies)
     system: str = field(init=False)
     options: tuple[str, ...] = field(init=False)
     continuations: tuple[str, ...] = field(init=False)  # rendered once: the same after every document
 
     def __post_init__(self):
+        object.__setattr__(self, "long_documents", self.long_documents or self.taxonomy.long_documents)
+        object.__setattr__(self, "options", options_of(self.taxonomy))
+        whole = self.shortlister is None  # a shortlisting labeller never builds the whole-taxonomy prompt
+        object.__setattr__(self, "system", self._system(tuple(self.taxonomy.label_names())) if whole else "")
+        object.__setattr__(self, "continuations", self._continuations(self.options) if whole else ())
+        object.__setattr__(self, "_shortlist_prompts", {})  # shortlist -> its system prompt, while it recurs
+
+    def _system(self, names: tuple[str, ...]) -> str:
+        """The system prompt listing the labels ``names`` (every leaf, a document's shortlist, or one level of it)."""
         allow_none = self.taxonomy.abstention.allow_none and not self.taxonomy.multi_label
-        system = self.template.render(
+        chosen = set(names)
+        return self.template.render(
             "system",
             instruction=self.taxonomy.instruction,
-            labels=self.taxonomy.leaves(),
+            labels=[label for label in self.taxonomy.labels if label.name in chosen],
             allow_none=allow_none,
             none_label=NONE_LABEL,
             multi_label=self.taxonomy.multi_label,
-            demonstrations=demonstrations(self.taxonomy),
+            demonstrations=[d for d in demonstrations(self.taxonomy) if d[0] in chosen],
         )
-        object.__setattr__(self, "system", system)
-        object.__setattr__(self, "long_documents", self.long_documents or self.taxonomy.long_documents)
-        object.__setattr__(self, "options", options_of(self.taxonomy))
+
+    def _continuations(self, options: tuple[str, ...]) -> tuple[str, ...]:
+        """The texts scored after the prompt for ``options``, in the order ``decide`` reads them."""
         answer, end = self.template.render("assistant"), "" if self.template.chat else COMPLETION_END
-        object.__setattr__(self, "continuations", tuple(answer + c + end for c in self._render_continuations()))
+        if self.taxonomy.multi_label:
+            rendered = [self.template.render(side, label=name) for name in options for side in ("yes", "no")]
+        else:
+            rendered = [self.template.render("choice", label=name) for name in options]
+        return tuple(answer + c + end for c in rendered)
+
+    def _shortlist_prompt(self, shortlist: tuple[str, ...]) -> str:
+        """A shortlist's system prompt, rendered once while it recurs (the last ``SHORTLIST_PROMPTS`` kept)."""
+        prompts = self._shortlist_prompts
+        if shortlist not in prompts:
+            if len(prompts) >= SHORTLIST_PROMPTS:
+                prompts.pop(next(iter(prompts)))
+            prompts[shortlist] = self._system(shortlist)
+        return prompts[shortlist]
+
+    def shortlist_options(self, shortlist: tuple[str, ...]) -> tuple[str, ...]:
+        """The options a shortlisted document is scored on: its leaves, and "none of these" when allowed."""
+        return shortlist + tuple(o for o in self.options if o == NONE_LABEL)
 
     @property
     def spec(self) -> dict:
         """Everything that determines an annotation: recorded on the job and hashed into the cache key."""
+        shortlist = {} if self.shortlister is None else {"shortlist": self.shortlister.plan}
         return {
             "engine": self.engine.engine,
             "model": self.engine.model,
@@ -101,6 +144,7 @@ class Labeller:
             "taxonomy_version": self.taxonomy_version,
             "model_input_chars": self.model_input_chars,
             **reading_spec(self.long_documents, self.max_windows),
+            **shortlist,
         }
 
     @property
@@ -108,26 +152,48 @@ class Labeller:
         """Short stable id of this annotator (the cache key's second half, next to the text hash)."""
         return annotator_key(self.spec)
 
-    def requests(self, text: str) -> tuple[list[ScoreRequest], int]:
-        """The engine requests for one document (one per window in ``chunk`` mode), and ``chars_seen``."""
+    def requests(self, text: str, shortlist: tuple[str, ...] | None = None) -> tuple[list[ScoreRequest], int]:
+        """The engine requests for one document (one per window in ``chunk`` mode), and ``chars_seen``.
+
+        With a ``shortlist`` (from ``shortlister``) only its leaves are in the prompt and scored.
+        """
         texts, chars_seen = model_texts(text, self.long_documents, self.model_input_chars,
                                         max_windows=self.max_windows)
-        return [ScoreRequest(self.system, self.template.render("user", text=piece, options=self.options),
-                             self.continuations, self.template.chat) for piece in texts], chars_seen
+        if shortlist is None:
+            system, options, continuations, labels = self.system, self.options, self.continuations, ()
+        else:
+            options = self.shortlist_options(shortlist)
+            system, continuations = self._shortlist_prompt(shortlist), self._continuations(options)
+            labels = [label for label in self.taxonomy.labels if label.name in shortlist]
+        return [ScoreRequest(system, self.template.render("user", text=piece, options=options, labels=labels),
+                             continuations, self.template.chat) for piece in texts], chars_seen
 
-    def _render_continuations(self) -> list[str]:
-        """The texts scored after the prompt, in the order ``decide`` reads them."""
-        if self.taxonomy.multi_label:
-            return [self.template.render(side, label=name) for name in self.options for side in ("yes", "no")]
-        return [self.template.render("choice", label=name) for name in self.options]
-
-    def decide(self, scores: list[float]) -> Annotation:
+    def decide(self, scores: list[float], shortlist: tuple[str, ...] | None = None) -> Annotation:
         """Turn continuation log-probabilities into distribution, candidates and abstention."""
+        if shortlist is not None:
+            return self._decide_shortlisted(scores, shortlist)
         if len(scores) != len(self.continuations):
             raise ValueError(f"expected {len(self.continuations)} scores, got {len(scores)}")
         if self.taxonomy.multi_label:
             return self._decide_multi(scores)
         return self._decide_single(scores)
+
+    def candidates_among(self, names: tuple[str, ...], scores: list[float]) -> list[str]:
+        """The candidate set (``candidate_mass``) of labels ``names`` scored for a text (a top-down level)."""
+        options = self.shortlist_options(names)
+        ranked = sorted(zip(options, softmax(scores)), key=lambda kv: -kv[1])
+        return _candidate_set([kv for kv in ranked if kv[0] != NONE_LABEL], self.taxonomy.candidate_mass)
+
+    def _decide_shortlisted(self, scores: list[float], shortlist: tuple[str, ...]) -> Annotation:
+        """A distribution over every option, 0 outside the shortlist; flat over the shortlist is abstained."""
+        options = self.shortlist_options(shortlist)
+        if len(scores) != len(options):
+            raise ValueError(f"expected {len(options)} scores, got {len(scores)}")
+        scored = dict(zip(options, softmax(scores)))
+        annotation = decide_single({name: scored.get(name, 0.0) for name in self.options}, self.taxonomy)
+        if not annotation.abstained and len(shortlist) > 2 and annotation.confidence < FLAT_FACTOR / len(shortlist):
+            annotation = replace(annotation, label=None, labels=[], abstained=True, abstain_reason=FLAT_SHORTLIST)
+        return replace(annotation, shortlist=list(shortlist))
 
     def _decide_single(self, scores: list[float]) -> Annotation:
         """Softmax over options, then candidates and abstention rules."""

@@ -30,7 +30,8 @@ from .aggregation import agreement
 from .embeddings import shared_embedder
 from .errors import Conflict, InvalidInput
 from .label_issues import rank_gold_issues, rank_llm_issues
-from .labelling import options_of
+from .labelling import FLAT_SHORTLIST, options_of
+from .shortlist import wilson
 from .statistics import abstention_threshold, conformal_sets, dsl_proportions, dsl_regression, quality_report
 from .store import Store
 
@@ -84,8 +85,25 @@ def report(store: Store, job_id: str) -> dict:
     result = {"job_id": job_id, "sample": data.sample, **result, **_annotators(store, data),
               "humans": _human_agreement(store, job_id)}
     result["calibration"] = store.calibration(job_id)
+    result["shortlist"] = _shortlist_recall(data)
     store.put_quality_tables(job_id, *_tables(result))
     return result
+
+
+def _shortlist_recall(data: GoldData) -> dict | None:
+    """How often the gold label was among the leaves scored (shortlisted jobs; None otherwise), with its interval.
+
+    Unweighted over the labelled sample: the share of gold documents whose label the model could choose.
+    """
+    pairs = [(gold, shortlist) for gold, shortlist in zip(data.at_gold("gold_label"), data.at_gold("shortlist"))
+             if shortlist is not None]
+    if not pairs:
+        return None
+    hits = sum(gold in shortlist for gold, shortlist in pairs)
+    low, high = wilson(hits, len(pairs))
+    return {"n": len(pairs), "recall": hits / len(pairs), "interval": {"low": low, "high": high, "level": 0.95},
+            "k": max(len(shortlist) for _, shortlist in pairs),
+            "flat": sum(reason == FLAT_SHORTLIST for reason in data.columns["abstain_reason"])}
 
 
 def annotator_agreement(store: Store, job_id: str) -> dict:

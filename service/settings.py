@@ -58,6 +58,9 @@ class Settings(BaseSettings):
         2000, ge=100, description="Characters of a document the model reads in one request; longer documents are "
                                   "read as long_documents says (truncate, head_tail, chunk) and flagged when cut."
     )
+    max_scored_labels: int = Field(100, ge=2, description="A single-label taxonomy with more leaves than this is "
+                                                         "scored only through a shortlist (taxonomy or job "
+                                                         "'shortlist'); jobs without one are refused.")
     max_document_chars: int = Field(1_000_000, ge=1, description="Documents longer than this are rejected with 413.")
     max_documents_per_job: int = Field(100_000, ge=1, description="Most documents one inline job may carry.")
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest HTTP request body accepted.")

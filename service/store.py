@@ -44,6 +44,7 @@ ALTER TABLE jobs ADD COLUMN IF NOT EXISTS model VARCHAR;
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS batch JSON;
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS created_by VARCHAR;
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS long_documents VARCHAR;
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS shortlist JSON;
 CREATE TABLE IF NOT EXISTS inductions (
     induction_id VARCHAR PRIMARY KEY, name VARCHAR NOT NULL, status VARCHAR NOT NULL, stage VARCHAR,
     progress DOUBLE, options JSON, yaml VARCHAR, report JSON, error VARCHAR,
@@ -64,6 +65,7 @@ CREATE TABLE IF NOT EXISTS annotations (
     text_hash VARCHAR NOT NULL, cached BOOLEAN NOT NULL, latency_ms DOUBLE, created_at TIMESTAMP NOT NULL,
     PRIMARY KEY (job_id, doc_id, annotator));
 ALTER TABLE annotations ADD COLUMN IF NOT EXISTS chars_seen INTEGER;
+ALTER TABLE annotations ADD COLUMN IF NOT EXISTS shortlist VARCHAR[];
 CREATE INDEX IF NOT EXISTS annotations_by_text ON annotations (text_hash);
 CREATE TABLE IF NOT EXISTS job_annotators (
     job_id VARCHAR NOT NULL, name VARCHAR NOT NULL, annotator VARCHAR NOT NULL, kind VARCHAR NOT NULL,
@@ -102,7 +104,7 @@ CREATE TABLE IF NOT EXISTS classifiers (
     created_at TIMESTAMP NOT NULL, finished_at TIMESTAMP);
 CREATE OR REPLACE VIEW labels AS
     SELECT a.job_id, a.doc_id, a.label, a.labels, a.confidence, a.candidates, a.abstained,
-           a.abstain_reason, a.distribution, a.truncated, a.chars_seen, a.cached,
+           a.abstain_reason, a.distribution, a.truncated, a.chars_seen, a.cached, a.shortlist,
            CASE WHEN c.threshold IS NOT NULL THEN list_transform(list_sort(list_transform(
                list_filter(map_entries(a.distribution), lambda e: e.value >= c.threshold),
                lambda e: {'p': -e.value, 'k': e.key})), lambda e: e.k) END AS conformal_candidates,
@@ -133,7 +135,8 @@ ANNOTATION_SCHEMA = pa.schema(
         ("error", pa.string()), ("model", pa.string()), ("engine", pa.string()), ("prompt_hash", pa.string()),
         ("taxonomy_version", pa.string()), ("decoding", pa.string()), ("text_hash", pa.string()),
         ("cached", pa.bool_()), ("latency_ms", pa.float64()), ("created_at", pa.timestamp("us")),
-        ("chars_seen", pa.int32()),  # last, as ALTER TABLE added it: inserts go by position
+        ("chars_seen", pa.int32()), ("shortlist", pa.list_(pa.string())),  # as ALTER TABLE added them: inserts go
+                                                                           # by position
     ]
 )
 DOCUMENT_SCHEMA = pa.schema(
@@ -265,7 +268,7 @@ class Store(QualityStore, ClassifierStore, ConsoleStore):
                    annotator_spec: dict, annotators: list[dict], batches: Iterable[pa.RecordBatch] = (),
                    batch: dict | None = None,
                    shards: list[dict] | None = None, created_by: str | None = None,
-                   long_documents: str | None = None) -> int:
+                   long_documents: str | None = None, shortlist: dict | None = None) -> int:
         """Insert a job with its documents (or, for a batch job, its shard plan) in one transaction; returns the total.
 
         No write lock: the batches may come from a large file, and DuckDB appends of a new
@@ -276,10 +279,11 @@ class Store(QualityStore, ClassifierStore, ConsoleStore):
         try:
             cur.execute(
                 "INSERT INTO jobs (job_id, taxonomy, taxonomy_version, annotator, annotator_spec, status, total,"
-                " created_at, model, batch, created_by, long_documents)"
-                " VALUES (?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?, ?)",
+                " created_at, model, batch, created_by, long_documents, shortlist)"
+                " VALUES (?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?, ?, ?)",
                 [job_id, taxonomy, version, annotator, json.dumps(annotator_spec), utc_now(), model,
-                 None if batch is None else json.dumps(batch), created_by, long_documents],
+                 None if batch is None else json.dumps(batch), created_by, long_documents,
+                 None if shortlist is None else json.dumps(shortlist)],
             )
             if annotators:
                 cur.executemany("INSERT INTO job_annotators VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -305,7 +309,8 @@ class Store(QualityStore, ClassifierStore, ConsoleStore):
     def job(self, job_id: str) -> dict:
         """A job's row with live counts of done, failed and abstained documents."""
         rows = self._dicts(
-            "SELECT j.job_id, j.taxonomy, j.taxonomy_version, j.model, j.batch, j.long_documents, j.annotator,"
+            "SELECT j.job_id, j.taxonomy, j.taxonomy_version, j.model, j.batch, j.long_documents, j.shortlist,"
+            " j.annotator,"
             " j.annotator_spec, j.status,"
             " j.total, j.error, j.created_at, j.started_at, j.finished_at,"
             " (SELECT count(*) FROM job_shards s WHERE s.job_id = j.job_id) AS shards,"
@@ -324,6 +329,7 @@ class Store(QualityStore, ClassifierStore, ConsoleStore):
         row = rows[0]
         row["annotator_spec"] = json.loads(row["annotator_spec"])
         row["batch"] = None if row["batch"] is None else json.loads(row["batch"])
+        row["shortlist"] = None if row["shortlist"] is None else json.loads(row["shortlist"])
         row["annotators"] = self.job_annotators(job_id)
         return row
 
@@ -449,18 +455,27 @@ class Store(QualityStore, ClassifierStore, ConsoleStore):
         cur = self.cursor()
         cur.execute(
             "SELECT DISTINCT ON (text_hash) text_hash, distribution, label, labels, confidence, candidates,"
-            " abstained, abstain_reason, truncated, chars_seen FROM annotations"
+            " abstained, abstain_reason, truncated, chars_seen, shortlist FROM annotations"
             " WHERE annotator = ? AND status = 'ok' AND text_hash IN (SELECT unnest(?::VARCHAR[]))",
             [annotator, text_hashes],
         )
         found = {}
-        for text_hash, dist, label, labels, confidence, candidates, abstained, reason, truncated, seen in cur.fetchall():
+        for text_hash, dist, label, labels, confidence, candidates, abstained, reason, truncated, seen, shortlist \
+                in cur.fetchall():
             found[text_hash] = Annotation(
                 distribution=dict(dist), label=label, labels=list(labels), confidence=confidence,
                 candidates=list(candidates), abstained=abstained, abstain_reason=reason, truncated=truncated,
-                chars_seen=seen,
+                chars_seen=seen, shortlist=shortlist,
             )
         return found
+
+    def labelled_texts(self, taxonomy: str, limit: int = 5000) -> list[tuple[str, str]]:
+        """(text, gold label) of the documents people labelled in the taxonomy's jobs, the most recent last."""
+        rows = self.cursor().execute(
+            "SELECT d.text, g.gold_label FROM gold g JOIN documents d USING (job_id, doc_id) JOIN jobs j USING (job_id)"
+            " WHERE j.taxonomy = ? AND g.gold_label IS NOT NULL ORDER BY j.created_at DESC, d.position LIMIT ?",
+            [taxonomy, limit]).fetchall()
+        return [(text, label) for text, label in reversed(rows)]
 
     def write_annotations(self, rows: list[dict]) -> None:
         """Append a batch of annotation rows atomically; rows already present are kept as they were."""

@@ -76,7 +76,8 @@ class QualityStore:
             cur.execute(
                 "INSERT INTO annotations SELECT job_id, doc_id, ? AS annotator, status, distribution, label, labels,"
                 " confidence, candidates, abstained, abstain_reason, truncated, error, model, engine, prompt_hash,"
-                " taxonomy_version, ? AS decoding, text_hash, cached, latency_ms, created_at, chars_seen FROM annotations"
+                " taxonomy_version, ? AS decoding, text_hash, cached, latency_ms, created_at, chars_seen, shortlist"
+                " FROM annotations"
                 " WHERE job_id = ? AND annotator IN (?, ?)"
                 " QUALIFY row_number() OVER (PARTITION BY doc_id ORDER BY annotator = ? DESC) = 1",
                 [output, json.dumps({"method": "cascade", "threshold": threshold, "student": student, "llm": llm}),
@@ -90,7 +91,8 @@ class QualityStore:
         text = " l.text," if with_text else ""
         table = self.cursor().sql(
             "SELECT l.doc_id, list_transform(?::VARCHAR[], lambda k: coalesce(l.distribution[k], 0.0)) AS probs,"
-            f" l.label, l.candidates, l.abstained, l.abstain_reason, l.meta, length(l.text) AS text_chars,{text}"
+            f" l.label, l.candidates, l.abstained, l.abstain_reason, l.shortlist, l.meta, length(l.text) AS text_chars,"
+            f"{text}"
             " g.inclusion_prob, g.gold_label, g.human_agreement FROM labels l LEFT JOIN gold g USING (job_id, doc_id)"
             " WHERE l.job_id = ? ORDER BY l.position", params=[options, job_id]).to_arrow_table()
         columns = table.to_pydict()

@@ -88,6 +88,26 @@ class Abstention(_Model):
     ambiguity_margin: float = Field(default=0.0, ge=0.0, lt=1.0, strict=True)
 
 
+class Shortlist(_Model):
+    """Score each document on its K most plausible leaves only (``service.shortlist``): large taxonomies."""
+
+    strategy: Literal["retrieve", "top_down"] = Field(
+        default="retrieve", description="retrieve: the K leaves most similar to the document (embeddings, labelled "
+                                        "neighbours); top_down: the LLM picks among parents, then their children")
+    k: int | Literal["auto"] = Field(default="auto", description="leaves per document, or 'auto': the smallest K "
+                                                                  "whose recall on labelled texts reaches 'recall'")
+    recall: float = Field(default=0.98, gt=0.0, le=1.0, description="the recall 'auto' calibrates K for")
+    max_k: int = Field(default=20, ge=2, description="the largest K 'auto' may choose (the recall it reaches there "
+                                                    "is recorded when the target needs more)")
+
+    @field_validator("k")
+    @classmethod
+    def _at_least_two(cls, k: int | str) -> int | str:
+        if isinstance(k, int) and k < 2:
+            raise ValueError("a shortlist needs at least 2 labels (k >= 2)")
+        return k
+
+
 class Taxonomy(_Model):
     """A validated taxonomy; build it with ``parse_taxonomy`` or ``load_taxonomy``."""
 
@@ -106,6 +126,8 @@ class Taxonomy(_Model):
                                         "'head_tail' labels their first two thirds and last third of that input; "
                                         "'chunk' labels overlapping windows of the whole text and combines them "
                                         "(service.long_documents)")
+    shortlist: Shortlist | None = Field(default=None, description="score each document on a shortlist of its most "
+                                                                  "plausible leaves (large taxonomies)")
     labels: list[Label] = Field(description="the labels, each with at least name and description")
 
     @field_validator("name")
@@ -168,7 +190,8 @@ class Taxonomy(_Model):
 
     def content_hash(self) -> str:
         """First 12 hex chars of sha256 over canonical JSON: changes only with meaning."""
-        canonical = json.dumps(self.model_dump(), sort_keys=True, separators=(",", ":"))
+        unset = {"shortlist"} if self.shortlist is None else set()  # hashes from before the option stay the same
+        canonical = json.dumps(self.model_dump(exclude=unset), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:12]
 
 
