@@ -16,8 +16,8 @@ candidate set (``candidate_mass`` of the probability), and goes down to the chil
 chosen labels, level by level, until the shortlist is leaves: one scoring round per level.
 
 K is fixed (``shortlist: {k: 10}``) or ``auto``: the smallest K whose recall on a
-calibration set reaches ``recall`` (0.98 by default), at most ``max_k`` (20: each shortlisted
-label costs its description's tokens in every document's prompt; where the target needs
+calibration set reaches ``recall`` (0.98 by default), at most ``max_k`` (10: each shortlisted
+label costs its tokens in every document's prompt; where the target needs
 more, the recall reached at ``max_k`` is what is recorded). The calibration set is the labelled
 texts (each scored with itself left out of the neighbours) or, without any, the taxonomy's
 examples (each scored against prototypes built without it); with neither, ``DEFAULT_K``.
@@ -60,7 +60,7 @@ class Calibration:
 class Shortlister:
     """Proposes, for each document, the K leaves of a taxonomy most similar to it (in taxonomy order)."""
 
-    def __init__(self, taxonomy: Taxonomy, embed: Embed, *, k: int | str, recall: float, max_k: int = 20,
+    def __init__(self, taxonomy: Taxonomy, embed: Embed, *, k: int | str, recall: float, max_k: int = 10,
                  labelled: list[tuple[str, str]] = ()):
         self.names = tuple(taxonomy.label_names())
         self._embed = embed

@@ -97,7 +97,7 @@ class Shortlist(_Model):
     k: int | Literal["auto"] = Field(default="auto", description="leaves per document, or 'auto': the smallest K "
                                                                   "whose recall on labelled texts reaches 'recall'")
     recall: float = Field(default=0.98, gt=0.0, le=1.0, description="the recall 'auto' calibrates K for")
-    max_k: int = Field(default=20, ge=2, description="the largest K 'auto' may choose (the recall it reaches there "
+    max_k: int = Field(default=10, ge=2, description="the largest K 'auto' may choose (the recall it reaches there "
                                                     "is recorded when the target needs more)")
 
     @field_validator("k")

@@ -111,3 +111,24 @@ def test_auto_k_reaches_the_recall_on_labelled_texts():
     hits = sum((held_out[i] > held_out[i, t]).sum() < calibration.k - 1 for i, t in enumerate(truth))
     assert hits / len(labelled) < 0.9, "K - 1 would not have reached the recall"
     assert all(len(s) == calibration.k for s in shortlister.shortlists([q["text"] for q in QUESTIONS[:5]]))
+
+
+def test_top_down_shortlists_are_whole_families_of_the_chosen_parents(service):
+    """``top_down``: the LLM picks among the 6 parents, and each shortlist is every child of the parents it kept."""
+    children = {}
+    for label in TREC.labels:
+        if label.parent:
+            children.setdefault(label.parent, set()).add(label.name)
+    with service.client() as client:
+        assert client.post("/v1/taxonomies", content=(REPO / "taxonomy" / "trec-questions.yaml").read_bytes()).is_success
+        documents = [{"id": q["id"], "text": q["text"]} for q in QUESTIONS[:6]]
+        response = client.post("/v1/jobs", json={"taxonomy": "trec-questions", "model": "smollm2", "documents": documents,
+                                                 "shortlist": {"strategy": "top_down"}})
+        assert response.status_code == 202, response.text
+        job = wait_for_job(client, response.json()["job_id"])
+        rows = sql(client, f"SELECT shortlist, label FROM labels WHERE job_id = '{job['job_id']}'")
+    assert job["status"] == "succeeded" and len(rows) == 6
+    for row in rows:
+        families = [parent for parent, names in children.items() if names & set(row["shortlist"])]
+        assert set(row["shortlist"]) == set().union(*(children[p] for p in families))
+        assert row["label"] is None or row["label"] in row["shortlist"]
