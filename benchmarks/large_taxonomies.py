@@ -21,7 +21,8 @@ p50 latency per batch document, prompt tokens per document (system + user, the s
 continuations excluded), the shortlist recall on the sample (true leaf among those scored),
 and accuracy with 95% Wilson intervals (for 500 labels also rolled up to the 50 fine labels).
 
-    .venv/bin/python benchmarks/large_taxonomies.py [--n 150] [--labelled 300] [--seed 0]
+    .venv/bin/python benchmarks/large_taxonomies.py [--n 150] [--labelled 300] [--seed 0] [--sizes 6,50,500]
+        [--methods every,shortlist,top-down] [--prompt classify_shortlist]
 """
 
 from __future__ import annotations
@@ -107,7 +108,11 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=150)
     parser.add_argument("--labelled", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sizes", default="6,50,500", help="taxonomy sizes to run, comma-separated")
+    parser.add_argument("--methods", default="every,shortlist,top-down", help="methods to run, comma-separated")
+    parser.add_argument("--prompt", default="classify_shortlist", help="the shortlisted methods' prompt template")
     args = parser.parse_args()
+    sizes, methods = {int(n) for n in args.sizes.split(",")}, set(args.methods.split(","))
 
     from service.embeddings import shared_embedder
     from service.engines.embedded import EmbeddedEngine
@@ -131,23 +136,26 @@ def main() -> None:
     settings = Settings()
     engine = EmbeddedEngine(settings.models_dir)
     embed = shared_embedder().embed
-    template, shortlisted = load_template("classify"), load_template("classify_shortlist")  # as the service picks
+    template, shortlisted = load_template("classify"), load_template(args.prompt)  # as the service picks by default
     table = []
     for size, taxonomy in taxonomies.items():
+        if size not in sizes:
+            continue
         truth = [leaf_of(r, size) for r in sample]
         labelled = [(r["text"], leaf_of(r, size)) for r in pool]
         plans: dict = {}
         whole = Labeller(taxonomy, "1", template, engine.info, settings.model_input_chars)
         whole_tokens = len(engine.tokenizer(whole.system)["input_ids"])
-        if whole_tokens < CONTEXT_TOKENS // 2:
+        if "every" in methods and whole_tokens < CONTEXT_TOKENS // 2:
             plans["every leaf"] = whole
-        else:
+        elif "every" in methods:
             table.append([size, "every leaf", "does not fit", "", fmt(whole_tokens, 0), "", "", ""])
         retriever = Shortlister(taxonomy, embed, k="auto", recall=0.98, labelled=labelled)
         calibration = retriever.calibration
-        plans[f"shortlist, K={retriever.k} ({100 * calibration.recall:.0f}% of {calibration.n} labelled)"] = \
-            Labeller(taxonomy, "1", shortlisted, engine.info, settings.model_input_chars, shortlister=retriever)
-        if any(label.parent for label in taxonomy.labels):
+        if "shortlist" in methods:
+            plans[f"shortlist, K={retriever.k} ({100 * calibration.recall:.0f}% of {calibration.n} labelled)"] = \
+                Labeller(taxonomy, "1", shortlisted, engine.info, settings.model_input_chars, shortlister=retriever)
+        if "top-down" in methods and any(label.parent for label in taxonomy.labels):
             top_down = TopDown(taxonomy)
             plans["top-down (parents, then children)"] = \
                 Labeller(taxonomy, "1", shortlisted, engine.info, settings.model_input_chars, shortlister=top_down)
@@ -164,6 +172,7 @@ def main() -> None:
             table.append([size, method, fmt(len(texts) / seconds, 2), fmt(percentile(latencies, 50), 0),
                           fmt(tokens, 0), fmt(100 * recall, 1), fmt_acc(correct, len(truth)), rolled])
     print_facts("Large taxonomies: every leaf, a shortlist, top-down (TREC questions, embedded SmolLM2)", [
+        f"shortlisted prompt: {args.prompt}",
         *machine_facts(), f"{len(texts)} questions (seed {args.seed}); {len(pool)} others as the labelled texts a "
         "shortlist calibrates on; batches of 16 through service.jobs.annotate_texts; numeric path "
         f"{engine.numeric.dtype}", load_now()])

@@ -135,8 +135,8 @@ ANNOTATION_SCHEMA = pa.schema(
         ("error", pa.string()), ("model", pa.string()), ("engine", pa.string()), ("prompt_hash", pa.string()),
         ("taxonomy_version", pa.string()), ("decoding", pa.string()), ("text_hash", pa.string()),
         ("cached", pa.bool_()), ("latency_ms", pa.float64()), ("created_at", pa.timestamp("us")),
-        ("chars_seen", pa.int32()), ("shortlist", pa.list_(pa.string())),  # as ALTER TABLE added them: inserts go
-                                                                           # by position
+        ("chars_seen", pa.int32()), ("shortlist", pa.list_(pa.string())),  # inserts go BY NAME: a migrated
+                                                                           # table's column order may differ
     ]
 )
 DOCUMENT_SCHEMA = pa.schema(
@@ -408,7 +408,7 @@ class Store(QualityStore, ClassifierStore, ConsoleStore):
                 raise InvalidInput(f"document id {duplicate[0]!r} occurs more than once in the source "
                                    f"(found in shard {shard}); ids must be unique")
             cur.execute(f"INSERT INTO documents SELECT {DOCUMENT_COLUMNS} FROM read_parquet(?)", [str(path)])
-            cur.execute(f"INSERT INTO annotations SELECT {ANNOTATION_COLUMNS} FROM read_parquet(?)", [str(path)])
+            cur.execute(f"INSERT INTO annotations BY NAME SELECT {ANNOTATION_COLUMNS} FROM read_parquet(?)", [str(path)])
             cur.execute("UPDATE job_shards SET path = ?, registered_at = ? WHERE job_id = ? AND shard = ?",
                         [str(path), utc_now(), job_id, shard])
 
@@ -486,7 +486,7 @@ class Store(QualityStore, ClassifierStore, ConsoleStore):
             cur = self.cursor()
             cur.register("annotation_batch", table)
             try:
-                cur.execute("INSERT OR IGNORE INTO annotations SELECT * FROM annotation_batch")
+                cur.execute("INSERT OR IGNORE INTO annotations BY NAME SELECT * FROM annotation_batch")
             finally:
                 cur.unregister("annotation_batch")
 

@@ -64,7 +64,7 @@ class QualityStore:
         with self._transaction() as cur:
             cur.execute("DELETE FROM annotations WHERE job_id = ? AND annotator = ?", [job_id, annotator])
             cur.register("annotation_batch", table)
-            cur.execute("INSERT INTO annotations SELECT * FROM annotation_batch")
+            cur.execute("INSERT INTO annotations BY NAME SELECT * FROM annotation_batch")
             cur.unregister("annotation_batch")
             cur.execute("UPDATE jobs SET annotator_spec = json_merge_patch(annotator_spec, ?) WHERE job_id = ?",
                         [json.dumps({"aggregation": method}), job_id])
