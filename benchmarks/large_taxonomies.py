@@ -16,7 +16,7 @@ Methods, all in-process through the service's labelling path (``service.jobs.ann
 on the embedded SmolLM2 engine, batches of 16 as a job's): scoring every leaf (where it fits
 the model's context), shortlisting at the K calibrated for 98% recall on the labelled texts,
 at most 20, and top-down (parents, then children; the 50- and 500-label trees), both with
-the service's ``classify_shortlist`` prompt (the chosen labels after the document). Printed per row: docs/s,
+the service's ``classify_shortlist`` prompt (the shortlisted names scored, none listed). Printed per row: docs/s,
 p50 latency per batch document, prompt tokens per document (system + user, the scored
 continuations excluded), the shortlist recall on the sample (true leaf among those scored),
 and accuracy with 95% Wilson intervals (for 500 labels also rolled up to the 50 fine labels).
