@@ -15,9 +15,9 @@ Three taxonomies from the same labels:
 Methods, all in-process through the service's labelling path (``service.jobs.annotate_texts``
 on the embedded SmolLM2 engine, batches of 16 as a job's): scoring every leaf (where it fits
 the model's context), shortlisting at the K calibrated for 98% recall on the labelled texts,
-at most 20, and top-down (parents, then children; the 50- and 500-label trees), both with
-the service's ``classify_shortlist`` prompt (the shortlisted names scored, none listed). Printed per row: docs/s,
-p50 latency per batch document, prompt tokens per document (system + user, the scored
+at most 10, and top-down (parents, then children; the 50- and 500-label trees), both with
+the prompt the service chooses (``service.labelling.shortlist_prompting``). Printed per row:
+docs/s, p50 latency per batch document, prompt tokens per document (system + user, the scored
 continuations excluded), the shortlist recall on the sample (true leaf among those scored),
 and accuracy with 95% Wilson intervals (for 500 labels also rolled up to the 50 fine labels).
 
@@ -93,6 +93,18 @@ def run(labeller, engine, texts: list[str]) -> tuple[list, list[float], float]:
     return annotations, latencies, time.perf_counter() - started
 
 
+def shortlisting(taxonomy, shortlister, strategy: str, engine, prompt: str | None):
+    """A shortlisting labeller with the prompt the service would choose (or ``prompt``)."""
+    from service.labelling import Labeller, shortlist_prompting
+    from service.prompts import load_template
+    from service.settings import Settings
+
+    settings = Settings()
+    default, whole = shortlist_prompting(taxonomy, strategy, settings.max_scored_labels)
+    return Labeller(taxonomy, "1", load_template(prompt or default), engine.info, settings.model_input_chars,
+                    shortlister=shortlister, whole_prompt=whole and prompt is None)
+
+
 def prompt_tokens(engine, labeller, texts: list[str], shortlists: list | None) -> float:
     """Mean tokens of the prompt (system + user) a document is scored with."""
     counts = []
@@ -110,7 +122,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sizes", default="6,50,500", help="taxonomy sizes to run, comma-separated")
     parser.add_argument("--methods", default="every,shortlist,top-down", help="methods to run, comma-separated")
-    parser.add_argument("--prompt", default="classify_shortlist", help="the shortlisted methods' prompt template")
+    parser.add_argument("--prompt", help="the shortlisted methods' prompt template (default: the service's choice)")
     args = parser.parse_args()
     sizes, methods = {int(n) for n in args.sizes.split(",")}, set(args.methods.split(","))
 
@@ -136,7 +148,7 @@ def main() -> None:
     settings = Settings()
     engine = EmbeddedEngine(settings.models_dir)
     embed = shared_embedder().embed
-    template, shortlisted = load_template("classify"), load_template(args.prompt)  # as the service picks by default
+    template = load_template("classify")
     table = []
     for size, taxonomy in taxonomies.items():
         if size not in sizes:
@@ -154,11 +166,10 @@ def main() -> None:
         calibration = retriever.calibration
         if "shortlist" in methods:
             plans[f"shortlist, K={retriever.k} ({100 * calibration.recall:.0f}% of {calibration.n} labelled)"] = \
-                Labeller(taxonomy, "1", shortlisted, engine.info, settings.model_input_chars, shortlister=retriever)
+                shortlisting(taxonomy, retriever, "retrieve", engine, args.prompt)
         if "top-down" in methods and any(label.parent for label in taxonomy.labels):
             top_down = TopDown(taxonomy)
-            plans["top-down (parents, then children)"] = \
-                Labeller(taxonomy, "1", shortlisted, engine.info, settings.model_input_chars, shortlister=top_down)
+            plans["top-down (parents, then children)"] = shortlisting(taxonomy, top_down, "top_down", engine, args.prompt)
         for method, labeller in plans.items():
             run(labeller, engine, texts[:BATCH])  # warm-up: shared prefixes and kernels
             annotations, latencies, seconds = run(labeller, engine, texts)
@@ -172,7 +183,7 @@ def main() -> None:
             table.append([size, method, fmt(len(texts) / seconds, 2), fmt(percentile(latencies, 50), 0),
                           fmt(tokens, 0), fmt(100 * recall, 1), fmt_acc(correct, len(truth)), rolled])
     print_facts("Large taxonomies: every leaf, a shortlist, top-down (TREC questions, embedded SmolLM2)", [
-        f"shortlisted prompt: {args.prompt}",
+        f"shortlisted prompt: {args.prompt or 'the service default (service.labelling.shortlist_prompting)'}",
         *machine_facts(), f"{len(texts)} questions (seed {args.seed}); {len(pool)} others as the labelled texts a "
         "shortlist calibrates on; batches of 16 through service.jobs.annotate_texts; numeric path "
         f"{engine.numeric.dtype}", load_now()])

@@ -22,7 +22,7 @@ from .annotators import EMBEDDING, ClassifierLabeller, EmbeddingLabeller, embedd
 from .embeddings import shared_embedder
 from .engines.base import EMBEDDED_ENGINE, EngineInfo, ScoreRequest
 from .errors import Conflict, InvalidInput
-from .labelling import Annotation, Labeller, annotator_key, failed
+from .labelling import Annotation, Labeller, annotator_key, failed, shortlist_prompting
 from .long_documents import combine
 from .prompts import load_template
 from .shortlist import TOP_DOWN, Shortlister, TopDown
@@ -79,7 +79,9 @@ class JobRunner:
         taxonomy, version, _ = self.store.get_taxonomy(taxonomy_name, version)
         chosen = self.model(model or taxonomy.model)
         plan = Shortlist.model_validate(shortlist) if shortlist else taxonomy.shortlist
-        default = "classify_multi" if taxonomy.multi_label else "classify_shortlist" if plan else "classify"
+        default, whole_prompt = "classify_multi" if taxonomy.multi_label else "classify", False
+        if plan is not None and not taxonomy.multi_label:
+            default, whole_prompt = shortlist_prompting(taxonomy, plan.strategy, self.max_scored_labels)
         template = load_template(prompt or default)
         if not template.chat and chosen.info.engine != EMBEDDED_ENGINE:
             raise InvalidInput(f"prompt {template.name!r} is a plain-text completion, which only the embedded engine "
@@ -94,7 +96,7 @@ class JobRunner:
         if plan is not None and taxonomy.multi_label:
             raise InvalidInput(f"taxonomy {taxonomy.name!r} is multi-label; shortlists cover single-label taxonomies")
         return Labeller(taxonomy, version, template, chosen.info, self.model_input_chars, model=chosen.name,
-                        long_documents=long_documents,
+                        long_documents=long_documents, whole_prompt=whole_prompt,
                         shortlister=None if plan is None else self._shortlister(taxonomy, version, plan))
 
     def _shortlister(self, taxonomy: Taxonomy, version: str, plan: Shortlist) -> Shortlister | TopDown:
