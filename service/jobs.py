@@ -87,7 +87,7 @@ class JobRunner:
             raise InvalidInput(f"prompt {template.name!r} is a plain-text completion, which only the embedded engine "
                                f"scores; model {chosen.name!r} runs {chosen.info.engine}: choose a chat template")
         leaves = len(taxonomy.leaves())
-        if plan is None and leaves > self.max_scored_labels:
+        if plan is None and leaves > self.max_scored_labels and not taxonomy.multi_label:
             raise InvalidInput(
                 f"taxonomy {taxonomy.name!r} has {leaves} labels to score, more than one prompt holds "
                 f"(ANNOTATE_MAX_SCORED_LABELS = {self.max_scored_labels}): set 'shortlist: {{k: auto}}' in the "
