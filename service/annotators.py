@@ -29,6 +29,7 @@ import numpy as np
 from .embeddings import MODEL_ID
 from .errors import cause_of
 from .labelling import Annotation, annotator_key, decide_single, empty, options_of, softmax
+from .shortlist import group_vectors, prototype_matrix, prototype_texts
 from .taxonomy import Taxonomy
 
 EMBEDDING = "embedding"  # the model name jobs route to the process's embedder rather than a model deployment
@@ -74,14 +75,10 @@ class EmbeddingLabeller(_OptionScorer):
             raise ValueError("the embedding annotator labels single-label taxonomies only")
         object.__setattr__(self, "options", tuple(self.taxonomy.label_names()))
 
-    def prototype_texts(self) -> list[list[str]]:
-        """Per label, the texts whose mean embedding stands for it."""
-        return [[f"{label.name}: {label.description}", *label.examples] for label in self.taxonomy.leaves()]
-
     @property
     def spec(self) -> dict:
         """What determines its annotations (the prototype texts are hashed in as the 'prompt')."""
-        texts = "\n".join("\t".join(group) for group in self.prototype_texts())
+        texts = "\n".join("\t".join(group) for group in prototype_texts(self.taxonomy))
         return {
             "engine": EMBEDDING, "model": MODEL_ID, "decoding": {"temperature": self.temperature},
             "prompt": "label-prototypes", "prompt_hash": hashlib.sha256(texts.encode()).hexdigest()[:12],
@@ -101,9 +98,7 @@ def embedding_scorer(labeller: EmbeddingLabeller, embed: Callable[[list[str]], n
 
     def scores(texts: list[str]) -> list[list[float]]:
         if not prototypes:
-            vectors = [embed(group).mean(axis=0) for group in labeller.prototype_texts()]
-            matrix = np.stack(vectors)
-            prototypes.append(matrix / np.linalg.norm(matrix, axis=1, keepdims=True))
+            prototypes.append(prototype_matrix(group_vectors(prototype_texts(labeller.taxonomy), embed)))
         return (embed(texts) @ prototypes[0].T / labeller.temperature).tolist()
 
     async def score(texts: list[str]) -> list:

@@ -103,9 +103,9 @@ class JobRunner:
         """The taxonomy version's retriever for ``plan``, rebuilt when people have labelled more of its texts."""
         if plan.strategy == TOP_DOWN:
             return TopDown(taxonomy)
-        labelled = self.store.labelled_texts(taxonomy.name)
-        key = (taxonomy.name, version, plan.k, plan.recall, plan.max_k, len(labelled))
+        key = (taxonomy.name, version, plan.k, plan.recall, plan.max_k, self.store.labelled_count(taxonomy.name))
         if key not in self._shortlisters:
+            labelled = self.store.labelled_texts(taxonomy.name)  # read (and embedded) only when the key is new
             if len(self._shortlisters) >= SHORTLISTERS_KEPT:
                 self._shortlisters.pop(next(iter(self._shortlisters)))
             self._shortlisters[key] = Shortlister(taxonomy, shared_embedder().embed, k=plan.k, recall=plan.recall,

@@ -64,13 +64,14 @@ class Shortlister:
                  labelled: list[tuple[str, str]] = ()):
         self.names = tuple(taxonomy.label_names())
         self._embed = embed
-        groups = [[f"{label.name}: {label.description}", *label.examples] for label in taxonomy.leaves()]
-        self._prototypes = _unit(np.stack([embed(group).mean(axis=0) for group in groups]))
+        groups = prototype_texts(taxonomy)
+        self._group_vectors = group_vectors(groups, embed)
+        self._prototypes = prototype_matrix(self._group_vectors)
         index = {name: i for i, name in enumerate(self.names)}
         labelled = [(text, label) for text, label in labelled if label in index][-MAX_NEIGHBOURS:]
         self._neighbours = embed([text for text, _ in labelled]) if labelled else np.zeros((0, 1), np.float32)
         self._neighbour_labels = np.array([index[label] for _, label in labelled], dtype=np.int64)
-        self.calibration = self._calibrate(k, recall, min(max_k, len(self.names)), groups)
+        self.calibration = self._calibrate(k, recall, min(max_k, len(self.names)))
         # the annotator key's part: not the labelled texts, nor the K calibrated on them, which may grow between a
         # job's submission and its run (each annotation records its own shortlist instead)
         self.plan = {"strategy": RETRIEVE, "k": k, "recall": recall, "max_k": max_k,
@@ -102,7 +103,7 @@ class Shortlister:
                 scores[:, leaf] = np.maximum(scores[:, leaf], near[:, self._neighbour_labels == leaf].max(axis=1))
         return scores
 
-    def _calibrate(self, k: int | str, recall: float, max_k: int, groups: list[list[str]]) -> Calibration:
+    def _calibrate(self, k: int | str, recall: float, max_k: int) -> Calibration:
         """The fixed K, or the smallest K up to ``max_k`` reaching ``recall`` on the labelled texts or the examples."""
         if k != "auto":
             return Calibration(min(int(k), len(self.names)), "fixed")
@@ -110,7 +111,7 @@ class Shortlister:
             scores = self._scores(self._neighbours, skip=np.arange(len(self._neighbour_labels)))
             truth, source = self._neighbour_labels, "gold"
         else:
-            scores, truth = self._held_out_examples(groups)
+            scores, truth = self._held_out_examples()
             source = "examples"
         if not len(truth):
             return Calibration(min(DEFAULT_K, max_k), "none")
@@ -119,19 +120,35 @@ class Shortlister:
         hits = int(np.sum(ranks < chosen))
         return Calibration(chosen, source, len(truth), hits / len(truth), wilson(hits, len(truth)))
 
-    def _held_out_examples(self, groups: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
+    def _held_out_examples(self) -> tuple[np.ndarray, np.ndarray]:
         """Scores of each taxonomy example against prototypes built without it, and its leaf."""
         rows, truth = [], []
-        for leaf, group in enumerate(groups):
-            if len(group) < 2:
-                continue
-            vectors = self._embed(group)
-            for j in range(1, len(group)):
+        for leaf, vectors in enumerate(self._group_vectors):
+            for j in range(1, len(vectors)):
                 prototypes = self._prototypes.copy()
                 prototypes[leaf] = _unit(np.delete(vectors, j, axis=0).mean(axis=0, keepdims=True))[0]
                 rows.append(vectors[j] @ prototypes.T)
                 truth.append(leaf)
-        return (np.array(rows), np.array(truth, dtype=np.int64)) if rows else (np.zeros((0, len(groups))), np.array([]))
+        if not rows:
+            return np.zeros((0, len(self.names))), np.array([], dtype=np.int64)
+        return np.array(rows), np.array(truth, dtype=np.int64)
+
+
+def prototype_texts(taxonomy: Taxonomy) -> list[list[str]]:
+    """Per leaf, the texts whose mean embedding stands for it: "name: description" and its examples."""
+    return [[f"{label.name}: {label.description}", *label.examples] for label in taxonomy.leaves()]
+
+
+def prototype_matrix(groups: list[np.ndarray]) -> np.ndarray:
+    """One unit-length row per label: the mean of its group's embeddings."""
+    return _unit(np.stack([vectors.mean(axis=0) for vectors in groups]))
+
+
+def group_vectors(groups: list[list[str]], embed: Embed) -> list[np.ndarray]:
+    """Each group's embeddings, all texts sent to the embedder in one call."""
+    flat = embed([text for group in groups for text in group])
+    bounds = np.cumsum([0, *map(len, groups)])
+    return [flat[start:stop] for start, stop in zip(bounds[:-1], bounds[1:])]
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -146,6 +146,8 @@ DOCUMENT_SCHEMA = pa.schema(
 
 
 ANNOTATION_COLUMNS = ", ".join(ANNOTATION_SCHEMA.names)
+_LABELLED = ("FROM gold g JOIN documents d USING (job_id, doc_id) JOIN jobs j USING (job_id)"
+             " WHERE j.taxonomy = ? AND g.gold_label IS NOT NULL")  # the gold-labelled documents of a taxonomy
 DOCUMENT_COLUMNS = ", ".join(DOCUMENT_SCHEMA.names)
 # DuckDB's share of the host's memory (its default is 80%): the ingress process also serves
 # requests and may hold a model, so user SQL must not take most of it.
@@ -472,10 +474,13 @@ class Store(QualityStore, ClassifierStore, ConsoleStore):
     def labelled_texts(self, taxonomy: str, limit: int = 5000) -> list[tuple[str, str]]:
         """(text, gold label) of the documents people labelled in the taxonomy's jobs, the most recent last."""
         rows = self.cursor().execute(
-            "SELECT d.text, g.gold_label FROM gold g JOIN documents d USING (job_id, doc_id) JOIN jobs j USING (job_id)"
-            " WHERE j.taxonomy = ? AND g.gold_label IS NOT NULL ORDER BY j.created_at DESC, d.position LIMIT ?",
+            f"SELECT d.text, g.gold_label {_LABELLED} ORDER BY j.created_at DESC, d.position LIMIT ?",
             [taxonomy, limit]).fetchall()
         return [(text, label) for text, label in reversed(rows)]
+
+    def labelled_count(self, taxonomy: str) -> int:
+        """How many documents people labelled in the taxonomy's jobs (tells when a retriever is out of date)."""
+        return self.cursor().execute(f"SELECT count(*) {_LABELLED}", [taxonomy]).fetchone()[0]
 
     def write_annotations(self, rows: list[dict]) -> None:
         """Append a batch of annotation rows atomically; rows already present are kept as they were."""
