@@ -266,20 +266,19 @@ class OpenAIEngine:
 
     async def _found(self, prompt: str, rests: list[str], top: dict[str, float],
                      prefill: _Prefill) -> list[tuple[float, int]]:
-        """Each continuation's next step after ``prompt`` given the server's top-k list there."""
-        found = []
-        for rest in rests:
-            if not top:  # greedy decoding ended the turn here: the end marker was the argmax
-                found.append((0.0 if rest == self.chat.end else UNSEEN_LOGPROB, 0))
-                continue
-            token = self._next_token(rest, top)
-            if token is not None:
-                found.append((top[token], len(self.chat.end) if rest == self.chat.end else len(token)))
-            elif self._echo_allowed():
-                found.append((await self._exact(prompt, rest, prefill, min(top.values())), 0))
-            else:
-                found.append((min(top.values()), 0))  # not in the top k: at most the k-th, and stop here
-        return found
+        """Each continuation's next step after ``prompt`` given the server's top-k list there (echoes in parallel)."""
+        return list(await asyncio.gather(*(self._next_step(prompt, rest, top, prefill) for rest in rests)))
+
+    async def _next_step(self, prompt: str, rest: str, top: dict[str, float], prefill: _Prefill) -> tuple[float, int]:
+        """One continuation's (log-probability, characters consumed) after ``prompt``; 0 characters ends it."""
+        if not top:  # greedy decoding ended the turn here: the end marker was the argmax
+            return (0.0 if rest == self.chat.end else UNSEEN_LOGPROB), 0
+        token = self._next_token(rest, top)
+        if token is not None:
+            return top[token], len(self.chat.end) if rest == self.chat.end else len(token)
+        if self._echo_allowed():
+            return await self._exact(prompt, rest, prefill, min(top.values())), 0
+        return min(top.values()), 0  # not in the top k: at most the k-th, and stop here
 
     def _echo_allowed(self) -> bool:
         """Whether a label token outside the top k may be scored by echo (``auto``, until the server refuses it)."""
