@@ -49,6 +49,8 @@ def machine_facts() -> list[str]:
         if line.startswith("MemTotal:"):
             memory = f"{int(line.split()[1]) / 2**20:.1f} GiB"
     load1, load5, _ = os.getloadavg()
+    held = os.environ.get("ATEN_CPU_CAPABILITY")
+    cpu += f" (instruction set held to {held} by ATEN_CPU_CAPABILITY)" if held else ""
     return [f"CPU: {cpu}", f"cores (os.cpu_count): {os.cpu_count()}", f"memory: {memory}",
             f"load average at start: {load1:.2f} (1 min), {load5:.2f} (5 min)"]
 

@@ -18,10 +18,17 @@ jobs one after another and waits for each.
 convention speeches of ``../shared/data`` with ``taxonomy/convention-speeches.yaml``, cut
 at ``ANNOTATE_MODEL_INPUT_CHARS`` as the default job does) beside short SMS texts: docs/s,
 ms/doc p50/p95, tokens/s, peak RSS, and the floor: the fastest matrix-product rate
-measured in the same run (float32 or bfloat16) applied to the FLOPs each document needs
+measured in the same run (float32, bfloat16, or int8 through ``torch._int_mm``, which the
+engine does not use but which bounds what an int8 path could reach) applied to the FLOPs each document needs
 (the model's non-embedding weights over the tokens it processes, plus the vocabulary
 projection of the scored positions); then the same speeches as one job through the
 service (``--no-long-service`` skips it).
+
+``--cpu-isa avx2`` re-runs the whole script with torch, oneDNN, MKL and fbgemm held to AVX2
+(``ATEN_CPU_CAPABILITY``, ``ONEDNN_MAX_CPU_ISA``, ``MKL_ENABLE_INSTRUCTIONS``,
+``FBGEMM_ENABLE_INSTRUCTIONS``): on an AMX machine this reproduces an AVX2-only CPU's
+rates (bfloat16 about 0.001 TFLOP/s, float32 about 0.15-0.2), so the engine's choice there
+can be measured anywhere.
 
 ``server``: a llama.cpp server (llama-cpp-python, the same SmolLM2 GGUF) labelled by the
 service's OpenAI-compatible engine (``scoring: top_logprobs``) against the naive loop:
@@ -62,6 +69,8 @@ SPEECHES = ROOT / ".." / "shared" / "data" / "convention_speeches_2012.csv"
 SMS = ROOT / ".." / "shared" / "data" / "sms_spam.csv"
 SPEECHES_TAXONOMY = ROOT / "taxonomy" / "convention-speeches.yaml"
 WARMUP_TEXT = "What is the capital of Peru ?"  # not in the measured set; excluded from timings
+AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+             "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}  # what --cpu-isa avx2 sets before torch loads
 METHODS = {  # method -> (taxonomy file, description for the table)
     "scoring": ("trec-coarse.yaml", "scoring (service), 6 coarse"),
     "naive": ("trec-coarse.yaml", "naive generate+parse, 6 coarse"),
@@ -92,7 +101,7 @@ def load(taxonomy_file: str):
     from service.taxonomy import load_taxonomy
 
     settings = Settings()
-    engine = EmbeddedEngine(settings.models_dir, threads=settings.engine_threads)
+    engine = EmbeddedEngine(settings.models_dir, threads=settings.engine_threads, dtype=settings.engine_dtype)
     taxonomy = load_taxonomy(ROOT / "taxonomy" / taxonomy_file)
     labeller = Labeller(taxonomy, taxonomy.version, load_template("classify"), engine.info, settings.model_input_chars)
     return engine, labeller, taxonomy
@@ -255,6 +264,7 @@ def long_section(args, workdir: Path) -> None:
     config = engine.model.config
     rates = {dtype: gemm_tflops(dtype, 512, config.hidden_size, config.intermediate_size, seconds=1.0)
              for dtype in CANDIDATES}
+    rates["int8"] = int8_tflops(512, config.hidden_size, config.intermediate_size)
     fastest = max(rates, key=rates.get)
     rate = rates[fastest] * 1e12
     weights = sum(p.numel() for p in engine.model.model.layers.parameters())
@@ -303,6 +313,21 @@ def long_section(args, workdir: Path) -> None:
                 "ms/doc the gaps between documents finishing, RSS the service's process tree.")
 
 
+def int8_tflops(rows: int, inner: int, outer: int, *, runs: int = 20) -> float:
+    """Rate of an int8 ``[rows×inner]·[inner×outer]`` product (``torch._int_mm``, int32 out): the int8 path's floor."""
+    import torch
+
+    left = torch.randint(-127, 127, (rows, inner), dtype=torch.int8)
+    right = torch.randint(-127, 127, (inner, outer), dtype=torch.int8)
+    torch._int_mm(left, right)
+    best = float("inf")
+    for _ in range(runs):
+        start = time.perf_counter()
+        torch._int_mm(left, right)
+        best = min(best, time.perf_counter() - start)
+    return 2 * rows * inner * outer / best / 1e12
+
+
 def _long_through_service(texts: list[str], workdir: Path) -> list:
     """One stream job of the speeches through `annotate serve`: the first columns of a table row."""
     models = paths.EMBEDDED_MODELS.format(replicas=1, batch=8)
@@ -349,8 +374,12 @@ def main() -> None:
     parser.add_argument("--no-long-service", dest="long_service", action="store_false",
                         help="long: skip the job through the service")
     parser.add_argument("--workdir", type=Path, help="keep data dirs and logs here (default: a temporary dir)")
+    parser.add_argument("--cpu-isa", choices=["native", "avx2"], default="native",
+                        help="avx2: hold torch and its libraries to AVX2, standing in for a CPU without native bf16")
     parser.add_argument("--worker", choices=sorted(METHODS), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.cpu_isa == "avx2" and any(os.environ.get(k) != v for k, v in AVX2_ONLY.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ONLY})
     if args.worker:
         print(json.dumps(worker(args.worker, read_rows(args.data.resolve(), args.n))))
         return

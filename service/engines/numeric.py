@@ -5,8 +5,10 @@ products are fast; with only AVX2 they ran 160 times slower than float32 (0.001 
 0.164 TFLOP/s measured). So nothing is assumed: the first start on a machine times one
 matrix product of the model's own shape (hidden × intermediate, 64 query rows) in each
 candidate type, keeps the fastest, and remembers the result under the models dir, keyed by
-the CPU's model name and flags, the torch version and the thread count, so a copied models
-dir on another machine measures again.
+the CPU's model name and flags, the instruction set torch dispatches to (which
+``ATEN_CPU_CAPABILITY``/``ONEDNN_MAX_CPU_ISA`` can lower, as the throughput benchmark's
+``--cpu-isa avx2`` does to stand in for an AVX2-only CPU), the torch version and the
+thread count, so a copied models dir on another machine measures again.
 
 float32 is the exact reference: bfloat16 is kept only when it is at least ``BF16_MARGIN``
 times faster, since it rounds every product to 8 bits of mantissa (ranking agreement with
@@ -43,7 +45,7 @@ class NumericChoice:
 
 
 def machine_key(threads: int) -> str:
-    """What makes a measurement valid elsewhere: the CPU, its flags, torch and the thread count."""
+    """What makes a measurement valid elsewhere: the CPU, its flags, the ISA torch uses, torch and the thread count."""
     import torch
 
     cpu, flags = platform.processor(), ""
@@ -56,7 +58,8 @@ def machine_key(threads: int) -> str:
                 break
     except OSError:
         pass
-    text = f"{cpu}|{flags}|{torch.__version__}|{threads}"
+    isa = f"{torch.backends.cpu.get_cpu_capability()}|{os.environ.get('ONEDNN_MAX_CPU_ISA', '')}"
+    text = f"{cpu}|{flags}|{isa}|{torch.__version__}|{threads}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
