@@ -3,8 +3,11 @@
 For each dataset of ``../shared/data`` (SMS, Rotten Tomatoes with ``plot``, TREC coarse,
 the convention speeches) a seeded sample of ``--n`` documents is labelled with no human
 label by the shipped parts: the embedded SmolLM2 with the default ``classify`` prompt
-(chat, options listed) and with ``classify_fewshot`` (plain completion, the taxonomy's
-examples as demonstrations), the latter also with contextual calibration (Zhao et al.
+(chat, options listed) and every other candidate of prompt tuning (``service.tuning``:
+``classify_terse``; the plain completions ``classify_fewshot``, the taxonomy's examples as
+demonstrations, and ``classify_plain``), the two prompts tuning would choose with no label
+(by agreement with the embedding annotator, its rule, and by mutual information, the rule
+it was measured against), ``classify_fewshot`` also with contextual calibration (Zhao et al.
 2021: each label's probability divided by its mean over three content-free inputs), the
 MiniLM embedding annotator, and two panels of ``classify`` + embedding aggregated by
 ``service.aggregation`` (``weighted_soft_vote`` with equal weights and ``calibrated_mean``).
@@ -85,6 +88,7 @@ def measure(name: str, engine, embedder, args) -> list[list]:
     from service.prompts import load_template
     from service.settings import Settings
     from service.taxonomy import load_taxonomy
+    from service.tuning import candidates, mutual_information
 
     taxonomy_file, data_file, column = DATASETS[name]
     taxonomy = load_taxonomy(ROOT / "taxonomy" / taxonomy_file)
@@ -94,7 +98,7 @@ def measure(name: str, engine, embedder, args) -> list[list]:
     names = tuple(taxonomy.label_names())
     started = time.perf_counter()
     results: dict[str, list] = {}
-    for prompt in ("classify", "classify_fewshot"):
+    for prompt in candidates(engine.info.engine, None):
         labeller = Labeller(taxonomy, taxonomy.version, load_template(prompt), engine.info, chars)
         probs = llm_probabilities(engine, labeller, texts)
         results[prompt] = probs
@@ -105,6 +109,11 @@ def measure(name: str, engine, embedder, args) -> list[list]:
     embedding = EmbeddingLabeller(taxonomy, taxonomy.version, chars)
     scores = asyncio.run(embedding_scorer(embedding, embedder.embed)([t[:chars] for t in texts]))
     results["embedding annotator"] = np.array([softmax(s) for s in scores])
+    tuned = {prompt: results[prompt] for prompt in candidates(engine.info.engine, None)}
+    by_agreement = max(tuned, key=lambda p: (tuned[p].argmax(1) == results["embedding annotator"].argmax(1)).mean())
+    by_information = max(tuned, key=lambda p: mutual_information([dict(enumerate(row)) for row in tuned[p]]))
+    results[f"tuned without labels: by agreement with embedding ({by_agreement})"] = tuned[by_agreement]
+    results[f"tuned without labels: by mutual information ({by_information})"] = tuned[by_information]
     members = {"classify": results["classify"], "embedding": results["embedding annotator"]}
     labels = {method: [names[i] for i in probs.argmax(axis=1)] for method, probs in results.items()}
     labels["panel classify + embedding, weighted_soft_vote"] = panel(names, members, taxonomy, "weighted_soft_vote",

@@ -38,6 +38,7 @@ from .api_models import (
     SqlRequest,
     SqlResponse,
     TaxonomyCreated,
+    TuneRequest,
 )
 from .api_quality import QUALITY_ROUTES
 from .auth import OPERATOR, Caller
@@ -52,6 +53,7 @@ from .sandbox import SqlResult, run_sql
 from .settings import Settings
 from .store import Store, document_batch
 from .taxonomy import Taxonomy, format_loc, parse_taxonomy
+from .tuning import tune
 
 _SUBMITTING: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)  # per token (one ingress replica)
 _SQL_RUNNING: Counter[str | None] = Counter()  # token id -> its user SQL queries admitted and not yet ended
@@ -199,11 +201,13 @@ async def list_taxonomies(request: Request) -> list[dict]:
 
 
 async def get_taxonomy(request: Request, name: str, version: str | None = None) -> dict:
-    """One taxonomy (newest version unless ``version``), with its YAML and all versions."""
+    """One taxonomy (newest version unless ``version``), with its YAML, all versions and its prompt tunings."""
     store = hosted(request).store
     taxonomy, found, yaml_text = await asyncio.to_thread(store.get_taxonomy, name, version)
     versions = await asyncio.to_thread(store.taxonomy_versions, name)
-    return {"name": name, "version": found, "yaml": yaml_text, "taxonomy": taxonomy.model_dump(), "versions": versions}
+    tunings = await asyncio.to_thread(store.prompt_tunings, name, found)
+    return {"name": name, "version": found, "yaml": yaml_text, "taxonomy": taxonomy.model_dump(), "versions": versions,
+            "tunings": tunings}
 
 
 def _default_panel(ctx: Context, body: JobRequest) -> bool:
@@ -320,6 +324,16 @@ def _job_rows(settings: Settings, body: JobRequest, max_chars: int) -> Iterator[
                               f"{settings.max_documents_per_job:,} per job (ANNOTATE_MAX_DOCUMENTS_PER_JOB)")
     return (check_document(f"documents[{i}]", d.id if d.id is not None else i, d.text, d.meta, max_chars=max_chars)
             for i, d in enumerate(body.documents))
+
+
+async def tune_taxonomy(request: Request, name: str, body: TuneRequest) -> dict:
+    """Choose the taxonomy's prompt on a sample (service.tuning); jobs on it that name no prompt use the choice."""
+    ctx, caller = hosted(request), caller_of(request)
+    texts = [check_document(f"documents[{i}]", i, d.text, None, max_chars=ctx.settings.max_document_chars)["text"]
+             for i, d in enumerate(body.documents)]
+    async with _SUBMITTING[caller.token_id]:  # one heavy request per token at a time, as for submissions
+        return await tune(ctx.runner, name, body.taxonomy_version, body.model, texts,
+                          [d.label for d in body.documents], body.prompts)
 
 
 async def induce_taxonomy(request: Request, body: InductionRequest) -> JSONResponse:
@@ -487,6 +501,8 @@ ROUTES = [
          openapi_extra={"requestBody": {"required": True, "content": {"application/yaml": {"schema": {"type": "string"}}}}}),
     dict(path="/v1/taxonomies", endpoint=list_taxonomies, scope="read", methods=["GET"], tags=["taxonomies"]),
     dict(path="/v1/taxonomies/{name}", endpoint=get_taxonomy, scope="read", methods=["GET"], tags=["taxonomies"]),
+    dict(path="/v1/taxonomies/{name}/tune", endpoint=tune_taxonomy, scope="write", methods=["POST"],
+         tags=["taxonomies"]),
     dict(path="/v1/taxonomies:induce", endpoint=induce_taxonomy, scope="write", methods=["POST"], status_code=202,
          tags=["taxonomies"]),
     dict(path="/v1/inductions/{induction_id}", endpoint=get_induction, scope="read", methods=["GET"], tags=["taxonomies"],

@@ -22,6 +22,28 @@ class DocumentIn(BaseModel):
     meta: dict | None = None
 
 
+class TuneDocument(BaseModel):
+    """One sample document of a prompt tuning, with its label when a person has given one."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(min_length=1)
+    label: str | None = Field(None, description="A leaf of the taxonomy; with 20 or more, the choice is by accuracy.")
+
+
+class TuneRequest(BaseModel):
+    """A sample of the corpus to choose the taxonomy's prompt on (service.tuning)."""
+
+    model_config = ConfigDict(extra="forbid")
+    documents: list[TuneDocument] = Field(min_length=2, max_length=500,
+                                          description="The sample, typically 50-200 documents of the corpus.")
+    taxonomy_version: str | None = Field(None, description="A content-hash version; default the newest.")
+    model: str | None = Field(None, description="A model from the models config; default the taxonomy's, else the "
+                                                "service's. The choice holds for this model only.")
+    prompts: list[str] | None = Field(None, min_length=1, max_length=10,
+                                      description="Candidate templates (GET /v1/prompts); default every shipped "
+                                                  "single-label prompt the model can score.")
+
+
 class AnnotatorIn(BaseModel):
     """One annotator of a job: an LLM (a model and a prompt template) or the embedding zero-shot annotator."""
 

@@ -150,6 +150,40 @@ def taxonomy_diff(old: Path, new: Path) -> None:
         console.print(line, highlight=False, markup=False)
 
 
+@taxonomy_app.command("tune")
+def taxonomy_tune(
+    name: str,
+    sample: Path = typer.Option(..., "--sample", "-s", help="A .jsonl/.csv/.parquet sample of the corpus (50-200 "
+                                                            "documents; at most 500)."),
+    label_field: str = typer.Option("label", help="Field or column with a person's label, where there is one."),
+    text_field: str = typer.Option("text", help="Field or column holding the text."),
+    model: str = typer.Option(None, help="A model from the service's models config [default: the taxonomy's or "
+                                         "service's]."),
+    url: str = URL,
+) -> None:
+    """Choose the taxonomy's prompt on a sample: by accuracy with 20+ labels, else by agreement with the embedder."""
+    from .documents import read_file
+
+    try:
+        rows = list(read_file(sample, text_field=text_field, max_chars=Settings().max_document_chars))
+    except AnnotateError as exc:
+        fail(str(exc))
+    labels = [(r["meta"] or {}).get(label_field) for r in rows]
+    documents = [{"text": r["text"], "label": None if v in (None, "") else str(v)} for r, v in zip(rows, labels)]
+    with console.status(f"labelling {len(documents)} documents with every candidate prompt"):
+        body = call("POST", f"{url}/v1/taxonomies/{name}/tune", json={"documents": documents, "model": model},
+                    timeout=3600).json()
+    table = Table("prompt", "agreement with embedding", "mutual information", "top label share", "accuracy", "ms/doc")
+    for row in body["candidates"]:
+        accuracy = "" if row["accuracy"] is None else f"{row['accuracy']:.3f}"
+        table.add_row(row["prompt"], f"{row['agreement']:.3f}", f"{row['mutual_information']:.3f}",
+                      f"{row['top_label_share']:.3f}", accuracy, f"{row['ms_per_doc']:.0f}")
+    console.print(table)
+    crossed = body["cross_fitted_accuracy"]
+    console.print(f"chose {body['prompt']} for {body['taxonomy']} version {body['version']} on {body['model']} by "
+                  f"{body['criterion']}" + ("" if crossed is None else f" (cross-fitted accuracy {crossed:.3f})"))
+
+
 @taxonomy_app.command("push")
 def taxonomy_push(file: Path, url: str = URL) -> None:
     """Validate locally, then store the taxonomy in the service (a changed file becomes a new version)."""

@@ -74,7 +74,8 @@ class JobRunner:
         """The LLM annotator for a taxonomy version on a model (the one named, else the taxonomy's, else the default).
 
         ``shortlist`` (a job's) overrides the taxonomy's; a single-label taxonomy of more than
-        ``max_scored_labels`` leaves is scored only through a shortlist.
+        ``max_scored_labels`` leaves is scored only through a shortlist. With no ``prompt``, the one
+        a tuning chose for this taxonomy version and model (``service.tuning``), else the default.
         """
         taxonomy, version, _ = self.store.get_taxonomy(taxonomy_name, version)
         chosen = self.model(model or taxonomy.model)
@@ -82,6 +83,8 @@ class JobRunner:
         default, whole_prompt = "classify_multi" if taxonomy.multi_label else "classify", False
         if plan is not None and not taxonomy.multi_label:
             default, whole_prompt = shortlist_prompting(taxonomy, plan.strategy, self.max_scored_labels)
+        if prompt is None and plan is None and not taxonomy.multi_label:
+            prompt = self.store.tuned_prompt(taxonomy.name, version, chosen.name)  # None: never tuned
         template = load_template(prompt or default)
         if not template.chat and chosen.info.engine != EMBEDDED_ENGINE:
             raise InvalidInput(f"prompt {template.name!r} is a plain-text completion, which only the embedded engine "
@@ -136,7 +139,8 @@ class JobRunner:
                                          long_documents, shortlist)
                 name = entry.get("name") or f"{labeller.model}/{labeller.template.name}"
             panel.append(({"name": name, "annotator": labeller.key, "kind": entry.get("kind") or "llm",
-                           "model": entry.get("model") or entry.get("classifier"), "prompt": entry.get("prompt"),
+                           "model": entry.get("model") or entry.get("classifier"),
+                           "prompt": labeller.template.name if isinstance(labeller, Labeller) else None,
                            "weight": entry.get("weight")}, labeller))
         if len(panel) > 1:
             _check_panel(panel)

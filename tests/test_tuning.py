@@ -1,0 +1,120 @@
+"""Prompt tuning (service.tuning): every candidate prompt measured on a sample, the choice stored and used by jobs.
+
+The service tests run the real service (Ray Serve, the embedded SmolLM2 and MiniLM, DuckDB)
+on a copy of the SMS taxonomy under another name, so the other tests' jobs on ``sms-spam``
+keep the default prompt. The rule itself (agreement without gold, cross-fitted accuracy
+with it) is tested on hand-made numbers, where the right answer is known.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from conftest import FIXTURES, REPO, wait_for_job
+
+from service.tuning import AGREEMENT, GOLD, MIN_GOLD, CandidateResult, choose, mutual_information
+
+SPAM = ["WINNER! Claim your 500 GBP prize now, call 09061701461. T&Cs apply",
+        "FREE ringtones every week! Txt TONES to 81234, 3 GBP/wk",
+        "Your parcel is held. Pay the 1.99 fee at http://parcel-fee.example today",
+        "Congratulations, you won a holiday! Reply YES to claim, 150p/msg",
+        "URGENT: your account has a reward waiting, text CLAIM to 80086 now"]
+HAM = ["running late, save me a seat pls", "mum says dinner at 7, bring bread",
+       "did u get the notes from today? need them b4 fri", "happy birthday mate, drinks on me saturday",
+       "the train is delayed, start without me"]
+
+
+def _result(prompt: str, agreement: float, accuracy: float | None = None) -> CandidateResult:
+    """A candidate's evidence with only what the rule reads."""
+    return CandidateResult(prompt, agreement, 0.0, 0.5, accuracy, 1.0)
+
+
+def test_without_gold_the_prompt_agreeing_most_with_the_embedder_is_chosen():
+    """Fewer than MIN_GOLD labels: agreement decides, and equal agreement keeps the earlier (default) prompt."""
+    results = [_result("classify", 0.6), _result("classify_plain", 0.8), _result("classify_terse", 0.8)]
+    gold = ["ham"] * (MIN_GOLD - 1) + [None]
+    assert choose(results, {}, gold) == ("classify_plain", AGREEMENT, None)
+
+
+def test_with_gold_the_most_accurate_prompt_is_chosen_and_its_accuracy_cross_fitted():
+    """40 labels: the prompt right on every document wins; choosing on one half and scoring on the other gives 1.0."""
+    gold = ["spam", "ham"] * 20
+    labels = {"classify": ["ham"] * 40, "classify_plain": list(gold)}
+    results = [_result("classify", 0.9, 0.5), _result("classify_plain", 0.1, 1.0)]
+    assert choose(results, labels, gold) == ("classify_plain", GOLD, 1.0)
+
+
+def test_mutual_information_is_zero_for_a_constant_prompt_and_log2_for_a_sure_balanced_one():
+    """A prompt that says the same thing whatever the text carries no information; a sure, balanced one carries log 2."""
+    constant = [{"ham": 0.9, "spam": 0.1}] * 4
+    sure = [{"ham": 1.0, "spam": 0.0}, {"ham": 0.0, "spam": 1.0}] * 2
+    assert mutual_information(constant) == pytest.approx(0.0, abs=1e-12)
+    assert mutual_information(sure) == pytest.approx(math.log(2))
+
+
+@pytest.fixture(scope="module")
+def tuned_taxonomy(service) -> str:
+    """The SMS taxonomy pushed as ``sms-tuned``; returns its version."""
+    text = (REPO / "taxonomy" / "sms-spam.yaml").read_text().replace("name: sms-spam", "name: sms-tuned", 1)
+    with service.client() as client:
+        pushed = client.post("/v1/taxonomies", content=text.encode())
+    assert pushed.status_code in (200, 201), pushed.text
+    return pushed.json()["version"]
+
+
+def test_tuning_without_labels_chooses_by_agreement_and_jobs_use_the_choice(service, tuned_taxonomy):
+    """Every candidate (chat and plain completion on the embedded engine) is measured; a job naming no prompt uses
+    the stored choice and records it, and the choice is part of its annotator key."""
+    documents = [{"text": json.loads(line)["text"]} for line in (FIXTURES / "sms.jsonl").read_text().splitlines()]
+    with service.client() as client:
+        answer = client.post("/v1/taxonomies/sms-tuned/tune", json={"documents": documents}, timeout=600)
+        assert answer.status_code == 200, answer.text
+        tuning = answer.json()
+        candidates = {c["prompt"]: c for c in tuning["candidates"]}
+        assert set(candidates) == {"classify", "classify_terse", "classify_fewshot", "classify_plain"}
+        assert tuning["criterion"] == AGREEMENT and tuning["labelled"] == 0 and tuning["cross_fitted_accuracy"] is None
+        best = max(c["agreement"] for c in candidates.values())
+        assert candidates[tuning["prompt"]]["agreement"] == best
+        assert all(c["accuracy"] is None and 0 <= c["mutual_information"] <= math.log(2) + 1e-9
+                   for c in candidates.values())
+        stored = client.get("/v1/taxonomies/sms-tuned").json()["tunings"]
+        assert [(t["model"], t["prompt"], t["criterion"]) for t in stored] == [("smollm2", tuning["prompt"], AGREEMENT)]
+        job = wait_for_job(client, client.post("/v1/jobs", json={"taxonomy": "sms-tuned",
+                                                                 "documents": documents[:3]}).json()["job_id"])
+        assert job["status"] == "succeeded"
+        assert [a["prompt"] for a in job["annotators"]] == [tuning["prompt"]]
+        named = wait_for_job(client, client.post("/v1/jobs", json={
+            "taxonomy": "sms-tuned", "documents": documents[:3],
+            "annotators": [{"prompt": tuning["prompt"]}]}).json()["job_id"])
+        assert named["annotators"][0]["annotator"] == job["annotators"][0]["annotator"]
+
+
+def test_tuning_with_labels_from_the_cli_chooses_by_cross_fitted_accuracy(service, tuned_taxonomy, tmp_path):
+    """A CSV sample with 20 labelled rows: the choice is the most accurate prompt, with its cross-fitted accuracy."""
+    rows = [(text, "spam") for text in SPAM] + [(text, "ham") for text in HAM]
+    sample = tmp_path / "sample.csv"
+    sample.write_text("text,label\n" + "".join(f'"{t}",{label}\n' for t, label in rows * 2))
+    done = service.cli("taxonomy", "tune", "sms-tuned", "--sample", str(sample))
+    assert "by gold_accuracy (cross-fitted accuracy" in " ".join(done.stdout.split())  # rich wraps lines
+    with service.client() as client:
+        stored = client.get("/v1/taxonomies/sms-tuned").json()["tunings"][0]
+    evidence = stored["evidence"]
+    assert stored["criterion"] == GOLD and evidence["labelled"] == 20 and evidence["documents"] == 20
+    best = max(c["accuracy"] for c in evidence["candidates"])
+    assert next(c for c in evidence["candidates"] if c["prompt"] == stored["prompt"])["accuracy"] == best
+    assert 0 <= evidence["cross_fitted_accuracy"] <= 1 and 0 <= evidence["embedding_accuracy"] <= 1
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"documents": [{"text": "hi", "label": "phishing"}, {"text": "yo"}]}, 422, "documents[0].label 'phishing'"),
+    ({"documents": [{"text": "hi"}, {"text": "yo"}], "model": "llama", "prompts": ["classify_plain"]}, 422,
+     "plain-text completion"),
+    ({"documents": [{"text": "hi"}]}, 422, "documents"),
+])
+def test_bad_tuning_requests_are_refused_naming_the_field(service, tuned_taxonomy, body, status, words):
+    """A label outside the taxonomy, a plain-text prompt on a server model, a one-document sample: 4xx, named."""
+    with service.client() as client:
+        answer = client.post("/v1/taxonomies/sms-tuned/tune", json=body)
+    assert answer.status_code == status and words in answer.text, answer.text
