@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -39,9 +39,10 @@ class TuneRequest(BaseModel):
     taxonomy_version: str | None = Field(None, description="A content-hash version; default the newest.")
     model: str | None = Field(None, description="A model from the models config; default the taxonomy's, else the "
                                                 "service's. The choice holds for this model only.")
-    prompts: list[str] | None = Field(None, min_length=1, max_length=10,
-                                      description="Candidate templates (GET /v1/prompts); default every shipped "
-                                                  "single-label prompt the model can score.")
+    prompts: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]] | None = Field(
+        None, min_length=1, max_length=10,
+        description="Candidate templates (GET /v1/prompts); default every shipped single-label prompt the model "
+                    "can score.")
 
 
 class AnnotatorIn(BaseModel):
