@@ -56,6 +56,7 @@ from .taxonomy import Taxonomy, format_loc, parse_taxonomy
 from .tuning import tune
 
 _SUBMITTING: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)  # per token (one ingress replica)
+_TUNING: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)  # per token: one prompt tuning at a time
 _SQL_RUNNING: Counter[str | None] = Counter()  # token id -> its user SQL queries admitted and not yet ended
 _SQL_RUNNING_LOCK = threading.Lock()  # slots are released on SQL threads
 _SQL_SPARE_THREADS = 2  # shared SQL threads beyond one token's limit
@@ -331,7 +332,10 @@ async def tune_taxonomy(request: Request, name: str, body: TuneRequest) -> dict:
     ctx, caller = hosted(request), caller_of(request)
     texts = [check_document(f"documents[{i}]", i, d.text, None, max_chars=ctx.settings.max_document_chars)["text"]
              for i, d in enumerate(body.documents)]
-    async with _SUBMITTING[caller.token_id]:  # one heavy request per token at a time, as for submissions
+    lock = _TUNING[caller.token_id]  # apart from submissions: a tuning takes minutes and must not hold jobs back
+    if lock.locked():
+        raise TooManyRequests("a prompt tuning of this token is running; wait for its answer before starting another")
+    async with lock:
         return await tune(ctx.runner, name, body.taxonomy_version, body.model, texts,
                           [d.label for d in body.documents], body.prompts)
 

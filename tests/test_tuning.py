@@ -118,3 +118,21 @@ def test_bad_tuning_requests_are_refused_naming_the_field(service, tuned_taxonom
     with service.client() as client:
         answer = client.post("/v1/taxonomies/sms-tuned/tune", json=body)
     assert answer.status_code == status and words in answer.text, answer.text
+
+
+def test_a_second_tuning_of_the_same_caller_is_refused_while_one_runs(in_process):
+    """A tuning takes minutes: another from the same caller meanwhile is 429, and job submissions are not held back."""
+    import asyncio
+
+    from service import api
+
+    lock = api._TUNING[None]  # the loopback caller's (no token)
+    asyncio.run(lock.acquire())  # uncontended: takes the lock without binding it to this loop
+    try:
+        refused = in_process.client.post("/v1/taxonomies/sms-spam/tune",
+                                         json={"documents": [{"text": "hi"}, {"text": "yo"}]})
+        submitted = in_process.client.post("/v1/jobs", json={"taxonomy": "sms-spam", "documents": [{"text": "hi"}]})
+    finally:
+        lock.release()
+    assert refused.status_code == 429 and "prompt tuning" in refused.text, refused.text
+    assert submitted.status_code == 202, submitted.text
