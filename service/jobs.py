@@ -305,7 +305,7 @@ class JobRunner:
         return rows
 
 
-async def annotate_texts(labeller: Labeller, texts: list[str], scorer: Scorer) -> list[Annotation]:
+async def annotate_texts(labeller: Annotator, texts: list[str], scorer: Scorer) -> list[Annotation]:
     """Annotate texts (blank ones abstain unscored); a failure is retried alone once, then recorded as failed."""
     scored = [i for i, text in enumerate(texts) if text.strip()]
     annotations = [labeller.empty() for _ in texts]
@@ -314,7 +314,7 @@ async def annotate_texts(labeller: Labeller, texts: list[str], scorer: Scorer) -
     return annotations
 
 
-async def _score_texts(labeller: Labeller, texts: list[str], scorer: Scorer) -> list[Annotation]:
+async def _score_texts(labeller: Annotator, texts: list[str], scorer: Scorer) -> list[Annotation]:
     """Annotations of non-blank texts: every request of every text in one scorer call, one solo retry of each failure.
 
     A shortlisting labeller's shortlists are drawn first, for the whole batch in one embedding call.

@@ -32,8 +32,9 @@ import asyncio
 import math
 import random
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
+from functools import partial
 
 from .annotators import EmbeddingLabeller
 from .engines.base import EMBEDDED_ENGINE
@@ -72,10 +73,11 @@ def mutual_information(distributions: list[dict[str, float]]) -> float:
     def entropy(p: dict[str, float]) -> float:
         return -sum(v * math.log(v) for v in p.values() if v > 0)
 
-    mean = Counter()
+    total: defaultdict[str, float] = defaultdict(float)
     for p in distributions:
-        mean.update(p)
-    average = {k: v / len(distributions) for k, v in mean.items()}
+        for label, value in p.items():
+            total[label] += value
+    average = {k: v / len(distributions) for k, v in total.items()}
     return entropy(average) - sum(map(entropy, distributions)) / len(distributions)
 
 
@@ -98,7 +100,7 @@ def choose(results: list[CandidateResult], labels_by_prompt: dict[str, list], go
     if len(labelled) < MIN_GOLD:
         best = max(results, key=lambda r: r.agreement)  # max keeps the first of equals
         return best.prompt, AGREEMENT, None
-    best = max(results, key=lambda r: r.accuracy)
+    best = max(results, key=lambda r: r.accuracy or 0.0)
     random.Random(seed).shuffle(labelled)
     halves = (labelled[: len(labelled) // 2], labelled[len(labelled) // 2:])
 
@@ -107,7 +109,7 @@ def choose(results: list[CandidateResult], labels_by_prompt: dict[str, list], go
 
     hits = 0
     for train, test in (halves, halves[::-1]):
-        chosen = max((r.prompt for r in results), key=lambda p, rows=train: correct(p, rows))
+        chosen = max((r.prompt for r in results), key=partial(correct, rows=train))
         hits += correct(chosen, test)
     return best.prompt, GOLD, round(hits / len(labelled), 4)
 
