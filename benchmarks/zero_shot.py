@@ -5,10 +5,10 @@ the convention speeches) a seeded sample of ``--n`` documents is labelled with n
 label by the shipped parts: the embedded SmolLM2 with the default ``classify`` prompt
 (chat, options listed) and every other candidate of prompt tuning (``service.tuning``:
 ``classify_terse``; the plain completions ``classify_fewshot``, the taxonomy's examples as
-demonstrations, and ``classify_plain``), the two prompts tuning would choose with no label
-(by agreement with the embedding annotator, its rule, and by mutual information, the rule
-it was measured against), ``classify_fewshot`` also with contextual calibration (Zhao et al.
-2021: each label's probability divided by its mean over three content-free inputs), the
+demonstrations, and ``classify_plain``), each also with contextual calibration (Zhao et al.
+2021: each label's probability divided by its mean over tuning's three content-free
+inputs), the candidates tuning would choose with no label (by agreement with the embedding
+annotator, its rule, and by mutual information, the rule it was measured against), the
 MiniLM embedding annotator, and two panels of ``classify`` + embedding aggregated by
 ``service.aggregation`` (``weighted_soft_vote`` with equal weights and ``calibrated_mean``).
 Beside them: the majority class of the sample, and the simplest strong baseline, a logistic
@@ -41,7 +41,6 @@ DATASETS = {  # name -> (taxonomy file, data file, label column)
     "trec": ("trec-coarse.yaml", "trec_questions.csv", "coarse"),
     "speeches": ("convention-speeches.yaml", "convention_speeches_2012.csv", "label"),
 }
-CONTENT_FREE = ("", "N/A", "[MASK]")
 LEARNING_CURVE = (25, 50, 100, 200)  # labelled documents for the supervised baseline (those under --train)
 
 
@@ -88,7 +87,7 @@ def measure(name: str, engine, embedder, args) -> list[list]:
     from service.prompts import load_template
     from service.settings import Settings
     from service.taxonomy import load_taxonomy
-    from service.tuning import candidates, mutual_information
+    from service.tuning import CONTENT_FREE, candidates, mutual_information
 
     taxonomy_file, data_file, column = DATASETS[name]
     taxonomy = load_taxonomy(ROOT / "taxonomy" / taxonomy_file)
@@ -98,18 +97,18 @@ def measure(name: str, engine, embedder, args) -> list[list]:
     names = tuple(taxonomy.label_names())
     started = time.perf_counter()
     results: dict[str, list] = {}
+    tuned = {}
     for prompt in candidates(engine.info.engine, None):
         labeller = Labeller(taxonomy, taxonomy.version, load_template(prompt), engine.info, chars)
         probs = llm_probabilities(engine, labeller, texts)
-        results[prompt] = probs
-        if prompt == "classify_fewshot":
-            neutral = llm_probabilities(engine, labeller, list(CONTENT_FREE)).mean(axis=0)
-            scaled = probs / neutral
-            results["classify_fewshot + contextual calibration"] = scaled / scaled.sum(axis=1, keepdims=True)
+        neutral = llm_probabilities(engine, labeller, list(CONTENT_FREE)).mean(axis=0)
+        scaled = probs / neutral
+        tuned[prompt] = results[prompt] = probs
+        tuned[f"{prompt} + contextual calibration"] = scaled / scaled.sum(axis=1, keepdims=True)
+    results.update(tuned)
     embedding = EmbeddingLabeller(taxonomy, taxonomy.version, chars)
     scores = asyncio.run(embedding_scorer(embedding, embedder.embed)([t[:chars] for t in texts]))
     results["embedding annotator"] = np.array([softmax(s) for s in scores])
-    tuned = {prompt: results[prompt] for prompt in candidates(engine.info.engine, None)}
     by_agreement = max(tuned, key=lambda p: (tuned[p].argmax(1) == results["embedding annotator"].argmax(1)).mean())
     by_information = max(tuned, key=lambda p: mutual_information([dict(enumerate(row)) for row in tuned[p]]))
     results[f"tuned without labels: by agreement with embedding ({by_agreement})"] = tuned[by_agreement]
@@ -120,6 +119,9 @@ def measure(name: str, engine, embedder, args) -> list[list]:
                                                                      set())
     labels["panel classify + embedding, calibrated_mean"] = panel(names, members, taxonomy, "calibrated_mean",
                                                                   {"classify"})
+    tuned_members = {"tuned": tuned[by_agreement], "embedding": results["embedding annotator"]}
+    labels["default panel after tuning (tuned + embedding, calibrated_mean)"] = panel(
+        names, tuned_members, taxonomy, "calibrated_mean", {"tuned"})
     if train:
         features = embedder.embed([t[:chars] for t in texts])
         train_features = embedder.embed([r["text"][:chars] for r in train])

@@ -173,15 +173,17 @@ def taxonomy_tune(
     with console.status(f"labelling {len(documents)} documents with every candidate prompt"):
         body = call("POST", f"{url}/v1/taxonomies/{name}/tune", json={"documents": documents, "model": model},
                     timeout=3600).json()
-    table = Table("prompt", "agreement with embedding", "mutual information", "top label share", "accuracy", "ms/doc")
+    table = Table("prompt", "calibration", "agreement with embedding", "mutual information", "top label share",
+                  "accuracy", "ms/doc")
     for row in body["candidates"]:
         accuracy = "" if row["accuracy"] is None else f"{row['accuracy']:.3f}"
-        table.add_row(row["prompt"], f"{row['agreement']:.3f}", f"{row['mutual_information']:.3f}",
+        table.add_row(row["prompt"], row["calibration"], f"{row['agreement']:.3f}", f"{row['mutual_information']:.3f}",
                       f"{row['top_label_share']:.3f}", accuracy, f"{row['ms_per_doc']:.0f}")
     console.print(table)
     crossed = body["cross_fitted_accuracy"]
-    console.print(f"chose {body['prompt']} for {body['taxonomy']} version {body['version']} on {body['model']} by "
-                  f"{body['criterion']}" + ("" if crossed is None else f" (cross-fitted accuracy {crossed:.3f})"))
+    console.print(f"chose {body['prompt']} ({body['calibration']} calibration) for {body['taxonomy']} version "
+                  f"{body['version']} on {body['model']} by {body['criterion']}"
+                  + ("" if crossed is None else f" (cross-fitted accuracy {crossed:.3f})"))
 
 
 @taxonomy_app.command("push")

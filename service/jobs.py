@@ -75,7 +75,8 @@ class JobRunner:
 
         ``shortlist`` (a job's) overrides the taxonomy's; a single-label taxonomy of more than
         ``max_scored_labels`` leaves is scored only through a shortlist. With no ``prompt``, the one
-        a tuning chose for this taxonomy version and model (``service.tuning``), else the default.
+        a tuning chose for this taxonomy version and model, with its calibration (``service.tuning``),
+        else the default; a prompt the job names runs uncalibrated.
         """
         taxonomy, version, _ = self.store.get_taxonomy(taxonomy_name, version)
         chosen = self.model(model or taxonomy.model)
@@ -83,9 +84,10 @@ class JobRunner:
         default, whole_prompt = "classify_multi" if taxonomy.multi_label else "classify", False
         if plan is not None and not taxonomy.multi_label:
             default, whole_prompt = shortlist_prompting(taxonomy, plan.strategy, self.max_scored_labels)
+        tuned = None
         if prompt is None and plan is None and not taxonomy.multi_label:
-            prompt = self.store.tuned_prompt(taxonomy.name, version, chosen.name)  # None: never tuned
-        template = load_template(prompt or default)
+            tuned = self.store.tuned_prompt(taxonomy.name, version, chosen.name)  # None: never tuned
+        template = load_template(prompt or (tuned.prompt if tuned else default))
         if not template.chat and chosen.info.engine != EMBEDDED_ENGINE:
             raise InvalidInput(f"prompt {template.name!r} is a plain-text completion, which only the embedded engine "
                                f"scores; model {chosen.name!r} runs {chosen.info.engine}: choose a chat template")
@@ -99,7 +101,7 @@ class JobRunner:
         if plan is not None and taxonomy.multi_label:
             raise InvalidInput(f"taxonomy {taxonomy.name!r} is multi-label; shortlists cover single-label taxonomies")
         return Labeller(taxonomy, version, template, chosen.info, self.model_input_chars, model=chosen.name,
-                        long_documents=long_documents, whole_prompt=whole_prompt,
+                        long_documents=long_documents, whole_prompt=whole_prompt, prior=tuned.prior if tuned else None,
                         shortlister=None if plan is None else self._shortlister(taxonomy, version, plan))
 
     def _shortlister(self, taxonomy: Taxonomy, version: str, plan: Shortlist) -> Shortlister | TopDown:
@@ -139,8 +141,7 @@ class JobRunner:
                                          long_documents, shortlist)
                 name = entry.get("name") or f"{labeller.model}/{labeller.template.name}"
             panel.append(({"name": name, "annotator": labeller.key, "kind": entry.get("kind") or "llm",
-                           "model": entry.get("model") or entry.get("classifier"),
-                           "prompt": labeller.template.name if isinstance(labeller, Labeller) else None,
+                           "model": entry.get("model") or entry.get("classifier"), "prompt": entry.get("prompt"),
                            "weight": entry.get("weight")}, labeller))
         if len(panel) > 1:
             _check_panel(panel)

@@ -67,6 +67,15 @@ class Annotation:
 
 
 @dataclass(frozen=True)
+class TunedPrompt:
+    """What a prompt tuning chose (``service.tuning``): a template and its calibration, with the prior it needs."""
+
+    prompt: str
+    calibration: str = "none"  # "none" or "contextual"
+    prior: tuple[float, ...] | None = None  # contextual: each option's log-probability on content-free text
+
+
+@dataclass(frozen=True)
 class Labeller:
     """Builds score requests for documents and turns the scores into annotations."""
 
@@ -80,6 +89,7 @@ class Labeller:
     max_windows: int = MAX_WINDOWS
     shortlister: Shortlister | TopDown | None = None  # scores each document's shortlist only (large taxonomies)
     whole_prompt: bool = False  # shortlisted: the system prompt still describes every leaf (see shortlist_prompting)
+    prior: tuple[float, ...] | None = None  # contextual calibration: each option's log-probability on content-free text
     system: str = field(init=False)
     options: tuple[str, ...] = field(init=False)
     continuations: tuple[str, ...] = field(init=False)  # rendered once: the same after every document
@@ -146,6 +156,7 @@ class Labeller:
             "model_input_chars": self.model_input_chars,
             **reading_spec(self.long_documents, self.max_windows),
             **shortlist,
+            **({} if self.prior is None else {"contextual_prior": [round(p, 6) for p in self.prior]}),
         }
 
     @property
@@ -196,7 +207,9 @@ class Labeller:
         return replace(annotation, shortlist=list(shortlist))
 
     def _decide_single(self, scores: list[float]) -> Annotation:
-        """Softmax over options, then candidates and abstention rules."""
+        """Softmax over options (each divided by its content-free probability, with a prior), then the rules."""
+        if self.prior is not None:
+            scores = [score - prior for score, prior in zip(scores, self.prior)]
         return decide_single(dict(zip(self.options, softmax(scores))), self.taxonomy)
 
     def _decide_multi(self, scores: list[float]) -> Annotation:

@@ -21,7 +21,7 @@ import duckdb
 import pyarrow as pa
 
 from .errors import AnnotateError, InvalidInput, NotFound
-from .labelling import Annotation
+from .labelling import Annotation, TunedPrompt
 from .store_classifiers import ClassifierStore
 from .store_console import ConsoleStore
 from .store_quality import QualityStore, utc_now
@@ -38,7 +38,8 @@ CREATE TABLE IF NOT EXISTS taxonomy_labels (
     PRIMARY KEY (taxonomy, version, label));
 CREATE TABLE IF NOT EXISTS prompt_tunings (
     taxonomy VARCHAR NOT NULL, taxonomy_version VARCHAR NOT NULL, model VARCHAR NOT NULL, prompt VARCHAR NOT NULL,
-    criterion VARCHAR NOT NULL, evidence JSON NOT NULL, tuned_at TIMESTAMP NOT NULL,
+    calibration VARCHAR NOT NULL, prior DOUBLE[], criterion VARCHAR NOT NULL, evidence JSON NOT NULL,
+    tuned_at TIMESTAMP NOT NULL,
     PRIMARY KEY (taxonomy, taxonomy_version, model));
 CREATE TABLE IF NOT EXISTS jobs (
     job_id VARCHAR PRIMARY KEY, taxonomy VARCHAR NOT NULL, taxonomy_version VARCHAR NOT NULL,
@@ -251,24 +252,26 @@ class Store(QualityStore, ClassifierStore, ConsoleStore):
             raise NotFound(f"unknown {what}; known taxonomies: {', '.join(known) or 'none (push one first)'}")
         return parse_taxonomy(row[1], source=f"store:{name}@{row[0]}"), row[0], row[1]
 
-    def put_prompt_tuning(self, taxonomy: str, version: str, model: str, prompt: str, criterion: str,
+    def put_prompt_tuning(self, taxonomy: str, version: str, model: str, choice: TunedPrompt, criterion: str,
                           evidence: dict) -> None:
         """Keep the prompt a tuning chose for a taxonomy version on a model (replacing an earlier one)."""
         with self._transaction() as cur:
-            cur.execute("INSERT OR REPLACE INTO prompt_tunings VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        [taxonomy, version, model, prompt, criterion, json.dumps(evidence), utc_now()])
+            cur.execute("INSERT OR REPLACE INTO prompt_tunings VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [taxonomy, version, model, choice.prompt, choice.calibration,
+                         None if choice.prior is None else list(choice.prior), criterion, json.dumps(evidence),
+                         utc_now()])
 
     def prompt_tunings(self, taxonomy: str, version: str) -> list[dict]:
         """The tunings of a taxonomy version, one per model, with their evidence."""
-        rows = self._dicts("SELECT model, prompt, criterion, evidence, tuned_at FROM prompt_tunings"
+        rows = self._dicts("SELECT model, prompt, calibration, prior, criterion, evidence, tuned_at FROM prompt_tunings"
                            " WHERE taxonomy = ? AND taxonomy_version = ? ORDER BY model", [taxonomy, version])
         return [{**row, "evidence": json.loads(row["evidence"])} for row in rows]
 
-    def tuned_prompt(self, taxonomy: str, version: str, model: str) -> str | None:
-        """The prompt a tuning chose for this taxonomy version and model, if one ran."""
-        row = self.cursor().execute("SELECT prompt FROM prompt_tunings WHERE taxonomy = ? AND taxonomy_version = ?"
-                                    " AND model = ?", [taxonomy, version, model]).fetchone()
-        return None if row is None else row[0]
+    def tuned_prompt(self, taxonomy: str, version: str, model: str) -> TunedPrompt | None:
+        """The prompt (and calibration) a tuning chose for this taxonomy version and model, if one ran."""
+        row = self.cursor().execute("SELECT prompt, calibration, prior FROM prompt_tunings WHERE taxonomy = ? AND"
+                                    " taxonomy_version = ? AND model = ?", [taxonomy, version, model]).fetchone()
+        return None if row is None else TunedPrompt(row[0], row[1], None if row[2] is None else tuple(row[2]))
 
     def list_taxonomies(self) -> list[dict]:
         """Every taxonomy version, newest first."""

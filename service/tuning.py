@@ -6,7 +6,9 @@ best format on others. So nothing is assumed: ``tune`` labels a sample of the us
 documents with every candidate prompt the model can score (the chat prompts ``classify``
 and ``classify_terse``; on the embedded engine also the plain completions
 ``classify_fewshot``, the taxonomy's examples as demonstrations, and ``classify_plain``,
-the text then ``Label:``) and keeps one:
+the text then ``Label:``), each as it comes and contextually calibrated (Zhao et al. 2021:
+each label's probability divided by its mean over ``CONTENT_FREE`` inputs, texts that say
+nothing, so a prompt's pull toward one label cancels), and keeps one of those candidates:
 
 - **with gold labels** (at least ``MIN_GOLD`` sample documents carry a ``label``): the
   highest accuracy on them. The accuracy reported for the choice is cross-fitted: the
@@ -19,10 +21,11 @@ the text then ``Label:``) and keeps one:
   (Sorensen et al. 2022), reported beside it, picked it on one (table in
   ``docs/labelling.md``).
 
-Ties keep the earlier candidate (``classify``, the default, first). The choice and its
-evidence are stored per taxonomy version and model; a job on them that names no prompt
-uses it, and its annotators' rows record the prompt used (the prompt is part of the
-annotator key, so cached annotations stay correct). Single-label taxonomies only: the
+Ties keep the earlier candidate (``classify`` uncalibrated, the default, first). The choice
+(prompt, calibration and its content-free log-probabilities) and its evidence are stored
+per taxonomy version and model; a job on them that names no prompt runs it, and its
+annotator spec records the prompt and the prior (both in the annotator key, so cached
+annotations stay correct). A job that names a prompt runs it uncalibrated. Single-label taxonomies only: the
 embedding annotator, the label-free yardstick, labels only those.
 """
 
@@ -33,19 +36,22 @@ import math
 import random
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 
 from .annotators import EmbeddingLabeller
 from .engines.base import EMBEDDED_ENGINE
 from .errors import InvalidInput
 from .jobs import annotate_texts
+from .labelling import TunedPrompt, decide_single
 
 CHAT_CANDIDATES = ("classify", "classify_terse")
 COMPLETION_CANDIDATES = ("classify_fewshot", "classify_plain")  # plain text: the embedded engine only
 MIN_GOLD = 20  # labelled sample documents needed to choose by accuracy (10 per cross-fitting half)
 GOLD = "gold_accuracy"
 AGREEMENT = "embedding_agreement"
+CONTENT_FREE = ("N/A", "[MASK]", "...")  # texts that say nothing: what a prompt answers to them is its bias
+CALIBRATIONS = ("none", "contextual")
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,7 @@ class CandidateResult:
     """One prompt's measurements on the sample."""
 
     prompt: str
+    calibration: str  # "none", or "contextual": each label's probability divided by its content-free one
     agreement: float  # share of documents whose top label matches the embedding annotator's
     mutual_information: float  # nats, between documents and predicted labels (Sorensen et al. 2022)
     top_label_share: float  # share of the most frequent predicted label: near 1 is a prompt that says one thing
@@ -81,37 +88,55 @@ def mutual_information(distributions: list[dict[str, float]]) -> float:
     return entropy(average) - sum(map(entropy, distributions)) / len(distributions)
 
 
-def measure(prompt: str, annotations: list, reference: list, gold: list[str | None], seconds: float) -> CandidateResult:
+def calibrated(annotations: list, prior: tuple[float, ...], options: tuple[str, ...], taxonomy) -> list:
+    """The annotations as the calibrated labeller would give them: each probability divided by its content-free one."""
+    out = []
+    for annotation in annotations:
+        if annotation.status != "ok" or annotation.chars_seen is None:  # failed or blank: nothing to calibrate
+            out.append(annotation)
+            continue
+        scaled = {o: annotation.distribution[o] / math.exp(p) for o, p in zip(options, prior)}
+        total = sum(scaled.values())
+        decided = decide_single({o: v / total for o, v in scaled.items()}, taxonomy)
+        out.append(replace(decided, truncated=annotation.truncated, chars_seen=annotation.chars_seen))
+    return out
+
+
+def measure(prompt: str, calibration: str, annotations: list, reference: list, gold: list[str | None],
+            seconds: float) -> CandidateResult:
     """A candidate's evidence from its annotations beside the embedding annotator's and the gold labels."""
     labels = [a.label for a in annotations]
     top = Counter(labels).most_common(1)[0][1] / len(labels)
     agree = sum(a == r.label for a, r in zip(labels, reference)) / len(labels)
     labelled = [(a, g) for a, g in zip(labels, gold) if g is not None]
     accuracy = sum(a == g for a, g in labelled) / len(labelled) if labelled else None
-    return CandidateResult(prompt, round(agree, 4), round(mutual_information([a.distribution for a in annotations]), 4),
-                           round(top, 4), None if accuracy is None else round(accuracy, 4),
-                           round(1000 * seconds / len(labels), 1))
+    information = mutual_information([a.distribution for a in annotations])
+    return CandidateResult(prompt, calibration, round(agree, 4), round(information, 4), round(top, 4),
+                           None if accuracy is None else round(accuracy, 4), round(1000 * seconds / len(labels), 1))
 
 
-def choose(results: list[CandidateResult], labels_by_prompt: dict[str, list], gold: list[str | None],
-           seed: int = 0) -> tuple[str, str, float | None]:
-    """(prompt, criterion, cross-fitted accuracy of choosing by gold or None) under the module's rule."""
+def choose(results: list[CandidateResult], labels: list[list], gold: list[str | None],
+           seed: int = 0) -> tuple[int, str, float | None]:
+    """(index of the chosen candidate, criterion, cross-fitted accuracy of choosing by gold or None).
+
+    ``labels[i]`` are candidate ``results[i]``'s labels of the sample, in order.
+    """
     labelled = [i for i, g in enumerate(gold) if g is not None]
     if len(labelled) < MIN_GOLD:
-        best = max(results, key=lambda r: r.agreement)  # max keeps the first of equals
-        return best.prompt, AGREEMENT, None
-    best = max(results, key=lambda r: r.accuracy or 0.0)
+        best = max(range(len(results)), key=lambda c: results[c].agreement)  # max keeps the first of equals
+        return best, AGREEMENT, None
+    best = max(range(len(results)), key=lambda c: results[c].accuracy or 0.0)
     random.Random(seed).shuffle(labelled)
     halves = (labelled[: len(labelled) // 2], labelled[len(labelled) // 2:])
 
-    def correct(prompt: str, rows: list[int]) -> int:
-        return sum(labels_by_prompt[prompt][i] == gold[i] for i in rows)
+    def correct(candidate: int, rows: list[int]) -> int:
+        return sum(labels[candidate][i] == gold[i] for i in rows)
 
     hits = 0
     for train, test in (halves, halves[::-1]):
-        chosen = max((r.prompt for r in results), key=partial(correct, rows=train))
+        chosen = max(range(len(results)), key=partial(correct, rows=train))
         hits += correct(chosen, test)
-    return best.prompt, GOLD, round(hits / len(labelled), 4)
+    return best, GOLD, round(hits / len(labelled), 4)
 
 
 async def tune(runner, taxonomy_name: str, version: str | None, model: str | None, texts: list[str],
@@ -129,7 +154,7 @@ async def tune(runner, taxonomy_name: str, version: str | None, model: str | Non
     chosen_model = runner.model(model or taxonomy.model)
     reference_labeller = EmbeddingLabeller(taxonomy, found, runner.model_input_chars)
     reference = await annotate_texts(reference_labeller, texts, runner.scorer(reference_labeller))
-    results, labels_by_prompt = [], {}
+    results, labels, choices = [], [], []
     for prompt in candidates(chosen_model.info.engine, prompts):
         labeller = await asyncio.to_thread(runner.labeller, taxonomy.name, found, chosen_model.name, prompt)
         if labeller.shortlister is not None:
@@ -137,9 +162,17 @@ async def tune(runner, taxonomy_name: str, version: str | None, model: str | Non
                                "(docs/labelling.md, Large taxonomies), not a tuning")
         started = time.perf_counter()
         annotations = await annotate_texts(labeller, texts, runner.scorer(labeller))
-        results.append(measure(prompt, annotations, reference, gold, time.perf_counter() - started))
-        labels_by_prompt[prompt] = [a.label for a in annotations]
-    prompt, criterion, cross_fitted = choose(results, labels_by_prompt, gold)
+        seconds = time.perf_counter() - started
+        neutral = await annotate_texts(labeller, list(CONTENT_FREE), runner.scorer(labeller))
+        prior = tuple(math.log(max(sum(a.distribution.get(o, 0.0) for a in neutral) / len(neutral), 1e-12))
+                      for o in labeller.options)
+        for calibration in CALIBRATIONS:
+            seen = annotations if calibration == "none" else calibrated(annotations, prior, labeller.options, taxonomy)
+            results.append(measure(prompt, calibration, seen, reference, gold, seconds))
+            labels.append([a.label for a in seen])
+            choices.append(TunedPrompt(prompt, calibration, None if calibration == "none" else prior))
+    best, criterion, cross_fitted = choose(results, labels, gold)
+    choice = choices[best]
     labelled = [g for g in gold if g is not None]
     evidence = {
         "documents": len(texts), "labelled": len(labelled),
@@ -148,7 +181,7 @@ async def tune(runner, taxonomy_name: str, version: str | None, model: str | Non
                                      / len(labelled), 4) if labelled else None),
         "cross_fitted_accuracy": cross_fitted,
     }
-    await asyncio.to_thread(runner.store.put_prompt_tuning, taxonomy.name, found, chosen_model.name, prompt, criterion,
+    await asyncio.to_thread(runner.store.put_prompt_tuning, taxonomy.name, found, chosen_model.name, choice, criterion,
                             evidence)
-    return {"taxonomy": taxonomy.name, "version": found, "model": chosen_model.name, "prompt": prompt,
-            "criterion": criterion, **evidence}
+    return {"taxonomy": taxonomy.name, "version": found, "model": chosen_model.name, "prompt": choice.prompt,
+            "calibration": choice.calibration, "criterion": criterion, **evidence}

@@ -12,7 +12,7 @@ import json
 import math
 
 import pytest
-from conftest import FIXTURES, REPO, wait_for_job
+from conftest import FIXTURES, REPO, sql, wait_for_job
 
 from service.tuning import AGREEMENT, GOLD, MIN_GOLD, CandidateResult, choose, mutual_information
 
@@ -28,22 +28,42 @@ HAM = ["running late, save me a seat pls", "mum says dinner at 7, bring bread",
 
 def _result(prompt: str, agreement: float, accuracy: float | None = None) -> CandidateResult:
     """A candidate's evidence with only what the rule reads."""
-    return CandidateResult(prompt, agreement, 0.0, 0.5, accuracy, 1.0)
+    return CandidateResult(prompt, "none", agreement, 0.0, 0.5, accuracy, 1.0)
 
 
-def test_without_gold_the_prompt_agreeing_most_with_the_embedder_is_chosen():
-    """Fewer than MIN_GOLD labels: agreement decides, and equal agreement keeps the earlier (default) prompt."""
+def test_without_gold_the_candidate_agreeing_most_with_the_embedder_is_chosen():
+    """Fewer than MIN_GOLD labels: agreement decides, and equal agreement keeps the earlier (default) candidate."""
     results = [_result("classify", 0.6), _result("classify_plain", 0.8), _result("classify_terse", 0.8)]
     gold = ["ham"] * (MIN_GOLD - 1) + [None]
-    assert choose(results, {}, gold) == ("classify_plain", AGREEMENT, None)
+    assert choose(results, [], gold) == (1, AGREEMENT, None)
 
 
-def test_with_gold_the_most_accurate_prompt_is_chosen_and_its_accuracy_cross_fitted():
-    """40 labels: the prompt right on every document wins; choosing on one half and scoring on the other gives 1.0."""
+def test_with_gold_the_most_accurate_candidate_is_chosen_and_its_accuracy_cross_fitted():
+    """40 labels: the candidate right on every document wins; choosing on one half and scoring on the other gives 1.0."""
     gold = ["spam", "ham"] * 20
-    labels = {"classify": ["ham"] * 40, "classify_plain": list(gold)}
     results = [_result("classify", 0.9, 0.5), _result("classify_plain", 0.1, 1.0)]
-    assert choose(results, labels, gold) == ("classify_plain", GOLD, 1.0)
+    assert choose(results, [["ham"] * 40, list(gold)], gold) == (1, GOLD, 1.0)
+
+
+def test_contextual_calibration_divides_by_the_content_free_probabilities():
+    """A prompt that says 'ham' to content-free text at 0.8 has its pull removed: 0.7 ham becomes spam; the labeller
+    applying the same prior in log space gives the same distribution."""
+    from service.labelling import Annotation, Labeller
+    from service.prompts import load_template
+    from service.taxonomy import load_taxonomy
+    from service.tuning import calibrated
+
+    taxonomy = load_taxonomy(REPO / "taxonomy" / "sms-spam.yaml")
+    prior = (math.log(0.8), math.log(0.2))
+    seen = Annotation({"ham": 0.7, "spam": 0.3}, "ham", ["ham"], 0.7, ["ham"], False, None, chars_seen=10)
+    [after] = calibrated([seen], prior, ("ham", "spam"), taxonomy)
+    assert after.label == "spam" and after.distribution["spam"] == pytest.approx(0.3 / 0.2 / (0.7 / 0.8 + 0.3 / 0.2))
+    from service.engines.base import EngineInfo
+    labeller = Labeller(taxonomy, "v", load_template("classify"), EngineInfo("e", "m"), 2000, prior=prior)
+    decided = labeller.decide([math.log(0.7), math.log(0.3)])
+    assert decided.distribution == pytest.approx(after.distribution)
+    assert "contextual_prior" in labeller.spec and labeller.key != Labeller(
+        taxonomy, "v", load_template("classify"), EngineInfo("e", "m"), 2000).key
 
 
 def test_mutual_information_is_zero_for_a_constant_prompt_and_log2_for_a_sure_balanced_one():
@@ -72,23 +92,31 @@ def test_tuning_without_labels_chooses_by_agreement_and_jobs_use_the_choice(serv
         answer = client.post("/v1/taxonomies/sms-tuned/tune", json={"documents": documents}, timeout=600)
         assert answer.status_code == 200, answer.text
         tuning = answer.json()
-        candidates = {c["prompt"]: c for c in tuning["candidates"]}
-        assert set(candidates) == {"classify", "classify_terse", "classify_fewshot", "classify_plain"}
+        candidates = {(c["prompt"], c["calibration"]): c for c in tuning["candidates"]}
+        assert set(candidates) == {(p, c) for p in ("classify", "classify_terse", "classify_fewshot", "classify_plain")
+                                   for c in ("none", "contextual")}
         assert tuning["criterion"] == AGREEMENT and tuning["labelled"] == 0 and tuning["cross_fitted_accuracy"] is None
         best = max(c["agreement"] for c in candidates.values())
-        assert candidates[tuning["prompt"]]["agreement"] == best
+        assert candidates[tuning["prompt"], tuning["calibration"]]["agreement"] == best
         assert all(c["accuracy"] is None and 0 <= c["mutual_information"] <= math.log(2) + 1e-9
                    for c in candidates.values())
         stored = client.get("/v1/taxonomies/sms-tuned").json()["tunings"]
-        assert [(t["model"], t["prompt"], t["criterion"]) for t in stored] == [("smollm2", tuning["prompt"], AGREEMENT)]
+        assert [(t["model"], t["prompt"], t["calibration"], t["criterion"]) for t in stored] == [
+            ("smollm2", tuning["prompt"], tuning["calibration"], AGREEMENT)]
+        assert (stored[0]["prior"] is None) == (tuning["calibration"] == "none")
         job = wait_for_job(client, client.post("/v1/jobs", json={"taxonomy": "sms-tuned",
                                                                  "documents": documents[:3]}).json()["job_id"])
         assert job["status"] == "succeeded"
-        assert [a["prompt"] for a in job["annotators"]] == [tuning["prompt"]]
+        [row] = sql(client, f"SELECT annotator_spec FROM jobs WHERE job_id = '{job['job_id']}'")
+        spec = json.loads(row["annotator_spec"])
+        assert spec["prompt"] == tuning["prompt"]
+        assert spec.get("contextual_prior") == (None if stored[0]["prior"] is None else
+                                                 [round(p, 6) for p in stored[0]["prior"]])
         named = wait_for_job(client, client.post("/v1/jobs", json={
             "taxonomy": "sms-tuned", "documents": documents[:3],
             "annotators": [{"prompt": tuning["prompt"]}]}).json()["job_id"])
-        assert named["annotators"][0]["annotator"] == job["annotators"][0]["annotator"]
+        same = named["annotators"][0]["annotator"] == job["annotators"][0]["annotator"]
+        assert same == (tuning["calibration"] == "none")  # a named prompt runs uncalibrated
 
 
 def test_tuning_with_labels_from_the_cli_chooses_by_cross_fitted_accuracy(service, tuned_taxonomy, tmp_path):
