@@ -337,7 +337,7 @@ async def tune_taxonomy(request: Request, name: str, body: TuneRequest) -> dict:
         raise TooManyRequests("a prompt tuning of this token is running; wait for its answer before starting another")
     async with lock:
         return await tune(ctx.runner, name, body.taxonomy_version, body.model, texts,
-                          [d.label for d in body.documents], body.prompts)
+                          [d.label for d in body.documents], body.prompts, body.calibrations)
 
 
 async def induce_taxonomy(request: Request, body: InductionRequest) -> JSONResponse:

@@ -43,6 +43,9 @@ class TuneRequest(BaseModel):
         None, min_length=1, max_length=10,
         description="Candidate templates (GET /v1/prompts); default every shipped single-label prompt the model "
                     "can score.")
+    calibrations: list[Literal["none", "contextual"]] | None = Field(
+        None, min_length=1, description="How each candidate prompt is tried: as it comes (none), contextually "
+                                        "calibrated, or both (the default).")
 
 
 class AnnotatorIn(BaseModel):

@@ -140,8 +140,10 @@ def choose(results: list[CandidateResult], labels: list[list], gold: list[str | 
 
 
 async def tune(runner, taxonomy_name: str, version: str | None, model: str | None, texts: list[str],
-               gold: list[str | None], prompts: list[str] | None = None) -> dict:
-    """Label the sample with every candidate prompt and the embedding annotator; store and return the choice."""
+               gold: list[str | None], prompts: list[str] | None = None,
+               calibrations: list[str] | None = None) -> dict:
+    """Label the sample with every candidate prompt (each calibrated as ``calibrations`` says) and the embedding
+    annotator; store and return the choice."""
     taxonomy, found, _ = await asyncio.to_thread(runner.store.get_taxonomy, taxonomy_name, version)
     if taxonomy.multi_label:
         raise InvalidInput(f"taxonomy {taxonomy.name!r} is multi-label; prompt tuning covers single-label taxonomies "
@@ -166,7 +168,7 @@ async def tune(runner, taxonomy_name: str, version: str | None, model: str | Non
         neutral = await annotate_texts(labeller, list(CONTENT_FREE), runner.scorer(labeller))
         prior = tuple(math.log(max(sum(a.distribution.get(o, 0.0) for a in neutral) / len(neutral), 1e-12))
                       for o in labeller.options)
-        for calibration in CALIBRATIONS:
+        for calibration in calibrations or CALIBRATIONS:
             seen = annotations if calibration == "none" else calibrated(annotations, prior, labeller.options, taxonomy)
             results.append(measure(prompt, calibration, seen, reference, gold, seconds))
             labels.append([a.label for a in seen])

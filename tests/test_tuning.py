@@ -135,6 +135,29 @@ def test_tuning_with_labels_from_the_cli_chooses_by_cross_fitted_accuracy(servic
     assert 0 <= evidence["cross_fitted_accuracy"] <= 1 and 0 <= evidence["embedding_accuracy"] <= 1
 
 
+def test_a_calibrated_tuning_labels_batch_jobs_as_stream_jobs(service, tuned_taxonomy):
+    """A tuning restricted to one calibrated candidate stores its prior; a batch job (shards rebuilt in Ray Data
+    tasks) runs the same calibrated annotator as a stream job: same key, same labels."""
+    texts = [json.loads(line)["text"] for line in (FIXTURES / "sms.jsonl").read_text().splitlines()]
+    with service.client() as client:
+        tuning = client.post("/v1/taxonomies/sms-tuned/tune", timeout=600, json={
+            "documents": [{"text": t} for t in texts], "prompts": ["classify_fewshot"],
+            "calibrations": ["contextual"]}).json()
+        assert (tuning["prompt"], tuning["calibration"]) == ("classify_fewshot", "contextual")
+        (service.input_dir / "tuned.jsonl").write_text(
+            "".join(json.dumps({"id": f"t{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
+        batch = wait_for_job(client, client.post("/v1/jobs", json={
+            "taxonomy": "sms-tuned", "source": "tuned.jsonl", "mode": "batch", "shard_size": 5}).json()["job_id"])
+        stream = wait_for_job(client, client.post("/v1/jobs", json={
+            "taxonomy": "sms-tuned", "documents": [{"id": f"t{i}", "text": t} for i, t in enumerate(texts)]}
+        ).json()["job_id"])
+        pairs = sql(client, "SELECT b.label AS batch_label, s.label AS stream_label FROM labels b JOIN labels s"
+                            f" ON s.doc_id = b.doc_id AND s.job_id = '{stream['job_id']}'"
+                            f" WHERE b.job_id = '{batch['job_id']}'")
+    assert batch["status"] == stream["status"] == "succeeded" and batch["annotator"] == stream["annotator"]
+    assert len(pairs) == len(texts) and all(p["batch_label"] == p["stream_label"] for p in pairs), pairs
+
+
 @pytest.mark.parametrize("body, status, words", [
     ({"documents": [{"text": "hi", "label": "phishing"}, {"text": "yo"}]}, 422, "documents[0].label 'phishing'"),
     ({"documents": [{"text": "hi"}, {"text": "yo"}], "model": "llama", "prompts": ["classify_plain"]}, 422,
