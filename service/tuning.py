@@ -25,8 +25,8 @@ Ties keep the earlier candidate (``classify`` uncalibrated, the default, first).
 (prompt, calibration and its content-free log-probabilities) and its evidence are stored
 per taxonomy version and model; a job on them that names no prompt runs it, and its
 annotator spec records the prompt and the prior (both in the annotator key, so cached
-annotations stay correct). A job that names a prompt runs it uncalibrated. Single-label taxonomies only: the
-embedding annotator, the label-free yardstick, labels only those.
+annotations stay correct). A job that names a prompt runs it uncalibrated. Single-label
+taxonomies only: the embedding annotator, the label-free yardstick, labels only those.
 """
 
 from __future__ import annotations
