@@ -263,8 +263,7 @@ def long_section(args, workdir: Path) -> None:
     engine, _, _ = load("sms-spam.yaml")
     config = engine.model.config
     rates = {dtype: gemm_tflops(dtype, 512, config.hidden_size, config.intermediate_size, seconds=1.0)
-             for dtype in CANDIDATES}
-    rates["int8"] = int8_tflops(512, config.hidden_size, config.intermediate_size)
+             for dtype in (*CANDIDATES, "int8")}
     fastest = max(rates, key=rates.get)
     rate = rates[fastest] * 1e12
     weights = sum(p.numel() for p in engine.model.model.layers.parameters())
@@ -311,21 +310,6 @@ def long_section(args, workdir: Path) -> None:
                 "measured in this run. The service row is one stream job of the same speeches through `annotate "
                 "serve` (a fresh data dir, one ModelServer replica): docs/s from submission to the last document, "
                 "ms/doc the gaps between documents finishing, RSS the service's process tree.")
-
-
-def int8_tflops(rows: int, inner: int, outer: int, *, runs: int = 20) -> float:
-    """Rate of an int8 ``[rows×inner]·[inner×outer]`` product (``torch._int_mm``, int32 out): the int8 path's floor."""
-    import torch
-
-    left = torch.randint(-127, 127, (rows, inner), dtype=torch.int8)
-    right = torch.randint(-127, 127, (inner, outer), dtype=torch.int8)
-    torch._int_mm(left, right)
-    best = float("inf")
-    for _ in range(runs):
-        start = time.perf_counter()
-        torch._int_mm(left, right)
-        best = min(best, time.perf_counter() - start)
-    return 2 * rows * inner * outer / best / 1e12
 
 
 def _long_through_service(texts: list[str], workdir: Path) -> list:

@@ -147,13 +147,13 @@ def tuned_with_labels(name: str, tuned: dict[str, np.ndarray], names: tuple[str,
     """Tuning with N human labels: the candidate most accurate on N sample documents, scored on the others."""
     order = list(range(len(truth)))
     random.Random(seed).shuffle(order)
+
+    def hits(candidate: str, among: list[int]) -> int:
+        return sum(names[tuned[candidate][i].argmax()] == truth[i] for i in among)
+
     rows = []
     for size in (n for n in LEARNING_CURVE if n <= len(truth) // 2):
         chosen_on, rest = order[:size], order[size:]
-
-        def hits(candidate: str, among: list[int]) -> int:
-            return sum(names[tuned[candidate][i].argmax()] == truth[i] for i in among)
-
         pick = max(tuned, key=lambda c, among=chosen_on: hits(c, among))
         rows.append([name, f"tuned with {size} labels ({pick}; scored on the other {len(rest)})",
                      fmt_acc(hits(pick, rest), len(rest))])

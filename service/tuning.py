@@ -43,7 +43,7 @@ from .annotators import EmbeddingLabeller
 from .engines.base import EMBEDDED_ENGINE
 from .errors import InvalidInput
 from .jobs import annotate_texts
-from .labelling import TunedPrompt, decide_single
+from .labelling import TunedPrompt
 
 CHAT_CANDIDATES = ("classify", "classify_terse")
 COMPLETION_CANDIDATES = ("classify_fewshot", "classify_plain")  # plain text: the embedded engine only
@@ -88,16 +88,18 @@ def mutual_information(distributions: list[dict[str, float]]) -> float:
     return entropy(average) - sum(map(entropy, distributions)) / len(distributions)
 
 
-def calibrated(annotations: list, prior: tuple[float, ...], options: tuple[str, ...], taxonomy) -> list:
-    """The annotations as the calibrated labeller would give them: each probability divided by its content-free one."""
+def calibrated(annotations: list, labeller) -> list:
+    """The annotations as ``labeller`` (the same prompt with a contextual prior) decides them, without scoring again.
+
+    A distribution's logarithms are its scores up to a constant, which the softmax ignores.
+    """
     out = []
     for annotation in annotations:
         if annotation.status != "ok" or annotation.chars_seen is None:  # failed or blank: nothing to calibrate
             out.append(annotation)
             continue
-        scaled = {o: annotation.distribution[o] / math.exp(p) for o, p in zip(options, prior)}
-        total = sum(scaled.values())
-        decided = decide_single({o: v / total for o, v in scaled.items()}, taxonomy)
+        scores = [math.log(max(annotation.distribution[o], 1e-300)) for o in labeller.options]
+        decided = labeller.decide(scores)
         out.append(replace(decided, truncated=annotation.truncated, chars_seen=annotation.chars_seen))
     return out
 
@@ -148,6 +150,9 @@ async def tune(runner, taxonomy_name: str, version: str | None, model: str | Non
     if taxonomy.multi_label:
         raise InvalidInput(f"taxonomy {taxonomy.name!r} is multi-label; prompt tuning covers single-label taxonomies "
                            "(its label-free yardstick, the embedding annotator, labels only those)")
+    if taxonomy.shortlist is not None:
+        raise InvalidInput(f"taxonomy {taxonomy.name!r} is shortlisted; its prompt follows the shortlist "
+                           "(docs/labelling.md, Large taxonomies), not a tuning")
     known = set(taxonomy.label_names())
     for i, label in enumerate(gold):
         if label is not None and label not in known:
@@ -159,9 +164,6 @@ async def tune(runner, taxonomy_name: str, version: str | None, model: str | Non
     results, labels, choices = [], [], []
     for prompt in candidates(chosen_model.info.engine, prompts):
         labeller = await asyncio.to_thread(runner.labeller, taxonomy.name, found, chosen_model.name, prompt)
-        if labeller.shortlister is not None:
-            raise InvalidInput(f"taxonomy {taxonomy.name!r} is shortlisted; its prompt follows the shortlist "
-                               "(docs/labelling.md, Large taxonomies), not a tuning")
         started = time.perf_counter()
         annotations = await annotate_texts(labeller, texts, runner.scorer(labeller))
         seconds = time.perf_counter() - started
@@ -169,7 +171,7 @@ async def tune(runner, taxonomy_name: str, version: str | None, model: str | Non
         prior = tuple(math.log(max(sum(a.distribution.get(o, 0.0) for a in neutral) / len(neutral), 1e-12))
                       for o in labeller.options)
         for calibration in calibrations or CALIBRATIONS:
-            seen = annotations if calibration == "none" else calibrated(annotations, prior, labeller.options, taxonomy)
+            seen = annotations if calibration == "none" else calibrated(annotations, replace(labeller, prior=prior))
             results.append(measure(prompt, calibration, seen, reference, gold, seconds))
             labels.append([a.label for a in seen])
             choices.append(TunedPrompt(prompt, calibration, None if calibration == "none" else prior))

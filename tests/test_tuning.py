@@ -48,6 +48,7 @@ def test_with_gold_the_most_accurate_candidate_is_chosen_and_its_accuracy_cross_
 def test_contextual_calibration_divides_by_the_content_free_probabilities():
     """A prompt that says 'ham' to content-free text at 0.8 has its pull removed: 0.7 ham becomes spam; the labeller
     applying the same prior in log space gives the same distribution."""
+    from service.engines.base import EngineInfo
     from service.labelling import Annotation, Labeller
     from service.prompts import load_template
     from service.taxonomy import load_taxonomy
@@ -55,12 +56,11 @@ def test_contextual_calibration_divides_by_the_content_free_probabilities():
 
     taxonomy = load_taxonomy(REPO / "taxonomy" / "sms-spam.yaml")
     prior = (math.log(0.8), math.log(0.2))
-    seen = Annotation({"ham": 0.7, "spam": 0.3}, "ham", ["ham"], 0.7, ["ham"], False, None, chars_seen=10)
-    [after] = calibrated([seen], prior, ("ham", "spam"), taxonomy)
-    assert after.label == "spam" and after.distribution["spam"] == pytest.approx(0.3 / 0.2 / (0.7 / 0.8 + 0.3 / 0.2))
-    from service.engines.base import EngineInfo
     labeller = Labeller(taxonomy, "v", load_template("classify"), EngineInfo("e", "m"), 2000, prior=prior)
-    decided = labeller.decide([math.log(0.7), math.log(0.3)])
+    seen = Annotation({"ham": 0.7, "spam": 0.3}, "ham", ["ham"], 0.7, ["ham"], False, None, chars_seen=10)
+    [after] = calibrated([seen], labeller)
+    assert after.label == "spam" and after.distribution["spam"] == pytest.approx(0.3 / 0.2 / (0.7 / 0.8 + 0.3 / 0.2))
+    decided = labeller.decide([math.log(0.7) - 5.0, math.log(0.3) - 5.0])  # raw scores: any common offset
     assert decided.distribution == pytest.approx(after.distribution)
     assert "contextual_prior" in labeller.spec and labeller.key != Labeller(
         taxonomy, "v", load_template("classify"), EngineInfo("e", "m"), 2000).key

@@ -64,16 +64,25 @@ def machine_key(threads: int) -> str:
 
 
 def gemm_tflops(dtype: str, rows: int, inner: int, outer: int, *, seconds: float = 0.2) -> float:
-    """Rate of ``[rows×inner]·[inner×outer]`` in ``dtype`` on this machine (best of repeated runs)."""
+    """Rate of ``[rows×inner]·[inner×outer]`` in ``dtype`` on this machine (best of repeated runs).
+
+    ``int8`` (``torch._int_mm``, int32 out) is not an engine type: the throughput benchmark
+    times it to bound what an int8 path could reach.
+    """
     import torch
 
-    kind = getattr(torch, dtype)
-    left, right = torch.randn(rows, inner).to(kind), torch.randn(inner, outer).to(kind)
-    torch.matmul(left, right)  # warm-up: kernels chosen, memory touched
+    if dtype == "int8":
+        left = torch.randint(-127, 127, (rows, inner), dtype=torch.int8)
+        right = torch.randint(-127, 127, (inner, outer), dtype=torch.int8)
+        product = torch._int_mm
+    else:
+        kind = getattr(torch, dtype)
+        left, right, product = torch.randn(rows, inner).to(kind), torch.randn(inner, outer).to(kind), torch.matmul
+    product(left, right)  # warm-up: kernels chosen, memory touched
     best, spent, runs = float("inf"), 0.0, 0
     while runs < 3 or (spent < seconds and runs < 50):
         start = time.perf_counter()
-        torch.matmul(left, right)
+        product(left, right)
         took = time.perf_counter() - start
         best, spent, runs = min(best, took), spent + took, runs + 1
     return 2 * rows * inner * outer / best / 1e12
