@@ -64,7 +64,7 @@ def llm_probabilities(engine, labeller, texts: list[str]) -> np.ndarray:
 
 
 def panel(names: tuple[str, ...], members: dict[str, np.ndarray], taxonomy, method: str, calibrated: set[str]) -> list:
-    """Labels of the shipped aggregation over annotators' distributions (rows as the store gives them)."""
+    """Annotations of the shipped aggregation over annotators' distributions (rows as the store gives them)."""
     from service.aggregation import aggregate
 
     rows = []
@@ -76,7 +76,12 @@ def panel(names: tuple[str, ...], members: dict[str, np.ndarray], taxonomy, meth
                          "abstained": False, "abstain_reason": None})
     out = aggregate(rows, taxonomy, names, method=method, weights={a: 1.0 for a in members},
                     calibrated=frozenset(calibrated))
-    return [out[f"d{i}"].label for i in range(len(next(iter(members.values()))))]
+    return [out[f"d{i}"] for i in range(len(next(iter(members.values()))))]
+
+
+def _matrix(annotations: list, names: tuple[str, ...]) -> np.ndarray:
+    """Annotations' distributions as rows over ``names``."""
+    return np.array([[a.distribution.get(n, 0.0) for n in names] for a in annotations])
 
 
 def measure(name: str, engine, embedder, args) -> list[list]:
@@ -86,6 +91,7 @@ def measure(name: str, engine, embedder, args) -> list[list]:
     from service.annotators import EmbeddingLabeller, embedding_scorer
     from service.labelling import Labeller, softmax
     from service.prompts import load_template
+    from service.refinement import refine
     from service.settings import Settings
     from service.taxonomy import load_taxonomy
     from service.tuning import CONTENT_FREE, candidates, mutual_information
@@ -108,7 +114,8 @@ def measure(name: str, engine, embedder, args) -> list[list]:
         tuned[f"{prompt} + contextual calibration"] = scaled / scaled.sum(axis=1, keepdims=True)
     results.update(tuned)
     embedding = EmbeddingLabeller(taxonomy, taxonomy.version, chars)
-    scores = asyncio.run(embedding_scorer(embedding, embedder.embed)([t[:chars] for t in texts]))
+    scores = asyncio.run(embedding_scorer(embedding, embedder.embed_documents)([embedding.requests(t)[0][0]
+                                                                                for t in texts]))
     results["embedding annotator"] = np.array([softmax(s) for s in scores])
     by_agreement = max(tuned, key=lambda p: (tuned[p].argmax(1) == results["embedding annotator"].argmax(1)).mean())
     by_information = max(tuned, key=lambda p: mutual_information([dict(enumerate(row)) for row in tuned[p]]))
@@ -116,16 +123,18 @@ def measure(name: str, engine, embedder, args) -> list[list]:
     results[f"tuned without labels: by mutual information ({by_information})"] = tuned[by_information]
     members = {"classify": results["classify"], "embedding": results["embedding annotator"]}
     labels = {method: [names[i] for i in probs.argmax(axis=1)] for method, probs in results.items()}
-    labels["panel classify + embedding, weighted_soft_vote"] = panel(names, members, taxonomy, "weighted_soft_vote",
-                                                                     set())
-    labels["panel classify + embedding, calibrated_mean"] = panel(names, members, taxonomy, "calibrated_mean",
-                                                                  {"classify"})
+    labels["panel classify + embedding, weighted_soft_vote"] = [
+        a.label for a in panel(names, members, taxonomy, "weighted_soft_vote", set())]
+    labels["panel classify + embedding, calibrated_mean"] = [
+        a.label for a in panel(names, members, taxonomy, "calibrated_mean", {"classify"})]
     tuned_members = {"tuned": tuned[by_agreement], "embedding": results["embedding annotator"]}
-    labels["default panel after tuning (tuned + embedding, calibrated_mean)"] = panel(
-        names, tuned_members, taxonomy, "calibrated_mean", {"tuned"})
+    default = panel(names, tuned_members, taxonomy, "calibrated_mean", {"tuned"})
+    labels["default panel after tuning (tuned + embedding, calibrated_mean)"] = [a.label for a in default]
+    features = embedder.embed_documents(texts)
+    refined, _ = refine(_matrix(default, names), features, np.full(len(texts), -1))
+    labels["default panel after tuning, refined (the default job)"] = [names[i] for i in refined.argmax(axis=1)]
     if train:
-        features = embedder.embed([t[:chars] for t in texts])
-        train_features = embedder.embed([r["text"][:chars] for r in train])
+        train_features = embedder.embed_documents([r["text"] for r in train])
         for size in sorted({n for n in LEARNING_CURVE if n < len(train)} | {len(train)}):
             targets = [r["label"] for r in train[:size]]
             if len(set(targets)) < 2:
@@ -138,6 +147,7 @@ def measure(name: str, engine, embedder, args) -> list[list]:
         correct = sum(p == t for p, t in zip(predicted, truth))
         table.append([name, method, fmt_acc(correct, len(truth))])
     table += tuned_with_labels(name, tuned, names, truth, args.seed)
+    table += refined_with_labels(name, _matrix(default, names), features, names, truth, args.seed)
     print(f"{name}: {len(texts)} documents in {time.perf_counter() - started:.0f} s", flush=True)
     return table
 
@@ -157,6 +167,35 @@ def tuned_with_labels(name: str, tuned: dict[str, np.ndarray], names: tuple[str,
         pick = max(tuned, key=lambda c, among=chosen_on: hits(c, among))
         rows.append([name, f"tuned with {size} labels ({pick}; scored on the other {len(rest)})",
                      fmt_acc(hits(pick, rest), len(rest))])
+    return rows
+
+
+def refined_with_labels(name: str, probs: np.ndarray, features: np.ndarray, names: tuple[str, ...], truth: list[str],
+                        seed: int) -> list[list]:
+    """The default job relabelled with N gold labels (``service.refinement``) beside a logistic regression on them.
+
+    Both learn the same N sample documents and are scored on the rest of the sample.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    from service.refinement import refine
+
+    order = list(range(len(truth)))
+    random.Random(seed + 1).shuffle(order)
+    rows = []
+    for size in (n for n in LEARNING_CURVE if n <= len(truth) // 2):
+        gold, rest = order[:size], order[size:]
+        gold_index = np.full(len(truth), -1)
+        gold_index[gold] = [names.index(truth[i]) for i in gold]
+        refined, refinement = refine(probs, features, gold_index, seed=seed)
+        hits = sum(names[refined[i].argmax()] == truth[i] for i in rest)
+        rows.append([name, f"default job relabelled with {size} gold labels (mix: {refinement.trained_on}, "
+                           f"{refinement.weight}; scored on the other {len(rest)})", fmt_acc(hits, len(rest))])
+        if len({truth[i] for i in gold}) > 1:
+            model = LogisticRegression(max_iter=2000).fit(features[gold], [truth[i] for i in gold])
+            hits = sum(p == truth[i] for p, i in zip(model.predict(features[rest]), rest))
+            rows.append([name, f"logistic regression on those {size} gold labels alone (same documents scored)",
+                         fmt_acc(hits, len(rest))])
     return rows
 
 

@@ -17,6 +17,10 @@ Methods (``METHODS``):
   documents an annotator is left as it is. Measured by ``benchmarks/zero_shot.py`` (300
   documents each, SmolLM2 with ``classify`` + the embedding annotator): SMS 84.3%, TREC
   coarse 50.3%, Rotten Tomatoes 62.7%, against 86.0, 27.0 and 58.7% for the LLM alone.
+- ``refined``: ``calibrated_mean``, then mixed with a logistic regression on the documents'
+  embeddings fitted to the job, to the panel's labels without gold and to the gold labels
+  with (``service.refinement``, cross-fitted; ``JobRunner.aggregate`` runs it, since it
+  needs the texts). The default panel's method.
 
 The aggregate read as much of a document as the member that read most: its ``chars_seen``
 is their largest, and it is ``truncated`` only when every member was.
@@ -42,10 +46,11 @@ if TYPE_CHECKING:
     import pandas as pd
 from .taxonomy import Taxonomy
 
-METHODS = ("majority_vote", "weighted_soft_vote", "dawid_skene", "calibrated_mean")
+METHODS = ("majority_vote", "weighted_soft_vote", "dawid_skene", "calibrated_mean", "refined")
+REFINED = "refined"  # the one method that needs more than the votes: the documents' texts and gold labels
 CALIBRATION_MIN_DOCS = 20  # below this an annotator's mean distribution says more about the sample than the prompt
 DEFAULT_METHOD = "dawid_skene"  # of a job that lists its annotators
-DEFAULT_PANEL_AGGREGATION = "calibrated_mean"  # of the default panel (service.api): robust to a constant LLM
+DEFAULT_PANEL_AGGREGATION = REFINED  # of the default panel (service.api): robust to a constant LLM, learns the job
 
 
 def aggregate(rows: list[dict], taxonomy: Taxonomy, options: tuple[str, ...], *, method: str,
@@ -56,6 +61,8 @@ def aggregate(rows: list[dict], taxonomy: Taxonomy, options: tuple[str, ...], *,
     """
     import pandas as pd  # here, not at the top: the CLI and the API models read METHODS without the data stack
 
+    if method == REFINED:
+        raise ValueError("'refined' needs the documents' texts: JobRunner.aggregate refines calibrated_mean's output")
     if method not in METHODS:
         raise ValueError(f"unknown aggregation method {method!r}; choose one of {', '.join(METHODS)}")
     frame = pd.DataFrame(rows, columns=["doc_id", "annotator", "status", "label", "distribution", "abstained",

@@ -10,11 +10,12 @@ a few hundredths, which this spreads over a usable probability range). Both shar
 The embedding annotator labels single-label taxonomies and never picks "none of these".
 ``ClassifierLabeller`` is a student (``service.students``) served by the StudentServer
 deployment; a cascade job runs it first and sends only its unsure documents to an LLM.
-The embedding annotator and students read the head of a long document (at most
-``model_input_chars`` characters, flagged ``truncated``) whatever the job's
-``long_documents``: their encoders cut the text at 256 (MiniLM) or 128 (students) tokens
-anyway, so a tail or whole windows would not reach them either (and ``chars_seen`` counts
-what they are given, not what their tokenisers keep).
+The embedding annotator reads a document whole, up to ``embeddings.DOCUMENT_CHARS``
+(32,000 characters), as the mean of its 1,000-character chunks' vectors
+(``Embedder.embed_documents``); beyond that it is flagged ``truncated``. Students read the
+head of a long document (at most ``model_input_chars`` characters, flagged ``truncated``)
+whatever the job's ``long_documents``: their encoder cuts the text at 128 tokens anyway
+(and ``chars_seen`` counts what they are given, not what their tokeniser keeps).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .embeddings import MODEL_ID
+from .embeddings import CHUNK_CHARS, DOCUMENT_CHARS, MODEL_ID
 from .errors import cause_of
 from .labelling import Annotation, annotator_key, decide_single, empty, options_of, softmax
 from .shortlist import group_vectors, prototype_matrix, prototype_texts
@@ -80,11 +81,16 @@ class EmbeddingLabeller(_OptionScorer):
         """What determines its annotations (the prototype texts are hashed in as the 'prompt')."""
         texts = "\n".join("\t".join(group) for group in prototype_texts(self.taxonomy))
         return {
-            "engine": EMBEDDING, "model": MODEL_ID, "decoding": {"temperature": self.temperature},
+            "engine": EMBEDDING, "model": MODEL_ID,
+            "decoding": {"temperature": self.temperature, "document": f"mean of {CHUNK_CHARS}-character chunks"},
             "prompt": "label-prototypes", "prompt_hash": hashlib.sha256(texts.encode()).hexdigest()[:12],
             "taxonomy": self.taxonomy.name, "taxonomy_version": self.taxonomy_version,
-            "model_input_chars": self.model_input_chars,
+            "model_input_chars": DOCUMENT_CHARS,
         }
+
+    def requests(self, text: str) -> tuple[list[str], int]:
+        """The whole text up to ``DOCUMENT_CHARS`` (chunked by the embedder), and ``chars_seen``."""
+        return [text[:DOCUMENT_CHARS]], min(len(text), DOCUMENT_CHARS)
 
     @staticmethod
     def probabilities(scores: list[float]) -> list[float]:
@@ -93,7 +99,10 @@ class EmbeddingLabeller(_OptionScorer):
 
 
 def embedding_scorer(labeller: EmbeddingLabeller, embed: Callable[[list[str]], np.ndarray]):
-    """A job-runner scorer: similarities to the label prototypes over the temperature (computed once)."""
+    """A job-runner scorer: similarities to the label prototypes over the temperature (computed once).
+
+    ``embed`` is ``Embedder.embed_documents`` (short prototype texts get plain sentence vectors from it).
+    """
     prototypes: list[np.ndarray] = []
 
     def scores(texts: list[str]) -> list[list[float]]:

@@ -217,10 +217,10 @@ def _default_panel(ctx: Context, body: JobRequest) -> bool:
     The LLM and the embedding annotator, measured together (benchmarks/zero_shot.py) against
     the LLM alone: the embedding annotator is the stronger zero-shot annotator on TREC, the
     speeches and news, and calibrated_mean keeps an LLM that gives every document the same
-    label from outvoting it. The embedding annotator labels single-label taxonomies in
-    stream jobs only and never says "none of these", so multi-label taxonomies, taxonomies
-    that allow "none of these" (its vote would outweigh the LLM's abstention) and batch jobs
-    keep the LLM alone.
+    label from outvoting it; 'refined' then fits the job (service.refinement). The embedding
+    annotator labels single-label taxonomies in stream jobs only and never says "none of
+    these", so multi-label taxonomies, taxonomies that allow "none of these" (its vote would
+    outweigh the LLM's abstention) and batch jobs keep the LLM alone.
     """
     if ctx.settings.default_annotators != "llm+embedding" or body.mode != "stream":
         return False

@@ -164,6 +164,10 @@ class JobStatus(BaseModel):
     routing_rate: float | None = Field(None, description="Cascade: routed / total.")
     annotators: list[AnnotatorStatus] = []
     aggregation: str | None = None
+    refinement: dict | None = Field(
+        None, description="Aggregation 'refined': what the regression on the documents' embeddings learnt from "
+                          "(panel labels, gold labels or nothing), its weight, and the cross-fitted gold accuracy "
+                          "of each mix weighed.")
     docs_per_s: float | None = Field(
         None, description="Documents' worth of work (all annotators) finished per second since the start.")
     eta_s: float | None = Field(None, description="Seconds left at the current pace, while running.")
@@ -183,7 +187,8 @@ class JobStatus(BaseModel):
         finished = row["done"] + row["failed"] + sum(m["done"] + m["failed"] for m in counted)
         progress = round(finished / steps, 4) if steps else 1.0
         return cls(**fields, mode="stream" if row.get("batch") is None else "batch", progress=progress,
-                   aggregation=aggregation, **_pace(row, progress),
+                   aggregation=aggregation, refinement=row["annotator_spec"].get("refinement") if members[1:] else None,
+                   **_pace(row, progress),
                    **_routing(members, row["total"]) if aggregation == "cascade" else {})
 
 
@@ -323,7 +328,8 @@ class EstimateRequest(BaseModel):
 
 
 class AggregateRequest(BaseModel):
-    """Recompute a several-annotator job's labels with another aggregation method."""
+    """Recompute a several-annotator job's labels with another aggregation method ('refined' after gold labels:
+    relabel with them)."""
 
     model_config = ConfigDict(extra="forbid")
     method: Literal[METHODS]

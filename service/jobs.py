@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
-from .aggregation import DEFAULT_METHOD, aggregate
+from .aggregation import DEFAULT_METHOD, REFINED, aggregate
 from .annotators import EMBEDDING, ClassifierLabeller, EmbeddingLabeller, embedding_scorer, student_scorer
 from .embeddings import shared_embedder
 from .engines.base import EMBEDDED_ENGINE, EngineInfo, ScoreRequest
@@ -25,6 +25,7 @@ from .errors import Conflict, InvalidInput
 from .labelling import Annotation, Labeller, annotator_key, failed, shortlist_prompting
 from .long_documents import combine
 from .prompts import load_template
+from .refinement import refined_annotations
 from .shortlist import TOP_DOWN, Shortlister, TopDown
 from .store import Store, annotation_row
 from .taxonomy import Shortlist, Taxonomy
@@ -165,7 +166,7 @@ class JobRunner:
                 raise RuntimeError("this runner has no StudentServer; cascades run inside the service")
             return student_scorer(labeller, self.students)
         if isinstance(labeller, EmbeddingLabeller):
-            return embedding_scorer(labeller, lambda texts: shared_embedder().embed(texts))
+            return embedding_scorer(labeller, lambda texts: shared_embedder().embed_documents(texts))
         return self.models[labeller.model].scorer
 
     def model(self, name: str | None) -> Model:
@@ -262,14 +263,19 @@ class JobRunner:
         rows = self.store.member_rows(job_id)
         weights = {a["annotator"]: a["weight"] for a in job["annotators"]}
         llms = frozenset(a["annotator"] for a in job["annotators"] if a.get("kind", "llm") == "llm")
-        decided = aggregate(rows, taxonomy, tuple(taxonomy.label_names()), method=method, weights=weights,
-                            calibrated=llms)
+        decided = aggregate(rows, taxonomy, tuple(taxonomy.label_names()), weights=weights, calibrated=llms,
+                            method="calibrated_mean" if method == REFINED else method)
+        refinement = None
+        if method == REFINED:  # reads every text and embeds it: the slow part of aggregating a large job
+            decided, refinement = refined_annotations(decided, self.store.documents_with_gold(job_id), taxonomy,
+                                                      shared_embedder().embed_documents)
         hashes = {r["doc_id"]: r["text_hash"] for r in rows}
         keys = dict(job_id=job_id, annotator=job["annotator"], model=method, engine="aggregate", prompt_hash=None,
                     taxonomy_version=version, decoding=json.dumps({"method": method, "members": sorted(weights)}))
         self.store.replace_aggregate(job_id, job["annotator"], [
             annotation_row(annotation, doc_id=doc_id, text_hash=hashes[doc_id], cached=False, latency_ms=0.0, **keys)
-            for doc_id, annotation in decided.items()], method=method)
+            for doc_id, annotation in decided.items()], method=method,
+            refinement=refinement.as_dict() if refinement else None)
         return method
 
     async def run_stream(self, job_id: str, labeller: Annotator, route: tuple[str, float] | None = None) -> bool:

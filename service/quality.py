@@ -84,6 +84,7 @@ def report(store: Store, job_id: str) -> dict:
                             abstain_reasons=data.at_gold("abstain_reason"))
     result = {"job_id": job_id, "sample": data.sample, **result, **_annotators(store, data),
               "humans": _human_agreement(store, job_id)}
+    result["refinement"] = data.job["annotator_spec"].get("refinement")  # labels fitted to gold say how (cross-fitted)
     result["calibration"] = store.calibration(job_id)
     result["shortlist"] = _shortlist_recall(data)
     store.put_quality_tables(job_id, *_tables(result))

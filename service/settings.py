@@ -52,7 +52,7 @@ class Settings(BaseSettings):
                             "products once per machine (cached in the models dir) and keeps the faster.")
     default_annotators: Literal["llm+embedding", "llm"] = Field(
         "llm+embedding", description="Annotators of a stream job that names none: the LLM and the embedding annotator, "
-                                     "aggregated by calibrated_mean unless the job sets 'aggregation' (multi-label "
+                                     "aggregated by 'refined' unless the job sets 'aggregation' (multi-label "
                                      "taxonomies: the LLM alone), or 'llm' alone. Batch jobs and cascades run the LLM.")
     model_input_chars: int = Field(
         2000, ge=100, description="Characters of a document the model reads in one request; longer documents are "

@@ -58,8 +58,9 @@ class QualityStore:
             row["distribution"] = dict(row["distribution"] or {})
         return rows
 
-    def replace_aggregate(self, job_id: str, annotator: str, rows: list[dict], *, method: str) -> None:
-        """Swap a job's aggregated rows for new ones, and record the method, in one transaction."""
+    def replace_aggregate(self, job_id: str, annotator: str, rows: list[dict], *, method: str,
+                          refinement: dict | None = None) -> None:
+        """Swap a job's aggregated rows for new ones, and record the method (and what refined them), in one transaction."""
         table = self._annotation_table(rows)
         with self._transaction() as cur:
             cur.execute("DELETE FROM annotations WHERE job_id = ? AND annotator = ?", [job_id, annotator])
@@ -67,7 +68,7 @@ class QualityStore:
             cur.execute("INSERT INTO annotations BY NAME SELECT * FROM annotation_batch")
             cur.unregister("annotation_batch")
             cur.execute("UPDATE jobs SET annotator_spec = json_merge_patch(annotator_spec, ?) WHERE job_id = ?",
-                        [json.dumps({"aggregation": method}), job_id])
+                        [json.dumps({"aggregation": method, "refinement": refinement}), job_id])
 
     def merge_cascade(self, job_id: str, output: str, student: str, llm: str, threshold: float) -> None:
         """A cascade's labels: the LLM's where it was asked, the student's elsewhere, in one transaction."""
@@ -145,6 +146,11 @@ class QualityStore:
             cur.executemany("INSERT OR REPLACE INTO gold_labels VALUES (?, ?, ?, ?, ?)",
                             [[job_id, doc_id, annotator, label, utc_now()] for doc_id, annotator, label in rows])
         return len(rows)
+
+    def documents_with_gold(self, job_id: str) -> list[dict]:
+        """Every document of a job in order: doc_id, text, and its gold label (None when it has none)."""
+        return self._dicts("SELECT d.doc_id, d.text, g.gold_label FROM documents d LEFT JOIN gold g USING (job_id, doc_id)"
+                           " WHERE d.job_id = ? ORDER BY d.position", [job_id])
 
     def gold_label_rows(self, job_id: str) -> list[dict]:
         """Every person's label of every gold document (doc_id, annotator, label)."""

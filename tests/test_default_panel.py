@@ -1,14 +1,18 @@
-"""A stream job that names no annotators gets the LLM and the embedding annotator, aggregated by calibrated_mean.
+"""A stream job that names no annotators gets the LLM and the embedding annotator, aggregated by 'refined';
+gold labels relabel it.
 
 The real app and store in-process with the real embedding annotator (MiniLM); the LLM is the
-FakeEngine of the ``in_process`` fixture, since only the panel's make-up and its aggregation
-are under test here (the embedded model's labels are measured in benchmarks/zero_shot.py).
+FakeEngine of the ``in_process`` fixture, since only the panel's make-up, its aggregation and
+the relabelling loop are under test here (the embedded model's labels are measured in
+benchmarks/zero_shot.py).
 """
 
 from __future__ import annotations
 
+import json
+
 import pytest
-from conftest import REPO, wait_for_job
+from conftest import FIXTURES, REPO, wait_for_job
 
 DOCS = [{"id": f"m{i}", "text": text} for i, text in enumerate([
     "WINNER!! You have won a 1000 GBP prize, call 09061701461 now to claim", "see you at dinner tonight mum",
@@ -21,12 +25,16 @@ def _finished(client, job_id: str) -> dict:
 
 
 def test_a_job_without_annotators_gets_the_default_panel(in_process):
-    """Two annotators (the LLM, the embedding annotator), calibrated_mean, and one aggregated label per document."""
+    """Two annotators (the LLM, the embedding annotator), 'refined', and one aggregated label per document.
+
+    Four documents are too few to fit anything: the refinement says so and leaves calibrated_mean's labels.
+    """
     client = in_process.client
     answer = client.post("/v1/jobs", json={"taxonomy": "sms-spam", "documents": DOCS})
     assert answer.status_code == 202, answer.text
     job = _finished(client, answer.json()["job_id"])
-    assert job["status"] == "succeeded" and job["aggregation"] == "calibrated_mean"
+    assert job["status"] == "succeeded" and job["aggregation"] == "refined"
+    assert job["refinement"]["trained_on"] == "nothing" and job["refinement"]["weight"] == 0
     assert [a["kind"] for a in job["annotators"]] == ["llm", "embedding"]
     assert all(a["done"] == len(DOCS) for a in job["annotators"])
     labels = client.get(f"/v1/jobs/{job['job_id']}/labels").text.strip().splitlines()
@@ -54,3 +62,41 @@ def test_multi_label_and_none_of_these_taxonomies_keep_the_llm_alone(in_process,
     answer = client.post("/v1/jobs", json={"taxonomy": "sms-other", "documents": DOCS})
     assert answer.status_code == 202, answer.text
     assert [a["kind"] for a in _finished(client, answer.json()["job_id"])["annotators"]] == ["llm"]
+
+
+def test_gold_labels_relabel_a_default_job_cross_fitted(in_process):
+    """60 real TREC questions: labelled without gold (the regression learns the panel's labels), then 40 gold
+    labels and POST .../aggregate relabel the job with them; the report says how, and every gold document's
+    label is the cross-fitted one (the mix's gold accuracy is what the report measures on the same documents)."""
+    client = in_process.client
+    questions = [json.loads(line) for line in (FIXTURES / "questions.jsonl").read_text().splitlines() if line.strip()]
+    assert client.post("/v1/taxonomies", content=(REPO / "taxonomy" / "trec-coarse.yaml").read_bytes()).is_success
+    answer = client.post("/v1/jobs", json={"taxonomy": "trec-coarse",
+                                           "documents": [{"id": q["id"], "text": q["text"]} for q in questions]})
+    job = _finished(client, answer.json()["job_id"])
+    assert job["status"] == "succeeded" and job["aggregation"] == "refined"
+    assert job["refinement"] == {**job["refinement"], "trained_on": "panel labels", "weight": 0.5, "gold_labels": 0}
+    job_id = job["job_id"]
+    drawn = client.post(f"/v1/jobs/{job_id}/gold-sample", json={"size": 40})
+    assert drawn.status_code == 201, drawn.text
+    truth = {q["id"]: q["coarse"] for q in questions}
+    sample = client.get(f"/v1/jobs/{job_id}/gold-sample").json()
+    put = client.post(f"/v1/jobs/{job_id}/gold", json={"annotator": "ann", "labels": [
+        {"doc_id": row["doc_id"], "label": truth[row["doc_id"]]} for row in sample]})
+    assert put.is_success, put.text
+    relabelled = client.post(f"/v1/jobs/{job_id}/aggregate", json={"method": "refined"})
+    assert relabelled.status_code == 200, relabelled.text
+    refinement = relabelled.json()["refinement"]
+    scores = refinement["gold_accuracy"]
+    assert set(scores) == {"panel", "label-free", "calibrated", "gold 0.25", "gold 0.5", "gold 0.75", "gold 1.0"}
+    chosen = refinement["chosen"]
+    assert scores[chosen] == max(scores.values())
+    assert refinement["trained_on"] == {"panel": "nothing", "label-free": "panel labels"}.get(chosen, "gold labels")
+    assert refinement["gold_labels"] == (40 if refinement["trained_on"] == "gold labels" else 0)
+    assert "cross-fitted" in refinement["validity"]
+    report = client.get(f"/v1/jobs/{job_id}/report").json()
+    assert report["refinement"] == refinement
+    labels = {json.loads(line)["doc_id"]: json.loads(line) for line in
+              client.get(f"/v1/jobs/{job_id}/labels").text.strip().splitlines()}
+    hits = [labels[row["doc_id"]]["label"] == truth[row["doc_id"]] for row in sample]
+    assert sum(hits) / len(hits) == pytest.approx(scores[chosen])
