@@ -43,6 +43,9 @@ DATASETS = {  # name -> (taxonomy file, data file, label column)
     "speeches": ("convention-speeches.yaml", "convention_speeches_2012.csv", "label"),
 }
 LEARNING_CURVE = (25, 50, 100, 200)  # labelled documents for the supervised baseline (those under --train)
+GOLD_DRAWS = 5  # draws of the gold labels that relabel the default job
+MIN_SCORED = 80  # sample documents left to score a relabelled job on (so 100 gold labels fit the 189 speeches)
+DEMONSTRATION_POOL = 100  # labelled documents the per-document demonstrations are chosen from
 
 
 def sample(path: Path, column: str, n: int, train: int, seed: int) -> tuple[list[dict], list[dict]]:
@@ -146,6 +149,8 @@ def measure(name: str, engine, embedder, args) -> list[list]:
     for method, predicted in labels.items():
         correct = sum(p == t for p, t in zip(predicted, truth))
         table.append([name, method, fmt_acc(correct, len(truth))])
+    if args.demonstrations and train:
+        table += with_demonstrations(name, engine, embedder, taxonomy, texts[: args.demonstrations], truth, train)
     table += tuned_with_labels(name, tuned, names, truth, args.seed)
     table += refined_with_labels(name, _matrix(default, names), features, names, truth, args.seed)
     print(f"{name}: {len(texts)} documents in {time.perf_counter() - started:.0f} s", flush=True)
@@ -170,32 +175,68 @@ def tuned_with_labels(name: str, tuned: dict[str, np.ndarray], names: tuple[str,
     return rows
 
 
+def with_demonstrations(name: str, engine, embedder, taxonomy, texts: list[str], truth: list[str],
+                        train: list[dict]) -> list[list]:
+    """classify_fewshot with the taxonomy's fixed examples and with per-document demonstrations (each rule) chosen
+    from DEMONSTRATION_POOL labelled documents: accuracy on the first texts of the sample and ms per document."""
+    from service.demonstrations import Demonstrator
+    from service.jobs import annotate_texts, engine_scorer
+    from service.labelling import Labeller
+    from service.prompts import load_template
+    from service.settings import Settings
+    from service.taxonomy import Demonstrations
+
+    pool = [(r["label"], r["text"]) for r in train[:DEMONSTRATION_POOL]]
+    template, chars = load_template("classify_fewshot"), Settings().model_input_chars
+    scorer = engine_scorer(engine)
+    rows = []
+    for rule in (None, "similar", "mmr", "label_diverse"):
+        demonstrator = None if rule is None else Demonstrator(pool, Demonstrations(select=rule),
+                                                               embedder.embed_documents)
+        labeller = Labeller(taxonomy, taxonomy.version, template, engine.info, chars, demonstrator=demonstrator)
+        started = time.perf_counter()
+        annotations = asyncio.run(annotate_texts(labeller, texts, scorer))
+        ms = 1000 * (time.perf_counter() - started) / len(texts)
+        hits = sum(a.label == t for a, t in zip(annotations, truth))
+        what = "the taxonomy's examples (fixed)" if rule is None else f"{rule}, 4 of {len(pool)} labelled"
+        rows.append([name, f"classify_fewshot, demonstrations: {what}; first {len(texts)} documents, {ms:,.0f} ms/doc",
+                     fmt_acc(hits, len(texts))])
+    return rows
+
+
 def refined_with_labels(name: str, probs: np.ndarray, features: np.ndarray, names: tuple[str, ...], truth: list[str],
                         seed: int) -> list[list]:
     """The default job relabelled with N gold labels (``service.refinement``) beside a logistic regression on them.
 
-    Both learn the same N sample documents and are scored on the rest of the sample.
+    Both learn the same N sample documents and are scored on the rest of the sample, over
+    ``GOLD_DRAWS`` draws of the N (one draw moves a cell by several points): the mean, and
+    the lowest and highest draw.
     """
     from sklearn.linear_model import LogisticRegression
 
     from service.refinement import refine
 
-    order = list(range(len(truth)))
-    random.Random(seed + 1).shuffle(order)
     rows = []
-    for size in (n for n in LEARNING_CURVE if n <= len(truth) // 2):
-        gold, rest = order[:size], order[size:]
-        gold_index = np.full(len(truth), -1)
-        gold_index[gold] = [names.index(truth[i]) for i in gold]
-        refined, refinement = refine(probs, features, gold_index, seed=seed)
-        hits = sum(names[refined[i].argmax()] == truth[i] for i in rest)
-        rows.append([name, f"default job relabelled with {size} gold labels (mix: {refinement.trained_on}, "
-                           f"{refinement.weight}; scored on the other {len(rest)})", fmt_acc(hits, len(rest))])
-        if len({truth[i] for i in gold}) > 1:
+    for size in (n for n in LEARNING_CURVE if n <= len(truth) - MIN_SCORED):
+        scores: dict[str, list[float]] = {"refined": [], "regression": []}
+        for draw in range(GOLD_DRAWS):
+            order = list(range(len(truth)))
+            random.Random(seed + 1 + draw).shuffle(order)
+            gold, rest = order[:size], order[size:]
+            if len({truth[i] for i in gold}) < 2:
+                continue
+            gold_index = np.full(len(truth), -1)
+            gold_index[gold] = [names.index(truth[i]) for i in gold]
+            refined, _ = refine(probs, features, gold_index, seed=seed)
+            scores["refined"].append(np.mean([names[refined[i].argmax()] == truth[i] for i in rest]))
             model = LogisticRegression(max_iter=2000).fit(features[gold], [truth[i] for i in gold])
-            hits = sum(p == truth[i] for p, i in zip(model.predict(features[rest]), rest))
-            rows.append([name, f"logistic regression on those {size} gold labels alone (same documents scored)",
-                         fmt_acc(hits, len(rest))])
+            scores["regression"].append(np.mean(model.predict(features[rest]) == np.array([truth[i] for i in rest])))
+        for key, label in (("refined", f"default job relabelled with {size} gold labels (refined, trained on them)"),
+                           ("regression", f"logistic regression on the same {size} gold labels alone")):
+            values = scores[key]
+            if values:
+                rows.append([name, f"{label}; scored on the other {len(truth) - size}, {len(values)} draws",
+                             f"{np.mean(values):.1%} [{min(values):.1%}, {max(values):.1%}] (mean [lowest, highest])"])
     return rows
 
 
@@ -206,6 +247,9 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=200,
                         help="labelled documents for the supervised baseline (its largest point; fewer for the speeches)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the samples")
+    parser.add_argument("--demonstrations", type=int, default=0, metavar="N",
+                        help="also label the first N sample documents with per-document demonstrations (slow: "
+                             "each document's prompt is its own)")
     parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated, from " + ", ".join(DATASETS))
     args = parser.parse_args()
     from service.embeddings import Embedder

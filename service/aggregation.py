@@ -46,8 +46,9 @@ if TYPE_CHECKING:
     import pandas as pd
 from .taxonomy import Taxonomy
 
-METHODS = ("majority_vote", "weighted_soft_vote", "dawid_skene", "calibrated_mean", "refined")
+VOTE_METHODS = ("majority_vote", "weighted_soft_vote", "dawid_skene", "calibrated_mean")  # what ``aggregate`` computes
 REFINED = "refined"  # the one method that needs more than the votes: the documents' texts and gold labels
+METHODS = (*VOTE_METHODS, REFINED)
 CALIBRATION_MIN_DOCS = 20  # below this an annotator's mean distribution says more about the sample than the prompt
 DEFAULT_METHOD = "dawid_skene"  # of a job that lists its annotators
 DEFAULT_PANEL_AGGREGATION = REFINED  # of the default panel (service.api): robust to a constant LLM, learns the job
@@ -61,10 +62,8 @@ def aggregate(rows: list[dict], taxonomy: Taxonomy, options: tuple[str, ...], *,
     """
     import pandas as pd  # here, not at the top: the CLI and the API models read METHODS without the data stack
 
-    if method == REFINED:
-        raise ValueError("'refined' needs the documents' texts: JobRunner.aggregate refines calibrated_mean's output")
-    if method not in METHODS:
-        raise ValueError(f"unknown aggregation method {method!r}; choose one of {', '.join(METHODS)}")
+    if method not in VOTE_METHODS:  # 'refined' needs the texts: JobRunner.aggregate refines calibrated_mean's output
+        raise ValueError(f"unknown aggregation method {method!r}; choose one of {', '.join(VOTE_METHODS)}")
     frame = pd.DataFrame(rows, columns=["doc_id", "annotator", "status", "label", "distribution", "abstained",
                                         "abstain_reason", "error", "truncated", "chars_seen"])
     voting = frame[(frame["status"] == "ok") & ~frame["abstained"].astype(bool) & frame["label"].notna()]

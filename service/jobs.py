@@ -16,25 +16,28 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from datetime import datetime
 
 from .aggregation import DEFAULT_METHOD, REFINED, aggregate
 from .annotators import EMBEDDING, ClassifierLabeller, EmbeddingLabeller, embedding_scorer, student_scorer
-from .embeddings import shared_embedder
+from .demonstrations import Demonstrator
+from .embeddings import DOCUMENT_CHARS, shared_embedder
 from .engines.base import EMBEDDED_ENGINE, EngineInfo, ScoreRequest
 from .errors import Conflict, InvalidInput
-from .labelling import Annotation, Labeller, annotator_key, failed, shortlist_prompting
+from .labelling import Annotation, Labeller, annotator_key, demonstrations, failed, shortlist_prompting
 from .long_documents import combine
-from .prompts import load_template
+from .prompts import PromptTemplate, load_template
 from .refinement import refined_annotations
 from .shortlist import TOP_DOWN, Shortlister, TopDown
 from .store import Store, annotation_row
-from .taxonomy import Shortlist, Taxonomy
+from .taxonomy import NONE_LABEL, Shortlist, Taxonomy
 
 log = logging.getLogger(__name__)
 
 Scorer = Callable[[list[ScoreRequest]], Awaitable[list["list[float] | BaseException"]]]
 Annotator = Labeller | EmbeddingLabeller | ClassifierLabeller
-SHORTLISTERS_KEPT = 4  # retrievers kept built (each holds its taxonomy's prototypes and labelled texts)
+SHORTLISTERS_KEPT = 4  # retrievers (and demonstrators) kept built: each holds its embedded prototypes or pool
+FEWSHOT = "classify_fewshot"  # the template that shows demonstrations
 CASCADE = "cascade"  # the aggregation of a student-then-LLM job: the LLM's label where it was asked
 
 
@@ -60,6 +63,7 @@ class JobRunner:
         self.store = store
         self.max_scored_labels = max_scored_labels
         self._shortlisters: dict[tuple, Shortlister] = {}
+        self._demonstrators: dict[tuple, Demonstrator] = {}
         self.students = students  # the StudentServer deployment handle, for cascades
         self.models = models
         self.default_model = default_model
@@ -71,13 +75,16 @@ class JobRunner:
 
     def labeller(self, taxonomy_name: str, version: str | None = None, model: str | None = None,
                  prompt: str | None = None, long_documents: str | None = None,
-                 shortlist: dict | None = None) -> Labeller:
+                 shortlist: dict | None = None, before: datetime | None = None) -> Labeller:
         """The LLM annotator for a taxonomy version on a model (the one named, else the taxonomy's, else the default).
 
         ``shortlist`` (a job's) overrides the taxonomy's; a single-label taxonomy of more than
         ``max_scored_labels`` leaves is scored only through a shortlist. With no ``prompt``, the one
         a tuning chose for this taxonomy version and model, with its calibration (``service.tuning``),
-        else the default; a prompt the job names runs uncalibrated.
+        else the default; a prompt the job names runs uncalibrated. A taxonomy with
+        ``demonstrations`` gets them per document from its examples and the texts people labelled
+        in its jobs created ``before`` (the job's own creation: a resumed job sees the same pool),
+        through ``classify_fewshot`` unless the job or the tuning names another template that shows them.
         """
         taxonomy, version, _ = self.store.get_taxonomy(taxonomy_name, version)
         chosen = self.model(model or taxonomy.model)
@@ -88,6 +95,9 @@ class JobRunner:
         tuned = None
         if prompt is None and plan is None and not taxonomy.multi_label:
             tuned = self.store.tuned_prompt(taxonomy.name, version, chosen.name)  # None: never tuned
+        if taxonomy.demonstrations is not None and prompt is None and not (tuned and _shows_demonstrations(
+                load_template(tuned.prompt))):
+            default, tuned = FEWSHOT, None
         template = load_template(prompt or (tuned.prompt if tuned else default))
         if not template.chat and chosen.info.engine != EMBEDDED_ENGINE:
             raise InvalidInput(f"prompt {template.name!r} is a plain-text completion, which only the embedded engine "
@@ -101,9 +111,30 @@ class JobRunner:
                 "plausible labels only")
         if plan is not None and taxonomy.multi_label:
             raise InvalidInput(f"taxonomy {taxonomy.name!r} is multi-label; shortlists cover single-label taxonomies")
+        demonstrator = None
+        if taxonomy.demonstrations is not None:
+            if plan is not None:
+                raise InvalidInput(f"taxonomy {taxonomy.name!r} sets both 'demonstrations' and a shortlist; per-document "
+                                   "demonstrations cover taxonomies scored whole")
+            if not _shows_demonstrations(template):
+                raise InvalidInput(f"prompt {template.name!r} shows no demonstrations, and taxonomy {taxonomy.name!r} "
+                                   f"sets 'demonstrations': name {FEWSHOT!r} (or no prompt)")
+            demonstrator = self._demonstrator(taxonomy, before)
         return Labeller(taxonomy, version, template, chosen.info, self.model_input_chars, model=chosen.name,
                         long_documents=long_documents, whole_prompt=whole_prompt, prior=tuned.prior if tuned else None,
-                        shortlister=None if plan is None else self._shortlister(taxonomy, version, plan))
+                        shortlister=None if plan is None else self._shortlister(taxonomy, version, plan),
+                        demonstrator=demonstrator)
+
+    def _demonstrator(self, taxonomy: Taxonomy, before: datetime | None) -> Demonstrator:
+        """A demonstrator over the taxonomy's examples and labelled texts, its pool embedded once while it recurs."""
+        pool = demonstrations(taxonomy) + [(label, text) for text, label in
+                                           self.store.labelled_texts(taxonomy.name, before=before)]
+        key = (taxonomy.demonstrations, tuple(pool))
+        if key not in self._demonstrators:
+            if len(self._demonstrators) >= SHORTLISTERS_KEPT:
+                self._demonstrators.pop(next(iter(self._demonstrators)))
+            self._demonstrators[key] = Demonstrator(pool, taxonomy.demonstrations, shared_embedder().embed_documents)
+        return self._demonstrators[key]
 
     def _shortlister(self, taxonomy: Taxonomy, version: str, plan: Shortlist) -> Shortlister | TopDown:
         """The taxonomy version's retriever for ``plan``, rebuilt when people have labelled more of its texts."""
@@ -119,10 +150,12 @@ class JobRunner:
         return self._shortlisters[key]
 
     def panel(self, taxonomy_name: str, version: str | None, model: str | None, annotators: list[dict] | None,
-              long_documents: str | None = None, shortlist: dict | None = None) -> list[tuple[dict, Annotator]]:
+              long_documents: str | None = None, shortlist: dict | None = None,
+              before: datetime | None = None) -> list[tuple[dict, Annotator]]:
         """A job's annotators, each (its job_annotators row, its labeller); one LLM annotator when none are listed.
 
-        ``long_documents`` overrides the taxonomy's for the LLM annotators (the others read the head).
+        ``long_documents`` overrides the taxonomy's for the LLM annotators (the others read the head);
+        ``before``: the job's creation, for the demonstrations' pool (``labeller``).
         """
         entries = annotators or [{"kind": "llm"}]
         panel = []
@@ -139,7 +172,7 @@ class JobRunner:
                 name = entry.get("name") or EMBEDDING
             else:
                 labeller = self.labeller(taxonomy_name, version, entry.get("model") or model, entry.get("prompt"),
-                                         long_documents, shortlist)
+                                         long_documents, shortlist, before)
                 name = entry.get("name") or f"{labeller.model}/{labeller.template.name}"
             panel.append(({"name": name, "annotator": labeller.key, "kind": entry.get("kind") or "llm",
                            "model": entry.get("model") or entry.get("classifier"), "prompt": entry.get("prompt"),
@@ -238,7 +271,7 @@ class JobRunner:
         """Rebuild a stored job's annotators; refuse when the service would now label differently."""
         stored = job["annotators"] or [{"name": "llm", "annotator": job["annotator"], "kind": "llm"}]
         panel = self.panel(job["taxonomy"], job["taxonomy_version"], job["model"], stored, job["long_documents"],
-                           job["shortlist"])
+                           job["shortlist"], job["created_at"])
         for (row, _), before in zip(panel, stored):
             if row["annotator"] != before["annotator"]:
                 raise RuntimeError(
@@ -267,8 +300,8 @@ class JobRunner:
                             method="calibrated_mean" if method == REFINED else method)
         refinement = None
         if method == REFINED:  # reads every text and embeds it: the slow part of aggregating a large job
-            decided, refinement = refined_annotations(decided, self.store.documents_with_gold(job_id), taxonomy,
-                                                      shared_embedder().embed_documents)
+            documents = self.store.documents_with_gold(job_id, DOCUMENT_CHARS)  # what embed_documents reads
+            decided, refinement = refined_annotations(decided, documents, taxonomy, shared_embedder().embed_documents)
         hashes = {r["doc_id"]: r["text_hash"] for r in rows}
         keys = dict(job_id=job_id, annotator=job["annotator"], model=method, engine="aggregate", prompt_hash=None,
                     taxonomy_version=version, decoding=json.dumps({"method": method, "members": sorted(weights)}))
@@ -330,8 +363,11 @@ async def _score_texts(labeller: Annotator, texts: list[str], scorer: Scorer) ->
         return []
     shortlister = getattr(labeller, "shortlister", None)
     shortlists = await shortlister.propose(texts, labeller, scorer) if shortlister else [None] * len(texts)
-    views = [labeller.requests(text, shortlist) if shortlist else labeller.requests(text)
-             for text, shortlist in zip(texts, shortlists)]
+    demonstrator = getattr(labeller, "demonstrator", None)
+    shown = await asyncio.to_thread(demonstrator.choose, texts) if demonstrator else None
+    views = [labeller.requests(text, shortlist) if shortlist else
+             labeller.requests(text, shown=shown[i]) if shown is not None else labeller.requests(text)
+             for i, (text, shortlist) in enumerate(zip(texts, shortlists))]
     requests = [request for per_text, _ in views for request in per_text]
     results = await scorer(requests)
     for i, result in enumerate(results):
@@ -392,6 +428,17 @@ def job_record(panel: list[tuple[dict, Annotator]], *, aggregation: str | None =
     """The store fields that say who labels a job: version, output annotator, spec and the annotators' rows."""
     return dict(version=panel[0][1].taxonomy_version, annotator=_output_annotator(panel),
                 annotator_spec=_panel_spec(panel, aggregation, threshold), annotators=[row for row, _ in panel])
+
+
+def _shows_demonstrations(template: PromptTemplate) -> bool:
+    """Whether a template's system prompt renders the demonstrations it is given."""
+    marker = "\x00demonstration\x00"
+    try:
+        shown = template.render("system", instruction="", labels=[], allow_none=False, none_label=NONE_LABEL,
+                                multi_label=False, demonstrations=[("label", marker)])
+    except InvalidInput:  # no system section
+        return False
+    return marker in shown
 
 
 def engine_scorer(engine) -> Scorer:

@@ -32,6 +32,7 @@ import json
 import math
 from dataclasses import dataclass, field, replace
 
+from .demonstrations import Demonstrator
 from .engines.base import EngineInfo, ScoreRequest
 from .long_documents import MAX_WINDOWS, model_texts, reading_spec
 from .prompts import PromptTemplate
@@ -90,6 +91,7 @@ class Labeller:
     shortlister: Shortlister | TopDown | None = None  # scores each document's shortlist only (large taxonomies)
     whole_prompt: bool = False  # shortlisted: the system prompt still describes every leaf (see shortlist_prompting)
     prior: tuple[float, ...] | None = None  # contextual calibration: each option's log-probability on content-free text
+    demonstrator: Demonstrator | None = None  # chooses each document's demonstrations (taxonomy 'demonstrations')
     system: str = field(init=False)
     options: tuple[str, ...] = field(init=False)
     continuations: tuple[str, ...] = field(init=False)  # rendered once: the same after every document
@@ -102,8 +104,11 @@ class Labeller:
         object.__setattr__(self, "continuations", self._continuations(self.options) if self.shortlister is None else ())
         object.__setattr__(self, "_shortlist_prompts", {})  # shortlist -> its system prompt, while it recurs
 
-    def _system(self, names: tuple[str, ...]) -> str:
-        """The system prompt listing the labels ``names`` (every leaf, a document's shortlist, or one level of it)."""
+    def _system(self, names: tuple[str, ...], shown: list[tuple[str, str]] | None = None) -> str:
+        """The system prompt listing the labels ``names`` (every leaf, a document's shortlist, or one level of it).
+
+        ``shown``: a document's own demonstrations (label, text), instead of the taxonomy's examples.
+        """
         allow_none = self.taxonomy.abstention.allow_none and not self.taxonomy.multi_label
         chosen = set(names)
         return self.template.render(
@@ -113,7 +118,7 @@ class Labeller:
             allow_none=allow_none,
             none_label=NONE_LABEL,
             multi_label=self.taxonomy.multi_label,
-            demonstrations=[d for d in demonstrations(self.taxonomy) if d[0] in chosen],
+            demonstrations=shown if shown is not None else [d for d in demonstrations(self.taxonomy) if d[0] in chosen],
         )
 
     def _continuations(self, options: tuple[str, ...]) -> tuple[str, ...]:
@@ -157,6 +162,7 @@ class Labeller:
             **reading_spec(self.long_documents, self.max_windows),
             **shortlist,
             **({} if self.prior is None else {"contextual_prior": [round(p, 6) for p in self.prior]}),
+            **({} if self.demonstrator is None else {"demonstrations": self.demonstrator.spec}),
         }
 
     @property
@@ -164,14 +170,19 @@ class Labeller:
         """Short stable id of this annotator (the cache key's second half, next to the text hash)."""
         return annotator_key(self.spec)
 
-    def requests(self, text: str, shortlist: tuple[str, ...] | None = None) -> tuple[list[ScoreRequest], int]:
+    def requests(self, text: str, shortlist: tuple[str, ...] | None = None,
+                 shown: list[tuple[str, str]] | None = None) -> tuple[list[ScoreRequest], int]:
         """The engine requests for one document (one per window in ``chunk`` mode), and ``chars_seen``.
 
-        With a ``shortlist`` (from ``shortlister``) only its leaves are in the prompt and scored.
+        With a ``shortlist`` (from ``shortlister``) only its leaves are in the prompt and scored;
+        with ``shown`` (from ``demonstrator``) the system prompt carries those demonstrations.
         """
         texts, chars_seen = model_texts(text, self.long_documents, self.model_input_chars,
                                         max_windows=self.max_windows)
-        if shortlist is None:
+        if shown is not None:
+            system = self._system(tuple(self.taxonomy.label_names()), shown)
+            options, continuations = self.options, self.continuations
+        elif shortlist is None:
             system, options, continuations = self.system, self.options, self.continuations
         else:
             options = self.shortlist_options(shortlist)

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import asdict
+from datetime import datetime
 from pathlib import Path
 
 import duckdb
@@ -497,11 +498,12 @@ class Store(QualityStore, ClassifierStore, ConsoleStore):
             )
         return found
 
-    def labelled_texts(self, taxonomy: str, limit: int = 5000) -> list[tuple[str, str]]:
-        """(text, gold label) of the documents people labelled in the taxonomy's jobs, the most recent last."""
+    def labelled_texts(self, taxonomy: str, limit: int = 5000, before: datetime | None = None) -> list[tuple[str, str]]:
+        """(text, gold label) of the documents people labelled in the taxonomy's jobs (created ``before``), the most
+        recent last."""
         rows = self.cursor().execute(
-            f"SELECT d.text, g.gold_label {_LABELLED} ORDER BY j.created_at DESC, d.position LIMIT ?",
-            [taxonomy, limit]).fetchall()
+            f"SELECT d.text, g.gold_label {_LABELLED} AND j.created_at < coalesce(?::TIMESTAMP, 'infinity'::TIMESTAMP)"
+            " ORDER BY j.created_at DESC, d.position LIMIT ?", [taxonomy, before, limit]).fetchall()
         return [(text, label) for text, label in reversed(rows)]
 
     def labelled_count(self, taxonomy: str) -> int:

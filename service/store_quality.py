@@ -147,10 +147,11 @@ class QualityStore:
                             [[job_id, doc_id, annotator, label, utc_now()] for doc_id, annotator, label in rows])
         return len(rows)
 
-    def documents_with_gold(self, job_id: str) -> list[dict]:
-        """Every document of a job in order: doc_id, text, and its gold label (None when it has none)."""
-        return self._dicts("SELECT d.doc_id, d.text, g.gold_label FROM documents d LEFT JOIN gold g USING (job_id, doc_id)"
-                           " WHERE d.job_id = ? ORDER BY d.position", [job_id])
+    def documents_with_gold(self, job_id: str, max_chars: int) -> list[dict]:
+        """Every document of a job in order: doc_id, its first ``max_chars`` characters, and its gold label (or None)."""
+        return self._dicts("SELECT d.doc_id, left(d.text, ?) AS text, g.gold_label FROM documents d"
+                           " LEFT JOIN gold g USING (job_id, doc_id) WHERE d.job_id = ? ORDER BY d.position",
+                           [max_chars, job_id])
 
     def gold_label_rows(self, job_id: str) -> list[dict]:
         """Every person's label of every gold document (doc_id, annotator, label)."""

@@ -108,6 +108,17 @@ class Shortlist(_Model):
         return k
 
 
+class Demonstrations(_Model):
+    """Few-shot demonstrations chosen per document (``service.demonstrations``) for ``classify_fewshot``."""
+
+    select: Literal["similar", "mmr", "label_diverse"] = Field(
+        default="similar", description="similar: the most similar labelled texts; mmr: similar and unlike each "
+                                       "other; label_diverse: the most similar text of each label")
+    k: int = Field(default=4, ge=1, le=16, description="demonstrations per document")
+    max_chars: int = Field(default=2000, ge=100, le=16000, description="characters all demonstrations of a document "
+                                                                       "share (each is cut to its share)")
+
+
 class Taxonomy(_Model):
     """A validated taxonomy; build it with ``parse_taxonomy`` or ``load_taxonomy``."""
 
@@ -128,6 +139,9 @@ class Taxonomy(_Model):
                                         "(service.long_documents)")
     shortlist: Shortlist | None = Field(default=None, description="score each document on a shortlist of its most "
                                                                   "plausible leaves (large taxonomies)")
+    demonstrations: Demonstrations | None = Field(
+        default=None, description="give each document its own few-shot demonstrations from the examples and the "
+                                  "texts people labelled (classify_fewshot, the embedded engine)")
     labels: list[Label] = Field(description="the labels, each with at least name and description")
 
     @field_validator("name")
@@ -190,7 +204,7 @@ class Taxonomy(_Model):
 
     def content_hash(self) -> str:
         """First 12 hex chars of sha256 over canonical JSON: changes only with meaning."""
-        unset = {"shortlist"} if self.shortlist is None else set()  # hashes from before the option stay the same
+        unset = {name for name in ("shortlist", "demonstrations") if getattr(self, name) is None}  # older hashes stay
         canonical = json.dumps(self.model_dump(exclude=unset), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:12]
 

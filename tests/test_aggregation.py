@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import cohen_kappa_score
 
-from service.aggregation import CALIBRATION_MIN_DOCS, METHODS, aggregate, agreement
+from service.aggregation import CALIBRATION_MIN_DOCS, VOTE_METHODS, aggregate, agreement
 from service.taxonomy import parse_taxonomy
 
 TAXONOMY = parse_taxonomy("""
@@ -36,7 +36,7 @@ def test_abstentions_are_no_opinion_not_a_class():
     rows = [_row("d1", "a", reason="below_threshold"), _row("d1", "b", reason="below_threshold"), _row("d1", "c", "blue"),
             _row("d2", "a", reason="out_of_taxonomy"), _row("d2", "b", reason="out_of_taxonomy"),
             _row("d2", "c", reason="ambiguous")]
-    for method in METHODS:
+    for method in VOTE_METHODS:
         out = aggregate(rows, TAXONOMY, OPTIONS, method=method, weights={"a": None, "b": None, "c": None})
         assert out["d1"].label == "blue" and not out["d1"].abstained, method
         assert out["d2"].abstained and out["d2"].abstain_reason == "out_of_taxonomy", method
@@ -82,7 +82,7 @@ def test_dawid_skene_learns_which_annotators_to_trust():
     truth, rows = _simulated_votes(seed=1)
     weights = {name: None for name in ("good1", "good2", "good3", "lazy1", "lazy2")}
     accuracy = {}
-    for method in METHODS:
+    for method in VOTE_METHODS:
         out = aggregate(rows, TAXONOMY, OPTIONS, method=method, weights=weights)
         accuracy[method] = np.mean([out[f"d{i}"].label == true for i, true in enumerate(truth)])
     assert accuracy["dawid_skene"] > accuracy["majority_vote"] + 0.03, accuracy

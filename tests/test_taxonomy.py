@@ -147,7 +147,7 @@ def test_unknown_top_level_key_lists_allowed_keys():
     assert problems_of("colour: red\n" + TWO_LABELS) == [
         ("colour", 1, "unknown key 'colour'; allowed keys: name, version, description, "
                       "instruction, multi_label, candidate_mass, abstention, model, long_documents, shortlist, "
-                      "labels")]
+                      "demonstrations, labels")]
 
 
 def test_unknown_key_in_a_label_names_field_line_and_allowed_keys():
