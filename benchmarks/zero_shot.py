@@ -134,8 +134,10 @@ def measure(name: str, engine, embedder, args) -> list[list]:
     default = panel(names, tuned_members, taxonomy, "calibrated_mean", {"tuned"})
     labels["default panel after tuning (tuned + embedding, calibrated_mean)"] = [a.label for a in default]
     features = embedder.embed_documents(texts)
-    refined, _ = refine(_matrix(default, names), features, np.full(len(texts), -1))
-    labels["default panel after tuning, refined (the default job)"] = [names[i] for i in refined.argmax(axis=1)]
+    untuned = panel(names, members, taxonomy, "calibrated_mean", {"classify"})
+    for title, voted in (("the default job, untuned", untuned), ("the default job after tuning", default)):
+        refined, _ = refine(_matrix(voted, names), features, np.full(len(texts), -1))
+        labels[f"{title}: panel refined"] = [names[i] for i in refined.argmax(axis=1)]
     if train:
         train_features = embedder.embed_documents([r["text"] for r in train])
         for size in sorted({n for n in LEARNING_CURVE if n < len(train)} | {len(train)}):

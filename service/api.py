@@ -245,6 +245,9 @@ async def create_job(request: Request, body: JobRequest) -> JSONResponse:
     if body.mode == "batch" and getattr(labeller, "shortlister", None) is not None:
         raise InvalidInput("shortlisted labelling (the job's or the taxonomy's 'shortlist') runs in mode 'stream' only: "
                            "the retriever lives in the service")
+    if body.mode == "batch" and getattr(labeller, "demonstrator", None) is not None:
+        raise InvalidInput(f"taxonomy {body.taxonomy!r} sets 'demonstrations', which run in mode 'stream' only: the "
+                           "demonstrations' pool and its embeddings live in the service")
     if body.mode == "batch" and (len(panel) > 1 or isinstance(labeller, EmbeddingLabeller)):
         raise InvalidInput("mode 'batch' runs one LLM annotator; label with several annotators in mode 'stream'")
     if body.mode == "batch" and labeller.long_documents == "reject":

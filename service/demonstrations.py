@@ -38,6 +38,11 @@ from .taxonomy import Demonstrations
 MMR_LAMBDA = 0.5
 
 
+def pool_hash(pool: list[tuple[str, str]]) -> str:
+    """Short id of a pool of (label, text): what the annotator key and the runner's cache know it by."""
+    return hashlib.sha256("\n".join(f"{label}\t{text}" for label, text in pool).encode()).hexdigest()[:12]
+
+
 class Demonstrator:
     """Chooses each document's demonstrations from a pool of (label, text)."""
 
@@ -51,8 +56,7 @@ class Demonstrator:
     @property
     def spec(self) -> dict:
         """What determines the demonstrations (part of the annotator key)."""
-        digest = hashlib.sha256("\n".join(f"{label}\t{text}" for label, text in self.pool).encode()).hexdigest()
-        return {**self.plan.model_dump(), "pool": len(self.pool), "pool_hash": digest[:12]}
+        return {**self.plan.model_dump(), "pool": len(self.pool), "pool_hash": pool_hash(self.pool)}
 
     def choose(self, texts: list[str]) -> list[list[tuple[str, str]]]:
         """Each text's demonstrations as (label, text), least similar first."""

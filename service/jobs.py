@@ -20,7 +20,7 @@ from datetime import datetime
 
 from .aggregation import DEFAULT_METHOD, REFINED, aggregate
 from .annotators import EMBEDDING, ClassifierLabeller, EmbeddingLabeller, embedding_scorer, student_scorer
-from .demonstrations import Demonstrator
+from .demonstrations import Demonstrator, pool_hash
 from .embeddings import DOCUMENT_CHARS, shared_embedder
 from .engines.base import EMBEDDED_ENGINE, EngineInfo, ScoreRequest
 from .errors import Conflict, InvalidInput
@@ -129,7 +129,7 @@ class JobRunner:
         """A demonstrator over the taxonomy's examples and labelled texts, its pool embedded once while it recurs."""
         pool = demonstrations(taxonomy) + [(label, text) for text, label in
                                            self.store.labelled_texts(taxonomy.name, before=before)]
-        key = (taxonomy.demonstrations, tuple(pool))
+        key = (taxonomy.demonstrations, pool_hash(pool))
         if key not in self._demonstrators:
             if len(self._demonstrators) >= SHORTLISTERS_KEPT:
                 self._demonstrators.pop(next(iter(self._demonstrators)))

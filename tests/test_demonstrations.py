@@ -94,3 +94,6 @@ def test_people_s_labels_relabel_their_job_and_demonstrate_for_the_next(service,
         refused = client.post("/v1/jobs", json={"taxonomy": demonstrated_taxonomy, "documents": [{"text": "x?"}],
                                                 "annotators": [{"kind": "llm", "prompt": "classify"}]})
         assert refused.status_code == 422 and "classify_fewshot" in refused.text
+        batch = client.post("/v1/jobs", json={"taxonomy": demonstrated_taxonomy, "mode": "batch",
+                                              "source": "questions.jsonl"})
+        assert batch.status_code == 422 and "demonstrations" in batch.text and "stream" in batch.text
