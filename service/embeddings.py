@@ -69,9 +69,9 @@ class Embedder:
         """One unit vector per document: the mean of its chunks' vectors, so a long text is read past its head.
 
         MiniLM reads 256 tokens; a speech's first 1,000 characters say less about it than all of
-        it (measured on the 189 convention speeches: the embedding annotator's zero-shot accuracy
-        72.5% from the head, 75.7% from the chunk mean; a logistic regression on half the labels
-        75% against 79%). Texts of one chunk get exactly ``embed``'s vector.
+        it (the embedding annotator on the 189 convention speeches: 72.5% zero-shot from the first
+        2,000 characters, 75.7% from the chunk mean, ``benchmarks/zero_shot.py``). Texts of one
+        chunk get exactly ``embed``'s vector.
         """
         pieces, owner = [], []
         for i, text in enumerate(texts):

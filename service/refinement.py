@@ -128,8 +128,8 @@ def refined_annotations(decided: dict[str, Annotation], documents: list[dict], t
     Only documents the panel voted on are refined and train anything; failed and unvoted ones stay as they are.
     """
     options = tuple(taxonomy.label_names())
-    voted = [d for d in documents if decided[d["doc_id"]].status == "ok"
-             and sum(decided[d["doc_id"]].distribution.values()) > 0]
+    voted = [d for d in documents if d["doc_id"] in decided and decided[d["doc_id"]].status == "ok"
+             and sum(decided[d["doc_id"]].distribution.values()) > 0]  # a cancelled job's unlabelled ones are not
     if not voted:
         return decided, Refinement("nothing")
     probs = np.array([[decided[d["doc_id"]].distribution.get(o, 0.0) for o in options] for d in voted])

@@ -103,3 +103,19 @@ def test_dsl_covers_when_the_gold_sample_also_trains_the_labels():
         share = dsl_proportions(probs=refined, labels=["a", "b"], gold_index=gold_index, pi=pi, folds=2, seed=r)[0]
         covered += share["dsl"]["low"] <= 0.3 <= share["dsl"]["high"]
     assert 0.90 <= covered / 200 <= 0.99
+
+
+def test_a_cancelled_job_s_unlabelled_documents_are_left_out():
+    """Documents without an aggregate (a cancelled job) neither train nor get a label; the others are refined."""
+    from conftest import REPO
+
+    from service.labelling import decide_single
+    from service.refinement import refined_annotations
+    from service.taxonomy import load_taxonomy
+
+    taxonomy = load_taxonomy(REPO / "taxonomy" / "sms-spam.yaml")
+    rng = np.random.default_rng(4)
+    decided = {f"d{i}": decide_single({"spam": p, "ham": 1 - p}, taxonomy) for i, p in enumerate(rng.random(20))}
+    documents = [{"doc_id": f"d{i}", "text": f"text {i}", "gold_label": None} for i in range(25)]
+    out, refinement = refined_annotations(decided, documents, taxonomy, lambda texts: rng.normal(size=(len(texts), 8)))
+    assert set(out) == set(decided) and refinement.trained_on == "panel labels"
