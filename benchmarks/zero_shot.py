@@ -92,6 +92,7 @@ def measure(name: str, engine, embedder, args) -> list[list]:
     from sklearn.linear_model import LogisticRegression
 
     from service.annotators import EmbeddingLabeller, embedding_scorer
+    from service.jobs import AUTO_TUNE_DOCUMENTS
     from service.labelling import Labeller, softmax
     from service.prompts import load_template
     from service.refinement import refine
@@ -120,10 +121,12 @@ def measure(name: str, engine, embedder, args) -> list[list]:
     scores = asyncio.run(embedding_scorer(embedding, embedder.embed_documents)([embedding.requests(t)[0][0]
                                                                                 for t in texts]))
     results["embedding annotator"] = np.array([softmax(s) for s in scores])
-    by_agreement = max(tuned, key=lambda p: (tuned[p].argmax(1) == results["embedding annotator"].argmax(1)).mean())
-    by_information = max(tuned, key=lambda p: mutual_information([dict(enumerate(row)) for row in tuned[p]]))
-    results[f"tuned without labels: by agreement with embedding ({by_agreement})"] = tuned[by_agreement]
-    results[f"tuned without labels: by mutual information ({by_information})"] = tuned[by_information]
+    reference = results["embedding annotator"].argmax(1)[:AUTO_TUNE_DOCUMENTS]  # what a job's own tuning reads
+    by_agreement = max(tuned, key=lambda p: (tuned[p].argmax(1)[:AUTO_TUNE_DOCUMENTS] == reference).mean())
+    by_information = max(tuned, key=lambda p: mutual_information([dict(enumerate(row))
+                                                                  for row in tuned[p][:AUTO_TUNE_DOCUMENTS]]))
+    results[f"tuned without labels on 100 documents: by agreement with embedding ({by_agreement})"] = tuned[by_agreement]
+    results[f"tuned without labels on 100 documents: by mutual information ({by_information})"] = tuned[by_information]
     members = {"classify": results["classify"], "embedding": results["embedding annotator"]}
     labels = {method: [names[i] for i in probs.argmax(axis=1)] for method, probs in results.items()}
     labels["panel classify + embedding, weighted_soft_vote"] = [
@@ -135,7 +138,8 @@ def measure(name: str, engine, embedder, args) -> list[list]:
     labels["default panel after tuning (tuned + embedding, calibrated_mean)"] = [a.label for a in default]
     features = embedder.embed_documents(texts)
     untuned = panel(names, members, taxonomy, "calibrated_mean", {"classify"})
-    for title, voted in (("the default job, untuned", untuned), ("the default job after tuning", default)):
+    for title, voted in (("the default job with ANNOTATE_AUTO_TUNE=false", untuned),
+                         ("the default job (tuned on its first 100 documents)", default)):
         refined, _ = refine(_matrix(voted, names), features, np.full(len(texts), -1))
         labels[f"{title}: panel refined"] = [names[i] for i in refined.argmax(axis=1)]
     if train:

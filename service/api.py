@@ -235,13 +235,15 @@ async def create_job(request: Request, body: JobRequest) -> JSONResponse:
     aggregation = body.aggregation
     if body.classifier is not None:
         annotators, aggregation = [{"kind": "classifier", "classifier": body.classifier}, {"kind": "llm"}], CASCADE
-    elif annotators is None and await asyncio.to_thread(_default_panel, ctx, body):
+    default_panel = annotators is None and await asyncio.to_thread(_default_panel, ctx, body)
+    if default_panel:
         annotators = [{"kind": "llm"}, {"kind": EMBEDDING}]
         aggregation = aggregation if "aggregation" in body.model_fields_set else DEFAULT_PANEL_AGGREGATION
     shortlist = None if body.shortlist is None else body.shortlist.model_dump()
     panel = await asyncio.to_thread(ctx.runner.panel, body.taxonomy, body.taxonomy_version, body.model, annotators,
                                     body.long_documents, shortlist)
     labeller = panel[0][1]
+    auto_tune = default_panel and ctx.settings.auto_tune and await asyncio.to_thread(ctx.runner.untuned, labeller)
     if body.mode == "batch" and getattr(labeller, "shortlister", None) is not None:
         raise InvalidInput("shortlisted labelling (the job's or the taxonomy's 'shortlist') runs in mode 'stream' only: "
                            "the retriever lives in the service")
@@ -256,14 +258,14 @@ async def create_job(request: Request, body: JobRequest) -> JSONResponse:
                            "'long_documents' overrides the taxonomy's)")
     caller = caller_of(request)
     if caller.token_id in (None, OPERATOR):  # the operator's token and loopback use have no job limit
-        return await _create(ctx, body, panel, labeller, aggregation, caller)
+        return await _create(ctx, body, panel, labeller, aggregation, caller, auto_tune)
     async with _SUBMITTING[caller.token_id]:  # one submission per token at a time: the limit's count stays true
         await asyncio.to_thread(_check_job_limit, ctx, caller)
-        return await _create(ctx, body, panel, labeller, aggregation, caller)
+        return await _create(ctx, body, panel, labeller, aggregation, caller, auto_tune)
 
 
 async def _create(ctx: Context, body: JobRequest, panel: list, labeller, aggregation: str | None,
-                  caller: Caller) -> JSONResponse:
+                  caller: Caller, auto_tune: bool = False) -> JSONResponse:
     """Store the job's documents (or shard plan), queue it and answer 202."""
     job_id = "job_" + uuid.uuid4().hex[:16]
     llm = next((labeller.model for _, labeller in panel if isinstance(labeller, Labeller)), None)
@@ -271,7 +273,7 @@ async def _create(ctx: Context, body: JobRequest, panel: list, labeller, aggrega
     job = dict(job_id=job_id, taxonomy=body.taxonomy, model=model, created_by=caller.token_id,
                long_documents=body.long_documents,
                shortlist=None if body.shortlist is None else body.shortlist.model_dump(),
-               **job_record(panel, aggregation=aggregation, threshold=body.cascade_threshold))
+               **job_record(panel, aggregation=aggregation, threshold=body.cascade_threshold, auto_tune=auto_tune))
     if body.mode == "batch":
         shards, stamp = await asyncio.to_thread(ctx.runner.batch_runner.plan, body.source, body.shard_size)
         batch = {"source": body.source, "text_field": body.text_field, "id_field": body.id_field, "stamp": stamp}

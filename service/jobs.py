@@ -38,6 +38,8 @@ Scorer = Callable[[list[ScoreRequest]], Awaitable[list["list[float] | BaseExcept
 Annotator = Labeller | EmbeddingLabeller | ClassifierLabeller
 SHORTLISTERS_KEPT = 4  # retrievers (and demonstrators) kept built: each holds its embedded prototypes or pool
 FEWSHOT = "classify_fewshot"  # the template that shows demonstrations
+AUTO_TUNE = "auto_tune"  # in a job's annotator spec until it has tuned its prompt on its own documents
+AUTO_TUNE_DOCUMENTS = 100  # the job's documents a tuning labels with every candidate
 CASCADE = "cascade"  # the aggregation of a student-then-LLM job: the LLM's label where it was asked
 
 
@@ -250,6 +252,10 @@ class JobRunner:
         job = await asyncio.to_thread(self.store.job, job_id)
         if job["status"] not in ("queued", "running"):
             return
+        if job["annotator_spec"].get(AUTO_TUNE):
+            await asyncio.to_thread(self.store.set_job_status, job_id, "running", only_if_active=True)
+            await self._tune_first(job)
+            job = await asyncio.to_thread(self.store.job, job_id)
         panel = await asyncio.to_thread(self._job_panel, job)
         await asyncio.to_thread(self.store.set_job_status, job_id, "running", only_if_active=True)
         if job["batch"] is not None:
@@ -266,6 +272,35 @@ class JobRunner:
             await asyncio.to_thread(self.aggregate, job_id)  # a cancelled job's labelled documents get theirs too
         if finished:
             await asyncio.to_thread(self.store.set_job_status, job_id, "succeeded", only_if_active=True)
+
+    def untuned(self, labeller: Annotator) -> bool:
+        """Whether prompt tuning could choose this LLM annotator's prompt and has not yet (``Settings.auto_tune``)."""
+        return (isinstance(labeller, Labeller) and not labeller.taxonomy.multi_label and labeller.shortlister is None
+                and labeller.demonstrator is None
+                and self.store.tuned_prompt(labeller.taxonomy.name, labeller.taxonomy_version, labeller.model) is None)
+
+    async def _tune_first(self, job: dict) -> None:
+        """Tune the prompt on the job's own documents (no labels), then give the job the tuned annotators.
+
+        A failed tuning is logged and the job labels with the prompt it was submitted with.
+        """
+        from .tuning import tune  # tuning labels through this module's annotate_texts
+
+        job_id = job["job_id"]
+        texts = await asyncio.to_thread(self.store.sample_texts, job_id, AUTO_TUNE_DOCUMENTS)
+        try:
+            chosen = await tune(self, job["taxonomy"], job["taxonomy_version"], job["model"], texts,
+                                [None] * len(texts))
+            log.info("prompt tuned on the job's documents", extra={"job_id": job_id, "prompt": chosen["prompt"],
+                                                                   "calibration": chosen["calibration"]})
+        except Exception:
+            log.warning("prompt tuning failed; the job labels untuned", exc_info=True, extra={"job_id": job_id})
+        entries = [{k: row[k] for k in ("kind", "model", "prompt", "weight")} for row in job["annotators"]]
+        panel = await asyncio.to_thread(self.panel, job["taxonomy"], job["taxonomy_version"], job["model"], entries,
+                                        job["long_documents"], job["shortlist"], job["created_at"])
+        record = job_record(panel, aggregation=job["annotator_spec"].get("aggregation"))
+        await asyncio.to_thread(self.store.rekey_job, job_id, annotator=record["annotator"],
+                                annotator_spec=record["annotator_spec"], annotators=record["annotators"])
 
     def _job_panel(self, job: dict) -> list[tuple[dict, Annotator]]:
         """Rebuild a stored job's annotators; refuse when the service would now label differently."""
@@ -424,10 +459,14 @@ def _panel_spec(panel: list[tuple[dict, Annotator]], aggregation: str | None, th
 
 
 def job_record(panel: list[tuple[dict, Annotator]], *, aggregation: str | None = None,
-               threshold: float | None = None) -> dict:
-    """The store fields that say who labels a job: version, output annotator, spec and the annotators' rows."""
-    return dict(version=panel[0][1].taxonomy_version, annotator=_output_annotator(panel),
-                annotator_spec=_panel_spec(panel, aggregation, threshold), annotators=[row for row, _ in panel])
+               threshold: float | None = None, auto_tune: bool = False) -> dict:
+    """The store fields that say who labels a job: version, output annotator, spec and the annotators' rows.
+
+    ``auto_tune``: the job tunes its prompt on its own documents before labelling (``JobRunner.run``).
+    """
+    spec = _panel_spec(panel, aggregation, threshold) | ({AUTO_TUNE: True} if auto_tune else {})
+    return dict(version=panel[0][1].taxonomy_version, annotator=_output_annotator(panel), annotator_spec=spec,
+                annotators=[row for row, _ in panel])
 
 
 def _shows_demonstrations(template: PromptTemplate) -> bool:

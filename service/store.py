@@ -21,7 +21,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from .errors import AnnotateError, InvalidInput, NotFound
+from .errors import AnnotateError, Conflict, InvalidInput, NotFound
 from .labelling import Annotation, TunedPrompt
 from .store_classifiers import ClassifierStore
 from .store_console import ConsoleStore
@@ -314,10 +314,7 @@ class Store(QualityStore, ClassifierStore, ConsoleStore):
                  None if batch is None else json.dumps(batch), created_by, long_documents,
                  None if shortlist is None else json.dumps(shortlist)],
             )
-            if annotators:
-                cur.executemany("INSERT INTO job_annotators VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                                [[job_id, a["name"], a["annotator"], a["kind"], a.get("model"), a.get("prompt"),
-                                  a.get("weight"), i] for i, a in enumerate(annotators)])
+            _insert_annotators(cur, job_id, annotators)
             if shards:
                 cur.executemany("INSERT INTO job_shards (job_id, shard, plan, rows) VALUES (?, ?, ?, ?)",
                                 [[job_id, p["shard"], json.dumps(p), p["rows"]] for p in shards])
@@ -334,6 +331,22 @@ class Store(QualityStore, ClassifierStore, ConsoleStore):
             cur.execute("ROLLBACK")
             raise
         return total
+
+    def rekey_job(self, job_id: str, *, annotator: str, annotator_spec: dict, annotators: list[dict]) -> None:
+        """Give a job that has no annotation yet new annotators (a tuning chose its prompt), in one transaction."""
+        with self._transaction() as cur:
+            if cur.execute("SELECT count(*) FROM annotations WHERE job_id = ?", [job_id]).fetchone()[0]:
+                raise Conflict(f"job {job_id} has annotations; its annotators can no longer change")
+            cur.execute("UPDATE jobs SET annotator = ?, annotator_spec = ? WHERE job_id = ?",
+                        [annotator, json.dumps(annotator_spec), job_id])
+            cur.execute("DELETE FROM job_annotators WHERE job_id = ?", [job_id])
+            _insert_annotators(cur, job_id, annotators)
+
+    def sample_texts(self, job_id: str, size: int) -> list[str]:
+        """Up to ``size`` of a job's texts, the same ones every time (ordered by a hash of their ids)."""
+        rows = self.cursor().execute("SELECT text FROM documents WHERE job_id = ? ORDER BY hash(doc_id) LIMIT ?",
+                                     [job_id, size]).fetchall()
+        return [text for (text,) in rows]
 
     def job(self, job_id: str) -> dict:
         """A job's row with live counts of done, failed and abstained documents."""
@@ -548,6 +561,14 @@ class Store(QualityStore, ClassifierStore, ConsoleStore):
         cur = self.cursor().execute(sql, params or [])
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row)) for row in cur.fetchall()]
+
+
+def _insert_annotators(cur: duckdb.DuckDBPyConnection, job_id: str, annotators: list[dict]) -> None:
+    """A job's annotator rows, in panel order."""
+    if annotators:
+        cur.executemany("INSERT INTO job_annotators VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        [[job_id, a["name"], a["annotator"], a["kind"], a.get("model"), a.get("prompt"),
+                          a.get("weight"), i] for i, a in enumerate(annotators)])
 
 
 def document_batch(job_id: str, rows: list[dict], start: int) -> pa.RecordBatch:

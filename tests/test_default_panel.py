@@ -95,3 +95,23 @@ def test_gold_labels_relabel_a_default_job_cross_fitted(in_process):
               client.get(f"/v1/jobs/{job_id}/labels").text.strip().splitlines()}
     hits = [labels[row["doc_id"]]["label"] == truth[row["doc_id"]] for row in sample]
     assert sum(hits) / len(hits) == pytest.approx(refinement["gold_accuracy"]["refined"])
+
+
+def test_a_default_job_on_an_untuned_taxonomy_tunes_its_prompt_first(in_process):
+    """The first default job tunes the prompt on its own documents (stored for the taxonomy version and model) and
+    labels with the choice; the next job reuses it; with ANNOTATE_AUTO_TUNE off nothing is tuned."""
+    client, store = in_process.client, in_process.store
+    in_process.settings.auto_tune = False
+    job = _finished(client, client.post("/v1/jobs", json={"taxonomy": "sms-spam", "documents": DOCS}).json()["job_id"])
+    version = job["taxonomy_version"]
+    assert store.tuned_prompt("sms-spam", version, "fake") is None
+    in_process.settings.auto_tune = True
+    job = _finished(client, client.post("/v1/jobs", json={"taxonomy": "sms-spam", "documents": DOCS}).json()["job_id"])
+    assert job["status"] == "succeeded" and all(a["done"] == len(DOCS) for a in job["annotators"])
+    tuning = store.prompt_tunings("sms-spam", version)
+    assert len(tuning) == 1 and tuning[0]["criterion"] == "embedding_agreement"
+    spec = store.job(job["job_id"])["annotator_spec"]
+    assert "auto_tune" not in spec and spec["members"][0]["prompt"] == tuning[0]["prompt"]
+    assert job["annotators"][0]["name"] == f"fake/{tuning[0]['prompt']}"
+    again = _finished(client, client.post("/v1/jobs", json={"taxonomy": "sms-spam", "documents": DOCS}).json()["job_id"])
+    assert store.prompt_tunings("sms-spam", version) == tuning and again["status"] == "succeeded"
