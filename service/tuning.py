@@ -27,6 +27,8 @@ per taxonomy version and model; a job on them that names no prompt runs it, and 
 annotator spec records the prompt and the prior (both in the annotator key, so cached
 annotations stay correct). A job that names a prompt runs it uncalibrated. Single-label
 taxonomies only: the embedding annotator, the label-free yardstick, labels only those.
+``JobRunner`` runs ``tune`` itself, without labels, on up to 100 of a default-panel job's
+documents when the job's taxonomy version has no tuning for its model (``Settings.auto_tune``).
 """
 
 from __future__ import annotations

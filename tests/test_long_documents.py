@@ -134,12 +134,16 @@ def test_an_older_database_gains_chars_seen_and_caches_it(tmp_path):
 
 
 def test_a_job_overrides_the_taxonomy_and_reject_stays_stream_only(in_process):
-    """sms-spam truncates; a job asking head_tail or chunk reads more, one asking reject is refused its long text."""
+    """sms-spam truncates; a job asking head_tail or chunk reads more, one asking reject is refused its long text.
+
+    The LLM labels alone: the default panel's embedding annotator reads the whole text whatever the mode.
+    """
     client, long = in_process.client, "Call me when you land. " * 100  # 2,300 characters
     documents = [{"id": "long", "text": long}]
     seen = {}
     for mode in ("head_tail", "chunk"):
-        created = client.post("/v1/jobs", json={"taxonomy": "sms-spam", "documents": documents, "long_documents": mode})
+        created = client.post("/v1/jobs", json={"taxonomy": "sms-spam", "documents": documents, "long_documents": mode,
+                                                "annotators": [{"kind": "llm"}]})
         job_id = created.json()["job_id"]
         assert wait_for_job(client, job_id, timeout_s=60)["status"] == "succeeded"
         seen[mode] = sql(client, f"SELECT chars_seen, truncated FROM labels WHERE job_id = '{job_id}'")[0]
