@@ -19,7 +19,9 @@ gold sample can be set beside the truth on the whole subsample:
 - selective accuracy at 50, 80 and 100% coverage: the report's gold estimate and the
   truth on all documents;
 - label shares: DSL, naive and gold-only estimates with their 95% intervals, and
-  whether each interval holds the true share of the subsample.
+  whether each interval holds the true share of the subsample;
+- the learning curve: the job relabelled (aggregation ``refined``) with 0, 25, 50, 100 and
+  200 gold labels (a new random gold sample each), accuracy on the documents outside it.
 
     .venv/bin/python benchmarks/label_quality.py [--docs 1500] [--gold 200] [--seed 0]
         [--design random] [--datasets rotten_tomatoes,sms_spam] [--workdir DIR]
@@ -55,6 +57,7 @@ ANNOTATORS = [{"name": "smollm2/classify", "kind": "llm", "model": "smollm2", "p
               {"name": "embedding", "kind": "embedding"}]
 METHODS = ("majority_vote", "weighted_soft_vote", "dawid_skene")  # dawid_skene last: the job ends on its own method
 ALPHAS = (0.05, 0.1, 0.2)
+LEARNING_CURVE = (25, 50, 100, 200)  # gold labels the job is relabelled with (those up to --gold)
 COVERAGES = (0.5, 0.8, 1.0)
 PROGRESS_EVERY_S = 10.0
 HOW_TO_READ = (
@@ -197,6 +200,7 @@ class Measured:
     labels: dict[str, dict]  # the aggregated labels of the last method (dawid_skene)
     conformal: list[tuple[dict, dict[str, dict]]]  # per α: (calibration, labels with its candidate sets)
     shares: dict
+    curve: list[tuple[int, str, tuple[int, int]]]  # (gold labels, what trained, (correct, answered) off the sample)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -214,6 +218,8 @@ def measure(running: _service.Service, dataset: Dataset, args) -> Measured:
         job_id = job["job_id"]
         _service.progress(f"{dataset.key}: job {job_id} done in {seconds:.0f} s")
         members = annotator_truth(client, job_id, truth)
+        curve = [relabelled(client, job_id, truth, set())]  # no gold yet: the label-free refinement
+        _service.call(client, "POST", f"/v1/jobs/{job_id}/aggregate", json={"method": "dawid_skene"})  # as submitted
         gold_ids = add_gold(client, job_id, truth, args)
         methods = {}
         for method in METHODS:
@@ -227,7 +233,32 @@ def measure(running: _service.Service, dataset: Dataset, args) -> Measured:
                                json={"alpha": alpha, "target_accuracy": 0.9, "seed": args.seed})
             conformal.append((calibration, job_labels(client, job_id)))
         shares = _service.call(client, "POST", f"/v1/jobs/{job_id}/estimate", json={"target": "proportions", "seed": args.seed})
-    return Measured(docs, truth, job_id, seconds, members, gold_ids, methods, labels, conformal, shares)
+        curve += learning_curve(client, job_id, truth, args)  # last: it redraws the gold sample
+    return Measured(docs, truth, job_id, seconds, members, gold_ids, methods, labels, conformal, shares, curve)
+
+
+def learning_curve(client: httpx.Client, job_id: str, truth: dict[str, str], args) -> list[tuple[int, str, tuple]]:
+    """The job relabelled ('refined') with N gold labels, for each N of LEARNING_CURVE up to --gold.
+
+    Each N redraws a random gold sample of N (the dataset's labels posted for it), so every
+    point is what a team with N labelled documents would get.
+    """
+    points = []
+    for size in (n for n in LEARNING_CURVE if n <= args.gold):
+        _service.call(client, "POST", f"/v1/jobs/{job_id}/gold-sample",
+                      json={"size": size, "seed": args.seed + size, "replace": True})
+        sample = {row["doc_id"] for row in _service.call(client, "GET", f"/v1/jobs/{job_id}/gold-sample")}
+        _service.call(client, "POST", f"/v1/jobs/{job_id}/gold",
+                      json={"annotator": "dataset", "labels": [{"doc_id": d, "label": truth[d]} for d in sample]})
+        points.append(relabelled(client, job_id, truth, sample))
+    return points
+
+
+def relabelled(client: httpx.Client, job_id: str, truth: dict[str, str], sample: set[str]) -> tuple[int, str, tuple]:
+    """(gold labels, what the refinement trained on, (correct, answered) outside ``sample``) after POST aggregate."""
+    answer = _service.call(client, "POST", f"/v1/jobs/{job_id}/aggregate", json={"method": "refined"})
+    rest = {d: t for d, t in truth.items() if d not in sample}
+    return len(sample), answer["refinement"]["trained_on"], correct_answered(job_labels(client, job_id), rest)
 
 
 def print_dataset(dataset: Dataset, m: Measured, args) -> None:
@@ -248,6 +279,16 @@ def print_dataset(dataset: Dataset, m: Measured, args) -> None:
     print_conformal(m)
     print_selective(m)
     print_shares(m)
+    print_curve(m)
+
+
+def print_curve(m: Measured) -> None:
+    """The learning curve: the job's panel relabelled with N gold labels, on the documents outside the sample."""
+    rows = [[size, trained, fmt_acc(correct, len(m.truth) - size), pct(answered / (len(m.truth) - size))]
+            for size, trained, (correct, answered) in m.curve]
+    print_table(["gold labels", "refinement trained on", "accuracy off the sample [95% CI]", "coverage"], rows,
+                "Learning curve: POST .../aggregate {\"method\": \"refined\"} after a random gold sample of N "
+                "(a new one per N) got its labels; accuracy over the documents outside it.")
 
 
 def print_accuracy(m: Measured) -> None:
