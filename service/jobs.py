@@ -40,6 +40,7 @@ SHORTLISTERS_KEPT = 4  # retrievers (and demonstrators) kept built: each holds i
 FEWSHOT = "classify_fewshot"  # the template that shows demonstrations
 AUTO_TUNE = "auto_tune"  # in a job's annotator spec until it has tuned its prompt on its own documents
 AUTO_TUNE_DOCUMENTS = 100  # the job's documents a tuning labels with every candidate
+AUTO_TUNE_MIN_DOCUMENTS = 20  # fewer say too little to choose a prompt for every later job of the taxonomy
 CASCADE = "cascade"  # the aggregation of a student-then-LLM job: the LLM's label where it was asked
 
 
@@ -129,8 +130,9 @@ class JobRunner:
 
     def _demonstrator(self, taxonomy: Taxonomy, before: datetime | None) -> Demonstrator:
         """A demonstrator over the taxonomy's examples and labelled texts, its pool embedded once while it recurs."""
-        pool = demonstrations(taxonomy) + [(label, text) for text, label in
-                                           self.store.labelled_texts(taxonomy.name, before=before)]
+        names = set(taxonomy.label_names())  # gold of other versions may name labels this one lacks
+        pool = demonstrations(taxonomy) + [(label, text) for text, label in self.store.labelled_texts(
+            taxonomy.name, before=before) if label in names]
         key = (taxonomy.demonstrations, pool_hash(pool))
         if key not in self._demonstrators:
             if len(self._demonstrators) >= SHORTLISTERS_KEPT:
@@ -287,14 +289,16 @@ class JobRunner:
         from .tuning import tune  # tuning labels through this module's annotate_texts
 
         job_id = job["job_id"]
-        texts = await asyncio.to_thread(self.store.sample_texts, job_id, AUTO_TUNE_DOCUMENTS)
-        try:
-            chosen = await tune(self, job["taxonomy"], job["taxonomy_version"], job["model"], texts,
-                                [None] * len(texts))
-            log.info("prompt tuned on the job's documents", extra={"job_id": job_id, "prompt": chosen["prompt"],
-                                                                   "calibration": chosen["calibration"]})
-        except Exception:
-            log.warning("prompt tuning failed; the job labels untuned", exc_info=True, extra={"job_id": job_id})
+        texts = [t for t in await asyncio.to_thread(self.store.sample_texts, job_id, AUTO_TUNE_DOCUMENTS) if t.strip()]
+        tuned = await asyncio.to_thread(self.store.tuned_prompt, job["taxonomy"], job["taxonomy_version"], job["model"])
+        if tuned is None and len(texts) >= AUTO_TUNE_MIN_DOCUMENTS:  # another job (or a person) may have tuned since
+            try:
+                chosen = await tune(self, job["taxonomy"], job["taxonomy_version"], job["model"], texts,
+                                    [None] * len(texts))
+                log.info("prompt tuned on the job's documents", extra={"job_id": job_id, "prompt": chosen["prompt"],
+                                                                       "calibration": chosen["calibration"]})
+            except Exception:
+                log.warning("prompt tuning failed; the job labels untuned", exc_info=True, extra={"job_id": job_id})
         entries = [{k: row[k] for k in ("kind", "model", "prompt", "weight")} for row in job["annotators"]]
         panel = await asyncio.to_thread(self.panel, job["taxonomy"], job["taxonomy_version"], job["model"], entries,
                                         job["long_documents"], job["shortlist"], job["created_at"])
@@ -303,10 +307,21 @@ class JobRunner:
                                 annotator_spec=record["annotator_spec"], annotators=record["annotators"])
 
     def _job_panel(self, job: dict) -> list[tuple[dict, Annotator]]:
-        """Rebuild a stored job's annotators; refuse when the service would now label differently."""
+        """Rebuild a stored job's annotators; refuse when the service would now label differently.
+
+        A job that has labelled nothing yet takes the new annotators instead (a tuning of its
+        taxonomy landed while it was queued): nothing it wrote was made under the old key.
+        """
         stored = job["annotators"] or [{"name": "llm", "annotator": job["annotator"], "kind": "llm"}]
         panel = self.panel(job["taxonomy"], job["taxonomy_version"], job["model"], stored, job["long_documents"],
                            job["shortlist"], job["created_at"])
+        changed = any(row["annotator"] != before["annotator"] for (row, _), before in zip(panel, stored))
+        if changed and job["annotators"] and job["batch"] is None and not self.store.has_annotations(job["job_id"]):
+            spec = job["annotator_spec"]
+            record = job_record(panel, aggregation=spec.get("aggregation"), threshold=spec.get("threshold"))
+            self.store.rekey_job(job["job_id"], annotator=record["annotator"], annotator_spec=record["annotator_spec"],
+                                 annotators=record["annotators"])
+            return panel
         for (row, _), before in zip(panel, stored):
             if row["annotator"] != before["annotator"]:
                 raise RuntimeError(

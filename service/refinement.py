@@ -16,11 +16,12 @@ the documents' MiniLM vectors (``Embedder.embed_documents``: a long text is read
   bias and scaling of the panel (matrix scaling, Guo et al. 2017, which contains the
   per-label bias and temperature calibrator), so one fit both calibrates the panel and
   adds what the embeddings know, and leans on the panel when there are few labels. Each
-  gold document's distribution comes from the model fitted on the other folds; the other
-  documents get the model fitted on all gold labels. No gold label is used in any
+  gold document's distribution comes from the model fitted on the other folds (the same
+  text twice stays in one fold); the other documents get the mean of the fold models, so
+  every label comes from the same kind of model. No gold label is used in any
   other way (nothing is chosen by gold accuracy), so the statistics that compare labels
   with gold (the report, DSL, conformal calibration) stay valid: the cross-fitted
-  residuals stand for the full model's (Zrnic & Candès 2024, "Cross-prediction-powered
+  residuals stand for the others' (Zrnic & Candès 2024, "Cross-prediction-powered
   inference"; ``tests/test_refinement.py`` checks DSL's coverage).
 
 Measured by ``benchmarks/zero_shot.py`` (docs/benchmarks.md). Pure arrays in and out;
@@ -58,25 +59,29 @@ class Refinement:
         return asdict(self)
 
 
-def refine(probs: np.ndarray, features: np.ndarray, gold_index: np.ndarray, *, seed: int = 0
-           ) -> tuple[np.ndarray, Refinement]:
+def refine(probs: np.ndarray, features: np.ndarray, gold_index: np.ndarray, *, groups: np.ndarray | None = None,
+           seed: int = 0) -> tuple[np.ndarray, Refinement]:
     """Refined distributions (``probs`` with a regression on ``features``) and what ran.
 
     ``gold_index``: each document's gold label as a column of ``probs``, −1 where it has none.
+    ``groups``: documents that must share a fold (the same text twice), else each its own.
     """
     n, k = probs.shape
-    panel_labels = probs.argmax(axis=1)
-    if n < MIN_DOCUMENTS or len(set(panel_labels.tolist())) < 2:
-        return probs, Refinement("nothing")
+    groups = np.arange(n) if groups is None else groups
     gold = np.flatnonzero(gold_index >= 0)
-    if len(gold) >= MIN_GOLD and len(set(gold_index[gold].tolist())) >= 2:
+    if n >= MIN_DOCUMENTS and len(gold) >= MIN_GOLD and len(set(gold_index[gold].tolist())) >= 2:
         stacked = _stacked(probs, features)
-        fitted = _predict(stacked, gold_index, gold, k, stacked)  # documents without gold: all gold labels
-        fitted[gold] = _cross_fitted(stacked[gold], gold_index[gold], k, seed)
+        others = np.setdiff1d(np.arange(n), gold)
+        fitted = np.zeros((n, k))
+        fitted[gold], fitted[others] = _cross_fitted(stacked[gold], gold_index[gold], groups[gold], k, seed,
+                                                     stacked[others])
         accuracy = {name: round(float(np.mean(p[gold].argmax(axis=1) == gold_index[gold])), 4)
                     for name, p in (("panel", probs), ("refined", fitted))}
         return fitted, Refinement("gold labels", len(gold), accuracy)
-    self_trained = _cross_fitted(features, panel_labels, k, seed)
+    panel_labels = probs.argmax(axis=1)
+    if n < MIN_DOCUMENTS or len(set(panel_labels.tolist())) < 2:
+        return probs, Refinement("nothing")
+    self_trained, _ = _cross_fitted(features, panel_labels, groups, k, seed, features[:0])
     return SELF_TRAINING_WEIGHT * self_trained + (1 - SELF_TRAINING_WEIGHT) * probs, Refinement("panel labels")
 
 
@@ -94,30 +99,44 @@ def _stacked(probs: np.ndarray, features: np.ndarray) -> np.ndarray:
     return np.hstack([features, scale * logp])
 
 
-def _cross_fitted(features: np.ndarray, labels: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Each row's distribution from a regression fitted on the other folds."""
-    out = np.zeros((len(features), k))
-    order = np.random.default_rng(seed).permutation(len(features))
-    for fold in np.array_split(order, FOLDS):
-        out[fold] = _predict(features, labels, np.setdiff1d(order, fold), k, features[fold])
-    return out
+def _cross_fitted(features: np.ndarray, labels: np.ndarray, groups: np.ndarray, k: int, seed: int,
+                  others: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's distribution from a regression fitted on the other folds (a group stays in one fold), and the
+    mean of the fold models' distributions for ``others``: every prediction comes from the same kind of model,
+    fitted on four fifths of the labels, as cross-prediction prescribes."""
+    out, elsewhere = np.zeros((len(features), k)), np.zeros((len(others), k))
+    names = np.unique(groups)
+    order = np.random.default_rng(seed).permutation(len(names))
+    for part in np.array_split(names[order], FOLDS):
+        held = np.isin(groups, part)
+        model = _Model(features[~held], labels[~held], k)
+        out[held] = model.predict(features[held])
+        elsewhere += model.predict(others) / FOLDS
+    return out, elsewhere
 
 
-def _predict(features: np.ndarray, labels: np.ndarray, train: np.ndarray, k: int, queries: np.ndarray) -> np.ndarray:
-    """A class-balanced logistic regression on ``train``, as distributions over all ``k`` columns for ``queries``.
+class _Model:
+    """A class-balanced logistic regression with distributions over all ``k`` columns.
 
     A fold that holds one class predicts it with certainty (no regression can be fitted).
     """
-    from sklearn.linear_model import LogisticRegression
 
-    out = np.zeros((len(queries), k))
-    classes = np.unique(labels[train])
-    if len(classes) == 1:
-        out[:, classes[0]] = 1.0
+    def __init__(self, features: np.ndarray, labels: np.ndarray, k: int):
+        from sklearn.linear_model import LogisticRegression
+
+        self.k, self.classes = k, np.unique(labels)
+        self.model = None if len(self.classes) < 2 else LogisticRegression(
+            C=1.0, class_weight="balanced", max_iter=2000).fit(features, labels)
+
+    def predict(self, queries: np.ndarray) -> np.ndarray:
+        """Distributions for ``queries``."""
+        out = np.zeros((len(queries), self.k))
+        if self.model is None:
+            out[:, self.classes] = 1.0 / max(len(self.classes), 1)
+            return out
+        if len(queries):
+            out[:, self.model.classes_] = self.model.predict_proba(queries)
         return out
-    model = LogisticRegression(C=1.0, class_weight="balanced", max_iter=2000).fit(features[train], labels[train])
-    out[:, model.classes_] = model.predict_proba(queries)
-    return out
 
 
 def refined_annotations(decided: dict[str, Annotation], documents: list[dict], taxonomy: Taxonomy,
@@ -134,7 +153,9 @@ def refined_annotations(decided: dict[str, Annotation], documents: list[dict], t
     probs = np.array([[decided[d["doc_id"]].distribution.get(o, 0.0) for o in options] for d in voted])
     position = {name: k for k, name in enumerate(options)}
     gold_index = np.array([position.get(d["gold_label"], -1) for d in voted])
-    refined, refinement = refine(probs, embed([d["text"] for d in voted]), gold_index)
+    texts = [d["text"] for d in voted]
+    groups = np.unique(texts, return_inverse=True)[1]  # the same text twice shares a fold: no twin teaches it
+    refined, refinement = refine(probs, embed(texts), gold_index, groups=groups)
     out = dict(decided)
     for d, row in zip(voted, refined):
         before = decided[d["doc_id"]]

@@ -56,8 +56,8 @@ class Settings(BaseSettings):
                                      "taxonomies: the LLM alone), or 'llm' alone. Batch jobs and cascades run the LLM.")
     auto_tune: bool = Field(
         True, description="A default-panel job on a taxonomy version not yet tuned for its model first tunes the "
-                          "prompt on up to 100 of its own documents, without labels (as `annotate taxonomy tune`), "
-                          "stores the choice for later jobs, then labels.")
+                          "prompt on up to 100 of its own documents (it needs 20), without labels (as `annotate "
+                          "taxonomy tune`), stores the choice for later jobs, then labels.")
     model_input_chars: int = Field(
         2000, ge=100, description="Characters of a document the model reads in one request; longer documents are "
                                   "read as long_documents says (truncate, head_tail, chunk) and flagged when cut."

@@ -342,6 +342,10 @@ class Store(QualityStore, ClassifierStore, ConsoleStore):
             cur.execute("DELETE FROM job_annotators WHERE job_id = ?", [job_id])
             _insert_annotators(cur, job_id, annotators)
 
+    def has_annotations(self, job_id: str) -> bool:
+        """Whether any annotator has written a row for the job."""
+        return self.cursor().execute("SELECT count(*) > 0 FROM annotations WHERE job_id = ?", [job_id]).fetchone()[0]
+
     def sample_texts(self, job_id: str, size: int) -> list[str]:
         """Up to ``size`` of a job's texts, the same ones every time (ordered by a hash of their ids)."""
         rows = self.cursor().execute("SELECT text FROM documents WHERE job_id = ? ORDER BY hash(doc_id) LIMIT ?",
@@ -512,11 +516,26 @@ class Store(QualityStore, ClassifierStore, ConsoleStore):
         return found
 
     def labelled_texts(self, taxonomy: str, limit: int = 5000, before: datetime | None = None) -> list[tuple[str, str]]:
-        """(text, gold label) of the documents people labelled in the taxonomy's jobs (created ``before``), the most
-        recent last."""
+        """(text, gold label) of the documents people labelled in the taxonomy's jobs, the most recent last.
+
+        With ``before``, only what was known then: jobs created and labels given before it (the
+        majority of those labels, as the ``gold`` view decides), so a resumed job sees the pool it
+        started with.
+        """
+        if before is None:
+            rows = self.cursor().execute(
+                f"SELECT d.text, g.gold_label {_LABELLED} ORDER BY j.created_at DESC, d.position LIMIT ?",
+                [taxonomy, limit]).fetchall()
+            return [(text, label) for text, label in reversed(rows)]
         rows = self.cursor().execute(
-            f"SELECT d.text, g.gold_label {_LABELLED} AND j.created_at < coalesce(?::TIMESTAMP, 'infinity'::TIMESTAMP)"
-            " ORDER BY j.created_at DESC, d.position LIMIT ?", [taxonomy, before, limit]).fetchall()
+            "WITH votes AS (SELECT job_id, doc_id, label, count(*) AS n, min(created_at) AS first_at FROM gold_labels"
+            " WHERE created_at < ? GROUP BY ALL),"
+            " known AS (SELECT job_id, doc_id, first(label ORDER BY n DESC, first_at, label) AS gold_label FROM votes"
+            " GROUP BY ALL)"
+            " SELECT d.text, k.gold_label FROM known k JOIN gold_samples s USING (job_id, doc_id)"
+            " JOIN documents d USING (job_id, doc_id) JOIN jobs j USING (job_id)"
+            " WHERE j.taxonomy = ? AND j.created_at < ? ORDER BY j.created_at DESC, d.position LIMIT ?",
+            [before, taxonomy, before, limit]).fetchall()
         return [(text, label) for text, label in reversed(rows)]
 
     def labelled_count(self, taxonomy: str) -> int:

@@ -169,6 +169,15 @@ class Taxonomy(_Model):
             raise ValueError("; ".join(f"{format_loc(loc)}: {msg}" for loc, msg in problems))
         return self
 
+    @model_validator(mode="after")
+    def _check_demonstrations(self) -> Taxonomy:
+        if self.demonstrations is not None and self.multi_label:
+            raise ValueError("demonstrations: per-document demonstrations cover single-label taxonomies")
+        if self.demonstrations is not None and self.shortlist is not None:
+            raise ValueError("demonstrations: per-document demonstrations cover taxonomies scored whole, "
+                             "not shortlisted ones")
+        return self
+
     def text_chars(self) -> int:
         """Characters of its free text (instruction, descriptions, examples): what a prompt would carry."""
         return len(self.description) + len(self.instruction) + sum(

@@ -99,19 +99,25 @@ def test_gold_labels_relabel_a_default_job_cross_fitted(in_process):
 
 def test_a_default_job_on_an_untuned_taxonomy_tunes_its_prompt_first(in_process):
     """The first default job tunes the prompt on its own documents (stored for the taxonomy version and model) and
-    labels with the choice; the next job reuses it; with ANNOTATE_AUTO_TUNE off nothing is tuned."""
+    labels with the choice; the next job reuses it; with ANNOTATE_AUTO_TUNE off, or fewer than 20 documents,
+    nothing is tuned."""
     client, store = in_process.client, in_process.store
+    documents = [{"id": f"t{i}", "text": d["text"]} for i, d in enumerate(DOCS * 5)]  # 20: enough to tune on
     in_process.settings.auto_tune = False
-    job = _finished(client, client.post("/v1/jobs", json={"taxonomy": "sms-spam", "documents": DOCS}).json()["job_id"])
+    job = _finished(client, client.post("/v1/jobs", json={"taxonomy": "sms-spam", "documents": documents}).json()["job_id"])
     version = job["taxonomy_version"]
     assert store.tuned_prompt("sms-spam", version, "fake") is None
     in_process.settings.auto_tune = True
-    job = _finished(client, client.post("/v1/jobs", json={"taxonomy": "sms-spam", "documents": DOCS}).json()["job_id"])
-    assert job["status"] == "succeeded" and all(a["done"] == len(DOCS) for a in job["annotators"])
+    job = _finished(client, client.post("/v1/jobs", json={"taxonomy": "sms-spam", "documents": documents}).json()["job_id"])
+    assert job["status"] == "succeeded" and all(a["done"] == len(documents) for a in job["annotators"])
     tuning = store.prompt_tunings("sms-spam", version)
     assert len(tuning) == 1 and tuning[0]["criterion"] == "embedding_agreement"
     spec = store.job(job["job_id"])["annotator_spec"]
     assert "auto_tune" not in spec and spec["members"][0]["prompt"] == tuning[0]["prompt"]
     assert job["annotators"][0]["name"] == f"fake/{tuning[0]['prompt']}"
-    again = _finished(client, client.post("/v1/jobs", json={"taxonomy": "sms-spam", "documents": DOCS}).json()["job_id"])
+    again = _finished(client, client.post("/v1/jobs", json={"taxonomy": "sms-spam", "documents": documents}).json()["job_id"])
     assert store.prompt_tunings("sms-spam", version) == tuning and again["status"] == "succeeded"
+    text = (REPO / "taxonomy" / "sms-spam.yaml").read_text().replace("name: sms-spam", "name: sms-few", 1)
+    few_version = client.post("/v1/taxonomies", content=text.encode()).json()["version"]
+    few = _finished(client, client.post("/v1/jobs", json={"taxonomy": "sms-few", "documents": DOCS}).json()["job_id"])
+    assert few["status"] == "succeeded" and store.tuned_prompt("sms-few", few_version, "fake") is None  # 4 < 20

@@ -56,6 +56,17 @@ def test_mmr_trades_similarity_for_variety():
     assert pool[2][1] in {text for _, text in mmr.choose(query)[0]}
 
 
+@pytest.mark.parametrize("setting", ["multi_label: true", "shortlist: {k: 2}"])
+def test_a_taxonomy_with_demonstrations_must_be_single_label_and_scored_whole(setting):
+    """Pushing demonstrations with a multi-label or shortlisted taxonomy is refused, naming the field."""
+    from service.taxonomy import TaxonomyError, parse_taxonomy
+
+    text = (REPO / "taxonomy" / "sms-spam.yaml").read_text() + f"\n{setting}\ndemonstrations: {{k: 2}}\n"
+    with pytest.raises(TaxonomyError) as info:
+        parse_taxonomy(text)
+    assert "demonstrations" in str(info.value)
+
+
 @pytest.fixture(scope="module")
 def demonstrated_taxonomy(service) -> str:
     """TREC coarse with 'demonstrations: {k: 3}', pushed as 'trec-demos'."""

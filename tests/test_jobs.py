@@ -258,3 +258,26 @@ def test_several_annotators_need_distinct_names_and_a_single_label_taxonomy(tmp_
         await runner.close()
 
     asyncio.run(scenario())
+
+
+def test_a_tuning_that_lands_while_a_job_is_queued_rekeys_it_and_one_that_lands_mid_job_refuses_it(tmp_path):
+    """A job that has labelled nothing takes the tuned prompt when it starts; one with labels keeps being refused."""
+    from service.labelling import TunedPrompt
+
+    store = _store(tmp_path)
+    version = store.get_taxonomy("sms-spam")[1]
+
+    async def scenario():
+        runner = await _runner(store, FakeEngine())
+        _submit(store, runner, "job_queued", ["free prize now", "see you at six"])
+        _submit(store, runner, "job_started", ["free prize now", "see you at six"])
+        await runner.run("job_started")
+        store.put_prompt_tuning("sms-spam", version, "fake", TunedPrompt("classify_terse"), "embedding_agreement", {})
+        await runner.run("job_queued")
+        with pytest.raises(RuntimeError, match="resubmit"):
+            runner._job_panel(store.job("job_started"))
+        await runner.close()
+
+    asyncio.run(scenario())
+    queued = store.job("job_queued")
+    assert queued["status"] == "succeeded" and queued["annotator_spec"]["prompt"] == "classify_terse"

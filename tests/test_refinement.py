@@ -119,3 +119,14 @@ def test_a_cancelled_job_s_unlabelled_documents_are_left_out():
     documents = [{"doc_id": f"d{i}", "text": f"text {i}", "gold_label": None} for i in range(25)]
     out, refinement = refined_annotations(decided, documents, taxonomy, lambda texts: rng.normal(size=(len(texts), 8)))
     assert set(out) == set(decided) and refinement.trained_on == "panel labels"
+
+
+def test_gold_labels_train_even_when_the_panel_gives_every_document_one_label():
+    """The constant-annotator case: the panel says one label everywhere; 40 gold labels still train the regression."""
+    truth, features, _ = _job(np.random.default_rng(5), 200, 3, right=1.0)
+    probs = np.tile([0.8, 0.1, 0.1], (200, 1))
+    gold_index = np.full(200, -1)
+    gold_index[:40] = truth[:40]
+    refined, refinement = refine(probs, features, gold_index)
+    assert refinement.trained_on == "gold labels"
+    assert np.mean(refined[40:].argmax(1) == truth[40:]) > np.mean(probs[40:].argmax(1) == truth[40:]) + 0.2
