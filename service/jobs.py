@@ -289,9 +289,10 @@ class JobRunner:
         from .tuning import tune  # tuning labels through this module's annotate_texts
 
         job_id = job["job_id"]
-        texts = [t for t in await asyncio.to_thread(self.store.sample_texts, job_id, AUTO_TUNE_DOCUMENTS) if t.strip()]
         tuned = await asyncio.to_thread(self.store.tuned_prompt, job["taxonomy"], job["taxonomy_version"], job["model"])
-        if tuned is None and len(texts) >= AUTO_TUNE_MIN_DOCUMENTS:  # another job (or a person) may have tuned since
+        texts = [] if tuned else [t for t in await asyncio.to_thread(self.store.sample_texts, job_id, AUTO_TUNE_DOCUMENTS)
+                                  if t.strip()]
+        if len(texts) >= AUTO_TUNE_MIN_DOCUMENTS:  # none when another job (or a person) has tuned since
             try:
                 chosen = await tune(self, job["taxonomy"], job["taxonomy_version"], job["model"], texts,
                                     [None] * len(texts))
@@ -302,9 +303,14 @@ class JobRunner:
         entries = [{k: row[k] for k in ("kind", "model", "prompt", "weight")} for row in job["annotators"]]
         panel = await asyncio.to_thread(self.panel, job["taxonomy"], job["taxonomy_version"], job["model"], entries,
                                         job["long_documents"], job["shortlist"], job["created_at"])
-        record = job_record(panel, aggregation=job["annotator_spec"].get("aggregation"))
-        await asyncio.to_thread(self.store.rekey_job, job_id, annotator=record["annotator"],
-                                annotator_spec=record["annotator_spec"], annotators=record["annotators"])
+        await asyncio.to_thread(self._rekey, job, panel)  # named anew: the names say the tuned prompt
+
+    def _rekey(self, job: dict, panel: list[tuple[dict, Annotator]]) -> bool:
+        """Record ``panel`` as the job's annotators (its spec without the auto-tune mark); False once it has labels."""
+        spec = job["annotator_spec"]
+        record = job_record(panel, aggregation=spec.get("aggregation"), threshold=spec.get("threshold"))
+        return self.store.rekey_job(job["job_id"], annotator=record["annotator"],
+                                    annotator_spec=record["annotator_spec"], annotators=record["annotators"])
 
     def _job_panel(self, job: dict) -> list[tuple[dict, Annotator]]:
         """Rebuild a stored job's annotators; refuse when the service would now label differently.
@@ -316,11 +322,7 @@ class JobRunner:
         panel = self.panel(job["taxonomy"], job["taxonomy_version"], job["model"], stored, job["long_documents"],
                            job["shortlist"], job["created_at"])
         changed = any(row["annotator"] != before["annotator"] for (row, _), before in zip(panel, stored))
-        if changed and job["annotators"] and job["batch"] is None and not self.store.has_annotations(job["job_id"]):
-            spec = job["annotator_spec"]
-            record = job_record(panel, aggregation=spec.get("aggregation"), threshold=spec.get("threshold"))
-            self.store.rekey_job(job["job_id"], annotator=record["annotator"], annotator_spec=record["annotator_spec"],
-                                 annotators=record["annotators"])
+        if changed and job["annotators"] and job["batch"] is None and self._rekey(job, panel):
             return panel
         for (row, _), before in zip(panel, stored):
             if row["annotator"] != before["annotator"]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from .errors import AnnotateError, Conflict, InvalidInput, NotFound
+from .errors import AnnotateError, InvalidInput, NotFound
 from .labelling import Annotation, TunedPrompt
 from .store_classifiers import ClassifierStore
 from .store_console import ConsoleStore
@@ -332,19 +332,17 @@ class Store(QualityStore, ClassifierStore, ConsoleStore):
             raise
         return total
 
-    def rekey_job(self, job_id: str, *, annotator: str, annotator_spec: dict, annotators: list[dict]) -> None:
-        """Give a job that has no annotation yet new annotators (a tuning chose its prompt), in one transaction."""
+    def rekey_job(self, job_id: str, *, annotator: str, annotator_spec: dict, annotators: list[dict]) -> bool:
+        """Give a job new annotators (a tuning chose its prompt), in one transaction; False, and nothing changed,
+        once it has annotations: they were made under the old ones."""
         with self._transaction() as cur:
             if cur.execute("SELECT count(*) FROM annotations WHERE job_id = ?", [job_id]).fetchone()[0]:
-                raise Conflict(f"job {job_id} has annotations; its annotators can no longer change")
+                return False
             cur.execute("UPDATE jobs SET annotator = ?, annotator_spec = ? WHERE job_id = ?",
                         [annotator, json.dumps(annotator_spec), job_id])
             cur.execute("DELETE FROM job_annotators WHERE job_id = ?", [job_id])
             _insert_annotators(cur, job_id, annotators)
-
-    def has_annotations(self, job_id: str) -> bool:
-        """Whether any annotator has written a row for the job."""
-        return self.cursor().execute("SELECT count(*) > 0 FROM annotations WHERE job_id = ?", [job_id]).fetchone()[0]
+        return True
 
     def sample_texts(self, job_id: str, size: int) -> list[str]:
         """Up to ``size`` of a job's texts, the same ones every time (ordered by a hash of their ids)."""
@@ -518,24 +516,19 @@ class Store(QualityStore, ClassifierStore, ConsoleStore):
     def labelled_texts(self, taxonomy: str, limit: int = 5000, before: datetime | None = None) -> list[tuple[str, str]]:
         """(text, gold label) of the documents people labelled in the taxonomy's jobs, the most recent last.
 
-        With ``before``, only what was known then: jobs created and labels given before it (the
-        majority of those labels, as the ``gold`` view decides), so a resumed job sees the pool it
-        started with.
+        With ``before``, only what was known then: jobs created and labels given before it, so a
+        resumed job sees the pool it started with. The label is the majority of those labels, by
+        the ``gold`` view's rule (which cannot take a time).
         """
-        if before is None:
-            rows = self.cursor().execute(
-                f"SELECT d.text, g.gold_label {_LABELLED} ORDER BY j.created_at DESC, d.position LIMIT ?",
-                [taxonomy, limit]).fetchall()
-            return [(text, label) for text, label in reversed(rows)]
         rows = self.cursor().execute(
             "WITH votes AS (SELECT job_id, doc_id, label, count(*) AS n, min(created_at) AS first_at FROM gold_labels"
-            " WHERE created_at < ? GROUP BY ALL),"
+            " WHERE created_at < coalesce(?::TIMESTAMP, 'infinity'::TIMESTAMP) GROUP BY ALL),"
             " known AS (SELECT job_id, doc_id, first(label ORDER BY n DESC, first_at, label) AS gold_label FROM votes"
             " GROUP BY ALL)"
             " SELECT d.text, k.gold_label FROM known k JOIN gold_samples s USING (job_id, doc_id)"
             " JOIN documents d USING (job_id, doc_id) JOIN jobs j USING (job_id)"
-            " WHERE j.taxonomy = ? AND j.created_at < ? ORDER BY j.created_at DESC, d.position LIMIT ?",
-            [before, taxonomy, before, limit]).fetchall()
+            " WHERE j.taxonomy = ? AND j.created_at < coalesce(?::TIMESTAMP, 'infinity'::TIMESTAMP)"
+            " ORDER BY j.created_at DESC, d.position LIMIT ?", [before, taxonomy, before, limit]).fetchall()
         return [(text, label) for text, label in reversed(rows)]
 
     def labelled_count(self, taxonomy: str) -> int:
