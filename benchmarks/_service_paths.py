@@ -150,8 +150,8 @@ def naive_chat(url: str, texts: list[str], llama_pid: int) -> tuple[dict, list[s
     import httpx
 
     from service.engines.base import EngineInfo
-    from service.labelling import Labeller
-    from service.prompts import load_template
+    from service.labelling.labeller import Labeller
+    from service.labelling.prompts import load_template
     from service.taxonomy import load_taxonomy
 
     taxonomy = load_taxonomy(_service.SMS_TAXONOMY)

@@ -216,10 +216,10 @@ def dir_size(path: Path) -> int | None:
 
 def model_sizes() -> dict[str, int | None]:
     """Sizes on disk of the LLM as the embedded engine runs it and of the students' shared feature models."""
-    from service.embeddings import model_dir
+    from service.distill.students import STATIC_NAME
     from service.engines.embedded import CONVERTED_NAME
+    from service.engines.embeddings import model_dir
     from service.settings import Settings
-    from service.students import STATIC_NAME
 
     models_dir = Settings().models_dir
     return {"llm": dir_size(models_dir / CONVERTED_NAME), "minilm": dir_size(model_dir()),

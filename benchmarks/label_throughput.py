@@ -95,8 +95,8 @@ def peak_rss_mb() -> float:
 def load(taxonomy_file: str):
     """Load the engine and a Labeller for the taxonomy; returns (engine, labeller, taxonomy)."""
     from service.engines.embedded import EmbeddedEngine
-    from service.labelling import Labeller
-    from service.prompts import load_template
+    from service.labelling.labeller import Labeller
+    from service.labelling.prompts import load_template
     from service.settings import Settings
     from service.taxonomy import load_taxonomy
 
@@ -251,8 +251,8 @@ def long_section(args, workdir: Path) -> None:
     import psutil
 
     from service.engines.numeric import CANDIDATES, gemm_tflops
-    from service.labelling import Labeller
-    from service.prompts import load_template
+    from service.labelling.labeller import Labeller
+    from service.labelling.prompts import load_template
     from service.settings import Settings
     from service.taxonomy import load_taxonomy
 

@@ -12,11 +12,11 @@ Three taxonomies from the same labels:
   each with its own description; a question's gold sub-label is its fine label and its
   opening, both real, so no accuracy is invented (``split_taxonomy``).
 
-Methods, all in-process through the service's labelling path (``service.jobs.annotate_texts``
+Methods, all in-process through the service's labelling path (``service.work.jobs.annotate_texts``
 on the embedded SmolLM2 engine, batches of 16 as a job's): scoring every leaf (where it fits
 the model's context), shortlisting at the K calibrated for 98% recall on the labelled texts,
 at most 10, and top-down (parents, then children; the 50- and 500-label trees), both with
-the prompt the service chooses (``service.labelling.shortlist_prompting``). Printed per row:
+the prompt the service chooses (``service.labelling.labeller.shortlist_prompting``). Printed per row:
 docs/s, p50 latency per batch document, prompt tokens per document (system + user, the scored
 continuations excluded), the shortlist recall on the sample (true leaf among those scored),
 and accuracy with 95% Wilson intervals (for 500 labels also rolled up to the 50 fine labels).
@@ -80,7 +80,7 @@ def leaf_of(row: dict, size: int) -> str:
 
 def run(labeller, engine, texts: list[str]) -> tuple[list, list[float], float]:
     """Annotations of ``texts`` in job-sized batches, per-document latencies (ms) and the total seconds."""
-    from service.jobs import annotate_texts, engine_scorer
+    from service.labelling.scoring import annotate_texts, engine_scorer
 
     scorer = engine_scorer(engine)
     annotations, latencies = [], []
@@ -95,8 +95,8 @@ def run(labeller, engine, texts: list[str]) -> tuple[list, list[float], float]:
 
 def shortlisting(taxonomy, shortlister, strategy: str, engine, prompt: str | None):
     """A shortlisting labeller with the prompt the service would choose (or ``prompt``)."""
-    from service.labelling import Labeller, shortlist_prompting
-    from service.prompts import load_template
+    from service.labelling.labeller import Labeller, shortlist_prompting
+    from service.labelling.prompts import load_template
     from service.settings import Settings
 
     settings = Settings()
@@ -126,12 +126,12 @@ def main() -> None:
     args = parser.parse_args()
     sizes, methods = {int(n) for n in args.sizes.split(",")}, set(args.methods.split(","))
 
-    from service.embeddings import shared_embedder
     from service.engines.embedded import EmbeddedEngine
-    from service.labelling import Labeller
-    from service.prompts import load_template
+    from service.engines.embeddings import shared_embedder
+    from service.labelling.labeller import Labeller
+    from service.labelling.prompts import load_template
+    from service.labelling.shortlist import Shortlister, TopDown
     from service.settings import Settings
-    from service.shortlist import Shortlister, TopDown
     from service.taxonomy import parse_taxonomy
 
     if not DATA.exists():
@@ -183,9 +183,9 @@ def main() -> None:
             table.append([size, method, fmt(len(texts) / seconds, 2), fmt(percentile(latencies, 50), 0),
                           fmt(tokens, 0), fmt(100 * recall, 1), fmt_acc(correct, len(truth)), rolled])
     print_facts("Large taxonomies: every leaf, a shortlist, top-down (TREC questions, embedded SmolLM2)", [
-        f"shortlisted prompt: {args.prompt or 'the service default (service.labelling.shortlist_prompting)'}",
+        f"shortlisted prompt: {args.prompt or 'the service default (service.labelling.labeller.shortlist_prompting)'}",
         *machine_facts(), f"{len(texts)} questions (seed {args.seed}); {len(pool)} others as the labelled texts a "
-        "shortlist calibrates on; batches of 16 through service.jobs.annotate_texts; numeric path "
+        "shortlist calibrates on; batches of 16 through service.work.jobs.annotate_texts; numeric path "
         f"{engine.numeric.dtype}", load_now()])
     print_table(["labels", "method", "docs/s", "ms/doc p50", "prompt tokens/doc", "shortlist recall %",
                  "accuracy", "accuracy rolled up to 50"], table,

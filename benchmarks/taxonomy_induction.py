@@ -36,12 +36,12 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from service.embeddings import Embedder  # noqa: E402
 from service.engines.embedded import EmbeddedEngine  # noqa: E402
-from service.induction import Inducer, InductionOptions, ctfidf_keywords  # noqa: E402
-from service.jobs import annotate_texts, engine_scorer  # noqa: E402
-from service.labelling import Labeller  # noqa: E402
-from service.prompts import load_template  # noqa: E402
+from service.engines.embeddings import Embedder  # noqa: E402
+from service.induction.inducer import Inducer, InductionOptions, ctfidf_keywords  # noqa: E402
+from service.labelling.labeller import Labeller  # noqa: E402
+from service.labelling.prompts import load_template  # noqa: E402
+from service.labelling.scoring import annotate_texts, engine_scorer  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "trec_questions.csv"

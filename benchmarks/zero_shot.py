@@ -3,14 +3,14 @@
 For each dataset of ``../shared/data`` (SMS, Rotten Tomatoes with ``plot``, TREC coarse,
 the convention speeches) a seeded sample of ``--n`` documents is labelled with no human
 label by the shipped parts: the embedded SmolLM2 with the default ``classify`` prompt
-(chat, options listed) and every other candidate of prompt tuning (``service.tuning``:
+(chat, options listed) and every other candidate of prompt tuning (``service.labelling.tuning``:
 ``classify_terse``; the plain completions ``classify_fewshot``, the taxonomy's examples as
 demonstrations, and ``classify_plain``), each also with contextual calibration (Zhao et al.
 2021: each label's probability divided by its mean over tuning's three content-free
 inputs), the candidates tuning would choose with no label (by agreement with the embedding
 annotator, its rule, and by mutual information, the rule it was measured against), the
 MiniLM embedding annotator, and two panels of ``classify`` + embedding aggregated by
-``service.aggregation`` (``weighted_soft_vote`` with equal weights and ``calibrated_mean``).
+``service.labelling.aggregation`` (``weighted_soft_vote`` with equal weights and ``calibrated_mean``).
 Beside them: the majority class of the sample, and the simplest strong baseline, a logistic
 regression on the same MiniLM embeddings trained on 25, 50, 100 (and up to ``--train``)
 labelled documents drawn apart from the sample: the learning curve the zero-shot rows are
@@ -60,7 +60,7 @@ def sample(path: Path, column: str, n: int, train: int, seed: int) -> tuple[list
 
 def llm_probabilities(engine, labeller, texts: list[str]) -> np.ndarray:
     """The labeller's distributions over its options, one row per text."""
-    from service.labelling import softmax
+    from service.labelling.labeller import softmax
 
     requests = [labeller.requests(text)[0][0] for text in texts]
     return np.array([softmax(scores) for scores in engine.score_sync(requests)])
@@ -68,7 +68,7 @@ def llm_probabilities(engine, labeller, texts: list[str]) -> np.ndarray:
 
 def panel(names: tuple[str, ...], members: dict[str, np.ndarray], taxonomy, method: str, calibrated: set[str]) -> list:
     """Annotations of the shipped aggregation over annotators' distributions (rows as the store gives them)."""
-    from service.aggregation import aggregate
+    from service.labelling.aggregation import aggregate
 
     rows = []
     for annotator, matrix in members.items():
@@ -91,14 +91,15 @@ def measure(name: str, engine, embedder, args) -> list[list]:
     """One dataset: every method's (correct, total) as table rows."""
     from sklearn.linear_model import LogisticRegression
 
-    from service.annotators import EmbeddingLabeller, embedding_scorer
-    from service.jobs import AUTO_TUNE_DOCUMENTS
-    from service.labelling import Labeller, softmax
-    from service.prompts import load_template
-    from service.refinement import refine
+    from service.labelling.annotators import EmbeddingLabeller
+    from service.labelling.labeller import Labeller, softmax
+    from service.labelling.prompts import load_template
+    from service.labelling.refinement import refine
+    from service.labelling.scoring import embedding_scorer
+    from service.labelling.tuning import CONTENT_FREE, candidates, mutual_information
     from service.settings import Settings
     from service.taxonomy import load_taxonomy
-    from service.tuning import CONTENT_FREE, candidates, mutual_information
+    from service.work.jobs import AUTO_TUNE_DOCUMENTS
 
     taxonomy_file, data_file, column = DATASETS[name]
     taxonomy = load_taxonomy(ROOT / "taxonomy" / taxonomy_file)
@@ -185,10 +186,10 @@ def with_demonstrations(name: str, engine, embedder, taxonomy, texts: list[str],
                         train: list[dict]) -> list[list]:
     """classify_fewshot with the taxonomy's fixed examples and with per-document demonstrations (each rule) chosen
     from DEMONSTRATION_POOL labelled documents: accuracy on the first texts of the sample and ms per document."""
-    from service.demonstrations import Demonstrator
-    from service.jobs import annotate_texts, engine_scorer
-    from service.labelling import Labeller
-    from service.prompts import load_template
+    from service.labelling.demonstrations import Demonstrator
+    from service.labelling.labeller import Labeller
+    from service.labelling.prompts import load_template
+    from service.labelling.scoring import annotate_texts, engine_scorer
     from service.settings import Settings
     from service.taxonomy import Demonstrations
 
@@ -212,7 +213,7 @@ def with_demonstrations(name: str, engine, embedder, taxonomy, texts: list[str],
 
 def refined_with_labels(name: str, probs: np.ndarray, features: np.ndarray, names: tuple[str, ...], truth: list[str],
                         seed: int) -> list[list]:
-    """The default job relabelled with N gold labels (``service.refinement``) beside a logistic regression on them.
+    """The default job relabelled with N gold labels (``service.labelling.refinement``) beside a logistic regression on them.
 
     Both learn the same N sample documents and are scored on the rest of the sample, over
     ``GOLD_DRAWS`` draws of the N (one draw moves a cell by several points): the mean, and
@@ -220,7 +221,7 @@ def refined_with_labels(name: str, probs: np.ndarray, features: np.ndarray, name
     """
     from sklearn.linear_model import LogisticRegression
 
-    from service.refinement import refine
+    from service.labelling.refinement import refine
 
     rows = []
     for size in (n for n in LEARNING_CURVE if n <= len(truth) - MIN_SCORED):
@@ -258,8 +259,8 @@ def main() -> None:
                              "each document's prompt is its own)")
     parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated, from " + ", ".join(DATASETS))
     args = parser.parse_args()
-    from service.embeddings import Embedder
     from service.engines.embedded import EmbeddedEngine
+    from service.engines.embeddings import Embedder
     from service.settings import Settings
 
     settings = Settings()

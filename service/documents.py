@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from .errors import AnnotateError, InvalidInput, PayloadTooLarge
+from service.errors import AnnotateError, InvalidInput, PayloadTooLarge
 
 FORMATS = ("jsonl", "csv", "parquet")
 READ_BATCH = 4096

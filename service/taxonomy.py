@@ -89,7 +89,7 @@ class Abstention(_Model):
 
 
 class Shortlist(_Model):
-    """Score each document on its K most plausible leaves only (``service.shortlist``): large taxonomies."""
+    """Score each document on its K most plausible leaves only (``service.labelling.shortlist``): large taxonomies."""
 
     strategy: Literal["retrieve", "top_down"] = Field(
         default="retrieve", description="retrieve: the K leaves most similar to the document (embeddings, labelled "
@@ -109,7 +109,7 @@ class Shortlist(_Model):
 
 
 class Demonstrations(_Model):
-    """Few-shot demonstrations chosen per document (``service.demonstrations``) for ``classify_fewshot``."""
+    """Few-shot demonstrations chosen per document (``service.labelling.demonstrations``) for ``classify_fewshot``."""
 
     select: Literal["similar", "mmr", "label_diverse"] = Field(
         default="similar", description="similar: the most similar labelled texts; mmr: similar and unlike each "
@@ -136,7 +136,7 @@ class Taxonomy(_Model):
                                         "'truncate' labels their beginning and flags them; 'reject' refuses the job; "
                                         "'head_tail' labels their first two thirds and last third of that input; "
                                         "'chunk' labels overlapping windows of the whole text and combines them "
-                                        "(service.long_documents)")
+                                        "(service.labelling.long_documents)")
     shortlist: Shortlist | None = Field(default=None, description="score each document on a shortlist of its most "
                                                                   "plausible leaves (large taxonomies)")
     demonstrations: Demonstrations | None = Field(

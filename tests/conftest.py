@@ -283,15 +283,16 @@ def in_process(tmp_path) -> InProcessApp:
     refused before any labelling. A loopback peer without a token (ANNOTATE_AUTH=auto); the input dir is tmp_path/inputs."""
     from fastapi.testclient import TestClient
 
-    from service.api import create_api
-    from service.api_context import Context, attach
-    from service.classifiers import ClassifierRunner
+    from service.api.context import Context, attach
+    from service.api.main import create_api
+    from service.api.tokens import TokenStore
     from service.engines.fake import FakeEngine
-    from service.jobs import JobRunner, Model, engine_scorer
+    from service.labelling.scoring import engine_scorer
     from service.settings import Settings
-    from service.store import Store
+    from service.store.database import Store
     from service.taxonomy import load_taxonomy
-    from service.tokens import TokenStore
+    from service.work.jobs import JobRunner, Model
+    from service.work.trainings import ClassifierRunner
 
     settings = Settings(data_dir=tmp_path / "data", input_dir=tmp_path / "inputs", host="127.0.0.1", auth="auto")
     settings.input_dir.mkdir()

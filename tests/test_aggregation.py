@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import cohen_kappa_score
 
-from service.aggregation import CALIBRATION_MIN_DOCS, VOTE_METHODS, aggregate, agreement
+from service.labelling.aggregation import CALIBRATION_MIN_DOCS, VOTE_METHODS, aggregate, agreement
 from service.taxonomy import parse_taxonomy
 
 TAXONOMY = parse_taxonomy("""

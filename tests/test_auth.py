@@ -17,16 +17,16 @@ import pytest
 from conftest import ANNOTATE, FIXTURES
 from fastapi.testclient import TestClient
 
-from service.api import ROUTES, create_api
-from service.api_auth import AUTH_ROUTES, route_scopes
-from service.api_classifiers import CLASSIFIER_ROUTES
-from service.api_context import Context, attach
-from service.api_quality import QUALITY_ROUTES
-from service.auth import SCOPES, tokens_required
-from service.console import CONSOLE_ROUTES
+from service.api.auth import AUTH_ROUTES, route_scopes
+from service.api.classifiers import CLASSIFIER_ROUTES
+from service.api.context import Context, attach
+from service.api.main import ROUTES, create_api
+from service.api.quality import QUALITY_ROUTES
+from service.api.security import SCOPES, tokens_required
+from service.api.tokens import TokenStore
+from service.console.pages import CONSOLE_ROUTES
 from service.settings import Settings
-from service.store import Store
-from service.tokens import TokenStore
+from service.store.database import Store
 
 EVERY_ROUTE = ROUTES + QUALITY_ROUTES + CLASSIFIER_ROUTES + CONSOLE_ROUTES + AUTH_ROUTES
 GUARDED = [(method, route["path"], route["scope"]) for route in EVERY_ROUTE if route["scope"]
@@ -100,10 +100,10 @@ def test_public_routes_need_no_token(service):
 
 def test_tokens_from_the_cli_are_hashed_and_revocable(service):
     """Create, list and revoke with the CLI; the token file has hashes only, and SQL cannot open it."""
-    made = service.cli("token", "create", "cli reader", "--scope", "read").stdout
+    made = service.cli.main("token", "create", "cli reader", "--scope", "read").stdout
     token = re.search(r"ann_\w+_[\w-]+", made).group(0)
     token_id = token.split("_")[1]
-    listed = service.cli("token", "list").stdout
+    listed = service.cli.main("token", "list").stdout
     assert token_id in listed and token not in listed
     reader_env = {**service.env, "ANNOTATE_TOKEN": token}
     with service.client(token=token) as client:
@@ -118,7 +118,7 @@ def test_tokens_from_the_cli_are_hashed_and_revocable(service):
     refused = subprocess.run([str(ANNOTATE), "submit", str(FIXTURES / "sms.jsonl"), "-t", "sms-spam"], env=reader_env,
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "403" in refused.stderr
-    service.cli("token", "revoke", token_id)
+    service.cli.main("token", "revoke", token_id)
     with service.client(token=token) as client:
         gone = client.post("/v1/sql", json={"sql": "SELECT 1"})
     assert gone.status_code == 401 and "revoked" in gone.json()["error"]["message"]

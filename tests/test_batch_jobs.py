@@ -17,9 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import FIXTURES, sql, wait_for_job
 
-from service.batch import open_source
 from service.errors import InvalidInput
 from service.settings import Settings
+from service.work.batch import open_source
 
 LARGE = 20_000
 SHARD = 2_000
@@ -155,7 +155,7 @@ def test_batch_restart_mid_job_loses_and_duplicates_nothing(service, labelled_ta
 
 def test_a_damaged_parquet_source_is_refused_by_name(tmp_path):
     """A .parquet file that is not Parquet is a 4xx naming the source (pyarrow's 500 before), with no server path."""
-    from service.batch import BatchRunner
+    from service.work.batch import BatchRunner
 
     settings = Settings(data_dir=tmp_path / "data", input_dir=tmp_path / "inputs")
     settings.input_dir.mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""service.charts read back as XML: marks' data-* attributes against the inputs, geometry against the values,
+"""service.console.charts read back as XML: marks' data-* attributes against the inputs, geometry against the values,
 visible text against the formatting rules; seeded inputs, no browser."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from service.charts import bar_chart, heatmap, interval_chart, line_chart
+from service.console.charts import bar_chart, heatmap, interval_chart, line_chart
 
 TRICKY = '<b>&"x"'  # must come back intact from data-label, and must not break the XML
 LABELS = ["sports", "politics", TRICKY]

@@ -17,8 +17,8 @@ import joblib
 import pytest
 from conftest import FIXTURES, REPO, sql, wait_for_job
 
-from service.classifiers import student_dir
 from service.errors import InvalidInput
+from service.work.trainings import student_dir
 
 QUESTIONS = [json.loads(line) for line in (FIXTURES / "questions.jsonl").read_text().splitlines() if line.strip()]
 

@@ -1,4 +1,4 @@
-"""Few-shot demonstrations chosen per document (taxonomy ``demonstrations``, service.demonstrations).
+"""Few-shot demonstrations chosen per document (taxonomy ``demonstrations``, service.labelling.demonstrations).
 
 The selection rules run on the real MiniLM embedder; the end-to-end test labels TREC
 questions on the real service (Ray Serve, the embedded SmolLM2 with ``classify_fewshot``,
@@ -13,8 +13,8 @@ import json
 import pytest
 from conftest import FIXTURES, REPO, sql, wait_for_job
 
-from service.demonstrations import Demonstrator
-from service.embeddings import shared_embedder
+from service.engines.embeddings import shared_embedder
+from service.labelling.demonstrations import Demonstrator
 from service.taxonomy import Demonstrations, load_taxonomy
 
 POOL = [("spam", "WINNER! Claim your free prize now, call 0906"), ("ham", "are we still on for lunch tomorrow?"),

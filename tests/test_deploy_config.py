@@ -19,8 +19,8 @@ from conftest import REPO
 from packaging.requirements import Requirement
 from ray.serve.schema import ServeDeploySchema
 
-from service.app import build
 from service.engines import load_models
+from service.serve.app import build
 from service.settings import Settings
 
 DEPLOY = REPO / "deploy"
@@ -65,7 +65,7 @@ def test_serve_cpu_config_parses_and_builds():
     config = yaml.safe_load((REPO / "deploy" / "serve-cpu.yaml").read_text())
     schema = _serve_schema(config)
     app_config = schema.applications[0]
-    assert app_config.import_path == "service.app:build"
+    assert app_config.import_path == "service.serve.app:build"
     application = build(app_config.args)
     assert type(application).__name__ == "Application"
     models = load_models(Settings(**app_config.args)).models  # one ModelServer-<name> deployment per model
@@ -79,7 +79,7 @@ def test_serve_gpu_config_validates_as_a_serve_config():
     assert set(apps) == {"llm", "annotate"}
     assert apps["llm"].import_path == "ray.serve.llm:build_openai_app"
     assert apps["llm"].route_prefix == "/llm"
-    assert apps["annotate"].import_path == "service.app:build"
+    assert apps["annotate"].import_path == "service.serve.app:build"
     assert apps["annotate"].route_prefix == "/"
     assert schema.proxy_location == "EveryNode"  # every node with a replica can reach 127.0.0.1:8000
 
@@ -272,7 +272,7 @@ def test_gpu_extra_pins_the_vllm_that_ray_llm_requires():
 
 def test_cpu_set_up_never_imports_vllm():
     """Importing the service (in a fresh interpreter) loads neither vLLM nor Ray Serve LLM."""
-    code = ("import sys, service, service.app, service.cli; "
+    code = ("import sys, service, service.serve.app, service.cli.main; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('vllm', 'sglang') "
             "or m.startswith(('ray.llm', 'ray.serve.llm'))))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -288,7 +288,7 @@ def _llm_apps(config: dict) -> list[dict]:
 def test_no_unauthenticated_model_route():
     """Every Ray Serve LLM app in serve-gpu.yaml and the KubeRay manifest is off HTTP or behind the token-checking
     ingress; every KubeRay pod gets the token from a secret, and the service's cluster model sends it."""
-    from service.llm_ingress import TOKEN_ENV
+    from service.serve.llm_ingress import TOKEN_ENV
 
     configs = {"serve-gpu.yaml": _serve_gpu(), "rayservice.yaml": yaml.safe_load(_rayservice()["spec"]["serveConfigV2"])}
     for name, config in configs.items():
@@ -296,7 +296,7 @@ def test_no_unauthenticated_model_route():
         assert apps, name
         for app in apps:
             guarded = (app["args"].get("ingress_cls_config") or {}).get("ingress_cls")
-            assert app.get("route_prefix", "/") is None or guarded == "service.llm_ingress:TokenCheckedIngress", \
+            assert app.get("route_prefix", "/") is None or guarded == "service.serve.llm_ingress:TokenCheckedIngress", \
                 f"{name}: app {app['name']} serves a model over HTTP without a token check"
     cluster = _rayservice()["spec"]["rayClusterConfig"]
     for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:

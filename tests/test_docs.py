@@ -27,11 +27,11 @@ def test_every_setting_is_on_the_configuration_page():
 
 def test_every_route_is_documented():
     """Each route path of the app (API, quality, classifiers, console, auth) appears in the manual."""
-    from service.api import ROUTES
-    from service.api_auth import AUTH_ROUTES
-    from service.api_classifiers import CLASSIFIER_ROUTES
-    from service.api_quality import QUALITY_ROUTES
-    from service.console import CONSOLE_ROUTES
+    from service.api.auth import AUTH_ROUTES
+    from service.api.classifiers import CLASSIFIER_ROUTES
+    from service.api.main import ROUTES
+    from service.api.quality import QUALITY_ROUTES
+    from service.console.pages import CONSOLE_ROUTES
 
     manual = _manual()
     paths = {PLACEHOLDER.sub("{}", route["path"])
@@ -42,7 +42,7 @@ def test_every_route_is_documented():
 
 def test_every_cli_command_is_documented():
     """Each `annotate` command (and sub-command) appears in the manual as `annotate NAME`."""
-    from service.cli import app
+    from service.cli.main import app
 
     manual = _manual()
     command = typer.main.get_command(app)

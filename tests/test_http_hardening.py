@@ -20,11 +20,11 @@ import pytest
 import uvicorn
 from conftest import REPO, free_port
 
-from service.api import create_api
-from service.api_context import Context, attach
+from service.api.context import Context, attach
+from service.api.main import create_api
+from service.api.tokens import TokenStore
 from service.settings import Settings
-from service.store import Store
-from service.tokens import TokenStore
+from service.store.database import Store
 
 OPERATOR_TOKEN = "hardening-operator-" + "0123456789abcdef"
 BODY_LIMIT = 1 << 20
@@ -241,7 +241,7 @@ def test_templates_render_sandboxed(tmp_path: Path):
     """Even a template in the registry cannot reach Python: the SSTI payload raises instead of running."""
     from jinja2.exceptions import SecurityError
 
-    from service.prompts import load_template
+    from service.labelling.prompts import load_template
 
     marker = tmp_path / "pwned"
     (tmp_path / "evil.md").write_text(
@@ -255,7 +255,7 @@ def test_templates_render_sandboxed(tmp_path: Path):
 def test_unknown_prompts_list_the_known_and_reveal_nothing(tmp_path: Path):
     """A path or a missing name gets the same answer, whether or not some other file exists."""
     from service.errors import InvalidInput
-    from service.prompts import load_template
+    from service.labelling.prompts import load_template
 
     (tmp_path / "exists.md").write_text("### system\nhi\n")
     messages = []
@@ -280,7 +280,7 @@ def test_uploads_parsed_in_python_have_their_own_limit(server):
 def test_deeply_nested_gold_json_is_a_clear_error():
     """A RecursionError from the JSON parser was a 500."""
     from service.errors import InvalidInput
-    from service.gold import parse_upload
+    from service.quality.gold import parse_upload
 
     with pytest.raises(InvalidInput, match="nested too deeply"):
         parse_upload(b"[" * 200_000, "application/json", "alice")
@@ -288,7 +288,7 @@ def test_deeply_nested_gold_json_is_a_clear_error():
 
 def test_taxonomy_diffs_are_bounded():
     """difflib is quadratic at worst: two long versions are not compared on the page."""
-    from service.console import DIFF_MAX_LINES, _diff
+    from service.console.pages import DIFF_MAX_LINES, _diff
 
     long = "\n".join(f"line {i}" for i in range(DIFF_MAX_LINES + 1))
     assert len(_diff(long, long + "\nmore", "a", "b")) == 1

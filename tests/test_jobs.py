@@ -15,9 +15,10 @@ from conftest import REPO
 from service.documents import check_document
 from service.engines.fake import FakeEngine
 from service.errors import InvalidInput
-from service.jobs import JobRunner, Model, engine_scorer, job_record
-from service.store import Store, document_batch
+from service.labelling.scoring import engine_scorer
+from service.store.database import Store, document_batch
 from service.taxonomy import load_taxonomy, parse_taxonomy
+from service.work.jobs import JobRunner, Model, job_record
 
 TAXONOMY = REPO / "taxonomy" / "sms-spam.yaml"
 
@@ -262,7 +263,7 @@ def test_several_annotators_need_distinct_names_and_a_single_label_taxonomy(tmp_
 
 def test_a_tuning_that_lands_while_a_job_is_queued_rekeys_it_and_one_that_lands_mid_job_refuses_it(tmp_path):
     """A job that has labelled nothing takes the tuned prompt when it starts; one with labels keeps being refused."""
-    from service.labelling import TunedPrompt
+    from service.labelling.labeller import TunedPrompt
 
     store = _store(tmp_path)
     version = store.get_taxonomy("sms-spam")[1]

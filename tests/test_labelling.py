@@ -10,8 +10,8 @@ import math
 import pytest
 
 from service.engines.base import EngineInfo
-from service.labelling import Labeller
-from service.prompts import load_template
+from service.labelling.labeller import Labeller
+from service.labelling.prompts import load_template
 from service.taxonomy import parse_taxonomy
 
 ENGINE = EngineInfo(engine="test", model="none", decoding={})

@@ -1,4 +1,4 @@
-"""The token check in front of Ray Serve LLM's OpenAI routes (service/llm_ingress.py).
+"""The token check in front of Ray Serve LLM's OpenAI routes (service/serve/llm_ingress.py).
 
 Ray's ``OpenAiIngress`` cannot be imported here: Ray Serve LLM needs vLLM, which needs a
 GPU image. ``guarded`` is therefore applied to a stand-in with the same endpoint
@@ -13,7 +13,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
-from service.llm_ingress import MIN_TOKEN_CHARS, TOKEN_ENV, authorized, guarded
+from service.serve.llm_ingress import MIN_TOKEN_CHARS, TOKEN_ENV, authorized, guarded
 
 TOKEN = "t" * MIN_TOKEN_CHARS
 

@@ -15,11 +15,11 @@ from conftest import REPO, sql, wait_for_job
 
 from service.engines.base import EngineInfo
 from service.engines.fake import FakeEngine
-from service.jobs import annotate_texts, engine_scorer
-from service.labelling import Labeller, softmax
-from service.long_documents import MARKER, chars_covered, combine, model_texts, windows
-from service.prompts import load_template
-from service.store import Store, annotation_row
+from service.labelling.labeller import Labeller, softmax
+from service.labelling.long_documents import MARKER, chars_covered, combine, model_texts, windows
+from service.labelling.prompts import load_template
+from service.labelling.scoring import annotate_texts, engine_scorer
+from service.store.database import Store, annotation_row
 from service.taxonomy import load_taxonomy
 
 MODES = ("truncate", "reject", "head_tail", "chunk")

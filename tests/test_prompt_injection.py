@@ -21,8 +21,8 @@ import pytest
 from conftest import FIXTURES, REPO, sql, wait_for_job
 
 from service.engines.base import EngineInfo
-from service.labelling import Labeller
-from service.prompts import load_template
+from service.labelling.labeller import Labeller
+from service.labelling.prompts import load_template
 from service.taxonomy import load_taxonomy
 
 CORPUS = [json.loads(line) for line in (FIXTURES / "injections.jsonl").read_text().splitlines() if line.strip()]

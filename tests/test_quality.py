@@ -19,8 +19,8 @@ from conftest import REPO
 from service import gold, quality
 from service.documents import check_document
 from service.errors import Conflict, InvalidInput
-from service.labelling import decide_single
-from service.store import Store, annotation_row, document_batch
+from service.labelling.labeller import decide_single
+from service.store.database import Store, annotation_row, document_batch
 from service.taxonomy import NONE_LABEL, load_taxonomy
 
 TAXONOMY = load_taxonomy(REPO / "taxonomy" / "sms-spam.yaml")

@@ -1,4 +1,4 @@
-"""The refinement of a panel's labels by a regression on the documents' embeddings (service.refinement).
+"""The refinement of a panel's labels by a regression on the documents' embeddings (service.labelling.refinement).
 
 Synthetic arrays with a known truth: the function is pure, and what is under test is the
 arithmetic of cross-fitting, not a model's quality (that is benchmarks/zero_shot.py's).
@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.refinement import MIN_GOLD, refine
-from service.statistics import draw_sample, dsl_proportions
+from service.labelling.refinement import MIN_GOLD, refine
+from service.quality.statistics import draw_sample, dsl_proportions
 
 
 def _job(rng: np.random.Generator, n: int, k: int, right: float, spread: float = 1.0):
@@ -109,8 +109,8 @@ def test_a_cancelled_job_s_unlabelled_documents_are_left_out():
     """Documents without an aggregate (a cancelled job) neither train nor get a label; the others are refined."""
     from conftest import REPO
 
-    from service.labelling import decide_single
-    from service.refinement import refined_annotations
+    from service.labelling.labeller import decide_single
+    from service.labelling.refinement import refined_annotations
     from service.taxonomy import load_taxonomy
 
     taxonomy = load_taxonomy(REPO / "taxonomy" / "sms-spam.yaml")

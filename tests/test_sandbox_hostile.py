@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-import service.store
+import service.store.database
 from service.errors import SqlRejected, SqlTimeout
-from service.sandbox import run_sql
-from service.store import Store
+from service.store.database import Store
+from service.store.sandbox import run_sql
 
 TIMEOUT_S = 1.0
 MARGIN_S = 3.0
@@ -242,7 +242,7 @@ def test_store_is_healthy_after_the_battery(target):
 
 def test_memory_limit_turns_a_blowup_into_a_clear_error(tmp_path, monkeypatch):
     """Past the store's memory limit a query fails with SqlRejected saying so, instead of exhausting the host."""
-    monkeypatch.setattr(service.store, "MEMORY_LIMIT", "64MB")
+    monkeypatch.setattr(service.store.database, "MEMORY_LIMIT", "64MB")
     store = Store(tmp_path / "db.duckdb", export_dir=tmp_path / "exports")
     with pytest.raises(SqlRejected, match="more memory than the SQL sandbox allows"):
         run_sql(store.cursor(), "SELECT len(list(i)) FROM range(10_000_000_000) t(i)", timeout_s=30, max_rows=1,

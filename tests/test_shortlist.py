@@ -15,8 +15,8 @@ import pytest
 import yaml
 from conftest import FIXTURES, REPO, sql, wait_for_job
 
-from service.embeddings import shared_embedder
-from service.shortlist import Shortlister
+from service.engines.embeddings import shared_embedder
+from service.labelling.shortlist import Shortlister
 from service.taxonomy import load_taxonomy, parse_taxonomy
 
 QUESTIONS = [json.loads(line) for line in (FIXTURES / "questions.jsonl").read_text().splitlines() if line.strip()]

@@ -10,11 +10,11 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from service.api import create_api
-from service.api_context import Context, attach
+from service.api.context import Context, attach
+from service.api.main import create_api
+from service.api.tokens import TokenStore
 from service.settings import Settings
-from service.store import Store
-from service.tokens import TokenStore
+from service.store.database import Store
 
 MAX_BYTES = 1_000_000
 OPERATOR_TOKEN = "operator-secret-for-tests"

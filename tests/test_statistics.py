@@ -1,4 +1,4 @@
-"""Statistics of service.statistics checked by computation: seeded simulations with known truths,
+"""Statistics of service.quality.statistics checked by computation: seeded simulations with known truths,
 sklearn's weighted metrics, crepes and brute force; no hard-coded results."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from crepes import ConformalClassifier
 from sklearn.metrics import accuracy_score, cohen_kappa_score, precision_recall_fscore_support
 
-from service.statistics import (
+from service.quality.statistics import (
     TIE_DECIMALS,
     abstention_threshold,
     apply_threshold,

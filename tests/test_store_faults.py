@@ -23,7 +23,7 @@ import asyncio, resource, signal, sys
 from pathlib import Path
 sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tests')!r}]
 from service.engines.fake import FakeEngine
-from service.store import Store
+from service.store.database import Store
 from test_jobs import _runner
 
 db = Path(sys.argv[1])

@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.distill import TrainingData, distill
+from service.distill.students import in_order, load_student
+from service.distill.training import TrainingData, distill
 from service.settings import Settings
-from service.students import in_order, load_student
 
 CLASSES = ["alpha", "beta", "gamma"]
 MODELS_DIR = Settings().models_dir

@@ -1,4 +1,4 @@
-"""Prompt tuning (service.tuning): every candidate prompt measured on a sample, the choice stored and used by jobs.
+"""Prompt tuning (service.labelling.tuning): every candidate prompt measured on a sample, the choice stored and used by jobs.
 
 The service tests run the real service (Ray Serve, the embedded SmolLM2 and MiniLM, DuckDB)
 on a copy of the SMS taxonomy under another name, so the other tests' jobs on ``sms-spam``
@@ -14,7 +14,7 @@ import math
 import pytest
 from conftest import FIXTURES, REPO, sql, wait_for_job
 
-from service.tuning import AGREEMENT, GOLD, MIN_GOLD, CandidateResult, choose, mutual_information
+from service.labelling.tuning import AGREEMENT, GOLD, MIN_GOLD, CandidateResult, choose, mutual_information
 
 SPAM = ["WINNER! Claim your 500 GBP prize now, call 09061701461. T&Cs apply",
         "FREE ringtones every week! Txt TONES to 81234, 3 GBP/wk",
@@ -49,10 +49,10 @@ def test_contextual_calibration_divides_by_the_content_free_probabilities():
     """A prompt that says 'ham' to content-free text at 0.8 has its pull removed: 0.7 ham becomes spam; the labeller
     applying the same prior in log space gives the same distribution."""
     from service.engines.base import EngineInfo
-    from service.labelling import Annotation, Labeller
-    from service.prompts import load_template
+    from service.labelling.labeller import Annotation, Labeller
+    from service.labelling.prompts import load_template
+    from service.labelling.tuning import calibrated
     from service.taxonomy import load_taxonomy
-    from service.tuning import calibrated
 
     taxonomy = load_taxonomy(REPO / "taxonomy" / "sms-spam.yaml")
     prior = (math.log(0.8), math.log(0.2))
@@ -124,7 +124,7 @@ def test_tuning_with_labels_from_the_cli_chooses_by_cross_fitted_accuracy(servic
     rows = [(text, "spam") for text in SPAM] + [(text, "ham") for text in HAM]
     sample = tmp_path / "sample.csv"
     sample.write_text("text,label\n" + "".join(f'"{t}",{label}\n' for t, label in rows * 2))
-    done = service.cli("taxonomy", "tune", "sms-tuned", "--sample", str(sample))
+    done = service.cli.main("taxonomy", "tune", "sms-tuned", "--sample", str(sample))
     assert "by gold_accuracy (cross-fitted accuracy" in " ".join(done.stdout.split())  # rich wraps lines
     with service.client() as client:
         stored = client.get("/v1/taxonomies/sms-tuned").json()["tunings"][0]

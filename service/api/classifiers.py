@@ -1,0 +1,81 @@
+"""HTTP routes of distilled classifiers: train, list, inspect, predict, export."""
+
+from __future__ import annotations
+
+import asyncio
+import tarfile
+from pathlib import Path
+
+from fastapi import Request
+from fastapi.responses import FileResponse, JSONResponse
+
+from service.api.context import hosted
+from service.api.schemas import ClassifierRequest, PredictRequest
+from service.errors import Conflict, cause_of
+from service.files import atomic_path
+from service.work.trainings import as_labels
+
+
+async def create_classifier(request: Request, body: ClassifierRequest) -> JSONResponse:
+    """Start training a student from finished jobs; 202 with its id (GET it for progress and metrics)."""
+    options = body.model_dump(include={"targets", "weighting", "abstained", "holdout", "epochs", "seed"})
+    started = await hosted(request).classifiers.submit(jobs=body.jobs, kind=body.kind, name=body.name,
+                                                       options=options)
+    return JSONResponse(started, status_code=202)
+
+
+async def list_classifiers(request: Request) -> list[dict]:
+    """Every student, newest first."""
+    return await asyncio.to_thread(hosted(request).store.list_classifiers)
+
+
+async def get_classifier(request: Request, ref: str) -> dict:
+    """A student (by id, or the newest ready version of a name) with its training report and metrics."""
+    return await asyncio.to_thread(hosted(request).store.classifier, ref)
+
+
+async def _ready(request: Request, ref: str) -> dict:
+    """A student that finished training, or a 409 saying where it stands."""
+    row = await asyncio.to_thread(hosted(request).store.classifier, ref)
+    if row["status"] != "ready":
+        raise Conflict(f"classifier {row['classifier_id']} is {row['status']}"
+                       + (f": {row['error']}" if row.get("error") else "; wait until it is ready"))
+    return row
+
+
+async def predict(request: Request, ref: str, body: PredictRequest) -> dict:
+    """Labels for a batch of texts, in the same shape as the LLM's labels."""
+    ctx = hosted(request)
+    row = await _ready(request, ref)
+    taxonomy, _, _ = await asyncio.to_thread(ctx.store.get_taxonomy, row["taxonomy"], row["taxonomy_version"])
+    try:
+        answer = await ctx.students.predict.remote(row["path"], body.texts)
+    except Exception as exc:  # Ray's wrapper hides the student's own error
+        raise cause_of(exc) from None
+    return {"classifier_id": row["classifier_id"], "labels": as_labels(answer["probs"], answer["classes"], taxonomy)}
+
+
+async def export_classifier(request: Request, ref: str) -> FileResponse:
+    """The student's directory as a .tar.gz: model.joblib (a scikit-learn pipeline) or a transformers model."""
+    ctx = hosted(request)
+    row = await _ready(request, ref)
+    name = f"{row['name']}-v{row['version']}"
+    archive = ctx.settings.export_dir / f"{name}.tar.gz"
+    await asyncio.to_thread(_archive, Path(row["path"]), archive, name)
+    return FileResponse(archive, media_type="application/gzip", filename=archive.name)
+
+
+def _archive(source: Path, archive: Path, name: str) -> None:
+    """Pack a directory under one top folder, atomically."""
+    with atomic_path(archive) as partial, tarfile.open(partial, "w:gz") as tar:
+        tar.add(source, arcname=name)
+
+
+CLASSIFIER_ROUTES = [
+    dict(path="/v1/classifiers", endpoint=create_classifier, scope="admin", methods=["POST"], status_code=202,
+         tags=["classifiers"]),
+    dict(path="/v1/classifiers", endpoint=list_classifiers, scope="read", methods=["GET"], tags=["classifiers"]),
+    dict(path="/v1/classifiers/{ref}", endpoint=get_classifier, scope="read", methods=["GET"], tags=["classifiers"]),
+    dict(path="/v1/classifiers/{ref}/predict", endpoint=predict, scope="read", methods=["POST"], tags=["classifiers"]),
+    dict(path="/v1/classifiers/{ref}/export", endpoint=export_classifier, scope="read", methods=["GET"], tags=["classifiers"]),
+]

@@ -1,0 +1,101 @@
+"""HTTP routes of the gold standard and label quality: samples, human labels, report, calibration, estimates."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from service.api.context import hosted, read_upload
+from service.api.schemas import AggregateRequest, CalibrateRequest, EstimateRequest, GoldSampleRequest
+from service.quality import gold
+from service.quality import report as quality
+
+
+async def draw_gold_sample(request: Request, job_id: str, body: GoldSampleRequest) -> JSONResponse:
+    """Draw a gold sample of a finished job under a design, storing each document's inclusion probability."""
+    drawn = await asyncio.to_thread(gold.draw, hosted(request).store, job_id, size=body.size, design=body.design,
+                                    seed=body.seed, replace=body.replace)
+    return JSONResponse(drawn, status_code=201)
+
+
+async def get_gold_sample(request: Request, job_id: str,
+                          format: str = Query("json", pattern="^(json|csv|labelstudio)$")):
+    """The sampled documents: JSON rows, a CSV to fill in, or Label Studio tasks."""
+    ctx = hosted(request)
+    sample = await asyncio.to_thread(ctx.store.gold_sample, job_id)
+    if format == "csv":
+        return PlainTextResponse(gold.to_csv(sample), media_type="text/csv",
+                                 headers={"Content-Disposition": f'attachment; filename="{job_id}.gold.csv"'})
+    if format == "labelstudio":
+        job = await asyncio.to_thread(ctx.store.job, job_id)
+        taxonomy, _, _ = await asyncio.to_thread(ctx.store.get_taxonomy, job["taxonomy"], job["taxonomy_version"])
+        return {"tasks": gold.to_label_studio(sample), "label_config": gold.label_studio_config(taxonomy.label_names())}
+    return sample
+
+
+async def put_gold_labels(request: Request, job_id: str,
+                          annotator: str | None = Query(None, description="Who labelled, when the body does not say.")):
+    """Human labels for sampled documents: JSON, a CSV (Content-Type text/csv) or a Label Studio export."""
+    ctx = hosted(request)
+    await asyncio.to_thread(ctx.store.job, job_id)  # 404 before reading the upload
+    body = await read_upload(request, "gold labels")
+    rows = await asyncio.to_thread(gold.parse_upload, body, request.headers.get("content-type", ""), annotator)
+    return await asyncio.to_thread(gold.put_labels, ctx.store, job_id, rows,
+                                   max_annotators=ctx.settings.gold_max_annotators)
+
+
+async def job_report(request: Request, job_id: str) -> dict:
+    """The quality report against the gold sample (also kept as tables in DuckDB)."""
+    return await asyncio.to_thread(quality.report, hosted(request).store, job_id)
+
+
+async def calibrate_job(request: Request, job_id: str, body: CalibrateRequest) -> dict:
+    """Conformal candidate-set threshold and abstention threshold from the gold sample."""
+    return await asyncio.to_thread(quality.calibrate, hosted(request).store, job_id, alpha=body.alpha,
+                                   target_accuracy=body.target_accuracy, seed=body.seed)
+
+
+async def estimate_job(request: Request, job_id: str, body: EstimateRequest) -> dict:
+    """DSL estimates with the naive and gold-only ones beside them."""
+    return await asyncio.to_thread(quality.estimate, hosted(request).store, job_id, target=body.target,
+                                   outcome=body.outcome, covariates=body.covariates, model=body.model,
+                                   level=body.level, seed=body.seed)
+
+
+async def job_label_issues(request: Request, job_id: str, kind: str = Query("gold", pattern="^(gold|llm)$"),
+                           limit: int = Query(50, ge=1, le=10_000),
+                           max_documents: int = Query(20_000, ge=10, le=1_000_000)) -> dict:
+    """Likely label errors among gold labels or the job's own labels, most suspicious first."""
+    return await asyncio.to_thread(quality.label_issues, hosted(request).store, job_id, kind=kind, limit=limit,
+                                   max_documents=max_documents)
+
+
+async def job_agreement(request: Request, job_id: str) -> dict:
+    """Pairwise agreement, Cohen's kappa and Krippendorff's alpha of a several-annotator job's annotators."""
+    return await asyncio.to_thread(quality.annotator_agreement, hosted(request).store, job_id)
+
+
+async def aggregate_job(request: Request, job_id: str, body: AggregateRequest) -> dict:
+    """Recompute a several-annotator job's labels with another method."""
+    ctx = hosted(request)
+    method = await asyncio.to_thread(ctx.runner.aggregate, job_id, body.method)
+    job = await asyncio.to_thread(ctx.store.job, job_id)
+    return {"job_id": job_id, "aggregation": method, "refinement": job["annotator_spec"].get("refinement")}
+
+
+QUALITY_ROUTES = [
+    dict(path="/v1/jobs/{job_id}/gold-sample", endpoint=draw_gold_sample, scope="write", methods=["POST"], status_code=201,
+         tags=["quality"]),
+    dict(path="/v1/jobs/{job_id}/gold-sample", endpoint=get_gold_sample, scope="read", methods=["GET"], tags=["quality"]),
+    dict(path="/v1/jobs/{job_id}/gold", endpoint=put_gold_labels, scope="write", methods=["POST"], tags=["quality"],
+         openapi_extra={"requestBody": {"required": True, "content": {
+             "application/json": {"schema": {"type": "object"}}, "text/csv": {"schema": {"type": "string"}}}}}),
+    dict(path="/v1/jobs/{job_id}/report", endpoint=job_report, scope="read", methods=["GET"], tags=["quality"]),
+    dict(path="/v1/jobs/{job_id}/calibrate", endpoint=calibrate_job, scope="write", methods=["POST"], tags=["quality"]),
+    dict(path="/v1/jobs/{job_id}/estimate", endpoint=estimate_job, scope="read", methods=["POST"], tags=["quality"]),
+    dict(path="/v1/jobs/{job_id}/label-issues", endpoint=job_label_issues, scope="read", methods=["GET"], tags=["quality"]),
+    dict(path="/v1/jobs/{job_id}/agreement", endpoint=job_agreement, scope="read", methods=["GET"], tags=["quality"]),
+    dict(path="/v1/jobs/{job_id}/aggregate", endpoint=aggregate_job, scope="write", methods=["POST"], tags=["quality"]),
+]

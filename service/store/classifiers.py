@@ -1,0 +1,64 @@
+"""The store's SQL for students (a part of ``Store``): the ``classifiers`` table."""
+
+from __future__ import annotations
+
+import json
+
+from service.errors import NotFound
+from service.store.quality import utc_now
+
+JSON_COLUMNS = ("jobs", "options", "classes", "report")
+
+
+class ClassifierStore:
+    """Reads and writes of distilled classifiers."""
+
+    def create_classifier(self, classifier_id: str, *, name: str, kind: str, taxonomy: str, taxonomy_version: str,
+                          jobs: list[str], options: dict) -> int:
+        """Record a student being trained as the next version of ``name``; returns that version."""
+        with self._transaction() as cur:
+            version = cur.execute("SELECT coalesce(max(version), 0) + 1 FROM classifiers WHERE name = ?",
+                                  [name]).fetchone()[0]
+            cur.execute("INSERT INTO classifiers (classifier_id, name, version, kind, taxonomy, taxonomy_version, jobs,"
+                        " options, status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'training', ?)",
+                        [classifier_id, name, version, kind, taxonomy, taxonomy_version, json.dumps(jobs),
+                         json.dumps(options), utc_now()])
+        return version
+
+    def finish_classifier(self, classifier_id: str, *, report: dict | None = None, path: str | None = None,
+                          error: str | None = None) -> None:
+        """Mark a student ready (with its report and directory) or failed (with the error)."""
+        with self._transaction() as cur:
+            cur.execute(
+                "UPDATE classifiers SET status = ?, classes = ?, report = ?, path = ?, size_bytes = ?, error = ?,"
+                " finished_at = ? WHERE classifier_id = ?",
+                ["failed" if error else "ready", json.dumps(report["classes"]) if report else None,
+                 json.dumps(report) if report else None, path, report["size_bytes"] if report else None, error,
+                 utc_now(), classifier_id])
+
+    def classifier(self, ref: str) -> dict:
+        """A student by id, or the newest ready version of a name."""
+        rows = self._dicts("SELECT * FROM classifiers WHERE classifier_id = ? OR (name = ? AND status = 'ready')"
+                           " ORDER BY classifier_id = ? DESC, version DESC LIMIT 1", [ref, ref, ref])
+        if not rows:
+            raise NotFound(f"unknown classifier {ref!r} (an id, or the name of one that finished training); "
+                           "GET /v1/classifiers lists them")
+        return _decoded(rows[0])
+
+    def list_classifiers(self) -> list[dict]:
+        """Every student, newest first (reports left out)."""
+        return [_decoded(r) for r in self._dicts(
+            "SELECT classifier_id, name, version, kind, taxonomy, taxonomy_version, jobs, status, size_bytes,"
+            " created_at, finished_at FROM classifiers ORDER BY created_at DESC")]
+
+    def interrupt_classifiers(self) -> int:
+        """Trainings cut off by a stop fail with a message; returns how many."""
+        with self._transaction() as cur:
+            return len(cur.execute(
+                "UPDATE classifiers SET status = 'failed', error = 'interrupted by a service restart; train it again',"
+                " finished_at = ? WHERE status = 'training' RETURNING 1", [utc_now()]).fetchall())
+
+
+def _decoded(row: dict) -> dict:
+    """A classifiers row with its JSON columns parsed."""
+    return {k: json.loads(v) if k in JSON_COLUMNS and isinstance(v, str) else v for k, v in row.items()}
