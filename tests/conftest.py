@@ -284,10 +284,10 @@ def in_process(tmp_path) -> InProcessApp:
     from fastapi.testclient import TestClient
 
     from service.api.context import Context, attach
-    from service.api.main import create_api
-    from service.api.tokens import TokenStore
+    from service.api.token_store import TokenStore
     from service.engines.fake import FakeEngine
     from service.labelling.scoring import engine_scorer
+    from service.serve.http import create_api
     from service.settings import Settings
     from service.store.database import Store
     from service.taxonomy import load_taxonomy

@@ -15,22 +15,19 @@ import subprocess
 
 import pytest
 from conftest import ANNOTATE, FIXTURES
+from fastapi import APIRouter
 from fastapi.testclient import TestClient
 
-from service.api.auth import AUTH_ROUTES, route_scopes
-from service.api.classifiers import CLASSIFIER_ROUTES
+from service.api.auth import route_scope, undeclared
 from service.api.context import Context, attach
-from service.api.main import ROUTES, create_api
-from service.api.quality import QUALITY_ROUTES
 from service.api.security import SCOPES, tokens_required
-from service.api.tokens import TokenStore
-from service.console.pages import CONSOLE_ROUTES
+from service.api.token_store import TokenStore
+from service.serve.http import ROUTERS, api_routes, create_api
 from service.settings import Settings
 from service.store.database import Store
 
-EVERY_ROUTE = ROUTES + QUALITY_ROUTES + CLASSIFIER_ROUTES + CONSOLE_ROUTES + AUTH_ROUTES
-GUARDED = [(method, route["path"], route["scope"]) for route in EVERY_ROUTE if route["scope"]
-           for method in route["methods"]]
+ROUTES = api_routes()
+GUARDED = [(method, route.path, route_scope(route)) for route in ROUTES if route_scope(route) for method in route.methods]
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +80,23 @@ def test_every_route_refuses_missing_bad_revoked_and_low_scope_tokens(service, t
 
 
 def test_every_route_the_app_serves_declares_its_scope():
-    """Nothing reaches the app undeclared (the middleware would hold an undeclared route to admin anyway)."""
+    """Every API route declares a scope or PUBLIC; the app refuses to build with one that declares neither."""
     app = create_api()
     framework = {app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url}
-    served = {(route.path, method) for route in app.routes if route.path not in framework for method in route.methods}
-    assert served == set(route_scopes(EVERY_ROUTE))
+    served = [id(route.original_router) if hasattr(route, "original_router") else route.path for route in app.routes]
+    assert set(served) == framework | {id(router) for router in ROUTERS}  # the framework's and our routers, no more
+    assert not undeclared(ROUTES)
+    public = {(route.path, method) for route in ROUTES if route_scope(route) is None for method in route.methods}
+    assert public == {("/healthz", "GET"), ("/", "GET"), ("/console/static/{name}", "GET"),
+                      ("/console/login", "GET"), ("/console/login", "POST")}
+
+    forgetful = APIRouter()
+
+    @forgetful.get("/v1/forgotten")
+    async def forgotten() -> dict:
+        return {}
+
+    assert undeclared(forgetful.routes) == ["['GET'] /v1/forgotten declares no scope"]
 
 
 def test_public_routes_need_no_token(service):
@@ -100,10 +109,10 @@ def test_public_routes_need_no_token(service):
 
 def test_tokens_from_the_cli_are_hashed_and_revocable(service):
     """Create, list and revoke with the CLI; the token file has hashes only, and SQL cannot open it."""
-    made = service.cli.main("token", "create", "cli reader", "--scope", "read").stdout
+    made = service.cli("token", "create", "cli reader", "--scope", "read").stdout
     token = re.search(r"ann_\w+_[\w-]+", made).group(0)
     token_id = token.split("_")[1]
-    listed = service.cli.main("token", "list").stdout
+    listed = service.cli("token", "list").stdout
     assert token_id in listed and token not in listed
     reader_env = {**service.env, "ANNOTATE_TOKEN": token}
     with service.client(token=token) as client:
@@ -118,7 +127,7 @@ def test_tokens_from_the_cli_are_hashed_and_revocable(service):
     refused = subprocess.run([str(ANNOTATE), "submit", str(FIXTURES / "sms.jsonl"), "-t", "sms-spam"], env=reader_env,
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "403" in refused.stderr
-    service.cli.main("token", "revoke", token_id)
+    service.cli("token", "revoke", token_id)
     with service.client(token=token) as client:
         gone = client.post("/v1/sql", json={"sql": "SELECT 1"})
     assert gone.status_code == 401 and "revoked" in gone.json()["error"]["message"]

@@ -27,15 +27,11 @@ def test_every_setting_is_on_the_configuration_page():
 
 def test_every_route_is_documented():
     """Each route path of the app (API, quality, classifiers, console, auth) appears in the manual."""
-    from service.api.auth import AUTH_ROUTES
-    from service.api.classifiers import CLASSIFIER_ROUTES
-    from service.api.main import ROUTES
-    from service.api.quality import QUALITY_ROUTES
-    from service.console.pages import CONSOLE_ROUTES
+    from service.serve.http import api_routes
 
     manual = _manual()
-    paths = {PLACEHOLDER.sub("{}", route["path"])
-             for route in ROUTES + QUALITY_ROUTES + CLASSIFIER_ROUTES + CONSOLE_ROUTES + AUTH_ROUTES}
+    paths = {PLACEHOLDER.sub("{}", route.path)
+             for route in api_routes()}
     missing = sorted(path for path in paths if path not in manual)
     assert not missing, f"routes missing from README.md and docs/: {missing}"
 

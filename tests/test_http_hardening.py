@@ -21,8 +21,8 @@ import uvicorn
 from conftest import REPO, free_port
 
 from service.api.context import Context, attach
-from service.api.main import create_api
-from service.api.tokens import TokenStore
+from service.api.token_store import TokenStore
+from service.serve.http import create_api
 from service.settings import Settings
 from service.store.database import Store
 

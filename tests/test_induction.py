@@ -94,7 +94,7 @@ def test_cli_induces_and_diffs(service, tmp_path):
     Uses the fake model (from the service's models file) for speed; embeddings are real.
     """
     out = tmp_path / "questions.yaml"
-    service.cli.main("taxonomy", "induce", str(FIXTURES / "questions.jsonl"), "--out", str(out), "-k", "4",
+    service.cli("taxonomy", "induce", str(FIXTURES / "questions.jsonl"), "--out", str(out), "-k", "4",
                 "--report-size", "10", "--model", "fake")
     induced = load_taxonomy(out)
     assert induced.name == "questions" and 2 <= len(induced.labels) <= 4
@@ -103,7 +103,7 @@ def test_cli_induces_and_diffs(service, tmp_path):
     removed = edited["labels"].pop()
     changed = tmp_path / "edited.yaml"
     changed.write_text(yaml.safe_dump(edited, sort_keys=False))
-    lines = service.cli.main("taxonomy", "diff", str(out), str(changed)).stdout.splitlines()
+    lines = service.cli("taxonomy", "diff", str(out), str(changed)).stdout.splitlines()
     assert f"- {removed['name']}: {removed['description']}" in lines
     assert any(line.startswith(f"~ {edited['labels'][0]['name']}.description:") for line in lines)
 

@@ -24,7 +24,7 @@ def panel_job(service) -> str:
     """A finished three-annotator job on the TREC fixture, submitted with the CLI."""
     with service.client() as client:
         assert client.post("/v1/taxonomies", content=(REPO / "taxonomy" / "trec-coarse.yaml").read_bytes()).is_success
-    out = service.cli.main("submit", str(FIXTURES / "questions.jsonl"), "-t", "trec-coarse", "-a", "smollm2",
+    out = service.cli("submit", str(FIXTURES / "questions.jsonl"), "-t", "trec-coarse", "-a", "smollm2",
                       "-a", "terse=smollm2:classify_terse", "-a", "embedding", "--aggregation", "dawid_skene",
                       "--no-wait").stdout
     job_id = out.split()[1].rstrip(":")
@@ -47,10 +47,10 @@ def test_each_annotator_labels_every_question_and_the_votes_are_aggregated(servi
         assert len(sql(client, f"SELECT doc_id FROM labels WHERE job_id = '{panel_job}'")) == len(QUESTIONS)
         agreement = client.get(f"/v1/jobs/{panel_job}/agreement").json()
         assert len(agreement["pairs"]) == 3 and all(p["n"] > 0 for p in agreement["pairs"])
-        service.cli.main("aggregate", panel_job, "calibrated_mean")
+        service.cli("aggregate", panel_job, "calibrated_mean")
         assert client.get(f"/v1/jobs/{panel_job}").json()["aggregation"] == "calibrated_mean"
         assert len(sql(client, f"SELECT doc_id FROM labels WHERE job_id = '{panel_job}'")) == len(QUESTIONS)
-        service.cli.main("aggregate", panel_job, "majority_vote")
+        service.cli("aggregate", panel_job, "majority_vote")
         assert client.get(f"/v1/jobs/{panel_job}").json()["aggregation"] == "majority_vote"
         unanimous = sql(client, f"""
             SELECT l.doc_id, l.label, any_value(a.label) AS vote FROM labels l JOIN annotations a USING (job_id, doc_id)
@@ -61,9 +61,9 @@ def test_each_annotator_labels_every_question_and_the_votes_are_aggregated(servi
 
 def test_gold_round_trip_report_calibration_estimates_and_issues(service, panel_job, tmp_path):
     """The whole gold workflow through the CLI and HTTP, each number checked against SQL on the gold view."""
-    service.cli.main("gold", "sample", panel_job, "--size", "40", "--design", "stratified")
+    service.cli("gold", "sample", panel_job, "--size", "40", "--design", "stratified")
     exported = tmp_path / "gold.csv"
-    service.cli.main("gold", "export", panel_job, str(exported))
+    service.cli("gold", "export", panel_job, str(exported))
     rows = list(csv.DictReader(exported.open()))
     assert len(rows) == 40 and all(r["label"] == "" for r in rows)  # the person sees no LLM label
     for row in rows:
@@ -72,9 +72,9 @@ def test_gold_round_trip_report_calibration_estimates_and_issues(service, panel_
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    assert "40 of 40" in service.cli.main("gold", "import", panel_job, str(exported)).stdout
+    assert "40 of 40" in service.cli("gold", "import", panel_job, str(exported)).stdout
 
-    report = json.loads(service.cli.main("report", panel_job, "--json").stdout)
+    report = json.loads(service.cli("report", panel_job, "--json").stdout)
     with service.client() as client:
         expected = sql(client, f"SELECT sum(weight * (gold_label = llm_label)::INT) / sum(weight) AS acc FROM gold"
                                f" WHERE job_id = '{panel_job}' AND NOT abstained")[0]["acc"]

@@ -146,16 +146,16 @@ def test_cancel_a_finished_job_is_a_conflict(service, labelled):
 
 def test_cli_push_submit_status_sql(service, labelled, tmp_path):
     """The CLI drives the same service: push, submit with progress, status and SQL."""
-    pushed = service.cli.main("taxonomy", "push", str(TAXONOMY))
+    pushed = service.cli("taxonomy", "push", str(TAXONOMY))
     assert "pushed sms-spam" in pushed.stdout
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("\n".join(json.dumps(d) for d in _documents()[:3]) + "\n")
-    submitted = service.cli.main("submit", "--taxonomy", "sms-spam", str(corpus))
+    submitted = service.cli("submit", "--taxonomy", "sms-spam", str(corpus))
     job_id = submitted.stdout.split()[1].rstrip(":")
     assert "3/3" in submitted.stderr  # the progress bar's last state
-    status = service.cli.main("status", job_id)
+    status = service.cli("status", job_id)
     assert "succeeded" in status.stdout
-    answer = service.cli.main("sql", "--json", f"SELECT count(*) AS n FROM labels WHERE job_id = '{job_id}'")
+    answer = service.cli("sql", "--json", f"SELECT count(*) AS n FROM labels WHERE job_id = '{job_id}'")
     assert json.loads(answer.stdout)["rows"] == [[3]]
 
 
@@ -208,8 +208,8 @@ def test_openapi_is_published(service):
 
 def test_cli_lists_the_models_with_their_engines(service):
     """`annotate models list` shows every model of the models file, the default marked."""
-    assert "smollm2" in service.cli.main("models", "list").stdout
-    models = {m["name"]: m for m in json.loads(service.cli.main("models", "list", "--json").stdout)}
+    assert "smollm2" in service.cli("models", "list").stdout
+    models = {m["name"]: m for m in json.loads(service.cli("models", "list", "--json").stdout)}
     assert set(models) == {"smollm2", "fake", "slow-fake", "llama", "faulty"}
     assert models["smollm2"]["engine"] == "embedded-transformers" and models["smollm2"]["default"]
     assert models["llama"]["engine"] == "openai" and models["llama"]["stats"]["queue_depth"] == 0

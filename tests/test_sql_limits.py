@@ -11,8 +11,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.api.context import Context, attach
-from service.api.main import create_api
-from service.api.tokens import TokenStore
+from service.api.token_store import TokenStore
+from service.serve.http import create_api
 from service.settings import Settings
 from service.store.database import Store
 

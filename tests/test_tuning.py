@@ -124,7 +124,7 @@ def test_tuning_with_labels_from_the_cli_chooses_by_cross_fitted_accuracy(servic
     rows = [(text, "spam") for text in SPAM] + [(text, "ham") for text in HAM]
     sample = tmp_path / "sample.csv"
     sample.write_text("text,label\n" + "".join(f'"{t}",{label}\n' for t, label in rows * 2))
-    done = service.cli.main("taxonomy", "tune", "sms-tuned", "--sample", str(sample))
+    done = service.cli("taxonomy", "tune", "sms-tuned", "--sample", str(sample))
     assert "by gold_accuracy (cross-fitted accuracy" in " ".join(done.stdout.split())  # rich wraps lines
     with service.client() as client:
         stored = client.get("/v1/taxonomies/sms-tuned").json()["tunings"][0]

@@ -1,20 +1,25 @@
-"""Authentication at the HTTP boundary: one middleware checks every request against its route's scope.
+"""Who may call what: every route declares a scope as a dependency, checked before the route runs.
 
-Every route declares ``scope`` (``read``, ``write``, ``admin``, or None for the public
-ones: health, the console's static files and login). ``create_api`` refuses a route that
-declares none, so no endpoint can be added unguarded. The check runs before the body is
-read. Token management (``/v1/tokens``) and the console's login live here too.
+Routes declare ``dependencies=[READ]`` (or ``WRITE``, ``ADMIN``); ``authorize`` reads the
+caller's token (bearer header or the console's cookie) and refuses it (401) or its scope
+(403). Public routes (health, the console's login and static files) declare ``PUBLIC``.
+``undeclared`` lists routes that declare neither, and the app refuses to start with any.
+``check_request`` runs on every route: one well-formed Host header, and no cross-site
+request that changes data.
+
+FastAPI parses a JSON body before it solves dependencies, so an unauthenticated caller's
+body is read (never acted on) up to ``ANNOTATE_MAX_BODY_BYTES``, the size limit that the
+one middleware (``service.serve.http.BodyLimit``) enforces before anything is read.
 """
 
 from __future__ import annotations
 
 import asyncio
-from urllib.parse import parse_qs, quote, urlsplit
+from urllib.parse import urlsplit
 
-from fastapi import Request
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
-from pydantic import BaseModel, Field
-from starlette.routing import Match
+from fastapi import Depends, Request, Security
+from fastapi.routing import APIRoute
+from fastapi.security import SecurityScopes
 
 from service.api.context import Context, hosted
 from service.api.security import (
@@ -25,69 +30,61 @@ from service.api.security import (
     Caller,
     host_name,
     is_operator,
-    new_token,
     presented_token,
     same_secret,
     split_token,
     tokens_required,
     trusted_locally,
 )
-from service.console.pages import render_page
-from service.errors import AnnotateError, BadRequest, Forbidden, TooManyRequests, Unauthenticated
+from service.errors import BadRequest, Forbidden, TooManyRequests, Unauthenticated
 
 
-class TokenRequest(BaseModel):
-    """A token to create: who or what it is for, and its scope."""
-
-    name: str = Field(min_length=1, max_length=100, description="Who or what holds the token.")
-    scope: str = Field(pattern="^(read|write|admin)$", description="read < write < admin; each holds the ones below.")
-
-
-def route_scopes(routes: list[dict]) -> dict[tuple[str, str], str | None]:
-    """(path, method) → scope of every route; a route that declares none is a programming error."""
-    undeclared = [route["path"] for route in routes if "scope" not in route]
-    if undeclared:
-        raise ValueError(f"routes without a declared scope: {undeclared}")
-    return {(route["path"], method): route["scope"] for route in routes for method in route["methods"]}
+async def authorize(request: Request, security_scopes: SecurityScopes) -> Caller:
+    """The caller of this request, refused unless its token holds the scope the route declares."""
+    (needed,) = security_scopes.scopes
+    caller = await identify(hosted(request), presented_token(request.headers.get("authorization"),
+                                                              request.cookies.get(COOKIE)), request)
+    if not caller.allows(needed):
+        raise Forbidden(f"this token has scope {caller.scope!r}; {request.method} {request.url.path} needs "
+                        f"{needed!r} (scopes: {' < '.join(SCOPES)})")
+    request.state.caller = caller
+    return caller
 
 
-def guard(app, scopes: dict[tuple[str, str], str | None], render_error):
-    """The middleware: check the Host and the request's origin, find the route, check the caller's token
-    against its scope, remember the caller.
+def public() -> Caller:
+    """Anyone may call a public route."""
+    return ANONYMOUS
 
-    ``render_error`` is the API's own error renderer, so refusals have the one error shape.
-    """
 
-    async def authenticate(request: Request, call_next):
+READ, WRITE, ADMIN = (Security(authorize, scopes=[scope]) for scope in SCOPES)
+PUBLIC = Depends(public)
+
+
+def route_scope(route: APIRoute) -> str | None:
+    """The scope a route declares (None for a public one); KeyError when it declares none."""
+    for dependency in route.dependant.dependencies:
+        if dependency.call is authorize:
+            return (dependency.own_oauth_scopes or [])[0]
+        if dependency.call is public:
+            return None
+    raise KeyError(f"{sorted(route.methods)} {route.path} declares no scope")
+
+
+def undeclared(routes: list[APIRoute]) -> list[str]:
+    """The routes among ``routes`` that declare no scope: a programming error."""
+    missing = []
+    for route in routes:
         try:
-            _check_host(request)
-            _refuse_cross_site(request)  # public routes too: the login form (login CSRF)
-            needed = _needed_scope(app, scopes, request)
-            if needed is None:
-                return await call_next(request)
-            ctx = hosted(request)
-            caller = await _identify(ctx, presented_token(request.headers.get("authorization"),
-                                                          request.cookies.get(COOKIE)), request)
-            if not caller.allows(needed):
-                raise Forbidden(f"this token has scope {caller.scope!r}; {request.method} {request.url.path} needs "
-                                f"{needed!r} (scopes: {' < '.join(SCOPES)})")
-        except AnnotateError as exc:  # raised here, outside the routes' error handlers
-            return _refuse(request, exc, render_error)
-        request.state.caller = caller
-        return await call_next(request)
-
-    return authenticate
+            route_scope(route)
+        except KeyError as exc:
+            missing.append(str(exc.args[0]))
+    return missing
 
 
-def _needed_scope(app, scopes: dict, request: Request) -> str | None:
-    """The scope the matched route declares; None for public routes and for no match (404/405 follow)."""
-    if request.url.path in (app.openapi_url, app.docs_url, app.redoc_url, "/docs/oauth2-redirect"):
-        return None
-    for route in app.router.routes:
-        match, _ = route.matches(request.scope)
-        if match == Match.FULL:
-            return scopes.get((route.path, request.method), "admin")  # undeclared (mounted, framework): admin only
-    return None
+def check_request(request: Request) -> None:
+    """Every route's first check: the Host header, and that a browser's changing request comes from our pages."""
+    _check_host(request)
+    _refuse_cross_site(request)  # public routes too: the login form (login CSRF)
 
 
 def _check_host(request: Request) -> None:
@@ -125,7 +122,7 @@ def _peer(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
-async def _identify(ctx: Context, token: str | None, request: Request) -> Caller:
+async def identify(ctx: Context, token: str | None, request: Request) -> Caller:
     """Who presents this token, or Unauthenticated saying why not; tokenless only where optional and trusted locally.
 
     An invalid token from an address that sent too many in the last minute is answered 429
@@ -166,81 +163,6 @@ async def _caller_of_token(ctx: Context, token: str) -> Caller:
     return Caller(record["token_id"], record["scope"])
 
 
-def _refuse(request: Request, exc: AnnotateError, render_error):
-    """401/403 in the API's error shape; the console's pages send people to the login page instead."""
-    if isinstance(exc, (Unauthenticated, Forbidden)) and request.url.path.startswith("/console") \
-            and request.method == "GET":
-        return RedirectResponse(f"/console/login?next={quote(request.url.path)}&why={quote(str(exc))}", status_code=303)
-    response = render_error(request, exc)
-    if isinstance(exc, Unauthenticated):
-        response.headers["WWW-Authenticate"] = 'Bearer realm="annotate"'
-    return response
-
-
 def caller_of(request: Request) -> Caller:
     """The caller the middleware let in."""
     return getattr(request.state, "caller", ANONYMOUS)
-
-
-async def create_token(request: Request, body: TokenRequest) -> JSONResponse:
-    """Make a token; the answer is the only time its secret is shown."""
-    token_id, token, secret_digest = new_token()
-    record = await asyncio.to_thread(hosted(request).tokens.create, token_id, name=body.name, scope=body.scope,
-                                     secret_digest=secret_digest)
-    return JSONResponse({**record, "token": token}, status_code=201)
-
-
-async def list_tokens(request: Request) -> list[dict]:
-    """Every token, without secrets."""
-    return await asyncio.to_thread(hosted(request).tokens.list)
-
-
-async def revoke_token(request: Request, token_id: str) -> dict:
-    """Revoke a token at once."""
-    return await asyncio.to_thread(hosted(request).tokens.revoke, token_id)
-
-
-async def login_page(request: Request, next: str = "/console", why: str = "") -> HTMLResponse:
-    """Ask for a token (the console's pages cannot send a bearer header)."""
-    return render_page("login.html", why=why, next=_local(next))
-
-
-async def login(request: Request):
-    """Check the form's token, then keep it in an HttpOnly, SameSite=Strict cookie."""
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > LOGIN_FORM_BYTES:
-            return HTMLResponse("login form too large", status_code=413)
-    form = {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace")).items()}
-    token, next = form.get("token", "").strip(), form.get("next", "/console")
-    try:
-        if is_operator(token, hosted(request).settings.admin_token):
-            raise Unauthenticated("the operator's token is not for browsers: sign in with a token made by "
-                                  "`annotate token create`")
-        if not token:
-            raise Unauthenticated("enter an API token")
-        await _identify(hosted(request), token, request)
-    except (Unauthenticated, TooManyRequests) as exc:
-        return render_page("login.html", status_code=exc.status_code, why=str(exc), next=_local(next))
-    response = RedirectResponse(_local(next), status_code=303)
-    response.set_cookie(COOKIE, token, httponly=True, samesite="strict", secure=request.url.scheme == "https")
-    return response
-
-
-LOGIN_FORM_BYTES = 4096
-
-
-def _local(path: str) -> str:
-    """Only redirect within the console (no open redirects)."""
-    return path if path.startswith("/console") and "//" not in path else "/console"
-
-
-AUTH_ROUTES = [
-    dict(path="/v1/tokens", endpoint=create_token, scope="admin", methods=["POST"], status_code=201, tags=["tokens"]),
-    dict(path="/v1/tokens", endpoint=list_tokens, scope="admin", methods=["GET"], tags=["tokens"]),
-    dict(path="/v1/tokens/{token_id}", endpoint=revoke_token, scope="admin", methods=["DELETE"], tags=["tokens"]),
-    dict(path="/console/login", endpoint=login_page, scope=None, methods=["GET"], include_in_schema=False,
-         response_class=HTMLResponse),
-    dict(path="/console/login", endpoint=login, scope=None, methods=["POST"], include_in_schema=False),
-]

@@ -6,16 +6,20 @@ import asyncio
 import tarfile
 from pathlib import Path
 
-from fastapi import Request
+from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
 
+from service.api.auth import ADMIN, READ
 from service.api.context import hosted
 from service.api.schemas import ClassifierRequest, PredictRequest
 from service.errors import Conflict, cause_of
 from service.files import atomic_path
 from service.work.trainings import as_labels
 
+router = APIRouter(tags=["classifiers"])
 
+
+@router.post("/v1/classifiers", dependencies=[ADMIN], status_code=202)
 async def create_classifier(request: Request, body: ClassifierRequest) -> JSONResponse:
     """Start training a student from finished jobs; 202 with its id (GET it for progress and metrics)."""
     options = body.model_dump(include={"targets", "weighting", "abstained", "holdout", "epochs", "seed"})
@@ -24,11 +28,13 @@ async def create_classifier(request: Request, body: ClassifierRequest) -> JSONRe
     return JSONResponse(started, status_code=202)
 
 
+@router.get("/v1/classifiers", dependencies=[READ])
 async def list_classifiers(request: Request) -> list[dict]:
     """Every student, newest first."""
     return await asyncio.to_thread(hosted(request).store.list_classifiers)
 
 
+@router.get("/v1/classifiers/{ref}", dependencies=[READ])
 async def get_classifier(request: Request, ref: str) -> dict:
     """A student (by id, or the newest ready version of a name) with its training report and metrics."""
     return await asyncio.to_thread(hosted(request).store.classifier, ref)
@@ -43,6 +49,7 @@ async def _ready(request: Request, ref: str) -> dict:
     return row
 
 
+@router.post("/v1/classifiers/{ref}/predict", dependencies=[READ])
 async def predict(request: Request, ref: str, body: PredictRequest) -> dict:
     """Labels for a batch of texts, in the same shape as the LLM's labels."""
     ctx = hosted(request)
@@ -55,6 +62,7 @@ async def predict(request: Request, ref: str, body: PredictRequest) -> dict:
     return {"classifier_id": row["classifier_id"], "labels": as_labels(answer["probs"], answer["classes"], taxonomy)}
 
 
+@router.get("/v1/classifiers/{ref}/export", dependencies=[READ])
 async def export_classifier(request: Request, ref: str) -> FileResponse:
     """The student's directory as a .tar.gz: model.joblib (a scikit-learn pipeline) or a transformers model."""
     ctx = hosted(request)
@@ -69,13 +77,3 @@ def _archive(source: Path, archive: Path, name: str) -> None:
     """Pack a directory under one top folder, atomically."""
     with atomic_path(archive) as partial, tarfile.open(partial, "w:gz") as tar:
         tar.add(source, arcname=name)
-
-
-CLASSIFIER_ROUTES = [
-    dict(path="/v1/classifiers", endpoint=create_classifier, scope="admin", methods=["POST"], status_code=202,
-         tags=["classifiers"]),
-    dict(path="/v1/classifiers", endpoint=list_classifiers, scope="read", methods=["GET"], tags=["classifiers"]),
-    dict(path="/v1/classifiers/{ref}", endpoint=get_classifier, scope="read", methods=["GET"], tags=["classifiers"]),
-    dict(path="/v1/classifiers/{ref}/predict", endpoint=predict, scope="read", methods=["POST"], tags=["classifiers"]),
-    dict(path="/v1/classifiers/{ref}/export", endpoint=export_classifier, scope="read", methods=["GET"], tags=["classifiers"]),
-]

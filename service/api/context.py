@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 from fastapi import Request
 
 from service.api.security import FailureCounter
-from service.api.tokens import TokenStore
+from service.api.token_store import TokenStore
 from service.errors import EngineUnavailable, PayloadTooLarge
 from service.settings import Settings
 from service.store.database import Store
@@ -36,6 +38,7 @@ class Context:
 
 
 _hosted: Context | None = None
+SUBMITTING: defaultdict[str | None, asyncio.Lock] = defaultdict(asyncio.Lock)  # per token: jobs and inductions
 
 
 def attach(context: Context | None) -> None:

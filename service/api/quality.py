@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from service.api.auth import READ, WRITE
 from service.api.context import hosted, read_upload
 from service.api.schemas import AggregateRequest, CalibrateRequest, EstimateRequest, GoldSampleRequest
 from service.quality import gold
 from service.quality import report as quality
 
+router = APIRouter(tags=["quality"])
 
+
+@router.post("/v1/jobs/{job_id}/gold-sample", dependencies=[WRITE], status_code=201)
 async def draw_gold_sample(request: Request, job_id: str, body: GoldSampleRequest) -> JSONResponse:
     """Draw a gold sample of a finished job under a design, storing each document's inclusion probability."""
     drawn = await asyncio.to_thread(gold.draw, hosted(request).store, job_id, size=body.size, design=body.design,
@@ -20,6 +24,7 @@ async def draw_gold_sample(request: Request, job_id: str, body: GoldSampleReques
     return JSONResponse(drawn, status_code=201)
 
 
+@router.get("/v1/jobs/{job_id}/gold-sample", dependencies=[READ])
 async def get_gold_sample(request: Request, job_id: str,
                           format: str = Query("json", pattern="^(json|csv|labelstudio)$")):
     """The sampled documents: JSON rows, a CSV to fill in, or Label Studio tasks."""
@@ -35,6 +40,8 @@ async def get_gold_sample(request: Request, job_id: str,
     return sample
 
 
+@router.post("/v1/jobs/{job_id}/gold", dependencies=[WRITE], openapi_extra={"requestBody": {"required": True, "content": {
+             "application/json": {"schema": {"type": "object"}}, "text/csv": {"schema": {"type": "string"}}}}})
 async def put_gold_labels(request: Request, job_id: str,
                           annotator: str | None = Query(None, description="Who labelled, when the body does not say.")):
     """Human labels for sampled documents: JSON, a CSV (Content-Type text/csv) or a Label Studio export."""
@@ -46,17 +53,20 @@ async def put_gold_labels(request: Request, job_id: str,
                                    max_annotators=ctx.settings.gold_max_annotators)
 
 
+@router.get("/v1/jobs/{job_id}/report", dependencies=[READ])
 async def job_report(request: Request, job_id: str) -> dict:
     """The quality report against the gold sample (also kept as tables in DuckDB)."""
     return await asyncio.to_thread(quality.report, hosted(request).store, job_id)
 
 
+@router.post("/v1/jobs/{job_id}/calibrate", dependencies=[WRITE])
 async def calibrate_job(request: Request, job_id: str, body: CalibrateRequest) -> dict:
     """Conformal candidate-set threshold and abstention threshold from the gold sample."""
     return await asyncio.to_thread(quality.calibrate, hosted(request).store, job_id, alpha=body.alpha,
                                    target_accuracy=body.target_accuracy, seed=body.seed)
 
 
+@router.post("/v1/jobs/{job_id}/estimate", dependencies=[READ])
 async def estimate_job(request: Request, job_id: str, body: EstimateRequest) -> dict:
     """DSL estimates with the naive and gold-only ones beside them."""
     return await asyncio.to_thread(quality.estimate, hosted(request).store, job_id, target=body.target,
@@ -64,6 +74,7 @@ async def estimate_job(request: Request, job_id: str, body: EstimateRequest) -> 
                                    level=body.level, seed=body.seed)
 
 
+@router.get("/v1/jobs/{job_id}/label-issues", dependencies=[READ])
 async def job_label_issues(request: Request, job_id: str, kind: str = Query("gold", pattern="^(gold|llm)$"),
                            limit: int = Query(50, ge=1, le=10_000),
                            max_documents: int = Query(20_000, ge=10, le=1_000_000)) -> dict:
@@ -72,30 +83,16 @@ async def job_label_issues(request: Request, job_id: str, kind: str = Query("gol
                                    max_documents=max_documents)
 
 
+@router.get("/v1/jobs/{job_id}/agreement", dependencies=[READ])
 async def job_agreement(request: Request, job_id: str) -> dict:
     """Pairwise agreement, Cohen's kappa and Krippendorff's alpha of a several-annotator job's annotators."""
     return await asyncio.to_thread(quality.annotator_agreement, hosted(request).store, job_id)
 
 
+@router.post("/v1/jobs/{job_id}/aggregate", dependencies=[WRITE])
 async def aggregate_job(request: Request, job_id: str, body: AggregateRequest) -> dict:
     """Recompute a several-annotator job's labels with another method."""
     ctx = hosted(request)
     method = await asyncio.to_thread(ctx.runner.aggregate, job_id, body.method)
     job = await asyncio.to_thread(ctx.store.job, job_id)
     return {"job_id": job_id, "aggregation": method, "refinement": job["annotator_spec"].get("refinement")}
-
-
-QUALITY_ROUTES = [
-    dict(path="/v1/jobs/{job_id}/gold-sample", endpoint=draw_gold_sample, scope="write", methods=["POST"], status_code=201,
-         tags=["quality"]),
-    dict(path="/v1/jobs/{job_id}/gold-sample", endpoint=get_gold_sample, scope="read", methods=["GET"], tags=["quality"]),
-    dict(path="/v1/jobs/{job_id}/gold", endpoint=put_gold_labels, scope="write", methods=["POST"], tags=["quality"],
-         openapi_extra={"requestBody": {"required": True, "content": {
-             "application/json": {"schema": {"type": "object"}}, "text/csv": {"schema": {"type": "string"}}}}}),
-    dict(path="/v1/jobs/{job_id}/report", endpoint=job_report, scope="read", methods=["GET"], tags=["quality"]),
-    dict(path="/v1/jobs/{job_id}/calibrate", endpoint=calibrate_job, scope="write", methods=["POST"], tags=["quality"]),
-    dict(path="/v1/jobs/{job_id}/estimate", endpoint=estimate_job, scope="read", methods=["POST"], tags=["quality"]),
-    dict(path="/v1/jobs/{job_id}/label-issues", endpoint=job_label_issues, scope="read", methods=["GET"], tags=["quality"]),
-    dict(path="/v1/jobs/{job_id}/agreement", endpoint=job_agreement, scope="read", methods=["GET"], tags=["quality"]),
-    dict(path="/v1/jobs/{job_id}/aggregate", endpoint=aggregate_job, scope="write", methods=["POST"], tags=["quality"]),
-]

@@ -1,73 +1,43 @@
-"""The API tokens' own small SQLite file, apart from the DuckDB store so that user SQL can never read it.
-
-It lives in the data dir, outside the exports dir (the only files user SQL may open). Only
-hashes of the secrets are kept (``service.api.security``).
-"""
+"""Routes of API tokens (admin): create one (its secret is shown once), list them, revoke one."""
 
 from __future__ import annotations
 
-import sqlite3
-import threading
-from datetime import datetime, timezone
-from pathlib import Path
+import asyncio
 
-from service.errors import NotFound
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 
-SCHEMA = """CREATE TABLE IF NOT EXISTS tokens (
-    token_id TEXT PRIMARY KEY, name TEXT NOT NULL, scope TEXT NOT NULL, secret_sha256 TEXT NOT NULL,
-    created_at TEXT NOT NULL, revoked_at TEXT)"""
-PUBLIC = "token_id, name, scope, created_at, revoked_at"
+from service.api.auth import ADMIN
+from service.api.context import hosted
+from service.api.security import new_token
 
-
-class TokenStore:
-    """Create, look up, list and revoke tokens; one connection behind a lock (requests come from many threads)."""
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._lock = threading.Lock()
-        with self._lock:
-            self._db.execute(SCHEMA)
-
-    def _rows(self, sql: str, params: tuple = ()) -> list[dict]:
-        """Run one statement under the lock; rows as dicts."""
-        with self._lock:
-            return [dict(row) for row in self._db.execute(sql, params).fetchall()]
-
-    def create(self, token_id: str, *, name: str, scope: str, secret_digest: str) -> dict:
-        """Store a new token's record; returns it without the hash."""
-        self._rows("INSERT INTO tokens VALUES (?, ?, ?, ?, ?, NULL)", (token_id, name, scope, secret_digest, _now()))
-        return self.public(token_id)
-
-    def get(self, token_id: str) -> dict | None:
-        """One token's full record (hash included, for checking), None when unknown."""
-        rows = self._rows("SELECT * FROM tokens WHERE token_id = ?", (token_id,))
-        return rows[0] if rows else None
-
-    def public(self, token_id: str) -> dict:
-        """One token's record without its hash."""
-        rows = self._rows(f"SELECT {PUBLIC} FROM tokens WHERE token_id = ?", (token_id,))
-        if not rows:
-            raise NotFound(f"unknown token {token_id!r}; `annotate token list` shows them")
-        return rows[0]
-
-    def list(self) -> list[dict]:
-        """Every token, newest first, without hashes."""
-        return self._rows(f"SELECT {PUBLIC} FROM tokens ORDER BY created_at DESC")
-
-    def revoke(self, token_id: str) -> dict:
-        """Mark a token revoked: requests carrying it are refused from the next one on."""
-        self.public(token_id)
-        self._rows("UPDATE tokens SET revoked_at = coalesce(revoked_at, ?) WHERE token_id = ?", (_now(), token_id))
-        return self.public(token_id)
-
-    def close(self) -> None:
-        """Release the file."""
-        with self._lock:
-            self._db.close()
+router = APIRouter(tags=["tokens"])
 
 
-def _now() -> str:
-    """UTC time as ISO text."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+class TokenRequest(BaseModel):
+    """A token to create: who or what it is for, and its scope."""
+
+    name: str = Field(min_length=1, max_length=100, description="Who or what holds the token.")
+    scope: str = Field(pattern="^(read|write|admin)$", description="read < write < admin; each holds the ones below.")
+
+
+@router.post("/v1/tokens", dependencies=[ADMIN], status_code=201)
+async def create_token(request: Request, body: TokenRequest) -> JSONResponse:
+    """Make a token; the answer is the only time its secret is shown."""
+    token_id, token, secret_digest = new_token()
+    record = await asyncio.to_thread(hosted(request).tokens.create, token_id, name=body.name, scope=body.scope,
+                                     secret_digest=secret_digest)
+    return JSONResponse({**record, "token": token}, status_code=201)
+
+
+@router.get("/v1/tokens", dependencies=[ADMIN])
+async def list_tokens(request: Request) -> list[dict]:
+    """Every token, without secrets."""
+    return await asyncio.to_thread(hosted(request).tokens.list)
+
+
+@router.delete("/v1/tokens/{token_id}", dependencies=[ADMIN])
+async def revoke_token(request: Request, token_id: str) -> dict:
+    """Revoke a token at once."""
+    return await asyncio.to_thread(hosted(request).tokens.revoke, token_id)

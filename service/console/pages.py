@@ -15,16 +15,19 @@ import asyncio
 import difflib
 from itertools import zip_longest
 from pathlib import Path
+from urllib.parse import parse_qs
 
-from fastapi import Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 
+from service.api.auth import PUBLIC, READ, identify
 from service.api.context import hosted
 from service.api.schemas import JobStatus
+from service.api.security import COOKIE, is_operator
 from service.console import charts
-from service.errors import AnnotateError, NotFound
+from service.errors import AnnotateError, NotFound, TooManyRequests, Unauthenticated
 from service.quality import report as quality
 from service.store.console import DOCUMENT_FILTERS
 from service.taxonomy import NONE_LABEL
@@ -36,12 +39,15 @@ MAX_PAGE = 1_000_000  # 50 million documents deep; keeps the row offset far insi
 TEMPLATES = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
 TEMPLATES.filters["percent"] = lambda v, digits=1: "–" if v is None else f"{100 * v:.{digits}f}%"
 
+router = APIRouter(include_in_schema=False)
+
 
 def render_page(template: str, status_code: int = 200, **context) -> HTMLResponse:
     """Render one template of the console."""
     return HTMLResponse(TEMPLATES.get_template(template).render(**context), status_code=status_code)
 
 
+@router.get("/console", dependencies=[READ], response_class=HTMLResponse)
 async def jobs_page(request: Request) -> HTMLResponse:
     """Every recent job with live progress, throughput and ETA."""
     store = hosted(request).store
@@ -54,6 +60,7 @@ def _job_summary(store, job_id: str) -> dict:
     return JobStatus.from_row(store.job(job_id)).model_dump(mode="json")
 
 
+@router.get("/console/jobs/{job_id}", dependencies=[READ], response_class=HTMLResponse)
 async def job_page(request: Request, job_id: str, label: str | None = None,
                    show: str = Query("all", pattern="^(" + "|".join(DOCUMENT_FILTERS) + ")$"),
                    below: float = Query(0.6, ge=0, le=1), page: int = Query(1, ge=1, le=MAX_PAGE)) -> HTMLResponse:
@@ -74,6 +81,7 @@ async def job_page(request: Request, job_id: str, label: str | None = None,
                  distribution_chart=Markup(distribution), abstention_chart=Markup(abstentions))
 
 
+@router.get("/console/jobs/{job_id}/gold", dependencies=[READ], response_class=HTMLResponse)
 async def gold_page(request: Request, job_id: str, annotator: str = "") -> HTMLResponse:
     """Label the job's gold sample one document at a time, without seeing the LLM's labels."""
     store = hosted(request).store
@@ -98,6 +106,7 @@ def _shortcut_keys() -> list[str]:
     return [*"123456789", *(c for c in "abcdefghijklmopqrtuvwxyz")]  # n: none of these, s: skip
 
 
+@router.get("/console/jobs/{job_id}/quality", dependencies=[READ], response_class=HTMLResponse)
 async def quality_page(request: Request, job_id: str) -> HTMLResponse:
     """The quality report as pictures: calibration, confusion, coverage, per-label F1, DSL shares."""
     store = hosted(request).store
@@ -135,12 +144,14 @@ def _quality_charts(report: dict, shares: dict) -> dict[str, str]:
     }
 
 
+@router.get("/console/taxonomies", dependencies=[READ], response_class=HTMLResponse)
 async def taxonomies_page(request: Request) -> HTMLResponse:
     """Every taxonomy with its versions."""
     rows = await asyncio.to_thread(hosted(request).store.list_taxonomies)
     return render_page("taxonomies.html", taxonomies=rows)
 
 
+@router.get("/console/taxonomies/{name}", dependencies=[READ], response_class=HTMLResponse)
 async def taxonomy_page(request: Request, name: str, version: str | None = None,
                         compare: str | None = None) -> HTMLResponse:
     """One taxonomy's YAML at a version, its versions, and the diff from another version."""
@@ -167,11 +178,13 @@ def _diff(before: str, after: str, old_name: str, new_name: str) -> list[str]:
     return list(difflib.unified_diff(old_lines, new_lines, old_name, new_name, lineterm=""))
 
 
+@router.get("/", dependencies=[PUBLIC])
 async def home() -> RedirectResponse:
     """The service's root is the console."""
     return RedirectResponse("/console")
 
 
+@router.get("/console/static/{name}", dependencies=[PUBLIC])
 async def static_file(name: str) -> FileResponse:
     """The console's script and style sheet (shipped in the package: nothing comes from a CDN)."""
     if name not in STATIC:
@@ -179,14 +192,39 @@ async def static_file(name: str) -> FileResponse:
     return FileResponse(STATIC[name])
 
 
-_HTML = dict(response_class=HTMLResponse, include_in_schema=False, methods=["GET"])
-CONSOLE_ROUTES = [
-    dict(path="/", endpoint=home, scope=None, include_in_schema=False, methods=["GET"]),
-    dict(path="/console", endpoint=jobs_page, scope="read", **_HTML),
-    dict(path="/console/jobs/{job_id}", endpoint=job_page, scope="read", **_HTML),
-    dict(path="/console/jobs/{job_id}/gold", endpoint=gold_page, scope="read", **_HTML),
-    dict(path="/console/jobs/{job_id}/quality", endpoint=quality_page, scope="read", **_HTML),
-    dict(path="/console/taxonomies", endpoint=taxonomies_page, scope="read", **_HTML),
-    dict(path="/console/taxonomies/{name}", endpoint=taxonomy_page, scope="read", **_HTML),
-    dict(path="/console/static/{name}", endpoint=static_file, scope=None, include_in_schema=False, methods=["GET"]),
-]
+@router.get("/console/login", dependencies=[PUBLIC], response_class=HTMLResponse)
+async def login_page(request: Request, next: str = "/console", why: str = "") -> HTMLResponse:
+    """Ask for a token (the console's pages cannot send a bearer header)."""
+    return render_page("login.html", why=why, next=_local(next))
+
+
+LOGIN_FORM_BYTES = 4096
+
+
+@router.post("/console/login", dependencies=[PUBLIC])
+async def login(request: Request):
+    """Check the form's token, then keep it in an HttpOnly, SameSite=Strict cookie."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > LOGIN_FORM_BYTES:
+            return HTMLResponse("login form too large", status_code=413)
+    form = {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace")).items()}
+    token, next = form.get("token", "").strip(), form.get("next", "/console")
+    try:
+        if is_operator(token, hosted(request).settings.admin_token):
+            raise Unauthenticated("the operator's token is not for browsers: sign in with a token made by "
+                                  "`annotate token create`")
+        if not token:
+            raise Unauthenticated("enter an API token")
+        await identify(hosted(request), token, request)
+    except (Unauthenticated, TooManyRequests) as exc:
+        return render_page("login.html", status_code=exc.status_code, why=str(exc), next=_local(next))
+    response = RedirectResponse(_local(next), status_code=303)
+    response.set_cookie(COOKIE, token, httponly=True, samesite="strict", secure=request.url.scheme == "https")
+    return response
+
+
+def _local(path: str) -> str:
+    """Only redirect within the console (no open redirects)."""
+    return path if path.startswith("/console") and "//" not in path else "/console"

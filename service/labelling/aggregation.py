@@ -51,7 +51,7 @@ REFINED = "refined"  # the one method that needs more than the votes: the docume
 METHODS = (*VOTE_METHODS, REFINED)
 CALIBRATION_MIN_DOCS = 20  # below this an annotator's mean distribution says more about the sample than the prompt
 DEFAULT_METHOD = "dawid_skene"  # of a job that lists its annotators
-DEFAULT_PANEL_AGGREGATION = REFINED  # of the default panel (service.api.main): robust to a constant LLM, learns the job
+DEFAULT_PANEL_AGGREGATION = REFINED  # of the default panel (service.api.jobs): robust to a constant LLM, learns the job
 
 
 def aggregate(rows: list[dict], taxonomy: Taxonomy, options: tuple[str, ...], *, method: str,

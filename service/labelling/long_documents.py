@@ -4,7 +4,7 @@ The taxonomy's ``long_documents``, or a job's override, picks one of:
 
 - ``truncate``: the model reads the first ``budget`` characters.
 - ``reject``: as ``truncate`` for the documents a job accepts; longer ones are refused at
-  submission (stream mode; ``service.api.main``).
+  submission (stream mode; ``service.api.jobs``).
 - ``head_tail``: the first two thirds of the budget and the last third, joined by ``MARKER``:
   openings state the subject and endings conclude, so the two ends say more about a
   document's label than a second slice of its middle would. Each cut moves to a

@@ -22,11 +22,11 @@ from ray.exceptions import ActorUnavailableError, OutOfMemoryError, RayActorErro
 from ray.serve.handle import DeploymentHandle
 
 from service.api.context import Context, attach
-from service.api.main import create_api
-from service.api.tokens import TokenStore
+from service.api.token_store import TokenStore
 from service.engines import EngineInfo, ModelSpec, ScoreRequest, create_engine, load_models
 from service.errors import cause_of
 from service.logs import configure_logging
+from service.serve.http import create_api
 from service.serve.metrics import ModelStats
 from service.settings import Settings
 from service.store.database import Store

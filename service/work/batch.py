@@ -21,7 +21,7 @@ gs://) read through pyarrow's filesystems. On a multi-node cluster the data dir 
 a shared filesystem, since tasks write the shards that the ingress reads.
 Long documents are read as the job's ``long_documents`` says (truncate, head_tail or
 chunk: all windows of a call's documents go to the deployment together); ``reject``
-needs the documents at submission, so ``service.api.main`` refuses it in batch mode.
+needs the documents at submission, so ``service.api.jobs`` refuses it in batch mode.
 """
 
 from __future__ import annotations
