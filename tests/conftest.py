@@ -289,7 +289,7 @@ def in_process(tmp_path) -> InProcessApp:
     from service.labelling.scoring import engine_scorer
     from service.serve.http import create_api
     from service.settings import Settings
-    from service.store.database import Store
+    from service.store import Store
     from service.taxonomy import load_taxonomy
     from service.work.jobs import JobRunner, Model
     from service.work.trainings import ClassifierRunner
@@ -298,7 +298,7 @@ def in_process(tmp_path) -> InProcessApp:
     settings.input_dir.mkdir()
     store, tokens = Store(settings.db_path, export_dir=settings.export_dir), TokenStore(tmp_path / "tokens.sqlite")
     taxonomy = REPO / "taxonomy" / "sms-spam.yaml"
-    store.put_taxonomy(load_taxonomy(taxonomy), taxonomy.read_text())
+    store.taxonomies.put(load_taxonomy(taxonomy), taxonomy.read_text())
     engine = FakeEngine()
 
     async def runner() -> JobRunner:  # its workers are tasks of the client's event loop

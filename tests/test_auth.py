@@ -24,7 +24,7 @@ from service.api.security import SCOPES, tokens_required
 from service.api.token_store import TokenStore
 from service.serve.http import ROUTERS, api_routes, create_api
 from service.settings import Settings
-from service.store.database import Store
+from service.store import Store
 
 ROUTES = api_routes()
 GUARDED = [(method, route.path, route_scope(route)) for route in ROUTES if route_scope(route) for method in route.methods]

@@ -6,7 +6,7 @@ import subprocess
 
 from conftest import ANNOTATE, REPO
 
-from service.store.database import Store
+from service.store import Store
 
 
 def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -106,18 +106,18 @@ def test_a_default_job_on_an_untuned_taxonomy_tunes_its_prompt_first(in_process)
     in_process.settings.auto_tune = False
     job = _finished(client, client.post("/v1/jobs", json={"taxonomy": "sms-spam", "documents": documents}).json()["job_id"])
     version = job["taxonomy_version"]
-    assert store.tuned_prompt("sms-spam", version, "fake") is None
+    assert store.taxonomies.tuned_prompt("sms-spam", version, "fake") is None
     in_process.settings.auto_tune = True
     job = _finished(client, client.post("/v1/jobs", json={"taxonomy": "sms-spam", "documents": documents}).json()["job_id"])
     assert job["status"] == "succeeded" and all(a["done"] == len(documents) for a in job["annotators"])
-    tuning = store.prompt_tunings("sms-spam", version)
+    tuning = store.taxonomies.tunings("sms-spam", version)
     assert len(tuning) == 1 and tuning[0]["criterion"] == "embedding_agreement"
-    spec = store.job(job["job_id"])["annotator_spec"]
+    spec = store.jobs.get(job["job_id"])["annotator_spec"]
     assert "auto_tune" not in spec and spec["members"][0]["prompt"] == tuning[0]["prompt"]
     assert job["annotators"][0]["name"] == f"fake/{tuning[0]['prompt']}"
     again = _finished(client, client.post("/v1/jobs", json={"taxonomy": "sms-spam", "documents": documents}).json()["job_id"])
-    assert store.prompt_tunings("sms-spam", version) == tuning and again["status"] == "succeeded"
+    assert store.taxonomies.tunings("sms-spam", version) == tuning and again["status"] == "succeeded"
     text = (REPO / "taxonomy" / "sms-spam.yaml").read_text().replace("name: sms-spam", "name: sms-few", 1)
     few_version = client.post("/v1/taxonomies", content=text.encode()).json()["version"]
     few = _finished(client, client.post("/v1/jobs", json={"taxonomy": "sms-few", "documents": DOCS}).json()["job_id"])
-    assert few["status"] == "succeeded" and store.tuned_prompt("sms-few", few_version, "fake") is None  # 4 < 20
+    assert few["status"] == "succeeded" and store.taxonomies.tuned_prompt("sms-few", few_version, "fake") is None  # 4 < 20

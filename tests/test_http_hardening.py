@@ -24,7 +24,7 @@ from service.api.context import Context, attach
 from service.api.token_store import TokenStore
 from service.serve.http import create_api
 from service.settings import Settings
-from service.store.database import Store
+from service.store import Store
 
 OPERATOR_TOKEN = "hardening-operator-" + "0123456789abcdef"
 BODY_LIMIT = 1 << 20

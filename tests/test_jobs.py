@@ -16,7 +16,8 @@ from service.documents import check_document
 from service.engines.fake import FakeEngine
 from service.errors import InvalidInput
 from service.labelling.scoring import engine_scorer
-from service.store.database import Store, document_batch
+from service.store import Store
+from service.store.jobs import document_batch
 from service.taxonomy import load_taxonomy, parse_taxonomy
 from service.work.jobs import JobRunner, Model, job_record
 
@@ -26,7 +27,7 @@ TAXONOMY = REPO / "taxonomy" / "sms-spam.yaml"
 def _store(tmp_path) -> Store:
     """A real store in a temp dir with the SMS taxonomy pushed."""
     store = Store(tmp_path / "db.duckdb", export_dir=tmp_path / "exports")
-    store.put_taxonomy(load_taxonomy(TAXONOMY), TAXONOMY.read_text())
+    store.taxonomies.put(load_taxonomy(TAXONOMY), TAXONOMY.read_text())
     return store
 
 
@@ -36,7 +37,7 @@ def _submit(store: Store, runner: JobRunner, job_id: str, texts: list[str], batc
     panel = runner.panel("sms-spam", None, None, annotators)
     rows = [check_document(f"documents[{i}]", f"d{i:03d}", text, None, max_chars=10_000) for i, text in enumerate(texts)]
     batches = [document_batch(job_id, rows[i:i + batch_size], i) for i in range(0, len(rows), batch_size)]
-    store.create_job(job_id=job_id, taxonomy="sms-spam", model="fake", batches=iter(batches),
+    store.jobs.create(job_id=job_id, taxonomy="sms-spam", model="fake", batches=iter(batches),
                      **job_record(panel, aggregation=aggregation))
 
 
@@ -58,9 +59,9 @@ def test_failing_documents_are_recorded_and_the_rest_finish(tmp_path):
         await runner.close()
 
     asyncio.run(scenario())
-    job = store.job("job_faults")
+    job = store.jobs.get("job_faults")
     assert (job["status"], job["done"], job["failed"]) == ("succeeded", 8, 2)
-    errors = {row["doc_id"]: row["error"] for row in store.failures("job_faults")}
+    errors = {row["doc_id"]: row["error"] for row in store.annotations.failures("job_faults")}
     assert errors["d008"].startswith("EngineError: fake engine failure")
     assert errors["d009"].startswith("malformed engine output: expected 2 scores, got 1")
 
@@ -74,10 +75,10 @@ def test_resume_after_restart_neither_loses_nor_duplicates(tmp_path):
         runner = await _runner(store, FakeEngine(delay_s=0.05))
         _submit(store, runner, "job_restart", texts)
         runner.submit("job_restart")
-        while store.job("job_restart")["done"] < 8:
+        while store.jobs.get("job_restart")["done"] < 8:
             await asyncio.sleep(0.01)
         await runner.close()  # like a killed service: the job stays 'running'
-        done = store.job("job_restart")["done"]
+        done = store.jobs.get("job_restart")["done"]
         store.close()
         return done
 
@@ -89,13 +90,13 @@ def test_resume_after_restart_neither_loses_nor_duplicates(tmp_path):
         engine = FakeEngine()
         runner = await _runner(store, engine)
         assert runner.resume() == ["job_restart"]
-        while store.job("job_restart")["status"] == "running":
+        while store.jobs.get("job_restart")["status"] == "running":
             await asyncio.sleep(0.02)
         await runner.close()
         return store, engine
 
     store, engine = asyncio.run(second_process())
-    job = store.job("job_restart")
+    job = store.jobs.get("job_restart")
     assert (job["status"], job["done"], job["failed"]) == ("succeeded", 40, 0)
     counts = store.cursor().execute(
         "SELECT count(*), count(DISTINCT doc_id) FROM annotations WHERE job_id = 'job_restart'").fetchone()
@@ -110,14 +111,14 @@ def _cancel_midway(store: Store, job_id: str, texts: list[str], done, *, settle_
         runner = await _runner(store, FakeEngine(delay_s=0.05), batch_size=2)
         _submit(store, runner, job_id, texts, **panel)
         runner.submit(job_id)
-        while done(store.job(job_id)) < 2:
+        while done(store.jobs.get(job_id)) < 2:
             await asyncio.sleep(0.01)
-        assert store.set_job_status(job_id, "cancelled", only_if_active=True)
+        assert store.jobs.set_status(job_id, "cancelled", only_if_active=True)
         await asyncio.sleep(settle_s)
         await runner.close()
 
     asyncio.run(scenario())
-    return store.job(job_id)
+    return store.jobs.get(job_id)
 
 
 def test_cancel_stops_between_batches(tmp_path):
@@ -125,7 +126,7 @@ def test_cancel_stops_between_batches(tmp_path):
     store = _store(tmp_path)
     job = _cancel_midway(store, "job_cancel", [f"text {i}" for i in range(30)], lambda job: job["done"], settle_s=0.3)
     assert job["status"] == "cancelled" and 2 <= job["done"] <= 6
-    assert not store.set_job_status("job_cancel", "cancelled", only_if_active=True)
+    assert not store.jobs.set_status("job_cancel", "cancelled", only_if_active=True)
 
 
 def test_a_cancelled_panel_job_keeps_the_aggregate_of_what_was_labelled(tmp_path):
@@ -134,7 +135,7 @@ def test_a_cancelled_panel_job_keeps_the_aggregate_of_what_was_labelled(tmp_path
     job = _cancel_midway(store, "job_panel_cancel", [f"text {i}" for i in range(400)],
                          lambda job: min(a["done"] for a in job["annotators"]), settle_s=0.5,
                          annotators=[{"kind": "llm"}, {"kind": "embedding"}], aggregation="calibrated_mean")
-    aggregated = store._dicts("SELECT count(*) AS n FROM annotations WHERE job_id = ? AND annotator = ?",
+    aggregated = store.database.rows("SELECT count(*) AS n FROM annotations WHERE job_id = ? AND annotator = ?",
                               ["job_panel_cancel", job["annotator"]])[0]["n"]
     llm_done = job["annotators"][0]["done"]  # 400 × 50 ms of fake LLM: far from done when cancelled
     assert job["status"] == "cancelled" and 2 <= llm_done < 400 and aggregated >= llm_done
@@ -157,7 +158,7 @@ def test_cache_serves_repeated_texts_across_jobs(tmp_path):
 
     calls_after_first = asyncio.run(scenario())
     assert engine.calls == calls_after_first + 1
-    job = store.job("job_b")
+    job = store.jobs.get("job_b")
     assert (job["done"], job["cached"]) == (3, 2)
 
 
@@ -169,7 +170,7 @@ def test_finished_jobs_are_not_resumed(tmp_path, status):
     async def scenario():
         runner = await _runner(store, FakeEngine())
         _submit(store, runner, "job_done", ["text"])
-        store.set_job_status("job_done", status)
+        store.jobs.set_status("job_done", status)
         resumed = runner.resume()
         await runner.close()
         return resumed
@@ -200,12 +201,12 @@ def test_pushing_an_older_version_again_makes_it_current(tmp_path):
     store = Store(tmp_path / "db.duckdb", export_dir=tmp_path / "exports")
     text_a = TAXONOMY.read_text()
     text_b = text_a.replace("Short text messages (SMS)", "Short mobile messages (SMS)")
-    version_a, created_a = store.put_taxonomy(load_taxonomy(TAXONOMY), text_a)
-    version_b, _ = store.put_taxonomy(parse_taxonomy(text_b), text_b)
-    assert store.get_taxonomy("sms-spam")[1] == version_b
-    assert store.put_taxonomy(load_taxonomy(TAXONOMY), text_a) == (version_a, False) and created_a
-    assert store.get_taxonomy("sms-spam")[1] == version_a
-    assert [v["version"] for v in store.taxonomy_versions("sms-spam")] == [version_a, version_b]
+    version_a, created_a = store.taxonomies.put(load_taxonomy(TAXONOMY), text_a)
+    version_b, _ = store.taxonomies.put(parse_taxonomy(text_b), text_b)
+    assert store.taxonomies.get("sms-spam")[1] == version_b
+    assert store.taxonomies.put(load_taxonomy(TAXONOMY), text_a) == (version_a, False) and created_a
+    assert store.taxonomies.get("sms-spam")[1] == version_a
+    assert [v["version"] for v in store.taxonomies.versions("sms-spam")] == [version_a, version_b]
 
 
 def test_several_annotators_each_write_rows_and_are_aggregated(tmp_path):
@@ -228,20 +229,21 @@ def test_several_annotators_each_write_rows_and_are_aggregated(tmp_path):
         return runner
 
     runner = asyncio.run(scenario())
-    job = store.job("job_panel")
+    job = store.jobs.get("job_panel")
     assert job["status"] == "succeeded" and job["annotator_spec"]["aggregation"] == "majority_vote"
     assert [a["name"] for a in job["annotators"]] == ["fake/classify", "fake/classify_terse", "embedding"]
     assert all(a["done"] == len(texts) for a in job["annotators"])
     assert job["done"] == len(texts) and job["abstained"] >= 1  # the blank text abstains everywhere
     votes = {}
-    for row in store.member_rows("job_panel"):
+    for row in store.annotations.member_rows("job_panel"):
         votes.setdefault(row["doc_id"], []).append(row["label"])
-    labels = {row["doc_id"]: row["label"] for row in store._dicts("SELECT doc_id, label FROM labels WHERE job_id = 'job_panel'")}
+    labels = {row["doc_id"]: row["label"]
+              for row in store.database.rows("SELECT doc_id, label FROM labels WHERE job_id = 'job_panel'")}
     unanimous = {doc: v[0] for doc, v in votes.items() if v[0] is not None and len(set(v)) == 1}
     assert unanimous and all(labels[doc] == label for doc, label in unanimous.items())
     assert runner.aggregate("job_panel", "dawid_skene") == "dawid_skene"
-    assert store.job("job_panel")["annotator_spec"]["aggregation"] == "dawid_skene"
-    count = store._dicts("SELECT count(*) AS n FROM annotations WHERE job_id = 'job_panel' AND annotator = ?",
+    assert store.jobs.get("job_panel")["annotator_spec"]["aggregation"] == "dawid_skene"
+    count = store.database.rows("SELECT count(*) AS n FROM annotations WHERE job_id = 'job_panel' AND annotator = ?",
                          [job["annotator"]])[0]["n"]
     assert count == len(texts)
 
@@ -266,19 +268,19 @@ def test_a_tuning_that_lands_while_a_job_is_queued_rekeys_it_and_one_that_lands_
     from service.labelling.labeller import TunedPrompt
 
     store = _store(tmp_path)
-    version = store.get_taxonomy("sms-spam")[1]
+    version = store.taxonomies.get("sms-spam")[1]
 
     async def scenario():
         runner = await _runner(store, FakeEngine())
         _submit(store, runner, "job_queued", ["free prize now", "see you at six"])
         _submit(store, runner, "job_started", ["free prize now", "see you at six"])
         await runner.run("job_started")
-        store.put_prompt_tuning("sms-spam", version, "fake", TunedPrompt("classify_terse"), "embedding_agreement", {})
+        store.taxonomies.put_tuning("sms-spam", version, "fake", TunedPrompt("classify_terse"), "embedding_agreement", {})
         await runner.run("job_queued")
         with pytest.raises(RuntimeError, match="resubmit"):
-            runner._job_panel(store.job("job_started"))
+            runner._job_panel(store.jobs.get("job_started"))
         await runner.close()
 
     asyncio.run(scenario())
-    queued = store.job("job_queued")
+    queued = store.jobs.get("job_queued")
     assert queued["status"] == "succeeded" and queued["annotator_spec"]["prompt"] == "classify_terse"

@@ -19,7 +19,8 @@ from service.labelling.labeller import Labeller, softmax
 from service.labelling.long_documents import MARKER, chars_covered, combine, model_texts, windows
 from service.labelling.prompts import load_template
 from service.labelling.scoring import annotate_texts, engine_scorer
-from service.store.database import Store, annotation_row
+from service.store import Store
+from service.store.annotations import annotation_row
 from service.taxonomy import load_taxonomy
 
 MODES = ("truncate", "reject", "head_tail", "chunk")
@@ -126,10 +127,10 @@ def test_an_older_database_gains_chars_seen_and_caches_it(tmp_path):
     store = Store(tmp_path / "db.duckdb", export_dir=tmp_path / "exports")
     annotation = asyncio.run(annotate_texts(_labeller("chunk"), [WORDS[:300]], engine_scorer(FakeEngine())))[0]
     info = EngineInfo("fake", "word-overlap", {})
-    store.write_annotations([annotation_row(annotation, job_id="j", doc_id="d", annotator="a", text_hash="h",
+    store.annotations.write([annotation_row(annotation, job_id="j", doc_id="d", annotator="a", text_hash="h",
                                             cached=False, latency_ms=0.0, model=info.model, engine=info.engine,
                                             prompt_hash=None, taxonomy_version="v", decoding="{}")])
-    assert store.cached_annotations("a", ["h"])["h"].chars_seen == 300
+    assert store.annotations.cached("a", ["h"])["h"].chars_seen == 300
     store.close()
 
 

@@ -16,11 +16,14 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from service import gold, quality
 from service.documents import check_document
 from service.errors import Conflict, InvalidInput
 from service.labelling.labeller import decide_single
-from service.store.database import Store, annotation_row, document_batch
+from service.quality import gold
+from service.quality import report as quality
+from service.store import Store
+from service.store.annotations import annotation_row
+from service.store.jobs import document_batch
 from service.taxonomy import NONE_LABEL, load_taxonomy
 
 TAXONOMY = load_taxonomy(REPO / "taxonomy" / "sms-spam.yaml")
@@ -32,14 +35,14 @@ def _job(tmp_path, seed: int = 0, ids: list[str] | None = None) -> tuple[Store, 
     over-calls spam; returns the store and the true labels."""
     rng = np.random.default_rng(seed)
     store = Store(tmp_path / "db.duckdb", export_dir=tmp_path / "exports")
-    version, _ = store.put_taxonomy(TAXONOMY, (REPO / "taxonomy" / "sms-spam.yaml").read_text())
+    version, _ = store.taxonomies.put(TAXONOMY, (REPO / "taxonomy" / "sms-spam.yaml").read_text())
     truth = {doc_id: "spam" if rng.random() < 0.3 else "ham" for doc_id in ids or [f"d{i:04d}" for i in range(N)]}
     channels = rng.choice(["sms", "whatsapp"], size=len(truth))
     text = "{} message " if ids else "message {} "
     docs = [check_document(f"documents[{i}]", doc_id, text.format(doc_id) + "x" * int(rng.integers(0, 50)),
                            {"length": float(rng.integers(5, 200)), "channel": str(channels[i])},
                            max_chars=1000) for i, doc_id in enumerate(truth)]
-    store.create_job(job_id="job_q", taxonomy="sms-spam", version=version, model="sim", annotator="sim",
+    store.jobs.create(job_id="job_q", taxonomy="sms-spam", version=version, model="sim", annotator="sim",
                      annotator_spec={}, annotators=[], batches=iter([document_batch("job_q", docs, 0)]))
     rows = []
     for doc in docs:
@@ -48,8 +51,8 @@ def _job(tmp_path, seed: int = 0, ids: list[str] | None = None) -> tuple[Store, 
         rows.append(annotation_row(annotation, job_id="job_q", doc_id=doc["doc_id"], annotator="sim", model="sim",
                                    engine="sim", prompt_hash=None, taxonomy_version=version, decoding="{}",
                                    text_hash=doc["text_hash"], cached=False, latency_ms=0.0))
-    store.write_annotations(rows)
-    store.set_job_status("job_q", "succeeded")
+    store.annotations.write(rows)
+    store.jobs.set_status("job_q", "succeeded")
     return store, truth
 
 
@@ -60,7 +63,7 @@ def _sql(store: Store, query: str, params: list | None = None) -> list[tuple]:
 
 def _label_sample_by_csv(store: Store, truth: dict[str, str], flipped: set[str] = frozenset()) -> int:
     """Export the sample as CSV, fill it in as a person would (flipping some), and import it."""
-    exported = gold.to_csv(store.gold_sample("job_q"))
+    exported = gold.to_csv(store.quality.sample("job_q"))
     rows = list(csv.DictReader(io.StringIO(exported)))
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=gold.CSV_COLUMNS)
@@ -98,7 +101,7 @@ def test_human_labels_are_checked_and_round_trip_through_csv_and_label_studio(tm
     """Unknown labels and unsampled documents are refused by name; CSV and Label Studio exports import back."""
     store, truth = _job(tmp_path)
     gold.draw(store, "job_q", size=40, design="random", seed=0, replace=False)
-    sample = store.gold_sample("job_q")
+    sample = store.quality.sample("job_q")
     first = sample[0]["doc_id"]
     with pytest.raises(InvalidInput, match="row 1: 'maybe'"):
         gold.put_labels(store, "job_q", [(first, "alice", "maybe")], max_annotators=10)
@@ -126,7 +129,7 @@ def test_csv_export_cannot_run_formulas_and_imports_back_to_the_same_documents(t
     ids = ["=1+1", "+cmd", "-2", "@SUM(A1)", "\tx", "\rx", "'=kept", "'plain", "plain", "a=b"]
     store, _ = _job(tmp_path, ids=ids)
     gold.draw(store, "job_q", size=len(ids), design="random", seed=0, replace=False)
-    exported = gold.to_csv(store.gold_sample("job_q"))
+    exported = gold.to_csv(store.quality.sample("job_q"))
     rows = list(csv.DictReader(io.StringIO(exported)))
     for row in rows:
         for column in ("doc_id", "text"):
@@ -235,7 +238,7 @@ def test_gold_labels_of_one_class_rank_nothing_instead_of_failing(tmp_path):
     """Confident learning needs two classes: one gold class is an empty ranking, not cleanlab's 500."""
     store, _ = _job(tmp_path)
     gold.draw(store, "job_q", size=20, design="random", seed=1, replace=False)
-    rows = [(row["doc_id"], "alice", "ham") for row in store.gold_sample("job_q")]
+    rows = [(row["doc_id"], "alice", "ham") for row in store.quality.sample("job_q")]
     gold.put_labels(store, "job_q", rows, max_annotators=10)
     assert quality.label_issues(store, "job_q", kind="gold") == {"job_id": "job_q", "kind": "gold", "checked": 0,
                                                                   "issues": 0, "rows": []}

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from service.errors import PayloadTooLarge, SqlRejected, SqlTimeout
-from service.store.database import Store
+from service.store import Store
 from service.store.sandbox import check_sql, run_sql
 
 MAX_BYTES = 1_000_000

@@ -17,7 +17,7 @@ import pytest
 
 import service.store.database
 from service.errors import SqlRejected, SqlTimeout
-from service.store.database import Store
+from service.store import Store
 from service.store.sandbox import run_sql
 
 TIMEOUT_S = 1.0

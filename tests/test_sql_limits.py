@@ -14,7 +14,7 @@ from service.api.context import Context, attach
 from service.api.token_store import TokenStore
 from service.serve.http import create_api
 from service.settings import Settings
-from service.store.database import Store
+from service.store import Store
 
 MAX_BYTES = 1_000_000
 OPERATOR_TOKEN = "operator-secret-for-tests"

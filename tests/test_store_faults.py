@@ -23,7 +23,7 @@ import asyncio, resource, signal, sys
 from pathlib import Path
 sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tests')!r}]
 from service.engines.fake import FakeEngine
-from service.store.database import Store
+from service.store import Store
 from test_jobs import _runner
 
 db = Path(sys.argv[1])
@@ -35,7 +35,7 @@ resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 async def main():
     runner = await _runner(store, FakeEngine(), batch_size={BATCH})
     runner.submit("job_disk")
-    while store.job("job_disk")["status"] in ("queued", "running"):
+    while store.jobs.get("job_disk")["status"] in ("queued", "running"):
         await asyncio.sleep(0.1)
     await runner.close()
 
@@ -58,7 +58,7 @@ def test_disk_write_failure_fails_the_job_loudly_and_keeps_whole_batches(tmp_pat
     assert child.returncode == 0, child.stderr[-3000:]
     assert "job failed" in child.stderr and "File too large" in child.stderr  # loud: logged with the cause
     store = _store(tmp_path)
-    job = store.job("job_disk")
+    job = store.jobs.get("job_disk")
     rows, distinct, ok = store.cursor().execute(
         "SELECT count(*), count(DISTINCT doc_id), count(*) FILTER (status = 'ok') FROM annotations"
         " WHERE job_id = 'job_disk'").fetchone()

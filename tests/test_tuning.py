@@ -175,9 +175,9 @@ def test_a_second_tuning_of_the_same_caller_is_refused_while_one_runs(in_process
     """A tuning takes minutes: another from the same caller meanwhile is 429, and job submissions are not held back."""
     import asyncio
 
-    from service import api
+    from service.api import taxonomies
 
-    lock = api._TUNING[None]  # the loopback caller's (no token)
+    lock = taxonomies._TUNING[None]  # the loopback caller's (no token)
     asyncio.run(lock.acquire())  # uncontended: takes the lock without binding it to this loop
     try:
         refused = in_process.client.post("/v1/taxonomies/sms-spam/tune",

@@ -31,18 +31,18 @@ async def create_classifier(request: Request, body: ClassifierRequest) -> JSONRe
 @router.get("/v1/classifiers", dependencies=[READ])
 async def list_classifiers(request: Request) -> list[dict]:
     """Every student, newest first."""
-    return await asyncio.to_thread(hosted(request).store.list_classifiers)
+    return await asyncio.to_thread(hosted(request).store.classifiers.list)
 
 
 @router.get("/v1/classifiers/{ref}", dependencies=[READ])
 async def get_classifier(request: Request, ref: str) -> dict:
     """A student (by id, or the newest ready version of a name) with its training report and metrics."""
-    return await asyncio.to_thread(hosted(request).store.classifier, ref)
+    return await asyncio.to_thread(hosted(request).store.classifiers.get, ref)
 
 
 async def _ready(request: Request, ref: str) -> dict:
     """A student that finished training, or a 409 saying where it stands."""
-    row = await asyncio.to_thread(hosted(request).store.classifier, ref)
+    row = await asyncio.to_thread(hosted(request).store.classifiers.get, ref)
     if row["status"] != "ready":
         raise Conflict(f"classifier {row['classifier_id']} is {row['status']}"
                        + (f": {row['error']}" if row.get("error") else "; wait until it is ready"))
@@ -54,7 +54,7 @@ async def predict(request: Request, ref: str, body: PredictRequest) -> dict:
     """Labels for a batch of texts, in the same shape as the LLM's labels."""
     ctx = hosted(request)
     row = await _ready(request, ref)
-    taxonomy, _, _ = await asyncio.to_thread(ctx.store.get_taxonomy, row["taxonomy"], row["taxonomy_version"])
+    taxonomy, _, _ = await asyncio.to_thread(ctx.store.taxonomies.get, row["taxonomy"], row["taxonomy_version"])
     try:
         answer = await ctx.students.predict.remote(row["path"], body.texts)
     except Exception as exc:  # Ray's wrapper hides the student's own error

@@ -12,7 +12,7 @@ from service.api.security import FailureCounter
 from service.api.token_store import TokenStore
 from service.errors import EngineUnavailable, PayloadTooLarge
 from service.settings import Settings
-from service.store.database import Store
+from service.store import Store
 from service.work.inductions import InductionRunner
 from service.work.jobs import JobRunner
 from service.work.trainings import ClassifierRunner

@@ -33,7 +33,8 @@ from service.labelling.aggregation import DEFAULT_PANEL_AGGREGATION
 from service.labelling.annotators import EMBEDDING, EmbeddingLabeller
 from service.labelling.labeller import Labeller
 from service.settings import Settings
-from service.store.database import Store, document_batch
+from service.store import Store
+from service.store.jobs import document_batch
 from service.taxonomy import Taxonomy
 from service.work.jobs import CASCADE, job_record
 
@@ -52,7 +53,7 @@ def _default_panel(ctx: Context, body: JobRequest) -> bool:
     """
     if ctx.settings.default_annotators != "llm+embedding" or body.mode != "stream":
         return False
-    taxonomy, _, _ = ctx.store.get_taxonomy(body.taxonomy, body.taxonomy_version)
+    taxonomy, _, _ = ctx.store.taxonomies.get(body.taxonomy, body.taxonomy_version)
     return not taxonomy.multi_label and not taxonomy.abstention.allow_none
 
 
@@ -106,14 +107,14 @@ async def _create(ctx: Context, body: JobRequest, panel: list, labeller, aggrega
     if body.mode == "batch":
         shards, stamp = await asyncio.to_thread(ctx.runner.batch_runner.plan, body.source, body.shard_size)
         batch = {"source": body.source, "text_field": body.text_field, "id_field": body.id_field, "stamp": stamp}
-        total = await asyncio.to_thread(ctx.store.create_job, **job, batch=batch, shards=shards)
+        total = await asyncio.to_thread(ctx.store.jobs.create, **job, batch=batch, shards=shards)
     else:
         max_chars, limit_name = _longest(ctx.settings, body, labeller.taxonomy)
         rows = _job_rows(ctx.settings, body, max_chars)
         batches = (document_batch(job_id, batch, i * ctx.settings.batch_size)
                    for i, batch in enumerate(batched(rows, ctx.settings.batch_size)))
         try:
-            total = await asyncio.to_thread(ctx.store.create_job, **job, batches=batches)
+            total = await asyncio.to_thread(ctx.store.jobs.create, **job, batches=batches)
         except PayloadTooLarge as exc:
             raise PayloadTooLarge(str(exc).replace(CHARS_SETTING, limit_name)) from exc
     ctx.runner.submit(job_id)
@@ -124,7 +125,7 @@ async def _create(ctx: Context, body: JobRequest, panel: list, labeller, aggrega
 
 def _check_job_limit(ctx: Context, caller: Caller) -> None:
     """A token may have so many jobs queued or running at once."""
-    active, limit = ctx.store.active_jobs_of(caller.token_id), ctx.settings.max_active_jobs_per_token
+    active, limit = ctx.store.jobs.active_of(caller.token_id), ctx.settings.max_active_jobs_per_token
     if active >= limit:
         raise TooManyRequests(f"token {caller.token_id} has {active} jobs queued or running, the limit "
                               f"(ANNOTATE_MAX_ACTIVE_JOBS_PER_TOKEN) is {limit}; wait for one to end or cancel one")
@@ -164,30 +165,30 @@ def _job_rows(settings: Settings, body: JobRequest, max_chars: int) -> Iterator[
 @router.get("/v1/jobs", dependencies=[READ])
 async def list_jobs(request: Request, limit: int = Query(100, ge=1, le=10_000)) -> list[dict]:
     """The most recent jobs."""
-    return await asyncio.to_thread(hosted(request).store.list_jobs, limit)
+    return await asyncio.to_thread(hosted(request).store.jobs.list, limit)
 
 
 @router.get("/v1/jobs/{job_id}", dependencies=[READ], response_model=JobStatus)
 async def get_job(request: Request, job_id: str) -> JobStatus:
     """A job's status and progress counts."""
-    return JobStatus.from_row(await asyncio.to_thread(hosted(request).store.job, job_id))
+    return JobStatus.from_row(await asyncio.to_thread(hosted(request).store.jobs.get, job_id))
 
 
 @router.delete("/v1/jobs/{job_id}", dependencies=[WRITE], response_model=JobStatus)
 async def cancel_job(request: Request, job_id: str) -> JobStatus:
     """Cancel a queued or running job; finished work stays in the store."""
     store = hosted(request).store
-    if not await asyncio.to_thread(store.set_job_status, job_id, "cancelled", only_if_active=True):
-        job = await asyncio.to_thread(store.job, job_id)
+    if not await asyncio.to_thread(store.jobs.set_status, job_id, "cancelled", only_if_active=True):
+        job = await asyncio.to_thread(store.jobs.get, job_id)
         raise Conflict(f"job {job_id} already ended with status {job['status']!r}; nothing to cancel")
-    return JobStatus.from_row(await asyncio.to_thread(store.job, job_id))
+    return JobStatus.from_row(await asyncio.to_thread(store.jobs.get, job_id))
 
 
 @router.get("/v1/jobs/{job_id}/labels", dependencies=[READ])
 async def job_labels(request: Request, job_id: str, format: str = Query("jsonl", pattern="^(jsonl|parquet)$")):
     """A job's labels in input order: streamed JSONL, or a Parquet file."""
     ctx = hosted(request)
-    await asyncio.to_thread(ctx.store.job, job_id)
+    await asyncio.to_thread(ctx.store.jobs.get, job_id)
     if format == "parquet":
         path = await asyncio.to_thread(_write_parquet, ctx, job_id)
         return FileResponse(path, media_type="application/vnd.apache.parquet", filename=f"{job_id}.parquet")
@@ -196,7 +197,7 @@ async def job_labels(request: Request, job_id: str, format: str = Query("jsonl",
 
 def _jsonl(store: Store, job_id: str) -> Iterator[bytes]:
     """Label rows as JSON lines, one Arrow batch at a time."""
-    for batch in store.label_reader(job_id):
+    for batch in store.annotations.label_reader(job_id):
         for row in batch.to_pylist():
             row["distribution"] = dict(row["distribution"])
             yield (json.dumps(row) + "\n").encode()
@@ -205,7 +206,7 @@ def _jsonl(store: Store, job_id: str) -> Iterator[bytes]:
 def _write_parquet(ctx: Context, job_id: str) -> Path:
     """Write a job's labels to the exports dir (readable from SQL with read_parquet) and return the path."""
     path = ctx.settings.export_dir / f"{job_id}.labels.parquet"
-    reader = ctx.store.label_reader(job_id)
+    reader = ctx.store.annotations.label_reader(job_id)
     with atomic_path(path) as partial, pq.ParquetWriter(partial, reader.schema) as writer:
         for batch in reader:
             writer.write_batch(batch)
@@ -216,5 +217,5 @@ def _write_parquet(ctx: Context, job_id: str) -> Path:
 async def job_failures(request: Request, job_id: str) -> list[dict]:
     """Documents of a job that failed, with their errors."""
     store = hosted(request).store
-    await asyncio.to_thread(store.job, job_id)
-    return await asyncio.to_thread(store.failures, job_id)
+    await asyncio.to_thread(store.jobs.get, job_id)
+    return await asyncio.to_thread(store.annotations.failures, job_id)

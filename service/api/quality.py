@@ -29,13 +29,13 @@ async def get_gold_sample(request: Request, job_id: str,
                           format: str = Query("json", pattern="^(json|csv|labelstudio)$")):
     """The sampled documents: JSON rows, a CSV to fill in, or Label Studio tasks."""
     ctx = hosted(request)
-    sample = await asyncio.to_thread(ctx.store.gold_sample, job_id)
+    sample = await asyncio.to_thread(ctx.store.quality.sample, job_id)
     if format == "csv":
         return PlainTextResponse(gold.to_csv(sample), media_type="text/csv",
                                  headers={"Content-Disposition": f'attachment; filename="{job_id}.gold.csv"'})
     if format == "labelstudio":
-        job = await asyncio.to_thread(ctx.store.job, job_id)
-        taxonomy, _, _ = await asyncio.to_thread(ctx.store.get_taxonomy, job["taxonomy"], job["taxonomy_version"])
+        job = await asyncio.to_thread(ctx.store.jobs.get, job_id)
+        taxonomy, _, _ = await asyncio.to_thread(ctx.store.taxonomies.get, job["taxonomy"], job["taxonomy_version"])
         return {"tasks": gold.to_label_studio(sample), "label_config": gold.label_studio_config(taxonomy.label_names())}
     return sample
 
@@ -46,7 +46,7 @@ async def put_gold_labels(request: Request, job_id: str,
                           annotator: str | None = Query(None, description="Who labelled, when the body does not say.")):
     """Human labels for sampled documents: JSON, a CSV (Content-Type text/csv) or a Label Studio export."""
     ctx = hosted(request)
-    await asyncio.to_thread(ctx.store.job, job_id)  # 404 before reading the upload
+    await asyncio.to_thread(ctx.store.jobs.get, job_id)  # 404 before reading the upload
     body = await read_upload(request, "gold labels")
     rows = await asyncio.to_thread(gold.parse_upload, body, request.headers.get("content-type", ""), annotator)
     return await asyncio.to_thread(gold.put_labels, ctx.store, job_id, rows,
@@ -94,5 +94,5 @@ async def aggregate_job(request: Request, job_id: str, body: AggregateRequest) -
     """Recompute a several-annotator job's labels with another method."""
     ctx = hosted(request)
     method = await asyncio.to_thread(ctx.runner.aggregate, job_id, body.method)
-    job = await asyncio.to_thread(ctx.store.job, job_id)
+    job = await asyncio.to_thread(ctx.store.jobs.get, job_id)
     return {"job_id": job_id, "aggregation": method, "refinement": job["annotator_spec"].get("refinement")}

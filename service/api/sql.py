@@ -20,7 +20,7 @@ from service.api.security import OPERATOR, Caller
 from service.errors import (
     TooManyRequests,
 )
-from service.store.database import Store
+from service.store import Store
 from service.store.sandbox import SqlResult, run_sql
 
 router = APIRouter(tags=["sql"])

@@ -46,7 +46,7 @@ async def push_taxonomy(request: Request) -> JSONResponse:
         raise TaxonomyError("<request body>", [("", None, f"not valid UTF-8 at byte {exc.start}")]) from exc
     taxonomy = await asyncio.to_thread(parse_taxonomy, text, source="<request body>")  # the loop serves others
     _check_taxonomy_size(taxonomy, hosted(request).settings)
-    version, created = await asyncio.to_thread(hosted(request).store.put_taxonomy, taxonomy, text)
+    version, created = await asyncio.to_thread(hosted(request).store.taxonomies.put, taxonomy, text)
     body = TaxonomyCreated(name=taxonomy.name, version=version, created=created)
     return JSONResponse(body.model_dump(), status_code=201)  # "created" says whether the version is new
 
@@ -64,16 +64,16 @@ def _check_taxonomy_size(taxonomy: Taxonomy, settings: Settings) -> None:
 @router.get("/v1/taxonomies", dependencies=[READ])
 async def list_taxonomies(request: Request) -> list[dict]:
     """Every stored taxonomy version."""
-    return await asyncio.to_thread(hosted(request).store.list_taxonomies)
+    return await asyncio.to_thread(hosted(request).store.taxonomies.list)
 
 
 @router.get("/v1/taxonomies/{name}", dependencies=[READ])
 async def get_taxonomy(request: Request, name: str, version: str | None = None) -> dict:
     """One taxonomy (newest version unless ``version``), with its YAML, all versions and its prompt tunings."""
     store = hosted(request).store
-    taxonomy, found, yaml_text = await asyncio.to_thread(store.get_taxonomy, name, version)
-    versions = await asyncio.to_thread(store.taxonomy_versions, name)
-    tunings = await asyncio.to_thread(store.prompt_tunings, name, found)
+    taxonomy, found, yaml_text = await asyncio.to_thread(store.taxonomies.get, name, version)
+    versions = await asyncio.to_thread(store.taxonomies.versions, name)
+    tunings = await asyncio.to_thread(store.taxonomies.tunings, name, found)
     return {"name": name, "version": found, "yaml": yaml_text, "taxonomy": taxonomy.model_dump(), "versions": versions,
             "tunings": tunings}
 
@@ -108,7 +108,7 @@ async def _start_induction(ctx: Context, caller: Caller, body: InductionRequest)
             raise TooManyRequests(f"token {caller.token_id} has {active} inductions running, the limit "
                                   f"(ANNOTATE_MAX_ACTIVE_JOBS_PER_TOKEN) is {limit}; wait for one to end")
     model = ctx.runner.model(body.model).name
-    base = (await asyncio.to_thread(ctx.store.get_taxonomy, body.base))[0] if body.base else None
+    base = (await asyncio.to_thread(ctx.store.taxonomies.get, body.base))[0] if body.base else None
     if body.source is not None:
         rows = read_file(local_source(ctx.settings.input_dir, body.source), text_field=body.text_field, id_field=body.id_field,
                          max_chars=ctx.settings.max_document_chars, name=body.source)
@@ -123,7 +123,7 @@ async def _start_induction(ctx: Context, caller: Caller, body: InductionRequest)
                                report_size=body.report_size, seed=body.seed, method=body.method,
                                allow_none=body.allow_none)
     induction_id = "ind_" + uuid.uuid4().hex[:16]
-    await asyncio.to_thread(ctx.store.create_induction, induction_id, body.name,
+    await asyncio.to_thread(ctx.store.inductions.create, induction_id, body.name,
                             body.model_dump(exclude={"documents"}) | {"model": model})
     ctx.inductions.submit(induction_id, texts, options, source=source, corpus_size=corpus_size, model=model,
                           base=base, push=body.push, owner=caller.token_id)
@@ -135,7 +135,7 @@ async def _start_induction(ctx: Context, caller: Caller, body: InductionRequest)
 async def get_induction(request: Request, induction_id: str) -> InductionStatus:
     """An induction's progress; its YAML and review report once it succeeded."""
     ctx = hosted(request)
-    row = await asyncio.to_thread(ctx.store.induction, induction_id)
+    row = await asyncio.to_thread(ctx.store.inductions.get, induction_id)
     if induction_id in ctx.inductions.live:  # running: its progress lives in memory, not in the database
         row.update(status="running", **dict(zip(("stage", "progress"), ctx.inductions.live[induction_id])))
     return InductionStatus(**{k: v for k, v in row.items() if k in InductionStatus.model_fields})

@@ -302,7 +302,7 @@ def _local_sql(query: str) -> dict:
     """No service is running: open the DuckDB file here, through the same sandbox."""
     from dataclasses import asdict
 
-    from service.store.database import Store
+    from service.store import Store
     from service.store.sandbox import run_sql
 
     settings = Settings()

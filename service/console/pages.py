@@ -29,7 +29,7 @@ from service.api.security import COOKIE, is_operator
 from service.console import charts
 from service.errors import AnnotateError, NotFound, TooManyRequests, Unauthenticated
 from service.quality import report as quality
-from service.store.console import DOCUMENT_FILTERS
+from service.store.annotations import DOCUMENT_FILTERS
 from service.taxonomy import NONE_LABEL
 
 HERE = Path(__file__).parent
@@ -51,13 +51,13 @@ def render_page(template: str, status_code: int = 200, **context) -> HTMLRespons
 async def jobs_page(request: Request) -> HTMLResponse:
     """Every recent job with live progress, throughput and ETA."""
     store = hosted(request).store
-    jobs = await asyncio.to_thread(lambda: [_job_summary(store, row["job_id"]) for row in store.list_jobs(100)])
+    jobs = await asyncio.to_thread(lambda: [_job_summary(store, row["job_id"]) for row in store.jobs.list(100)])
     return render_page("jobs.html", jobs=jobs)
 
 
 def _job_summary(store, job_id: str) -> dict:
     """A job's status as the API reports it, as plain JSON-ready data."""
-    return JobStatus.from_row(store.job(job_id)).model_dump(mode="json")
+    return JobStatus.from_row(store.jobs.get(job_id)).model_dump(mode="json")
 
 
 @router.get("/console/jobs/{job_id}", dependencies=[READ], response_class=HTMLResponse)
@@ -67,9 +67,9 @@ async def job_page(request: Request, job_id: str, label: str | None = None,
     """One job: label distribution, abstention reasons and a filterable table of its documents."""
     store = hosted(request).store
     job = await asyncio.to_thread(_job_summary, store, job_id)
-    counts = await asyncio.to_thread(store.label_counts, job_id)
-    reasons = await asyncio.to_thread(store.abstention_counts, job_id)
-    documents, matching = await asyncio.to_thread(store.document_page, job_id, label=label or None, show=show,
+    counts = await asyncio.to_thread(store.annotations.label_counts, job_id)
+    reasons = await asyncio.to_thread(store.annotations.abstention_counts, job_id)
+    documents, matching = await asyncio.to_thread(store.annotations.document_page, job_id, label=label or None, show=show,
                                                   below=below, offset=(page - 1) * PAGE_SIZE, limit=PAGE_SIZE)
     distribution = charts.bar_chart([(r["label"], r["n"]) for r in counts], title="Documents per label",
                                     value_label="documents")
@@ -86,16 +86,16 @@ async def gold_page(request: Request, job_id: str, annotator: str = "") -> HTMLR
     """Label the job's gold sample one document at a time, without seeing the LLM's labels."""
     store = hosted(request).store
     job = await asyncio.to_thread(_job_summary, store, job_id)
-    taxonomy, _, _ = await asyncio.to_thread(store.get_taxonomy, job["taxonomy"], job["taxonomy_version"])
+    taxonomy, _, _ = await asyncio.to_thread(store.taxonomies.get, job["taxonomy"], job["taxonomy_version"])
     descriptions = {label.name: label.description for label in taxonomy.labels}
     labels = [{"name": name, "description": descriptions.get(name, ""), "key": key}  # past 32 labels: click only
               for name, key in zip_longest(taxonomy.label_names(), _shortcut_keys()) if name is not None]
     try:
-        sample = await asyncio.to_thread(store.gold_sample, job_id)
+        sample = await asyncio.to_thread(store.quality.sample, job_id)
     except NotFound:
         sample = None
     documents = [{"doc_id": row["doc_id"], "text": row["text"]} for row in sample or []]  # no LLM label, on purpose
-    answers = {r["doc_id"]: r["label"] for r in await asyncio.to_thread(store.gold_label_rows, job_id)
+    answers = {r["doc_id"]: r["label"] for r in await asyncio.to_thread(store.quality.gold_label_rows, job_id)
                if r["annotator"] == annotator.strip()}
     return render_page("gold.html", job=job, labels=labels, none_label=NONE_LABEL, annotator=annotator.strip(),
                  documents=documents, answers=answers, has_sample=sample is not None)
@@ -147,7 +147,7 @@ def _quality_charts(report: dict, shares: dict) -> dict[str, str]:
 @router.get("/console/taxonomies", dependencies=[READ], response_class=HTMLResponse)
 async def taxonomies_page(request: Request) -> HTMLResponse:
     """Every taxonomy with its versions."""
-    rows = await asyncio.to_thread(hosted(request).store.list_taxonomies)
+    rows = await asyncio.to_thread(hosted(request).store.taxonomies.list)
     return render_page("taxonomies.html", taxonomies=rows)
 
 
@@ -156,12 +156,12 @@ async def taxonomy_page(request: Request, name: str, version: str | None = None,
                         compare: str | None = None) -> HTMLResponse:
     """One taxonomy's YAML at a version, its versions, and the diff from another version."""
     store = hosted(request).store
-    versions = await asyncio.to_thread(store.taxonomy_versions, name)
-    _, shown, text = await asyncio.to_thread(store.get_taxonomy, name, version)
+    versions = await asyncio.to_thread(store.taxonomies.versions, name)
+    _, shown, text = await asyncio.to_thread(store.taxonomies.get, name, version)
     older = compare or next((v["version"] for v in versions if v["version"] != shown), None)
     diff = []
     if older:
-        _, older, before = await asyncio.to_thread(store.get_taxonomy, name, older)
+        _, older, before = await asyncio.to_thread(store.taxonomies.get, name, older)
         diff = await asyncio.to_thread(_diff, before, text, f"{name}@{older}", f"{name}@{shown}")
     return render_page("taxonomy.html", name=name, version=shown, yaml=text, versions=versions, compare=older, diff=diff)
 

@@ -148,7 +148,7 @@ async def tune(runner, taxonomy_name: str, version: str | None, model: str | Non
                calibrations: list[str] | None = None) -> dict:
     """Label the sample with every candidate prompt (each calibrated as ``calibrations`` says) and the embedding
     annotator; store and return the choice."""
-    taxonomy, found, _ = await asyncio.to_thread(runner.store.get_taxonomy, taxonomy_name, version)
+    taxonomy, found, _ = await asyncio.to_thread(runner.store.taxonomies.get, taxonomy_name, version)
     if taxonomy.multi_label:
         raise InvalidInput(f"taxonomy {taxonomy.name!r} is multi-label; prompt tuning covers single-label taxonomies "
                            "(its label-free yardstick, the embedding annotator, labels only those)")
@@ -187,7 +187,7 @@ async def tune(runner, taxonomy_name: str, version: str | None, model: str | Non
                                      / len(labelled), 4) if labelled else None),
         "cross_fitted_accuracy": cross_fitted,
     }
-    await asyncio.to_thread(runner.store.put_prompt_tuning, taxonomy.name, found, chosen_model.name, choice, criterion,
+    await asyncio.to_thread(runner.store.taxonomies.put_tuning, taxonomy.name, found, chosen_model.name, choice, criterion,
                             evidence)
     return {"taxonomy": taxonomy.name, "version": found, "model": chosen_model.name, "prompt": choice.prompt,
             "calibration": choice.calibration, "criterion": criterion, **evidence}

@@ -30,7 +30,7 @@ import numpy as np
 from service.errors import Conflict, InvalidInput
 from service.labelling.labeller import options_of
 from service.quality.statistics import draw_sample
-from service.store.database import Store
+from service.store import Store
 from service.taxonomy import NONE_LABEL
 
 CSV_COLUMNS = ("doc_id", "text", "label", "annotator")
@@ -39,15 +39,15 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # OWASP's list of cell starts
 
 def draw(store: Store, job_id: str, *, size: int, design: str, seed: int, replace: bool) -> dict:
     """Draw and store a gold sample of a finished job; returns what was drawn."""
-    job = store.job(job_id)
+    job = store.jobs.get(job_id)
     if job["status"] != "succeeded":
         raise Conflict(f"job {job_id} is {job['status']}; draw a gold sample once it has succeeded, so that every "
                        "document had its chance of being drawn")
-    taxonomy, _, _ = store.get_taxonomy(job["taxonomy"], job["taxonomy_version"])
+    taxonomy, _, _ = store.taxonomies.get(job["taxonomy"], job["taxonomy_version"])
     if taxonomy.multi_label:
         raise InvalidInput(f"job {job_id} uses the multi-label taxonomy {taxonomy.name!r}; gold samples and their "
                            "statistics cover single-label taxonomies")
-    population = store.population(job_id, list(options_of(taxonomy)))
+    population = store.quality.population(job_id, list(options_of(taxonomy)))
     if size > len(population["doc_id"]):
         raise InvalidInput(f"size: {size} is more than the job's {len(population['doc_id'])} labelled documents")
     confidence = population["probs"].max(axis=1) if len(population["doc_id"]) else np.zeros(0)
@@ -57,7 +57,7 @@ def draw(store: Store, job_id: str, *, size: int, design: str, seed: int, replac
     except ValueError as exc:
         raise InvalidInput(str(exc)) from exc
     rows = [(population["doc_id"][i], population["label"][i] or "(abstained)", float(p)) for i, p in zip(chosen, pi)]
-    store.put_gold_sample(job_id, design=design, seed=seed, rows=rows, replace=replace)
+    store.quality.put_sample(job_id, design=design, seed=seed, rows=rows, replace=replace)
     strata: dict[str, int] = {}
     for _, stratum, _ in rows:
         strata[stratum] = strata.get(stratum, 0) + 1
@@ -68,16 +68,16 @@ def draw(store: Store, job_id: str, *, size: int, design: str, seed: int, replac
 
 def put_labels(store: Store, job_id: str, rows: list[tuple[str, str, str]], *, max_annotators: int) -> dict:
     """Check human labels (doc_id, annotator, label) against the taxonomy and store them."""
-    job = store.job(job_id)
-    taxonomy, _, _ = store.get_taxonomy(job["taxonomy"], job["taxonomy_version"])
+    job = store.jobs.get(job_id)
+    taxonomy, _, _ = store.taxonomies.get(job["taxonomy"], job["taxonomy_version"])
     allowed = set(taxonomy.label_names()) | {NONE_LABEL}
     bad = [(i, label) for i, (_, _, label) in enumerate(rows) if label not in allowed]
     if bad:
         listed = ", ".join(f"row {i + 1}: {label!r}" for i, label in bad[:5])
         raise InvalidInput(f"{len(bad)} label(s) are not in taxonomy {taxonomy.name!r} ({listed}); use one of "
                            f"{', '.join(sorted(allowed))}")
-    stored = store.put_gold_labels(job_id, rows, max_annotators=max_annotators)
-    sample = store.gold_sample(job_id)
+    stored = store.quality.put_labels(job_id, rows, max_annotators=max_annotators)
+    sample = store.quality.sample(job_id)
     return {"job_id": job_id, "stored": stored, "sampled": len(sample),
             "labelled": sum(r["gold_label"] is not None for r in sample)}
 

@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from service.store.database import Store
+from service.store import Store
 from service.taxonomy import NONE_LABEL
 
 FOLDS = 5
@@ -48,9 +48,9 @@ def rank_llm_issues(store: Store, job_id: str, *, max_documents: int, seed: int,
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
-    job = store.job(job_id)
-    taxonomy, _, _ = store.get_taxonomy(job["taxonomy"], job["taxonomy_version"])
-    columns = store.population(job_id, taxonomy.label_names(), with_text=True)
+    job = store.jobs.get(job_id)
+    taxonomy, _, _ = store.taxonomies.get(job["taxonomy"], job["taxonomy_version"])
+    columns = store.quality.population(job_id, taxonomy.label_names(), with_text=True)
     labelled = [i for i, label in enumerate(columns["label"]) if label is not None and label != NONE_LABEL]
     if len(labelled) > max_documents:
         labelled = sorted(np.random.default_rng(seed).choice(labelled, size=max_documents, replace=False).tolist())
@@ -75,7 +75,7 @@ def _vote_disagreement(store: Store, job: dict, doc_ids: list[str], labels: np.n
     if len(job["annotators"]) < 2:
         return np.zeros(len(doc_ids))
     votes: dict[str, list[str]] = {}
-    for row in store.member_rows(job["job_id"]):
+    for row in store.annotations.member_rows(job["job_id"]):
         if row["status"] == "ok" and not row["abstained"] and row["label"] is not None:
             votes.setdefault(row["doc_id"], []).append(row["label"])
     return np.array([np.mean([v != label for v in votes.get(doc, [])]) if votes.get(doc) else 0.0

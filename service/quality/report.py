@@ -33,7 +33,7 @@ from service.labelling.labeller import FLAT_SHORTLIST, options_of
 from service.labelling.shortlist import wilson
 from service.quality.label_issues import rank_gold_issues, rank_llm_issues
 from service.quality.statistics import abstention_threshold, conformal_sets, dsl_proportions, dsl_regression, quality_report
-from service.store.database import Store
+from service.store import Store
 
 TEXT_CHARS = "text_chars"  # a covariate every document has: its length in characters
 
@@ -42,14 +42,14 @@ class GoldData:
     """A job's labelled documents as arrays, with the gold sample marked."""
 
     def __init__(self, store: Store, job_id: str):
-        job = store.job(job_id)
-        taxonomy, _, _ = store.get_taxonomy(job["taxonomy"], job["taxonomy_version"])
+        job = store.jobs.get(job_id)
+        taxonomy, _, _ = store.taxonomies.get(job["taxonomy"], job["taxonomy_version"])
         if taxonomy.multi_label:
             raise InvalidInput(f"job {job_id} uses the multi-label taxonomy {taxonomy.name!r}; gold statistics, "
                                "calibration and estimates cover single-label taxonomies")
         self.job = job
         self.options = list(options_of(taxonomy))
-        self.columns = store.population(job_id, self.options)
+        self.columns = store.quality.population(job_id, self.options)
         self.probs = self.columns["probs"]
         sampled = ~np.isnan(self.columns["inclusion_prob"])
         labelled = np.array([g is not None for g in self.columns["gold_label"]], dtype=bool)
@@ -85,9 +85,9 @@ def report(store: Store, job_id: str) -> dict:
     result = {"job_id": job_id, "sample": data.sample, **result, **_annotators(store, data),
               "humans": _human_agreement(store, job_id)}
     result["refinement"] = data.job["annotator_spec"].get("refinement")  # labels fitted to gold say how (cross-fitted)
-    result["calibration"] = store.calibration(job_id)
+    result["calibration"] = store.quality.calibration(job_id)
     result["shortlist"] = _shortlist_recall(data)
-    store.put_quality_tables(job_id, *_tables(result))
+    store.quality.put_tables(job_id, *_tables(result))
     return result
 
 
@@ -109,10 +109,10 @@ def _shortlist_recall(data: GoldData) -> dict | None:
 
 def annotator_agreement(store: Store, job_id: str) -> dict:
     """Agreement between a several-annotator job's annotators (no gold needed)."""
-    job = store.job(job_id)
+    job = store.jobs.get(job_id)
     if len(job["annotators"]) < 2:
         raise Conflict(f"job {job_id} has one annotator; agreement needs two or more")
-    return {"job_id": job_id, **agreement(store.member_rows(job_id),
+    return {"job_id": job_id, **agreement(store.annotations.member_rows(job_id),
                                           {m["annotator"]: m["name"] for m in job["annotators"]})}
 
 
@@ -123,7 +123,7 @@ def _annotators(store: Store, data: GoldData) -> dict:
         return {}
     gold = {doc: (label, 1 / pi) for doc, label, pi, keep in
             zip(data.columns["doc_id"], data.columns["gold_label"], data.pi, data.gold) if keep}
-    rows = store.member_rows(data.job["job_id"])
+    rows = store.annotations.member_rows(data.job["job_id"])
     names = {m["annotator"]: m["name"] for m in members}
     accuracy = []
     for member in members:
@@ -139,7 +139,7 @@ def _annotators(store: Store, data: GoldData) -> dict:
 
 def _human_agreement(store: Store, job_id: str) -> dict | None:
     """How often the people who labelled the gold sample agree with each other (None with fewer than two)."""
-    rows = store.gold_label_rows(job_id)
+    rows = store.quality.gold_label_rows(job_id)
     people = sorted({r["annotator"] for r in rows})
     if len(people) < 2:
         return None
@@ -183,7 +183,7 @@ def calibrate(store: Store, job_id: str, *, alpha: float, target_accuracy: float
     result["abstention"] = abstention_threshold(confidence=probs.max(axis=1), correct=correct, weights=weights,
                                                 target_accuracy=target_accuracy)
     result.update(job_id=job_id, sample=data.sample)
-    store.put_calibration(job_id, result)
+    store.quality.put_calibration(job_id, result)
     return result
 
 
@@ -251,6 +251,6 @@ def label_issues(store: Store, job_id: str, *, kind: str, limit: int = 50, max_d
     else:
         ranked = rank_llm_issues(store, job_id, max_documents=max_documents, seed=seed,
                                  embed=lambda texts: shared_embedder().embed(texts))
-    store.put_label_issues(job_id, kind, ranked["rows"])
+    store.quality.put_label_issues(job_id, kind, ranked["rows"])
     return {"job_id": job_id, "kind": kind, "checked": ranked["checked"],
             "issues": sum(r["is_issue"] for r in ranked["rows"]), "rows": ranked["rows"][:limit]}

@@ -29,7 +29,7 @@ from service.logs import configure_logging
 from service.serve.http import create_api
 from service.serve.metrics import ModelStats
 from service.settings import Settings
-from service.store.database import Store
+from service.store import Store
 from service.work.batch import BatchRunner
 from service.work.inductions import InductionRunner
 from service.work.jobs import JobRunner, Model
@@ -186,7 +186,7 @@ class Ingress:
         resumed = runner.resume()
         if resumed:
             log.warning("resuming unfinished jobs", extra={"jobs": resumed})
-        if store.interrupt_inductions() or store.interrupt_classifiers():
+        if store.inductions.interrupt() or store.classifiers.interrupt():
             log.warning("inductions or trainings interrupted by the last stop were marked failed")
         generators = {name: handle_generator(handle) for name, handle in models.items()}
         self._context = Context(parsed, store, runner, models, InductionRunner(store, generators, runner),

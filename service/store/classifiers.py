@@ -1,22 +1,26 @@
-"""The store's SQL for students (a part of ``Store``): the ``classifiers`` table."""
+"""Distilled students: each version of a name, its training jobs, options and report."""
 
 from __future__ import annotations
 
 import json
 
 from service.errors import NotFound
-from service.store.quality import utc_now
+from service.store.database import Database, utc_now
 
 JSON_COLUMNS = ("jobs", "options", "classes", "report")
 
 
-class ClassifierStore:
-    """Reads and writes of distilled classifiers."""
 
-    def create_classifier(self, classifier_id: str, *, name: str, kind: str, taxonomy: str, taxonomy_version: str,
+class Classifiers:
+    """Distilled students: one repository of the store (``service.store.Store``)."""
+
+    def __init__(self, db: Database):
+        self._db = db
+
+    def create(self, classifier_id: str, *, name: str, kind: str, taxonomy: str, taxonomy_version: str,
                           jobs: list[str], options: dict) -> int:
         """Record a student being trained as the next version of ``name``; returns that version."""
-        with self._transaction() as cur:
+        with self._db.transaction() as cur:
             version = cur.execute("SELECT coalesce(max(version), 0) + 1 FROM classifiers WHERE name = ?",
                                   [name]).fetchone()[0]
             cur.execute("INSERT INTO classifiers (classifier_id, name, version, kind, taxonomy, taxonomy_version, jobs,"
@@ -25,10 +29,10 @@ class ClassifierStore:
                          json.dumps(options), utc_now()])
         return version
 
-    def finish_classifier(self, classifier_id: str, *, report: dict | None = None, path: str | None = None,
+    def finish(self, classifier_id: str, *, report: dict | None = None, path: str | None = None,
                           error: str | None = None) -> None:
         """Mark a student ready (with its report and directory) or failed (with the error)."""
-        with self._transaction() as cur:
+        with self._db.transaction() as cur:
             cur.execute(
                 "UPDATE classifiers SET status = ?, classes = ?, report = ?, path = ?, size_bytes = ?, error = ?,"
                 " finished_at = ? WHERE classifier_id = ?",
@@ -36,24 +40,24 @@ class ClassifierStore:
                  json.dumps(report) if report else None, path, report["size_bytes"] if report else None, error,
                  utc_now(), classifier_id])
 
-    def classifier(self, ref: str) -> dict:
+    def get(self, ref: str) -> dict:
         """A student by id, or the newest ready version of a name."""
-        rows = self._dicts("SELECT * FROM classifiers WHERE classifier_id = ? OR (name = ? AND status = 'ready')"
+        rows = self._db.rows("SELECT * FROM classifiers WHERE classifier_id = ? OR (name = ? AND status = 'ready')"
                            " ORDER BY classifier_id = ? DESC, version DESC LIMIT 1", [ref, ref, ref])
         if not rows:
             raise NotFound(f"unknown classifier {ref!r} (an id, or the name of one that finished training); "
                            "GET /v1/classifiers lists them")
         return _decoded(rows[0])
 
-    def list_classifiers(self) -> list[dict]:
+    def list(self) -> list[dict]:
         """Every student, newest first (reports left out)."""
-        return [_decoded(r) for r in self._dicts(
+        return [_decoded(r) for r in self._db.rows(
             "SELECT classifier_id, name, version, kind, taxonomy, taxonomy_version, jobs, status, size_bytes,"
             " created_at, finished_at FROM classifiers ORDER BY created_at DESC")]
 
-    def interrupt_classifiers(self) -> int:
+    def interrupt(self) -> int:
         """Trainings cut off by a stop fail with a message; returns how many."""
-        with self._transaction() as cur:
+        with self._db.transaction() as cur:
             return len(cur.execute(
                 "UPDATE classifiers SET status = 'failed', error = 'interrupted by a service restart; train it again',"
                 " finished_at = ? WHERE status = 'training' RETURNING 1", [utc_now()]).fetchall())

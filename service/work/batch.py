@@ -45,7 +45,9 @@ from service.labelling.labeller import Labeller, failed
 from service.labelling.prompts import load_template
 from service.labelling.scoring import annotate_texts
 from service.settings import Settings
-from service.store.database import ANNOTATION_SCHEMA, Store, annotation_row
+from service.store import Store
+from service.store.annotations import annotation_row
+from service.store.database import ANNOTATION_SCHEMA
 from service.work.jobs import annotation_keys
 
 log = logging.getLogger(__name__)
@@ -228,7 +230,7 @@ class BatchRunner:
 
     def run(self, job_id: str, labeller: Labeller) -> bool:
         """Label and register every pending shard; False if the job stopped being active first."""
-        job = self.store.job(job_id)
+        job = self.store.jobs.get(job_id)
         filesystem, path, _ = open_source(job["batch"]["source"], self.settings)
         if source_stamp(filesystem, path) != job["batch"].get("stamp"):
             raise InvalidInput(f"source {job['batch']['source']!r} changed since the job was planned "
@@ -236,10 +238,10 @@ class BatchRunner:
         out_dir = self.settings.export_dir / "shards" / job_id
         out_dir.mkdir(parents=True, exist_ok=True)
         pending = []
-        for shard in self.store.pending_shards(job_id):
+        for shard in self.store.jobs.pending_shards(job_id):
             written = out_dir / f"part-{shard['shard']:05d}.parquet"
             if written.exists():  # written before a restart, never registered
-                self.store.register_shard(job_id, shard["shard"], written)
+                self.store.jobs.register_shard(job_id, shard["shard"], written)
             else:
                 pending.append(shard)
         if not pending:
@@ -253,8 +255,8 @@ class BatchRunner:
         for result in self._dataset(pending, task).iter_rows():
             if self._stopping.is_set():
                 return False
-            self.store.register_shard(job_id, result["shard"], Path(result["path"]))
-            if self.store.job_state(job_id) != "running":
+            self.store.jobs.register_shard(job_id, result["shard"], Path(result["path"]))
+            if self.store.jobs.state(job_id) != "running":
                 return False
         return True
 

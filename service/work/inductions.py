@@ -7,7 +7,7 @@ import logging
 
 from service.engines.embeddings import shared_embedder
 from service.induction.inducer import Generate, Inducer, InductionOptions
-from service.store.database import Store
+from service.store import Store
 from service.taxonomy import Taxonomy
 from service.work.jobs import JobRunner
 from service.work.tasks import Tasks
@@ -54,12 +54,12 @@ class InductionRunner:
                               model_input_chars=self.runner.model_input_chars, progress=progress)
             result = await inducer.run(texts, options, source=source, base=base, corpus_size=corpus_size)
             if push:
-                await asyncio.to_thread(self.store.put_taxonomy, result.taxonomy, result.yaml)
-            await asyncio.to_thread(self.store.update_induction, induction_id, status="succeeded", stage="done",
+                await asyncio.to_thread(self.store.taxonomies.put, result.taxonomy, result.yaml)
+            await asyncio.to_thread(self.store.inductions.update, induction_id, status="succeeded", stage="done",
                                     progress=1.0, yaml_text=result.yaml, report=result.report)
         except Exception as exc:  # recorded for the client; the service goes on
             log.exception("induction failed", extra={"induction_id": induction_id})
-            await asyncio.to_thread(self.store.update_induction, induction_id, status="failed", stage="failed",
+            await asyncio.to_thread(self.store.inductions.update, induction_id, status="failed", stage="failed",
                                     progress=0.0, error=f"{type(exc).__name__}: {exc}")
         finally:
             self.live.pop(induction_id, None)

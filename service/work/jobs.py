@@ -29,7 +29,8 @@ from service.labelling.refinement import refined_annotations
 from service.labelling.scoring import Annotator, Scorer, annotate_texts, embedding_scorer, student_scorer
 from service.labelling.shortlist import TOP_DOWN, Shortlister, TopDown
 from service.labelling.tuning import tune
-from service.store.database import Store, annotation_row
+from service.store import Store
+from service.store.annotations import annotation_row
 from service.taxonomy import NONE_LABEL, Shortlist, Taxonomy
 from service.work.tasks import Tasks
 
@@ -90,7 +91,7 @@ class JobRunner:
         in its jobs created ``before`` (the job's own creation: a resumed job sees the same pool),
         through ``classify_fewshot`` unless the job or the tuning names another template that shows them.
         """
-        taxonomy, version, _ = self.store.get_taxonomy(taxonomy_name, version)
+        taxonomy, version, _ = self.store.taxonomies.get(taxonomy_name, version)
         chosen = self.model(model or taxonomy.model)
         plan = Shortlist.model_validate(shortlist) if shortlist else taxonomy.shortlist
         default, whole_prompt = "classify_multi" if taxonomy.multi_label else "classify", False
@@ -98,7 +99,7 @@ class JobRunner:
             default, whole_prompt = shortlist_prompting(taxonomy, plan.strategy, self.max_scored_labels)
         tuned = None
         if prompt is None and plan is None and not taxonomy.multi_label:
-            tuned = self.store.tuned_prompt(taxonomy.name, version, chosen.name)  # None: never tuned
+            tuned = self.store.taxonomies.tuned_prompt(taxonomy.name, version, chosen.name)  # None: never tuned
         if taxonomy.demonstrations is not None and prompt is None and not (tuned and _shows_demonstrations(
                 load_template(tuned.prompt))):
             default, tuned = FEWSHOT, None
@@ -132,7 +133,7 @@ class JobRunner:
     def _demonstrator(self, taxonomy: Taxonomy, before: datetime | None) -> Demonstrator:
         """A demonstrator over the taxonomy's examples and labelled texts, its pool embedded once while it recurs."""
         names = set(taxonomy.label_names())  # gold of other versions may name labels this one lacks
-        pool = demonstrations(taxonomy) + [(label, text) for text, label in self.store.labelled_texts(
+        pool = demonstrations(taxonomy) + [(label, text) for text, label in self.store.quality.labelled_texts(
             taxonomy.name, before=before) if label in names]
         key = (taxonomy.demonstrations, pool_hash(pool))
         if key not in self._demonstrators:
@@ -145,9 +146,9 @@ class JobRunner:
         """The taxonomy version's retriever for ``plan``, rebuilt when people have labelled more of its texts."""
         if plan.strategy == TOP_DOWN:
             return TopDown(taxonomy)
-        key = (taxonomy.name, version, plan.k, plan.recall, plan.max_k, self.store.labelled_count(taxonomy.name))
+        key = (taxonomy.name, version, plan.k, plan.recall, plan.max_k, self.store.quality.labelled_count(taxonomy.name))
         if key not in self._shortlisters:
-            labelled = self.store.labelled_texts(taxonomy.name)  # read (and embedded) only when the key is new
+            labelled = self.store.quality.labelled_texts(taxonomy.name)  # read (and embedded) only when the key is new
             if len(self._shortlisters) >= SHORTLISTERS_KEPT:
                 self._shortlisters.pop(next(iter(self._shortlisters)))
             self._shortlisters[key] = Shortlister(taxonomy, shared_embedder().embed, k=plan.k, recall=plan.recall,
@@ -170,7 +171,7 @@ class JobRunner:
                 labeller = self._student(taxonomy_name, version, entry.get("classifier") or entry["model"], where)
                 name = entry.get("name") or f"student/{labeller.classifier['name']}"
             elif entry.get("kind") == EMBEDDING:
-                taxonomy, found, _ = self.store.get_taxonomy(taxonomy_name, version)
+                taxonomy, found, _ = self.store.taxonomies.get(taxonomy_name, version)
                 if taxonomy.multi_label:
                     raise InvalidInput(f"{where}: the embedding annotator labels single-label taxonomies only")
                 labeller = EmbeddingLabeller(taxonomy, found, self.model_input_chars)
@@ -188,8 +189,8 @@ class JobRunner:
 
     def _student(self, taxonomy_name: str, version: str | None, ref: str, where: str) -> ClassifierLabeller:
         """A ready student of the job's taxonomy version, as an annotator."""
-        taxonomy, found, _ = self.store.get_taxonomy(taxonomy_name, version)
-        row = self.store.classifier(ref)
+        taxonomy, found, _ = self.store.taxonomies.get(taxonomy_name, version)
+        row = self.store.classifiers.get(ref)
         if row["status"] != "ready":
             raise InvalidInput(f"{where}: classifier {row['classifier_id']} is {row['status']}, not ready")
         if (row["taxonomy"], row["taxonomy_version"]) != (taxonomy.name, found):
@@ -221,7 +222,7 @@ class JobRunner:
 
     def resume(self) -> list[str]:
         """Queue every job left queued or running by an earlier process."""
-        jobs = self.store.active_jobs()
+        jobs = self.store.jobs.active()
         for job_id in jobs:
             self.submit(job_id)
         return jobs
@@ -243,22 +244,22 @@ class JobRunner:
             except Exception as exc:  # a job-level failure: record it, keep serving others
                 log.exception("job failed", extra={"job_id": job_id})
                 try:
-                    await asyncio.to_thread(self.store.set_job_status, job_id, "failed",
+                    await asyncio.to_thread(self.store.jobs.set_status, job_id, "failed",
                                             error=f"{type(exc).__name__}: {exc}", only_if_active=True)
                 except Exception:  # the store itself is failing (disk full): the job stays active, resumes on restart
                     log.critical("could not record the job's failure", exc_info=True, extra={"job_id": job_id})
 
     async def run(self, job_id: str) -> None:
         """Label every pending document of a job (streamed, or through the batch runner), then aggregate."""
-        job = await asyncio.to_thread(self.store.job, job_id)
+        job = await asyncio.to_thread(self.store.jobs.get, job_id)
         if job["status"] not in ("queued", "running"):
             return
         if job["annotator_spec"].get(AUTO_TUNE):
-            await asyncio.to_thread(self.store.set_job_status, job_id, "running", only_if_active=True)
+            await asyncio.to_thread(self.store.jobs.set_status, job_id, "running", only_if_active=True)
             await self._tune_first(job)
-            job = await asyncio.to_thread(self.store.job, job_id)
+            job = await asyncio.to_thread(self.store.jobs.get, job_id)
         panel = await asyncio.to_thread(self._job_panel, job)
-        await asyncio.to_thread(self.store.set_job_status, job_id, "running", only_if_active=True)
+        await asyncio.to_thread(self.store.jobs.set_status, job_id, "running", only_if_active=True)
         if job["batch"] is not None:
             if self.batch_runner is None:
                 raise RuntimeError("this service runs no batch runner (Ray Data); resubmit without 'mode': 'batch'")
@@ -269,16 +270,16 @@ class JobRunner:
             finished = await self.run_stream(job_id, student) and await self.run_stream(job_id, llm, route=route)
         else:
             finished = all(await asyncio.gather(*(self.run_stream(job_id, labeller) for _, labeller in panel)))
-        if len(panel) > 1 and (finished or await asyncio.to_thread(self.store.job_state, job_id) == "cancelled"):
+        if len(panel) > 1 and (finished or await asyncio.to_thread(self.store.jobs.state, job_id) == "cancelled"):
             await asyncio.to_thread(self.aggregate, job_id)  # a cancelled job's labelled documents get theirs too
         if finished:
-            await asyncio.to_thread(self.store.set_job_status, job_id, "succeeded", only_if_active=True)
+            await asyncio.to_thread(self.store.jobs.set_status, job_id, "succeeded", only_if_active=True)
 
     def untuned(self, labeller: Annotator) -> bool:
         """Whether prompt tuning could choose this LLM annotator's prompt and has not yet (``Settings.auto_tune``)."""
         return (isinstance(labeller, Labeller) and not labeller.taxonomy.multi_label and labeller.shortlister is None
                 and labeller.demonstrator is None
-                and self.store.tuned_prompt(labeller.taxonomy.name, labeller.taxonomy_version, labeller.model) is None)
+                and self.store.taxonomies.tuned_prompt(labeller.taxonomy.name, labeller.taxonomy_version, labeller.model) is None)
 
     async def _tune_first(self, job: dict) -> None:
         """Tune the prompt on the job's own documents (no labels), then give the job the tuned annotators.
@@ -286,8 +287,9 @@ class JobRunner:
         A failed tuning is logged and the job labels with the prompt it was submitted with.
         """
         job_id = job["job_id"]
-        tuned = await asyncio.to_thread(self.store.tuned_prompt, job["taxonomy"], job["taxonomy_version"], job["model"])
-        texts = [] if tuned else [t for t in await asyncio.to_thread(self.store.sample_texts, job_id, AUTO_TUNE_DOCUMENTS)
+        tuned = await asyncio.to_thread(self.store.taxonomies.tuned_prompt, job["taxonomy"], job["taxonomy_version"],
+                                        job["model"])
+        texts = [] if tuned else [t for t in await asyncio.to_thread(self.store.jobs.sample_texts, job_id, AUTO_TUNE_DOCUMENTS)
                                   if t.strip()]
         if len(texts) >= AUTO_TUNE_MIN_DOCUMENTS:  # none when another job (or a person) has tuned since
             try:
@@ -306,7 +308,7 @@ class JobRunner:
         """Record ``panel`` as the job's annotators (its spec without the auto-tune mark); False once it has labels."""
         spec = job["annotator_spec"]
         record = job_record(panel, aggregation=spec.get("aggregation"), threshold=spec.get("threshold"))
-        return self.store.rekey_job(job["job_id"], annotator=record["annotator"],
+        return self.store.jobs.rekey(job["job_id"], annotator=record["annotator"],
                                     annotator_spec=record["annotator_spec"], annotators=record["annotators"])
 
     def _job_panel(self, job: dict) -> list[tuple[dict, Annotator]]:
@@ -330,7 +332,7 @@ class JobRunner:
 
     def aggregate(self, job_id: str, method: str | None = None) -> str:
         """(Re)compute a several-annotator job's labels with a method (default: the job's); returns the method."""
-        job = self.store.job(job_id)
+        job = self.store.jobs.get(job_id)
         if len(job["annotators"]) < 2:
             raise Conflict(f"job {job_id} has one annotator; its labels are that annotator's, nothing to aggregate")
         method = method or job["annotator_spec"]["aggregation"]
@@ -339,22 +341,22 @@ class JobRunner:
                            f"aggregated by {job['annotator_spec']['aggregation']}")
         if method == CASCADE:
             student, llm = (a["annotator"] for a in job["annotators"])
-            self.store.merge_cascade(job_id, job["annotator"], student, llm, job["annotator_spec"]["threshold"])
+            self.store.annotations.merge_cascade(job_id, job["annotator"], student, llm, job["annotator_spec"]["threshold"])
             return method
-        taxonomy, version, _ = self.store.get_taxonomy(job["taxonomy"], job["taxonomy_version"])
-        rows = self.store.member_rows(job_id)
+        taxonomy, version, _ = self.store.taxonomies.get(job["taxonomy"], job["taxonomy_version"])
+        rows = self.store.annotations.member_rows(job_id)
         weights = {a["annotator"]: a["weight"] for a in job["annotators"]}
         llms = frozenset(a["annotator"] for a in job["annotators"] if a.get("kind", "llm") == "llm")
         decided = aggregate(rows, taxonomy, tuple(taxonomy.label_names()), weights=weights, calibrated=llms,
                             method="calibrated_mean" if method == REFINED else method)
         refinement = None
         if method == REFINED:  # reads every text and embeds it: the slow part of aggregating a large job
-            documents = self.store.documents_with_gold(job_id, DOCUMENT_CHARS)  # what embed_documents reads
+            documents = self.store.quality.documents_with_gold(job_id, DOCUMENT_CHARS)  # what embed_documents reads
             decided, refinement = refined_annotations(decided, documents, taxonomy, shared_embedder().embed_documents)
         hashes = {r["doc_id"]: r["text_hash"] for r in rows}
         keys = dict(job_id=job_id, annotator=job["annotator"], model=method, engine="aggregate", prompt_hash=None,
                     taxonomy_version=version, decoding=json.dumps({"method": method, "members": sorted(weights)}))
-        self.store.replace_aggregate(job_id, job["annotator"], [
+        self.store.annotations.replace_aggregate(job_id, job["annotator"], [
             annotation_row(annotation, doc_id=doc_id, text_hash=hashes[doc_id], cached=False, latency_ms=0.0, **keys)
             for doc_id, annotation in decided.items()], method=method,
             refinement=refinement.as_dict() if refinement else None)
@@ -368,20 +370,20 @@ class JobRunner:
         """
         scorer = self.scorer(labeller)
         position = 0  # every batch is committed whole, so later pending documents lie after it
-        while await asyncio.to_thread(self.store.job_state, job_id) == "running":
+        while await asyncio.to_thread(self.store.jobs.state, job_id) == "running":
             pending = await asyncio.to_thread(
-                self.store.pending_documents, job_id, labeller.key, self.batch_size, position, route)
+                self.store.jobs.pending_documents, job_id, labeller.key, self.batch_size, position, route)
             if not pending:
                 return True
             position = pending[-1][0] + 1
             rows = await self._label_batch(job_id, labeller, scorer, [p[1:] for p in pending])
-            await asyncio.to_thread(self.store.write_annotations, rows)
+            await asyncio.to_thread(self.store.annotations.write, rows)
         return False
 
     async def _label_batch(self, job_id: str, labeller: Annotator, scorer: Scorer,
                            pending: list[tuple[str, str, str]]) -> list[dict]:
         """Annotation rows for one batch: cache hits, fresh scores, and failures."""
-        cached = await asyncio.to_thread(self.store.cached_annotations, labeller.key, [h for _, _, h in pending])
+        cached = await asyncio.to_thread(self.store.annotations.cached, labeller.key, [h for _, _, h in pending])
         fresh = [(doc_id, text, h) for doc_id, text, h in pending if h not in cached]
         started = time.perf_counter()
         outcomes = await annotate_texts(labeller, [text for _, text, _ in fresh], scorer)

@@ -22,7 +22,7 @@ from service.distill.training import TrainingData, distill
 from service.errors import InvalidInput
 from service.labelling.labeller import decide_single, options_of
 from service.settings import Settings
-from service.store.database import Store
+from service.store import Store
 from service.taxonomy import Taxonomy
 from service.work.tasks import Tasks
 
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 def training_data(store: Store, job_ids: list[str]) -> tuple[TrainingData, str, str]:
     """The labelled documents of one or more jobs of the same taxonomy version; also (taxonomy, version)."""
-    jobs = [store.job(job_id) for job_id in job_ids]
+    jobs = [store.jobs.get(job_id) for job_id in job_ids]
     versions = {(job["taxonomy"], job["taxonomy_version"]) for job in jobs}
     if len(versions) > 1:
         raise InvalidInput(f"jobs: the jobs label with different taxonomies or versions ({sorted(versions)}); a "
@@ -40,13 +40,13 @@ def training_data(store: Store, job_ids: list[str]) -> tuple[TrainingData, str, 
     if unfinished:
         raise InvalidInput(f"jobs: {', '.join(unfinished)} have not succeeded; distil finished jobs")
     name, version = versions.pop()
-    taxonomy, _, _ = store.get_taxonomy(name, version)
+    taxonomy, _, _ = store.taxonomies.get(name, version)
     if taxonomy.multi_label:
         raise InvalidInput(f"taxonomy {name!r} is multi-label; students learn single-label taxonomies")
     classes = list(options_of(taxonomy))
     texts, probs, candidates, abstained, gold, pi = [], [], [], [], [], []
     for job in jobs:
-        columns = store.population(job["job_id"], classes, with_text=True)
+        columns = store.quality.population(job["job_id"], classes, with_text=True)
         texts += columns["text"]
         probs.append(columns["probs"])
         candidates += [[name in (c or []) for name in classes] for c in columns["candidates"]]
@@ -95,7 +95,7 @@ class ClassifierRunner:
         classifier_id = "clf_" + uuid.uuid4().hex[:16]
         name = name or f"{taxonomy}-{kind}"
         folder = student_dir(self.settings.data_dir, name)  # refused before anything is recorded
-        number = await asyncio.to_thread(self.store.create_classifier, classifier_id, name=name, kind=kind,
+        number = await asyncio.to_thread(self.store.classifiers.create, classifier_id, name=name, kind=kind,
                                          taxonomy=taxonomy, taxonomy_version=version, jobs=jobs, options=options)
         out_dir = folder / f"v{number}"
         meta = {"classifier_id": classifier_id, "name": name, "version": number, "taxonomy": taxonomy,
@@ -113,11 +113,11 @@ class ClassifierRunner:
             task = ray.remote(num_cpus=1, max_retries=0, max_calls=1)(distill)  # a fresh worker: its own peak RSS
             report = await task.remote(data, kind=kind, out_dir=out_dir, models_dir=self.settings.models_dir.resolve(),
                                        meta=meta, **options)
-            await asyncio.to_thread(self.store.finish_classifier, classifier_id, report=report, path=str(out_dir))
+            await asyncio.to_thread(self.store.classifiers.finish, classifier_id, report=report, path=str(out_dir))
         except Exception as exc:  # recorded for the client; the service goes on
             log.exception("training failed", extra={"classifier_id": classifier_id})
             cause = getattr(exc, "cause", None) or exc
-            await asyncio.to_thread(self.store.finish_classifier, classifier_id,
+            await asyncio.to_thread(self.store.classifiers.finish, classifier_id,
                                     error=f"{type(cause).__name__}: {cause}")
 
     async def close(self) -> None:

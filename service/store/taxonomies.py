@@ -1,0 +1,92 @@
+"""Taxonomy versions (YAML kept whole, labels as rows) and the prompt each tuning chose."""
+
+from __future__ import annotations
+
+import json
+
+from service.errors import NotFound
+from service.labelling.labeller import TunedPrompt
+from service.store.database import Database, utc_now
+from service.taxonomy import Taxonomy, parse_taxonomy
+
+
+class Taxonomies:
+    """Taxonomy versions (YAML kept whole: one repository of the store (``service.store.Store``)."""
+
+    def __init__(self, db: Database):
+        self._db = db
+
+    def put(self, taxonomy: Taxonomy, yaml_text: str) -> tuple[str, bool]:
+        """Store a taxonomy version (content hash) and make it the current one; returns (version, created)."""
+        version = taxonomy.content_hash()
+        with self._db.transaction() as cur:
+            if cur.execute(
+                "UPDATE taxonomies SET pushed_at = ? WHERE name = ? AND version = ? RETURNING 1",
+                [utc_now(), taxonomy.name, version],
+            ).fetchall():
+                return version, False
+            cur.execute(
+                "INSERT INTO taxonomies VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [taxonomy.name, version, taxonomy.version, taxonomy.description, taxonomy.multi_label, yaml_text,
+                 utc_now(), utc_now()],
+            )
+            leaves = set(taxonomy.label_names())
+            cur.executemany(
+                "INSERT INTO taxonomy_labels VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [[taxonomy.name, version, label.name, label.parent, label.description, label.name in leaves, i]
+                 for i, label in enumerate(taxonomy.labels)],
+            )
+        return version, True
+
+    def get(self, name: str, version: str | None = None) -> tuple[Taxonomy, str, str]:
+        """(taxonomy, version, yaml) of a named taxonomy: the last pushed version unless one is given."""
+        sql = "SELECT version, yaml FROM taxonomies WHERE name = ?"
+        params: list = [name]
+        if version:
+            sql += " AND version = ?"
+            params.append(version)
+        row = self._db.cursor().execute(sql + " ORDER BY pushed_at DESC LIMIT 1", params).fetchone()
+        if row is None:
+            known = [r[0] for r in self._db.cursor().execute("SELECT DISTINCT name FROM taxonomies ORDER BY 1").fetchall()]
+            what = f"taxonomy {name!r}" + (f" version {version!r}" if version else "")
+            raise NotFound(f"unknown {what}; known taxonomies: {', '.join(known) or 'none (push one first)'}")
+        return parse_taxonomy(row[1], source=f"store:{name}@{row[0]}"), row[0], row[1]
+
+    def put_tuning(self, taxonomy: str, version: str, model: str, choice: TunedPrompt, criterion: str,
+                          evidence: dict) -> None:
+        """Keep the prompt a tuning chose for a taxonomy version on a model (replacing an earlier one)."""
+        with self._db.transaction() as cur:
+            cur.execute("INSERT OR REPLACE INTO prompt_tunings VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [taxonomy, version, model, choice.prompt, choice.calibration,
+                         None if choice.prior is None else list(choice.prior), criterion, json.dumps(evidence),
+                         utc_now()])
+
+    def tunings(self, taxonomy: str, version: str) -> list[dict]:
+        """The tunings of a taxonomy version, one per model, with their evidence."""
+        rows = self._db.rows("SELECT model, prompt, calibration, prior, criterion, evidence, tuned_at FROM prompt_tunings"
+                           " WHERE taxonomy = ? AND taxonomy_version = ? ORDER BY model", [taxonomy, version])
+        return [{**row, "evidence": json.loads(row["evidence"])} for row in rows]
+
+    def tuned_prompt(self, taxonomy: str, version: str, model: str) -> TunedPrompt | None:
+        """The prompt (and calibration) a tuning chose for this taxonomy version and model, if one ran."""
+        row = self._db.cursor().execute("SELECT prompt, calibration, prior FROM prompt_tunings WHERE taxonomy = ? AND"
+                                    " taxonomy_version = ? AND model = ?", [taxonomy, version, model]).fetchone()
+        return None if row is None else TunedPrompt(row[0], row[1], None if row[2] is None else tuple(row[2]))
+
+    def list(self) -> list[dict]:
+        """Every taxonomy version, newest first."""
+        return self._db.rows(
+            "SELECT name, version, label_version, description, multi_label, created_at,"
+            " (SELECT count(*) FROM taxonomy_labels l WHERE l.taxonomy = t.name AND l.version = t.version) AS labels"
+            " FROM taxonomies t ORDER BY name, created_at DESC"
+        )
+
+    def versions(self, name: str) -> list[dict]:
+        """The versions of one taxonomy, the current (last pushed) first."""
+        rows = self._db.rows(
+            "SELECT version, label_version, created_at, pushed_at FROM taxonomies WHERE name = ? ORDER BY pushed_at DESC",
+            [name],
+        )
+        if not rows:
+            self.get(name)  # raises NotFound with the known names
+        return rows
