@@ -112,7 +112,7 @@ def test_a_default_job_on_an_untuned_taxonomy_tunes_its_prompt_first(in_process)
     assert job["status"] == "succeeded" and all(a["done"] == len(documents) for a in job["annotators"])
     tuning = store.taxonomies.tunings("sms-spam", version)
     assert len(tuning) == 1 and tuning[0]["criterion"] == "embedding_agreement"
-    spec = store.jobs.get(job["job_id"])["annotator_spec"]
+    spec = store.jobs.get(job["job_id"]).annotator_spec
     assert "auto_tune" not in spec and spec["members"][0]["prompt"] == tuning[0]["prompt"]
     assert job["annotators"][0]["name"] == f"fake/{tuning[0]['prompt']}"
     again = _finished(client, client.post("/v1/jobs", json={"taxonomy": "sms-spam", "documents": documents}).json()["job_id"])

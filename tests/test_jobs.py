@@ -18,6 +18,7 @@ from service.errors import InvalidInput
 from service.labelling.scoring import engine_scorer
 from service.store import Store
 from service.store.jobs import document_batch
+from service.store.taxonomies import Pushed
 from service.taxonomy import load_taxonomy, parse_taxonomy
 from service.work.jobs import JobRunner, Model, job_record
 
@@ -60,7 +61,7 @@ def test_failing_documents_are_recorded_and_the_rest_finish(tmp_path):
 
     asyncio.run(scenario())
     job = store.jobs.get("job_faults")
-    assert (job["status"], job["done"], job["failed"]) == ("succeeded", 8, 2)
+    assert (job.status, job.done, job.failed) == ("succeeded", 8, 2)
     errors = {row["doc_id"]: row["error"] for row in store.annotations.failures("job_faults")}
     assert errors["d008"].startswith("EngineError: fake engine failure")
     assert errors["d009"].startswith("malformed engine output: expected 2 scores, got 1")
@@ -75,10 +76,10 @@ def test_resume_after_restart_neither_loses_nor_duplicates(tmp_path):
         runner = await _runner(store, FakeEngine(delay_s=0.05))
         _submit(store, runner, "job_restart", texts)
         runner.submit("job_restart")
-        while store.jobs.get("job_restart")["done"] < 8:
+        while store.jobs.get("job_restart").done < 8:
             await asyncio.sleep(0.01)
         await runner.close()  # like a killed service: the job stays 'running'
-        done = store.jobs.get("job_restart")["done"]
+        done = store.jobs.get("job_restart").done
         store.close()
         return done
 
@@ -90,14 +91,14 @@ def test_resume_after_restart_neither_loses_nor_duplicates(tmp_path):
         engine = FakeEngine()
         runner = await _runner(store, engine)
         assert runner.resume() == ["job_restart"]
-        while store.jobs.get("job_restart")["status"] == "running":
+        while store.jobs.get("job_restart").status == "running":
             await asyncio.sleep(0.02)
         await runner.close()
         return store, engine
 
     store, engine = asyncio.run(second_process())
     job = store.jobs.get("job_restart")
-    assert (job["status"], job["done"], job["failed"]) == ("succeeded", 40, 0)
+    assert (job.status, job.done, job.failed) == ("succeeded", 40, 0)
     counts = store.cursor().execute(
         "SELECT count(*), count(DISTINCT doc_id) FROM annotations WHERE job_id = 'job_restart'").fetchone()
     assert counts == (40, 40)
@@ -124,8 +125,8 @@ def _cancel_midway(store: Store, job_id: str, texts: list[str], done, *, settle_
 def test_cancel_stops_between_batches(tmp_path):
     """A cancelled job keeps what it finished and labels nothing more."""
     store = _store(tmp_path)
-    job = _cancel_midway(store, "job_cancel", [f"text {i}" for i in range(30)], lambda job: job["done"], settle_s=0.3)
-    assert job["status"] == "cancelled" and 2 <= job["done"] <= 6
+    job = _cancel_midway(store, "job_cancel", [f"text {i}" for i in range(30)], lambda job: job.done, settle_s=0.3)
+    assert job.status == "cancelled" and 2 <= job.done <= 6
     assert not store.jobs.set_status("job_cancel", "cancelled", only_if_active=True)
 
 
@@ -133,12 +134,12 @@ def test_a_cancelled_panel_job_keeps_the_aggregate_of_what_was_labelled(tmp_path
     """Several annotators, cancelled midway: the documents every member labelled get their aggregated label."""
     store = _store(tmp_path)
     job = _cancel_midway(store, "job_panel_cancel", [f"text {i}" for i in range(400)],
-                         lambda job: min(a["done"] for a in job["annotators"]), settle_s=0.5,
+                         lambda job: min(a.done for a in job.annotators), settle_s=0.5,
                          annotators=[{"kind": "llm"}, {"kind": "embedding"}], aggregation="calibrated_mean")
     aggregated = store.database.rows("SELECT count(*) AS n FROM annotations WHERE job_id = ? AND annotator = ?",
-                              ["job_panel_cancel", job["annotator"]])[0]["n"]
-    llm_done = job["annotators"][0]["done"]  # 400 × 50 ms of fake LLM: far from done when cancelled
-    assert job["status"] == "cancelled" and 2 <= llm_done < 400 and aggregated >= llm_done
+                              ["job_panel_cancel", job.annotator])[0]["n"]
+    llm_done = job.annotators[0].done  # 400 × 50 ms of fake LLM: far from done when cancelled
+    assert job.status == "cancelled" and 2 <= llm_done < 400 and aggregated >= llm_done
 
 
 def test_cache_serves_repeated_texts_across_jobs(tmp_path):
@@ -159,7 +160,7 @@ def test_cache_serves_repeated_texts_across_jobs(tmp_path):
     calls_after_first = asyncio.run(scenario())
     assert engine.calls == calls_after_first + 1
     job = store.jobs.get("job_b")
-    assert (job["done"], job["cached"]) == (3, 2)
+    assert (job.done, job.cached) == (3, 2)
 
 
 @pytest.mark.parametrize("status", ["succeeded", "failed", "cancelled"])
@@ -201,11 +202,11 @@ def test_pushing_an_older_version_again_makes_it_current(tmp_path):
     store = Store(tmp_path / "db.duckdb", export_dir=tmp_path / "exports")
     text_a = TAXONOMY.read_text()
     text_b = text_a.replace("Short text messages (SMS)", "Short mobile messages (SMS)")
-    version_a, created_a = store.taxonomies.put(load_taxonomy(TAXONOMY), text_a)
-    version_b, _ = store.taxonomies.put(parse_taxonomy(text_b), text_b)
-    assert store.taxonomies.get("sms-spam")[1] == version_b
-    assert store.taxonomies.put(load_taxonomy(TAXONOMY), text_a) == (version_a, False) and created_a
-    assert store.taxonomies.get("sms-spam")[1] == version_a
+    first = store.taxonomies.put(load_taxonomy(TAXONOMY), text_a)
+    version_a, version_b = first.version, store.taxonomies.put(parse_taxonomy(text_b), text_b).version
+    assert store.taxonomies.get("sms-spam").version == version_b
+    assert store.taxonomies.put(load_taxonomy(TAXONOMY), text_a) == Pushed(version_a, created=False) and first.created
+    assert store.taxonomies.get("sms-spam").version == version_a
     assert [v["version"] for v in store.taxonomies.versions("sms-spam")] == [version_a, version_b]
 
 
@@ -230,10 +231,10 @@ def test_several_annotators_each_write_rows_and_are_aggregated(tmp_path):
 
     runner = asyncio.run(scenario())
     job = store.jobs.get("job_panel")
-    assert job["status"] == "succeeded" and job["annotator_spec"]["aggregation"] == "majority_vote"
-    assert [a["name"] for a in job["annotators"]] == ["fake/classify", "fake/classify_terse", "embedding"]
-    assert all(a["done"] == len(texts) for a in job["annotators"])
-    assert job["done"] == len(texts) and job["abstained"] >= 1  # the blank text abstains everywhere
+    assert job.status == "succeeded" and job.annotator_spec["aggregation"] == "majority_vote"
+    assert [a.name for a in job.annotators] == ["fake/classify", "fake/classify_terse", "embedding"]
+    assert all(a.done == len(texts) for a in job.annotators)
+    assert job.done == len(texts) and job.abstained >= 1  # the blank text abstains everywhere
     votes = {}
     for row in store.annotations.member_rows("job_panel"):
         votes.setdefault(row["doc_id"], []).append(row["label"])
@@ -242,9 +243,9 @@ def test_several_annotators_each_write_rows_and_are_aggregated(tmp_path):
     unanimous = {doc: v[0] for doc, v in votes.items() if v[0] is not None and len(set(v)) == 1}
     assert unanimous and all(labels[doc] == label for doc, label in unanimous.items())
     assert runner.aggregate("job_panel", "dawid_skene") == "dawid_skene"
-    assert store.jobs.get("job_panel")["annotator_spec"]["aggregation"] == "dawid_skene"
+    assert store.jobs.get("job_panel").annotator_spec["aggregation"] == "dawid_skene"
     count = store.database.rows("SELECT count(*) AS n FROM annotations WHERE job_id = 'job_panel' AND annotator = ?",
-                         [job["annotator"]])[0]["n"]
+                         [job.annotator])[0]["n"]
     assert count == len(texts)
 
 
@@ -268,7 +269,7 @@ def test_a_tuning_that_lands_while_a_job_is_queued_rekeys_it_and_one_that_lands_
     from service.labelling.labeller import TunedPrompt
 
     store = _store(tmp_path)
-    version = store.taxonomies.get("sms-spam")[1]
+    version = store.taxonomies.get("sms-spam").version
 
     async def scenario():
         runner = await _runner(store, FakeEngine())
@@ -283,4 +284,4 @@ def test_a_tuning_that_lands_while_a_job_is_queued_rekeys_it_and_one_that_lands_
 
     asyncio.run(scenario())
     queued = store.jobs.get("job_queued")
-    assert queued["status"] == "succeeded" and queued["annotator_spec"]["prompt"] == "classify_terse"
+    assert queued.status == "succeeded" and queued.annotator_spec["prompt"] == "classify_terse"

@@ -35,7 +35,7 @@ def _job(tmp_path, seed: int = 0, ids: list[str] | None = None) -> tuple[Store, 
     over-calls spam; returns the store and the true labels."""
     rng = np.random.default_rng(seed)
     store = Store(tmp_path / "db.duckdb", export_dir=tmp_path / "exports")
-    version, _ = store.taxonomies.put(TAXONOMY, (REPO / "taxonomy" / "sms-spam.yaml").read_text())
+    version = store.taxonomies.put(TAXONOMY, (REPO / "taxonomy" / "sms-spam.yaml").read_text()).version
     truth = {doc_id: "spam" if rng.random() < 0.3 else "ham" for doc_id in ids or [f"d{i:04d}" for i in range(N)]}
     channels = rng.choice(["sms", "whatsapp"], size=len(truth))
     text = "{} message " if ids else "message {} "

@@ -35,7 +35,7 @@ resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 async def main():
     runner = await _runner(store, FakeEngine(), batch_size={BATCH})
     runner.submit("job_disk")
-    while store.jobs.get("job_disk")["status"] in ("queued", "running"):
+    while store.jobs.get("job_disk").status in ("queued", "running"):
         await asyncio.sleep(0.1)
     await runner.close()
 
@@ -62,6 +62,6 @@ def test_disk_write_failure_fails_the_job_loudly_and_keeps_whole_batches(tmp_pat
     rows, distinct, ok = store.cursor().execute(
         "SELECT count(*), count(DISTINCT doc_id), count(*) FILTER (status = 'ok') FROM annotations"
         " WHERE job_id = 'job_disk'").fetchone()
-    assert job["status"] == "failed" and "File too large" in job["error"]
-    assert 0 < rows < DOCUMENTS and rows == distinct == ok == job["done"]
+    assert job.status == "failed" and "File too large" in job.error
+    assert 0 < rows < DOCUMENTS and rows == distinct == ok == job.done
     assert rows % BATCH == 0  # batches commit whole or not at all

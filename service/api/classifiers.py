@@ -14,6 +14,7 @@ from service.api.context import hosted
 from service.api.schemas import ClassifierRequest, PredictRequest
 from service.errors import Conflict, cause_of
 from service.files import atomic_path
+from service.store.classifiers import Classifier, ClassifierSummary
 from service.work.trainings import as_labels
 
 router = APIRouter(tags=["classifiers"])
@@ -29,47 +30,47 @@ async def create_classifier(request: Request, body: ClassifierRequest) -> JSONRe
 
 
 @router.get("/v1/classifiers", dependencies=[READ])
-async def list_classifiers(request: Request) -> list[dict]:
+async def list_classifiers(request: Request) -> list[ClassifierSummary]:
     """Every student, newest first."""
-    return await asyncio.to_thread(hosted(request).store.classifiers.list)
+    return await asyncio.to_thread(hosted(request).store.classifiers.all)
 
 
 @router.get("/v1/classifiers/{ref}", dependencies=[READ])
-async def get_classifier(request: Request, ref: str) -> dict:
+async def get_classifier(request: Request, ref: str) -> Classifier:
     """A student (by id, or the newest ready version of a name) with its training report and metrics."""
     return await asyncio.to_thread(hosted(request).store.classifiers.get, ref)
 
 
-async def _ready(request: Request, ref: str) -> dict:
+async def _ready(request: Request, ref: str) -> Classifier:
     """A student that finished training, or a 409 saying where it stands."""
-    row = await asyncio.to_thread(hosted(request).store.classifiers.get, ref)
-    if row["status"] != "ready":
-        raise Conflict(f"classifier {row['classifier_id']} is {row['status']}"
-                       + (f": {row['error']}" if row.get("error") else "; wait until it is ready"))
-    return row
+    student = await asyncio.to_thread(hosted(request).store.classifiers.get, ref)
+    if student.status != "ready":
+        raise Conflict(f"classifier {student.classifier_id} is {student.status}"
+                       + (f": {student.error}" if student.error else "; wait until it is ready"))
+    return student
 
 
 @router.post("/v1/classifiers/{ref}/predict", dependencies=[READ])
 async def predict(request: Request, ref: str, body: PredictRequest) -> dict:
     """Labels for a batch of texts, in the same shape as the LLM's labels."""
     ctx = hosted(request)
-    row = await _ready(request, ref)
-    taxonomy, _, _ = await asyncio.to_thread(ctx.store.taxonomies.get, row["taxonomy"], row["taxonomy_version"])
+    student = await _ready(request, ref)
+    taxonomy = (await asyncio.to_thread(ctx.store.taxonomies.get, student.taxonomy, student.taxonomy_version)).taxonomy
     try:
-        answer = await ctx.students.predict.remote(row["path"], body.texts)
+        answer = await ctx.students.predict.remote(student.path, body.texts)
     except Exception as exc:  # Ray's wrapper hides the student's own error
         raise cause_of(exc) from None
-    return {"classifier_id": row["classifier_id"], "labels": as_labels(answer["probs"], answer["classes"], taxonomy)}
+    return {"classifier_id": student.classifier_id, "labels": as_labels(answer["probs"], answer["classes"], taxonomy)}
 
 
 @router.get("/v1/classifiers/{ref}/export", dependencies=[READ])
 async def export_classifier(request: Request, ref: str) -> FileResponse:
     """The student's directory as a .tar.gz: model.joblib (a scikit-learn pipeline) or a transformers model."""
     ctx = hosted(request)
-    row = await _ready(request, ref)
-    name = f"{row['name']}-v{row['version']}"
+    student = await _ready(request, ref)
+    name = f"{student.name}-v{student.version}"
     archive = ctx.settings.export_dir / f"{name}.tar.gz"
-    await asyncio.to_thread(_archive, Path(row["path"]), archive, name)
+    await asyncio.to_thread(_archive, Path(student.path or ""), archive, name)
     return FileResponse(archive, media_type="application/gzip", filename=archive.name)
 
 

@@ -53,7 +53,7 @@ def _default_panel(ctx: Context, body: JobRequest) -> bool:
     """
     if ctx.settings.default_annotators != "llm+embedding" or body.mode != "stream":
         return False
-    taxonomy, _, _ = ctx.store.taxonomies.get(body.taxonomy, body.taxonomy_version)
+    taxonomy = ctx.store.taxonomies.get(body.taxonomy, body.taxonomy_version).taxonomy
     return not taxonomy.multi_label and not taxonomy.abstention.allow_none
 
 
@@ -165,13 +165,13 @@ def _job_rows(settings: Settings, body: JobRequest, max_chars: int) -> Iterator[
 @router.get("/v1/jobs", dependencies=[READ])
 async def list_jobs(request: Request, limit: int = Query(100, ge=1, le=10_000)) -> list[dict]:
     """The most recent jobs."""
-    return await asyncio.to_thread(hosted(request).store.jobs.list, limit)
+    return await asyncio.to_thread(hosted(request).store.jobs.recent, limit)
 
 
 @router.get("/v1/jobs/{job_id}", dependencies=[READ], response_model=JobStatus)
 async def get_job(request: Request, job_id: str) -> JobStatus:
     """A job's status and progress counts."""
-    return JobStatus.from_row(await asyncio.to_thread(hosted(request).store.jobs.get, job_id))
+    return JobStatus.from_job(await asyncio.to_thread(hosted(request).store.jobs.get, job_id))
 
 
 @router.delete("/v1/jobs/{job_id}", dependencies=[WRITE], response_model=JobStatus)
@@ -180,8 +180,8 @@ async def cancel_job(request: Request, job_id: str) -> JobStatus:
     store = hosted(request).store
     if not await asyncio.to_thread(store.jobs.set_status, job_id, "cancelled", only_if_active=True):
         job = await asyncio.to_thread(store.jobs.get, job_id)
-        raise Conflict(f"job {job_id} already ended with status {job['status']!r}; nothing to cancel")
-    return JobStatus.from_row(await asyncio.to_thread(store.jobs.get, job_id))
+        raise Conflict(f"job {job_id} already ended with status {job.status!r}; nothing to cancel")
+    return JobStatus.from_job(await asyncio.to_thread(store.jobs.get, job_id))
 
 
 @router.get("/v1/jobs/{job_id}/labels", dependencies=[READ])

@@ -35,7 +35,7 @@ async def get_gold_sample(request: Request, job_id: str,
                                  headers={"Content-Disposition": f'attachment; filename="{job_id}.gold.csv"'})
     if format == "labelstudio":
         job = await asyncio.to_thread(ctx.store.jobs.get, job_id)
-        taxonomy, _, _ = await asyncio.to_thread(ctx.store.taxonomies.get, job["taxonomy"], job["taxonomy_version"])
+        taxonomy = (await asyncio.to_thread(ctx.store.taxonomies.get, job.taxonomy, job.taxonomy_version)).taxonomy
         return {"tasks": gold.to_label_studio(sample), "label_config": gold.label_studio_config(taxonomy.label_names())}
     return sample
 
@@ -95,4 +95,4 @@ async def aggregate_job(request: Request, job_id: str, body: AggregateRequest) -
     ctx = hosted(request)
     method = await asyncio.to_thread(ctx.runner.aggregate, job_id, body.method)
     job = await asyncio.to_thread(ctx.store.jobs.get, job_id)
-    return {"job_id": job_id, "aggregation": method, "refinement": job["annotator_spec"].get("refinement")}
+    return {"job_id": job_id, "aggregation": method, "refinement": job.annotator_spec.get("refinement")}

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from datetime import datetime, timezone
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.labelling.aggregation import METHODS
+from service.store.jobs import Job, JobAnnotator
 from service.taxonomy import LongDocuments, Shortlist
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -177,38 +179,38 @@ class JobStatus(BaseModel):
     finished_at: datetime | None = None
 
     @classmethod
-    def from_row(cls, row: dict) -> JobStatus:
-        """Build from the store's job row (extra keys ignored)."""
-        fields = {k: v for k, v in row.items() if k in cls.model_fields}
-        members = row.get("annotators") or []
-        aggregation = row["annotator_spec"].get("aggregation") if len(members) > 1 else None
+    def from_job(cls, job: Job) -> JobStatus:
+        """Build from the store's job."""
+        fields = {k: v for k, v in asdict(job).items() if k in cls.model_fields}
+        members = job.annotators
+        aggregation = job.annotator_spec.get("aggregation") if len(members) > 1 else None
         counted = members[:1] if aggregation == "cascade" else members if len(members) > 1 else []
-        steps = row["total"] * (len(counted) + 1)
-        finished = row["done"] + row["failed"] + sum(m["done"] + m["failed"] for m in counted)
+        steps = job.total * (len(counted) + 1)
+        finished = job.done + job.failed + sum(m.done + m.failed for m in counted)
         progress = round(finished / steps, 4) if steps else 1.0
-        return cls(**fields, mode="stream" if row.get("batch") is None else "batch", progress=progress,
-                   aggregation=aggregation, refinement=row["annotator_spec"].get("refinement") if members[1:] else None,
-                   **_pace(row, progress),
-                   **_routing(members, row["total"]) if aggregation == "cascade" else {})
+        return cls(**fields, mode="stream" if job.batch is None else "batch", progress=progress,
+                   aggregation=aggregation, refinement=job.annotator_spec.get("refinement") if members[1:] else None,
+                   **_pace(job, progress),
+                   **_routing(members, job.total) if aggregation == "cascade" else {})
 
 
-def _pace(row: dict, progress: float) -> dict:
+def _pace(job: Job, progress: float) -> dict:
     """Throughput since the start, and the time left at that pace while the job runs (timestamps are naive UTC)."""
-    if row.get("started_at") is None:
+    if job.started_at is None:
         return {}
-    end = row.get("finished_at") or datetime.now(timezone.utc).replace(tzinfo=None)
-    elapsed = (end - row["started_at"]).total_seconds()
+    end = job.finished_at or datetime.now(timezone.utc).replace(tzinfo=None)
+    elapsed = (end - job.started_at).total_seconds()
     if elapsed <= 0:
         return {}
-    pace = {"docs_per_s": round(progress * row["total"] / elapsed, 3)}  # every annotator's share of the work
-    if row["status"] == "running" and 0 < progress < 1:
+    pace = {"docs_per_s": round(progress * job.total / elapsed, 3)}  # every annotator's share of the work
+    if job.status == "running" and 0 < progress < 1:
         pace["eta_s"] = round(elapsed * (1 - progress) / progress, 1)
     return pace
 
 
-def _routing(members: list[dict], total: int) -> dict:
+def _routing(members: list[JobAnnotator], total: int) -> dict:
     """A cascade's LLM calls: its second annotator's documents."""
-    routed = members[1]["done"] + members[1]["failed"]
+    routed = members[1].done + members[1].failed
     return {"routed": routed, "routing_rate": round(routed / total, 4) if total else None}
 
 

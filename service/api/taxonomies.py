@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import defaultdict
+from dataclasses import asdict
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -46,8 +47,8 @@ async def push_taxonomy(request: Request) -> JSONResponse:
         raise TaxonomyError("<request body>", [("", None, f"not valid UTF-8 at byte {exc.start}")]) from exc
     taxonomy = await asyncio.to_thread(parse_taxonomy, text, source="<request body>")  # the loop serves others
     _check_taxonomy_size(taxonomy, hosted(request).settings)
-    version, created = await asyncio.to_thread(hosted(request).store.taxonomies.put, taxonomy, text)
-    body = TaxonomyCreated(name=taxonomy.name, version=version, created=created)
+    pushed = await asyncio.to_thread(hosted(request).store.taxonomies.put, taxonomy, text)
+    body = TaxonomyCreated(name=taxonomy.name, version=pushed.version, created=pushed.created)
     return JSONResponse(body.model_dump(), status_code=201)  # "created" says whether the version is new
 
 
@@ -64,18 +65,18 @@ def _check_taxonomy_size(taxonomy: Taxonomy, settings: Settings) -> None:
 @router.get("/v1/taxonomies", dependencies=[READ])
 async def list_taxonomies(request: Request) -> list[dict]:
     """Every stored taxonomy version."""
-    return await asyncio.to_thread(hosted(request).store.taxonomies.list)
+    return await asyncio.to_thread(hosted(request).store.taxonomies.all)
 
 
 @router.get("/v1/taxonomies/{name}", dependencies=[READ])
 async def get_taxonomy(request: Request, name: str, version: str | None = None) -> dict:
     """One taxonomy (newest version unless ``version``), with its YAML, all versions and its prompt tunings."""
     store = hosted(request).store
-    taxonomy, found, yaml_text = await asyncio.to_thread(store.taxonomies.get, name, version)
+    stored = await asyncio.to_thread(store.taxonomies.get, name, version)
     versions = await asyncio.to_thread(store.taxonomies.versions, name)
-    tunings = await asyncio.to_thread(store.taxonomies.tunings, name, found)
-    return {"name": name, "version": found, "yaml": yaml_text, "taxonomy": taxonomy.model_dump(), "versions": versions,
-            "tunings": tunings}
+    tunings = await asyncio.to_thread(store.taxonomies.tunings, name, stored.version)
+    return {"name": name, "version": stored.version, "yaml": stored.yaml, "taxonomy": stored.taxonomy.model_dump(),
+            "versions": versions, "tunings": tunings}
 
 
 @router.post("/v1/taxonomies/{name}/tune", dependencies=[WRITE])
@@ -108,7 +109,7 @@ async def _start_induction(ctx: Context, caller: Caller, body: InductionRequest)
             raise TooManyRequests(f"token {caller.token_id} has {active} inductions running, the limit "
                                   f"(ANNOTATE_MAX_ACTIVE_JOBS_PER_TOKEN) is {limit}; wait for one to end")
     model = ctx.runner.model(body.model).name
-    base = (await asyncio.to_thread(ctx.store.taxonomies.get, body.base))[0] if body.base else None
+    base = (await asyncio.to_thread(ctx.store.taxonomies.get, body.base)).taxonomy if body.base else None
     if body.source is not None:
         rows = read_file(local_source(ctx.settings.input_dir, body.source), text_field=body.text_field, id_field=body.id_field,
                          max_chars=ctx.settings.max_document_chars, name=body.source)
@@ -135,7 +136,8 @@ async def _start_induction(ctx: Context, caller: Caller, body: InductionRequest)
 async def get_induction(request: Request, induction_id: str) -> InductionStatus:
     """An induction's progress; its YAML and review report once it succeeded."""
     ctx = hosted(request)
-    row = await asyncio.to_thread(ctx.store.inductions.get, induction_id)
+    induction = await asyncio.to_thread(ctx.store.inductions.get, induction_id)
+    row = asdict(induction)
     if induction_id in ctx.inductions.live:  # running: its progress lives in memory, not in the database
         row.update(status="running", **dict(zip(("stage", "progress"), ctx.inductions.live[induction_id])))
     return InductionStatus(**{k: v for k, v in row.items() if k in InductionStatus.model_fields})

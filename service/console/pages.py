@@ -51,13 +51,13 @@ def render_page(template: str, status_code: int = 200, **context) -> HTMLRespons
 async def jobs_page(request: Request) -> HTMLResponse:
     """Every recent job with live progress, throughput and ETA."""
     store = hosted(request).store
-    jobs = await asyncio.to_thread(lambda: [_job_summary(store, row["job_id"]) for row in store.jobs.list(100)])
+    jobs = await asyncio.to_thread(lambda: [_job_summary(store, row.job_id) for row in store.jobs.recent(100)])
     return render_page("jobs.html", jobs=jobs)
 
 
 def _job_summary(store, job_id: str) -> dict:
     """A job's status as the API reports it, as plain JSON-ready data."""
-    return JobStatus.from_row(store.jobs.get(job_id)).model_dump(mode="json")
+    return JobStatus.from_job(store.jobs.get(job_id)).model_dump(mode="json")
 
 
 @router.get("/console/jobs/{job_id}", dependencies=[READ], response_class=HTMLResponse)
@@ -86,7 +86,7 @@ async def gold_page(request: Request, job_id: str, annotator: str = "") -> HTMLR
     """Label the job's gold sample one document at a time, without seeing the LLM's labels."""
     store = hosted(request).store
     job = await asyncio.to_thread(_job_summary, store, job_id)
-    taxonomy, _, _ = await asyncio.to_thread(store.taxonomies.get, job["taxonomy"], job["taxonomy_version"])
+    taxonomy = (await asyncio.to_thread(store.taxonomies.get, job.taxonomy, job.taxonomy_version)).taxonomy
     descriptions = {label.name: label.description for label in taxonomy.labels}
     labels = [{"name": name, "description": descriptions.get(name, ""), "key": key}  # past 32 labels: click only
               for name, key in zip_longest(taxonomy.label_names(), _shortcut_keys()) if name is not None]
@@ -147,7 +147,7 @@ def _quality_charts(report: dict, shares: dict) -> dict[str, str]:
 @router.get("/console/taxonomies", dependencies=[READ], response_class=HTMLResponse)
 async def taxonomies_page(request: Request) -> HTMLResponse:
     """Every taxonomy with its versions."""
-    rows = await asyncio.to_thread(hosted(request).store.taxonomies.list)
+    rows = await asyncio.to_thread(hosted(request).store.taxonomies.all)
     return render_page("taxonomies.html", taxonomies=rows)
 
 
@@ -157,13 +157,15 @@ async def taxonomy_page(request: Request, name: str, version: str | None = None,
     """One taxonomy's YAML at a version, its versions, and the diff from another version."""
     store = hosted(request).store
     versions = await asyncio.to_thread(store.taxonomies.versions, name)
-    _, shown, text = await asyncio.to_thread(store.taxonomies.get, name, version)
-    older = compare or next((v["version"] for v in versions if v["version"] != shown), None)
+    shown = await asyncio.to_thread(store.taxonomies.get, name, version)
+    older = compare or next((v["version"] for v in versions if v["version"] != shown.version), None)
     diff = []
     if older:
-        _, older, before = await asyncio.to_thread(store.taxonomies.get, name, older)
-        diff = await asyncio.to_thread(_diff, before, text, f"{name}@{older}", f"{name}@{shown}")
-    return render_page("taxonomy.html", name=name, version=shown, yaml=text, versions=versions, compare=older, diff=diff)
+        before = await asyncio.to_thread(store.taxonomies.get, name, older)
+        older = before.version
+        diff = await asyncio.to_thread(_diff, before.yaml, shown.yaml, f"{name}@{older}", f"{name}@{shown.version}")
+    return render_page("taxonomy.html", name=name, version=shown.version, yaml=shown.yaml, versions=versions,
+                       compare=older, diff=diff)
 
 
 DIFF_MAX_LINES = 5000  # difflib is quadratic at worst: a page view must not cost the ingress minutes

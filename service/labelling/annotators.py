@@ -94,12 +94,22 @@ class EmbeddingLabeller(_OptionScorer):
 
 
 @dataclass(frozen=True)
+class Student:
+    """Which trained student a ``ClassifierLabeller`` asks: its id, name, kind and directory."""
+
+    classifier_id: str
+    name: str
+    kind: str
+    path: str
+
+
+@dataclass(frozen=True)
 class ClassifierLabeller(_OptionScorer):
     """A distilled student as an annotator: its class probabilities through the taxonomy's rules (cascades)."""
 
     taxonomy: Taxonomy
     taxonomy_version: str
-    classifier: dict  # its row in the store (id, kind, path)
+    student: Student
     model_input_chars: int
     model: str = "student"
     options: tuple[str, ...] = field(init=False)
@@ -110,8 +120,8 @@ class ClassifierLabeller(_OptionScorer):
     @property
     def spec(self) -> dict:
         """The student's id and kind determine its annotations."""
-        return {"engine": "student", "model": self.classifier["classifier_id"],
-                "decoding": {"kind": self.classifier["kind"]}, "prompt": None, "prompt_hash": None,
+        return {"engine": "student", "model": self.student.classifier_id,
+                "decoding": {"kind": self.student.kind}, "prompt": None, "prompt_hash": None,
                 "taxonomy": self.taxonomy.name, "taxonomy_version": self.taxonomy_version,
                 "model_input_chars": self.model_input_chars}
 

@@ -115,7 +115,7 @@ def student_scorer(labeller: ClassifierLabeller, students) -> Scorer:
     from service.distill.students import in_order
 
     async def predict(texts: list[str]) -> list:
-        answer = await students.predict.remote(labeller.classifier["path"], texts)
+        answer = await students.predict.remote(labeller.student.path, texts)
         return in_order(np.array(answer["probs"]), answer["classes"], list(labeller.options)).tolist()
 
     return errors_per_request(predict, remote=True)

@@ -148,7 +148,8 @@ async def tune(runner, taxonomy_name: str, version: str | None, model: str | Non
                calibrations: list[str] | None = None) -> dict:
     """Label the sample with every candidate prompt (each calibrated as ``calibrations`` says) and the embedding
     annotator; store and return the choice."""
-    taxonomy, found, _ = await asyncio.to_thread(runner.store.taxonomies.get, taxonomy_name, version)
+    stored = await asyncio.to_thread(runner.store.taxonomies.get, taxonomy_name, version)
+    taxonomy, found = stored.taxonomy, stored.version
     if taxonomy.multi_label:
         raise InvalidInput(f"taxonomy {taxonomy.name!r} is multi-label; prompt tuning covers single-label taxonomies "
                            "(its label-free yardstick, the embedding annotator, labels only those)")

@@ -40,10 +40,10 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # OWASP's list of cell starts
 def draw(store: Store, job_id: str, *, size: int, design: str, seed: int, replace: bool) -> dict:
     """Draw and store a gold sample of a finished job; returns what was drawn."""
     job = store.jobs.get(job_id)
-    if job["status"] != "succeeded":
-        raise Conflict(f"job {job_id} is {job['status']}; draw a gold sample once it has succeeded, so that every "
+    if job.status != "succeeded":
+        raise Conflict(f"job {job_id} is {job.status}; draw a gold sample once it has succeeded, so that every "
                        "document had its chance of being drawn")
-    taxonomy, _, _ = store.taxonomies.get(job["taxonomy"], job["taxonomy_version"])
+    taxonomy = store.taxonomies.get(job.taxonomy, job.taxonomy_version).taxonomy
     if taxonomy.multi_label:
         raise InvalidInput(f"job {job_id} uses the multi-label taxonomy {taxonomy.name!r}; gold samples and their "
                            "statistics cover single-label taxonomies")
@@ -69,7 +69,7 @@ def draw(store: Store, job_id: str, *, size: int, design: str, seed: int, replac
 def put_labels(store: Store, job_id: str, rows: list[tuple[str, str, str]], *, max_annotators: int) -> dict:
     """Check human labels (doc_id, annotator, label) against the taxonomy and store them."""
     job = store.jobs.get(job_id)
-    taxonomy, _, _ = store.taxonomies.get(job["taxonomy"], job["taxonomy_version"])
+    taxonomy = store.taxonomies.get(job.taxonomy, job.taxonomy_version).taxonomy
     allowed = set(taxonomy.label_names()) | {NONE_LABEL}
     bad = [(i, label) for i, (_, _, label) in enumerate(rows) if label not in allowed]
     if bad:

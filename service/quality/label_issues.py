@@ -49,7 +49,7 @@ def rank_llm_issues(store: Store, job_id: str, *, max_documents: int, seed: int,
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
     job = store.jobs.get(job_id)
-    taxonomy, _, _ = store.taxonomies.get(job["taxonomy"], job["taxonomy_version"])
+    taxonomy = store.taxonomies.get(job.taxonomy, job.taxonomy_version).taxonomy
     columns = store.quality.population(job_id, taxonomy.label_names(), with_text=True)
     labelled = [i for i, label in enumerate(columns["label"]) if label is not None and label != NONE_LABEL]
     if len(labelled) > max_documents:
@@ -72,10 +72,10 @@ def rank_llm_issues(store: Store, job_id: str, *, max_documents: int, seed: int,
 
 def _vote_disagreement(store: Store, job: dict, doc_ids: list[str], labels: np.ndarray) -> np.ndarray:
     """Share of the annotators' votes on each document that differ from its label (0 with one annotator)."""
-    if len(job["annotators"]) < 2:
+    if len(job.annotators) < 2:
         return np.zeros(len(doc_ids))
     votes: dict[str, list[str]] = {}
-    for row in store.annotations.member_rows(job["job_id"]):
+    for row in store.annotations.member_rows(job.job_id):
         if row["status"] == "ok" and not row["abstained"] and row["label"] is not None:
             votes.setdefault(row["doc_id"], []).append(row["label"])
     return np.array([np.mean([v != label for v in votes.get(doc, [])]) if votes.get(doc) else 0.0

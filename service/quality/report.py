@@ -43,7 +43,7 @@ class GoldData:
 
     def __init__(self, store: Store, job_id: str):
         job = store.jobs.get(job_id)
-        taxonomy, _, _ = store.taxonomies.get(job["taxonomy"], job["taxonomy_version"])
+        taxonomy = store.taxonomies.get(job.taxonomy, job.taxonomy_version).taxonomy
         if taxonomy.multi_label:
             raise InvalidInput(f"job {job_id} uses the multi-label taxonomy {taxonomy.name!r}; gold statistics, "
                                "calibration and estimates cover single-label taxonomies")
@@ -84,7 +84,7 @@ def report(store: Store, job_id: str) -> dict:
                             abstain_reasons=data.at_gold("abstain_reason"))
     result = {"job_id": job_id, "sample": data.sample, **result, **_annotators(store, data),
               "humans": _human_agreement(store, job_id)}
-    result["refinement"] = data.job["annotator_spec"].get("refinement")  # labels fitted to gold say how (cross-fitted)
+    result["refinement"] = data.job.annotator_spec.get("refinement")  # labels fitted to gold say how (cross-fitted)
     result["calibration"] = store.quality.calibration(job_id)
     result["shortlist"] = _shortlist_recall(data)
     store.quality.put_tables(job_id, *_tables(result))
@@ -110,28 +110,28 @@ def _shortlist_recall(data: GoldData) -> dict | None:
 def annotator_agreement(store: Store, job_id: str) -> dict:
     """Agreement between a several-annotator job's annotators (no gold needed)."""
     job = store.jobs.get(job_id)
-    if len(job["annotators"]) < 2:
+    if len(job.annotators) < 2:
         raise Conflict(f"job {job_id} has one annotator; agreement needs two or more")
     return {"job_id": job_id, **agreement(store.annotations.member_rows(job_id),
-                                          {m["annotator"]: m["name"] for m in job["annotators"]})}
+                                          {m.annotator: m.name for m in job.annotators})}
 
 
 def _annotators(store: Store, data: GoldData) -> dict:
     """Each annotator's weighted accuracy on the gold sample and their agreement (several-annotator jobs)."""
-    members = data.job["annotators"]
+    members = data.job.annotators
     if len(members) < 2:
         return {}
     gold = {doc: (label, 1 / pi) for doc, label, pi, keep in
             zip(data.columns["doc_id"], data.columns["gold_label"], data.pi, data.gold) if keep}
-    rows = store.annotations.member_rows(data.job["job_id"])
-    names = {m["annotator"]: m["name"] for m in members}
+    rows = store.annotations.member_rows(data.job.job_id)
+    names = {m.annotator: m.name for m in members}
     accuracy = []
     for member in members:
         votes = [(r["label"], *gold[r["doc_id"]]) for r in rows
-                 if r["annotator"] == member["annotator"] and r["doc_id"] in gold]
+                 if r["annotator"] == member.annotator and r["doc_id"] in gold]
         answered = [(label == truth, w) for label, truth, w in votes if label is not None]
         total = sum(w for _, _, w in votes)
-        accuracy.append({"name": member["name"], "n": len(votes),
+        accuracy.append({"name": member.name, "n": len(votes),
                          "accuracy": _weighted_mean(answered),
                          "coverage": sum(w for _, w in answered) / total if total else None})
     return {"annotators": accuracy, "agreement": agreement(rows, names)}

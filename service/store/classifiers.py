@@ -3,12 +3,41 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, fields
+from datetime import datetime
 
 from service.errors import NotFound
 from service.store.database import Database, utc_now
 
 JSON_COLUMNS = ("jobs", "options", "classes", "report")
 
+
+@dataclass(frozen=True)
+class ClassifierSummary:
+    """A student in the list of students."""
+
+    classifier_id: str
+    name: str
+    version: int
+    kind: str
+    taxonomy: str
+    taxonomy_version: str
+    jobs: list[str]
+    status: str  # training, ready or failed
+    size_bytes: int | None
+    created_at: datetime
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Classifier(ClassifierSummary):
+    """A student with its options, classes, evaluation report, directory and error."""
+
+    options: dict | None = None
+    classes: list[str] | None = None
+    report: dict | None = None
+    path: str | None = None
+    error: str | None = None
 
 
 class Classifiers:
@@ -18,7 +47,7 @@ class Classifiers:
         self._db = db
 
     def create(self, classifier_id: str, *, name: str, kind: str, taxonomy: str, taxonomy_version: str,
-                          jobs: list[str], options: dict) -> int:
+               jobs: list[str], options: dict) -> int:
         """Record a student being trained as the next version of ``name``; returns that version."""
         with self._db.transaction() as cur:
             version = cur.execute("SELECT coalesce(max(version), 0) + 1 FROM classifiers WHERE name = ?",
@@ -30,7 +59,7 @@ class Classifiers:
         return version
 
     def finish(self, classifier_id: str, *, report: dict | None = None, path: str | None = None,
-                          error: str | None = None) -> None:
+               error: str | None = None) -> None:
         """Mark a student ready (with its report and directory) or failed (with the error)."""
         with self._db.transaction() as cur:
             cur.execute(
@@ -40,20 +69,20 @@ class Classifiers:
                  json.dumps(report) if report else None, path, report["size_bytes"] if report else None, error,
                  utc_now(), classifier_id])
 
-    def get(self, ref: str) -> dict:
+    def get(self, ref: str) -> Classifier:
         """A student by id, or the newest ready version of a name."""
         rows = self._db.rows("SELECT * FROM classifiers WHERE classifier_id = ? OR (name = ? AND status = 'ready')"
                            " ORDER BY classifier_id = ? DESC, version DESC LIMIT 1", [ref, ref, ref])
         if not rows:
             raise NotFound(f"unknown classifier {ref!r} (an id, or the name of one that finished training); "
                            "GET /v1/classifiers lists them")
-        return _decoded(rows[0])
+        return Classifier(**_decoded(rows[0]))
 
-    def list(self) -> list[dict]:
+    def all(self) -> list[ClassifierSummary]:
         """Every student, newest first (reports left out)."""
-        return [_decoded(r) for r in self._db.rows(
-            "SELECT classifier_id, name, version, kind, taxonomy, taxonomy_version, jobs, status, size_bytes,"
-            " created_at, finished_at FROM classifiers ORDER BY created_at DESC")]
+        columns = ", ".join(field.name for field in fields(ClassifierSummary))
+        return [ClassifierSummary(**_decoded(r))
+                for r in self._db.rows(f"SELECT {columns} FROM classifiers ORDER BY created_at DESC")]
 
     def interrupt(self) -> int:
         """Trainings cut off by a stop fail with a message; returns how many."""

@@ -3,9 +3,28 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from datetime import datetime
 
 from service.errors import NotFound
 from service.store.database import Database, utc_now
+
+
+@dataclass(frozen=True)
+class Induction:
+    """A taxonomy induction: how far it got, and its YAML and review report once it succeeded."""
+
+    induction_id: str
+    name: str
+    status: str  # queued, running, succeeded or failed
+    stage: str | None
+    progress: float | None
+    options: dict | None
+    yaml: str | None
+    report: dict | None
+    error: str | None
+    created_at: datetime
+    finished_at: datetime | None
 
 
 class Inductions:
@@ -32,7 +51,7 @@ class Inductions:
                 [status, stage, progress, yaml_text, None if report is None else json.dumps(report), error, finished,
                  induction_id])
 
-    def get(self, induction_id: str) -> dict:
+    def get(self, induction_id: str) -> Induction:
         """An induction's state, and its YAML and report once done."""
         rows = self._db.rows("SELECT * FROM inductions WHERE induction_id = ?", [induction_id])
         if not rows:
@@ -40,7 +59,7 @@ class Inductions:
         row = rows[0]
         for key in ("options", "report"):
             row[key] = None if row[key] is None else json.loads(row[key])
-        return row
+        return Induction(**row)
 
     def interrupt(self) -> int:
         """Inductions cut off by a stop (their inputs were not kept) fail with a message; returns how many."""

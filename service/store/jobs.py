@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import duckdb
@@ -11,6 +13,67 @@ import pyarrow as pa
 
 from service.errors import InvalidInput, NotFound
 from service.store.database import ANNOTATION_COLUMNS, DOCUMENT_COLUMNS, DOCUMENT_SCHEMA, Database, utc_now
+
+
+@dataclass(frozen=True)
+class JobAnnotator:
+    """One annotator of a job, in panel order, with its progress counts."""
+
+    name: str
+    annotator: str  # its key: what determines its annotations
+    kind: str
+    model: str | None
+    prompt: str | None
+    weight: float | None
+    done: int
+    failed: int
+    abstained: int
+
+    def entry(self) -> dict:
+        """The annotator as a job's request named it (kind, model, prompt, weight), to build it again."""
+        return {"name": self.name, "annotator": self.annotator, "kind": self.kind, "model": self.model,
+                "prompt": self.prompt, "weight": self.weight}
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job as stored, with live counts of its documents (those of its output annotator)."""
+
+    job_id: str
+    taxonomy: str
+    taxonomy_version: str
+    model: str
+    batch: dict | None  # a batch job's source and fields; None for a stream job
+    long_documents: str | None
+    shortlist: dict | None
+    annotator: str  # the output annotator: the only one's key, or the aggregate's
+    annotator_spec: dict
+    status: str
+    total: int
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    shards: int
+    shards_done: int
+    done: int
+    failed: int
+    abstained: int
+    cached: int
+    annotators: list[JobAnnotator]
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    """A job in the list of recent jobs."""
+
+    job_id: str
+    taxonomy: str
+    taxonomy_version: str
+    status: str
+    total: int
+    created_at: datetime
+    finished_at: datetime | None
 
 
 class Jobs:
@@ -76,7 +139,7 @@ class Jobs:
                                      [job_id, size]).fetchall()
         return [text for (text,) in rows]
 
-    def get(self, job_id: str) -> dict:
+    def get(self, job_id: str) -> Job:
         """A job's row with live counts of done, failed and abstained documents."""
         rows = self._db.rows(
             "SELECT j.job_id, j.taxonomy, j.taxonomy_version, j.model, j.batch, j.long_documents, j.shortlist,"
@@ -97,19 +160,15 @@ class Jobs:
         if not rows:
             raise NotFound(f"unknown job {job_id!r}")
         row = rows[0]
-        row["annotator_spec"] = json.loads(row["annotator_spec"])
-        row["batch"] = None if row["batch"] is None else json.loads(row["batch"])
-        row["shortlist"] = None if row["shortlist"] is None else json.loads(row["shortlist"])
-        row["annotators"] = self.annotators(job_id)
-        return row
+        for key in ("annotator_spec", "batch", "shortlist"):
+            row[key] = None if row[key] is None else json.loads(row[key])
+        return Job(**row, annotators=self.annotators(job_id))
 
-    def list(self, limit: int = 100) -> list[dict]:
+    def recent(self, limit: int = 100) -> list[JobSummary]:
         """The most recent jobs, newest first."""
-        return self._db.rows(
+        return [JobSummary(**row) for row in self._db.rows(
             "SELECT job_id, taxonomy, taxonomy_version, status, total, created_at, finished_at FROM jobs"
-            " ORDER BY created_at DESC LIMIT ?",
-            [limit],
-        )
+            " ORDER BY created_at DESC LIMIT ?", [limit])]
 
     def active_of(self, token_id: str) -> int:
         """Queued or running jobs one API token submitted."""
@@ -182,15 +241,15 @@ class Jobs:
             cur.execute("UPDATE job_shards SET path = ?, registered_at = ? WHERE job_id = ? AND shard = ?",
                         [str(path), utc_now(), job_id, shard])
 
-    def annotators(self, job_id: str) -> list[dict]:
+    def annotators(self, job_id: str) -> list[JobAnnotator]:
         """A job's annotators in order, each with its progress counts."""
-        return self._db.rows(
+        return [JobAnnotator(**row) for row in self._db.rows(
             "SELECT ja.name, ja.annotator, ja.kind, ja.model, ja.prompt, ja.weight,"
             " count(a.doc_id) FILTER (WHERE a.status = 'ok') AS done,"
             " count(a.doc_id) FILTER (WHERE a.status = 'failed') AS failed,"
             " count(a.doc_id) FILTER (WHERE a.abstained) AS abstained"
             " FROM job_annotators ja LEFT JOIN annotations a ON a.job_id = ja.job_id AND a.annotator = ja.annotator"
-            " WHERE ja.job_id = ? GROUP BY ALL ORDER BY any_value(ja.position)", [job_id])
+            " WHERE ja.job_id = ? GROUP BY ALL ORDER BY any_value(ja.position)", [job_id])]
 
 
 def _insert_annotators(cur: duckdb.DuckDBPyConnection, job_id: str, annotators: list[dict]) -> None:

@@ -3,11 +3,29 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 from service.errors import NotFound
 from service.labelling.labeller import TunedPrompt
 from service.store.database import Database, utc_now
 from service.taxonomy import Taxonomy, parse_taxonomy
+
+
+@dataclass(frozen=True)
+class StoredTaxonomy:
+    """One stored version of a taxonomy: parsed, its content-hash version, and the YAML it was pushed as."""
+
+    taxonomy: Taxonomy
+    version: str
+    yaml: str
+
+
+@dataclass(frozen=True)
+class Pushed:
+    """The version a push stored, and whether it is new (the same YAML again only moves it to the front)."""
+
+    version: str
+    created: bool
 
 
 class Taxonomies:
@@ -16,15 +34,15 @@ class Taxonomies:
     def __init__(self, db: Database):
         self._db = db
 
-    def put(self, taxonomy: Taxonomy, yaml_text: str) -> tuple[str, bool]:
-        """Store a taxonomy version (content hash) and make it the current one; returns (version, created)."""
+    def put(self, taxonomy: Taxonomy, yaml_text: str) -> Pushed:
+        """Store a taxonomy version (content hash) and make it the current one."""
         version = taxonomy.content_hash()
         with self._db.transaction() as cur:
             if cur.execute(
                 "UPDATE taxonomies SET pushed_at = ? WHERE name = ? AND version = ? RETURNING 1",
                 [utc_now(), taxonomy.name, version],
             ).fetchall():
-                return version, False
+                return Pushed(version, created=False)
             cur.execute(
                 "INSERT INTO taxonomies VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [taxonomy.name, version, taxonomy.version, taxonomy.description, taxonomy.multi_label, yaml_text,
@@ -36,10 +54,10 @@ class Taxonomies:
                 [[taxonomy.name, version, label.name, label.parent, label.description, label.name in leaves, i]
                  for i, label in enumerate(taxonomy.labels)],
             )
-        return version, True
+        return Pushed(version, created=True)
 
-    def get(self, name: str, version: str | None = None) -> tuple[Taxonomy, str, str]:
-        """(taxonomy, version, yaml) of a named taxonomy: the last pushed version unless one is given."""
+    def get(self, name: str, version: str | None = None) -> StoredTaxonomy:
+        """A named taxonomy: the last pushed version unless one is given."""
         sql = "SELECT version, yaml FROM taxonomies WHERE name = ?"
         params: list = [name]
         if version:
@@ -50,7 +68,7 @@ class Taxonomies:
             known = [r[0] for r in self._db.cursor().execute("SELECT DISTINCT name FROM taxonomies ORDER BY 1").fetchall()]
             what = f"taxonomy {name!r}" + (f" version {version!r}" if version else "")
             raise NotFound(f"unknown {what}; known taxonomies: {', '.join(known) or 'none (push one first)'}")
-        return parse_taxonomy(row[1], source=f"store:{name}@{row[0]}"), row[0], row[1]
+        return StoredTaxonomy(parse_taxonomy(row[1], source=f"store:{name}@{row[0]}"), version=row[0], yaml=row[1])
 
     def put_tuning(self, taxonomy: str, version: str, model: str, choice: TunedPrompt, criterion: str,
                           evidence: dict) -> None:
@@ -73,7 +91,7 @@ class Taxonomies:
                                     " taxonomy_version = ? AND model = ?", [taxonomy, version, model]).fetchone()
         return None if row is None else TunedPrompt(row[0], row[1], None if row[2] is None else tuple(row[2]))
 
-    def list(self) -> list[dict]:
+    def all(self) -> list[dict]:
         """Every taxonomy version, newest first."""
         return self._db.rows(
             "SELECT name, version, label_version, description, multi_label, created_at,"

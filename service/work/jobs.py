@@ -21,7 +21,7 @@ from service.engines.base import EMBEDDED_ENGINE, EngineInfo
 from service.engines.embeddings import DOCUMENT_CHARS, shared_embedder
 from service.errors import Conflict, InvalidInput
 from service.labelling.aggregation import DEFAULT_METHOD, REFINED, aggregate
-from service.labelling.annotators import EMBEDDING, ClassifierLabeller, EmbeddingLabeller
+from service.labelling.annotators import EMBEDDING, ClassifierLabeller, EmbeddingLabeller, Student
 from service.labelling.demonstrations import Demonstrator, pool_hash
 from service.labelling.labeller import Labeller, annotator_key, demonstrations, shortlist_prompting
 from service.labelling.prompts import PromptTemplate, load_template
@@ -31,6 +31,7 @@ from service.labelling.shortlist import TOP_DOWN, Shortlister, TopDown
 from service.labelling.tuning import tune
 from service.store import Store
 from service.store.annotations import annotation_row
+from service.store.jobs import Job
 from service.taxonomy import NONE_LABEL, Shortlist, Taxonomy
 from service.work.tasks import Tasks
 
@@ -91,7 +92,8 @@ class JobRunner:
         in its jobs created ``before`` (the job's own creation: a resumed job sees the same pool),
         through ``classify_fewshot`` unless the job or the tuning names another template that shows them.
         """
-        taxonomy, version, _ = self.store.taxonomies.get(taxonomy_name, version)
+        stored = self.store.taxonomies.get(taxonomy_name, version)
+        taxonomy, version = stored.taxonomy, stored.version
         chosen = self.model(model or taxonomy.model)
         plan = Shortlist.model_validate(shortlist) if shortlist else taxonomy.shortlist
         default, whole_prompt = "classify_multi" if taxonomy.multi_label else "classify", False
@@ -169,12 +171,12 @@ class JobRunner:
             where = f"annotators[{i}]"
             if entry.get("kind") == "classifier":
                 labeller = self._student(taxonomy_name, version, entry.get("classifier") or entry["model"], where)
-                name = entry.get("name") or f"student/{labeller.classifier['name']}"
+                name = entry.get("name") or f"student/{labeller.student.name}"
             elif entry.get("kind") == EMBEDDING:
-                taxonomy, found, _ = self.store.taxonomies.get(taxonomy_name, version)
-                if taxonomy.multi_label:
+                stored = self.store.taxonomies.get(taxonomy_name, version)
+                if stored.taxonomy.multi_label:
                     raise InvalidInput(f"{where}: the embedding annotator labels single-label taxonomies only")
-                labeller = EmbeddingLabeller(taxonomy, found, self.model_input_chars)
+                labeller = EmbeddingLabeller(stored.taxonomy, stored.version, self.model_input_chars)
                 name = entry.get("name") or EMBEDDING
             else:
                 labeller = self.labeller(taxonomy_name, version, entry.get("model") or model, entry.get("prompt"),
@@ -189,14 +191,16 @@ class JobRunner:
 
     def _student(self, taxonomy_name: str, version: str | None, ref: str, where: str) -> ClassifierLabeller:
         """A ready student of the job's taxonomy version, as an annotator."""
-        taxonomy, found, _ = self.store.taxonomies.get(taxonomy_name, version)
-        row = self.store.classifiers.get(ref)
-        if row["status"] != "ready":
-            raise InvalidInput(f"{where}: classifier {row['classifier_id']} is {row['status']}, not ready")
-        if (row["taxonomy"], row["taxonomy_version"]) != (taxonomy.name, found):
-            raise InvalidInput(f"{where}: classifier {row['classifier_id']} learnt {row['taxonomy']} version "
-                               f"{row['taxonomy_version']}, not {taxonomy.name} version {found}")
-        return ClassifierLabeller(taxonomy, found, row, self.model_input_chars)
+        stored = self.store.taxonomies.get(taxonomy_name, version)
+        taxonomy, found = stored.taxonomy, stored.version
+        student = self.store.classifiers.get(ref)
+        if student.status != "ready":
+            raise InvalidInput(f"{where}: classifier {student.classifier_id} is {student.status}, not ready")
+        if (student.taxonomy, student.taxonomy_version) != (taxonomy.name, found):
+            raise InvalidInput(f"{where}: classifier {student.classifier_id} learnt {student.taxonomy} version "
+                               f"{student.taxonomy_version}, not {taxonomy.name} version {found}")
+        return ClassifierLabeller(taxonomy, found, Student(student.classifier_id, student.name, student.kind, student.path or ''),
+                                  self.model_input_chars)
 
     def scorer(self, labeller: Annotator) -> Scorer:
         """How to score an annotator's requests: its model deployment, the StudentServer, or the embedder."""
@@ -252,21 +256,21 @@ class JobRunner:
     async def run(self, job_id: str) -> None:
         """Label every pending document of a job (streamed, or through the batch runner), then aggregate."""
         job = await asyncio.to_thread(self.store.jobs.get, job_id)
-        if job["status"] not in ("queued", "running"):
+        if job.status not in ("queued", "running"):
             return
-        if job["annotator_spec"].get(AUTO_TUNE):
+        if job.annotator_spec.get(AUTO_TUNE):
             await asyncio.to_thread(self.store.jobs.set_status, job_id, "running", only_if_active=True)
             await self._tune_first(job)
             job = await asyncio.to_thread(self.store.jobs.get, job_id)
         panel = await asyncio.to_thread(self._job_panel, job)
         await asyncio.to_thread(self.store.jobs.set_status, job_id, "running", only_if_active=True)
-        if job["batch"] is not None:
+        if job.batch is not None:
             if self.batch_runner is None:
                 raise RuntimeError("this service runs no batch runner (Ray Data); resubmit without 'mode': 'batch'")
             finished = await asyncio.to_thread(self.batch_runner.run, job_id, panel[0][1])
-        elif job["annotator_spec"].get("aggregation") == CASCADE:
+        elif job.annotator_spec.get("aggregation") == CASCADE:
             (_, student), (_, llm) = panel
-            route = (student.key, job["annotator_spec"]["threshold"])
+            route = (student.key, job.annotator_spec["threshold"])
             finished = await self.run_stream(job_id, student) and await self.run_stream(job_id, llm, route=route)
         else:
             finished = all(await asyncio.gather(*(self.run_stream(job_id, labeller) for _, labeller in panel)))
@@ -286,67 +290,69 @@ class JobRunner:
 
         A failed tuning is logged and the job labels with the prompt it was submitted with.
         """
-        job_id = job["job_id"]
-        tuned = await asyncio.to_thread(self.store.taxonomies.tuned_prompt, job["taxonomy"], job["taxonomy_version"],
-                                        job["model"])
+        job_id = job.job_id
+        tuned = await asyncio.to_thread(self.store.taxonomies.tuned_prompt, job.taxonomy, job.taxonomy_version,
+                                        job.model)
         texts = [] if tuned else [t for t in await asyncio.to_thread(self.store.jobs.sample_texts, job_id, AUTO_TUNE_DOCUMENTS)
                                   if t.strip()]
         if len(texts) >= AUTO_TUNE_MIN_DOCUMENTS:  # none when another job (or a person) has tuned since
             try:
-                chosen = await tune(self, job["taxonomy"], job["taxonomy_version"], job["model"], texts,
+                chosen = await tune(self, job.taxonomy, job.taxonomy_version, job.model, texts,
                                     [None] * len(texts))
                 log.info("prompt tuned on the job's documents", extra={"job_id": job_id, "prompt": chosen["prompt"],
                                                                        "calibration": chosen["calibration"]})
             except Exception:
                 log.warning("prompt tuning failed; the job labels untuned", exc_info=True, extra={"job_id": job_id})
-        entries = [{k: row[k] for k in ("kind", "model", "prompt", "weight")} for row in job["annotators"]]
-        panel = await asyncio.to_thread(self.panel, job["taxonomy"], job["taxonomy_version"], job["model"], entries,
-                                        job["long_documents"], job["shortlist"], job["created_at"])
+        entries = [{k: v for k, v in member.entry().items() if k in ("kind", "model", "prompt", "weight")}
+                   for member in job.annotators]
+        panel = await asyncio.to_thread(self.panel, job.taxonomy, job.taxonomy_version, job.model, entries,
+                                        job.long_documents, job.shortlist, job.created_at)
         await asyncio.to_thread(self._rekey, job, panel)  # named anew: the names say the tuned prompt
 
-    def _rekey(self, job: dict, panel: list[tuple[dict, Annotator]]) -> bool:
+    def _rekey(self, job: Job, panel: list[tuple[dict, Annotator]]) -> bool:
         """Record ``panel`` as the job's annotators (its spec without the auto-tune mark); False once it has labels."""
-        spec = job["annotator_spec"]
+        spec = job.annotator_spec
         record = job_record(panel, aggregation=spec.get("aggregation"), threshold=spec.get("threshold"))
-        return self.store.jobs.rekey(job["job_id"], annotator=record["annotator"],
+        return self.store.jobs.rekey(job.job_id, annotator=record["annotator"],
                                     annotator_spec=record["annotator_spec"], annotators=record["annotators"])
 
-    def _job_panel(self, job: dict) -> list[tuple[dict, Annotator]]:
+    def _job_panel(self, job: Job) -> list[tuple[dict, Annotator]]:
         """Rebuild a stored job's annotators; refuse when the service would now label differently.
 
         A job that has labelled nothing yet takes the new annotators instead (a tuning of its
         taxonomy landed while it was queued): nothing it wrote was made under the old key.
         """
-        stored = job["annotators"] or [{"name": "llm", "annotator": job["annotator"], "kind": "llm"}]
-        panel = self.panel(job["taxonomy"], job["taxonomy_version"], job["model"], stored, job["long_documents"],
-                           job["shortlist"], job["created_at"])
+        stored = [member.entry() for member in job.annotators] or [{"name": "llm", "annotator": job.annotator, "kind": "llm"}]
+        panel = self.panel(job.taxonomy, job.taxonomy_version, job.model, stored, job.long_documents,
+                           job.shortlist, job.created_at)
         changed = any(row["annotator"] != before["annotator"] for (row, _), before in zip(panel, stored))
-        if changed and job["annotators"] and job["batch"] is None and self._rekey(job, panel):
+        if changed and job.annotators and job.batch is None and self._rekey(job, panel):
             return panel
         for (row, _), before in zip(panel, stored):
             if row["annotator"] != before["annotator"]:
                 raise RuntimeError(
-                    f"job {job['job_id']} was submitted for annotator {before['name']} = {before['annotator']} but this "
+                    f"job {job.job_id} was submitted for annotator {before['name']} = {before['annotator']} but this "
                     f"service would run {row['annotator']}: engine or prompt changed since; resubmit the job")
         return panel
 
     def aggregate(self, job_id: str, method: str | None = None) -> str:
         """(Re)compute a several-annotator job's labels with a method (default: the job's); returns the method."""
         job = self.store.jobs.get(job_id)
-        if len(job["annotators"]) < 2:
+        if len(job.annotators) < 2:
             raise Conflict(f"job {job_id} has one annotator; its labels are that annotator's, nothing to aggregate")
-        method = method or job["annotator_spec"]["aggregation"]
-        if (method == CASCADE) != (job["annotator_spec"]["aggregation"] == CASCADE):
+        method = method or job.annotator_spec["aggregation"]
+        if (method == CASCADE) != (job.annotator_spec["aggregation"] == CASCADE):
             raise Conflict(f"job {job_id} is {'' if method == CASCADE else 'not '}a cascade; its labels are "
-                           f"aggregated by {job['annotator_spec']['aggregation']}")
+                           f"aggregated by {job.annotator_spec['aggregation']}")
         if method == CASCADE:
-            student, llm = (a["annotator"] for a in job["annotators"])
-            self.store.annotations.merge_cascade(job_id, job["annotator"], student, llm, job["annotator_spec"]["threshold"])
+            student, llm = (a.annotator for a in job.annotators)
+            self.store.annotations.merge_cascade(job_id, job.annotator, student, llm, job.annotator_spec["threshold"])
             return method
-        taxonomy, version, _ = self.store.taxonomies.get(job["taxonomy"], job["taxonomy_version"])
+        taxonomy = self.store.taxonomies.get(job.taxonomy, job.taxonomy_version).taxonomy
+        version = job.taxonomy_version
         rows = self.store.annotations.member_rows(job_id)
-        weights = {a["annotator"]: a["weight"] for a in job["annotators"]}
-        llms = frozenset(a["annotator"] for a in job["annotators"] if a.get("kind", "llm") == "llm")
+        weights = {a.annotator: a.weight for a in job.annotators}
+        llms = frozenset(a.annotator for a in job.annotators if a.kind == "llm")
         decided = aggregate(rows, taxonomy, tuple(taxonomy.label_names()), weights=weights, calibrated=llms,
                             method="calibrated_mean" if method == REFINED else method)
         refinement = None
@@ -354,9 +360,9 @@ class JobRunner:
             documents = self.store.quality.documents_with_gold(job_id, DOCUMENT_CHARS)  # what embed_documents reads
             decided, refinement = refined_annotations(decided, documents, taxonomy, shared_embedder().embed_documents)
         hashes = {r["doc_id"]: r["text_hash"] for r in rows}
-        keys = dict(job_id=job_id, annotator=job["annotator"], model=method, engine="aggregate", prompt_hash=None,
+        keys = dict(job_id=job_id, annotator=job.annotator, model=method, engine="aggregate", prompt_hash=None,
                     taxonomy_version=version, decoding=json.dumps({"method": method, "members": sorted(weights)}))
-        self.store.annotations.replace_aggregate(job_id, job["annotator"], [
+        self.store.annotations.replace_aggregate(job_id, job.annotator, [
             annotation_row(annotation, doc_id=doc_id, text_hash=hashes[doc_id], cached=False, latency_ms=0.0, **keys)
             for doc_id, annotation in decided.items()], method=method,
             refinement=refinement.as_dict() if refinement else None)

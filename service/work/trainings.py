@@ -32,21 +32,21 @@ log = logging.getLogger(__name__)
 def training_data(store: Store, job_ids: list[str]) -> tuple[TrainingData, str, str]:
     """The labelled documents of one or more jobs of the same taxonomy version; also (taxonomy, version)."""
     jobs = [store.jobs.get(job_id) for job_id in job_ids]
-    versions = {(job["taxonomy"], job["taxonomy_version"]) for job in jobs}
+    versions = {(job.taxonomy, job.taxonomy_version) for job in jobs}
     if len(versions) > 1:
         raise InvalidInput(f"jobs: the jobs label with different taxonomies or versions ({sorted(versions)}); a "
                            "student learns one taxonomy version")
-    unfinished = [job["job_id"] for job in jobs if job["status"] != "succeeded"]
+    unfinished = [job.job_id for job in jobs if job.status != "succeeded"]
     if unfinished:
         raise InvalidInput(f"jobs: {', '.join(unfinished)} have not succeeded; distil finished jobs")
     name, version = versions.pop()
-    taxonomy, _, _ = store.taxonomies.get(name, version)
+    taxonomy = store.taxonomies.get(name, version).taxonomy
     if taxonomy.multi_label:
         raise InvalidInput(f"taxonomy {name!r} is multi-label; students learn single-label taxonomies")
     classes = list(options_of(taxonomy))
     texts, probs, candidates, abstained, gold, pi = [], [], [], [], [], []
     for job in jobs:
-        columns = store.quality.population(job["job_id"], classes, with_text=True)
+        columns = store.quality.population(job.job_id, classes, with_text=True)
         texts += columns["text"]
         probs.append(columns["probs"])
         candidates += [[name in (c or []) for name in classes] for c in columns["candidates"]]
