@@ -47,7 +47,7 @@ import httpx
 import numpy as np
 from _report import fmt_acc, load_now, machine_facts, print_facts, print_table
 
-from service.quality.statistics import TIE_DECIMALS  # the report's ties: confidences equal to 9 decimals
+from service.quality.metrics import TIE_DECIMALS  # the report's ties: confidences equal to 9 decimals
 
 ROOT = _service.ROOT
 DATA = ROOT / ".." / "shared" / "data"

@@ -25,11 +25,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from service.errors import NotFound, TaxonomyError
+from service.vocabulary import LongDocuments
 
 __all__ = ["NONE_LABEL", "Abstention", "Label", "Taxonomy", "format_loc", "load_taxonomy", "parse_taxonomy"]
 
 NONE_LABEL = "none_of_these"
-LongDocuments = Literal["truncate", "reject", "head_tail", "chunk"]  # how texts over the model's input are read
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _CROSS_CHECKED = "taxonomy_cross_checked"  # context flag: parse_taxonomy runs the cross checks itself
 

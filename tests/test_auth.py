@@ -22,11 +22,11 @@ from service.api.auth import route_scope, undeclared
 from service.api.context import Context, attach
 from service.api.security import SCOPES, tokens_required
 from service.api.token_store import TokenStore
-from service.serve.http import ROUTERS, api_routes, create_api
+from service.serve.http import ROUTERS, create_api, declared_routes
 from service.settings import Settings
 from service.store import Store
 
-ROUTES = api_routes()
+ROUTES = declared_routes()
 GUARDED = [(method, route.path, route_scope(route)) for route in ROUTES if route_scope(route) for method in route.methods]
 
 

@@ -27,11 +27,11 @@ def test_every_setting_is_on_the_configuration_page():
 
 def test_every_route_is_documented():
     """Each route path of the app (API, quality, classifiers, console, auth) appears in the manual."""
-    from service.serve.http import api_routes
+    from service.serve.http import declared_routes
 
     manual = _manual()
     paths = {PLACEHOLDER.sub("{}", route.path)
-             for route in api_routes()}
+             for route in declared_routes()}
     missing = sorted(path for path in paths if path not in manual)
     assert not missing, f"routes missing from README.md and docs/: {missing}"
 

@@ -240,5 +240,28 @@ def test_gold_labels_of_one_class_rank_nothing_instead_of_failing(tmp_path):
     gold.draw(store, "job_q", size=20, design="random", seed=1, replace=False)
     rows = [(row["doc_id"], "alice", "ham") for row in store.quality.sample("job_q")]
     gold.put_labels(store, "job_q", rows, max_annotators=10)
-    assert quality.label_issues(store, "job_q", kind="gold") == {"job_id": "job_q", "kind": "gold", "checked": 0,
-                                                                  "issues": 0, "rows": []}
+    ranked = quality.label_issues(store, "job_q", kind="gold")
+    assert {k: v for k, v in ranked.items() if k != "computed_at"} == {"job_id": "job_q", "kind": "gold", "checked": 0,
+                                                                        "issues": 0, "rows": []}
+
+
+def test_reads_return_what_the_last_write_computed(tmp_path):
+    """A report and a label-issue ranking are computed on a write and kept; reading them computes and writes nothing."""
+    store, truth = _job(tmp_path)
+    quality.refresh_report(store, "job_q")  # no gold labels yet: nothing to keep, and no error
+    with pytest.raises(Conflict, match="no quality report yet"):
+        quality.stored_report(store, "job_q")
+    with pytest.raises(Conflict, match="no ranking of gold label issues yet"):
+        quality.stored_label_issues(store, "job_q", kind="gold")
+    gold.draw(store, "job_q", size=120, design="random", seed=7, replace=False)
+    _label_sample_by_csv(store, truth)
+    computed = quality.report(store, "job_q")
+    ranked = quality.label_issues(store, "job_q", kind="gold", limit=5)
+    kept = "SELECT kind, computed_at FROM quality_results WHERE job_id = 'job_q' ORDER BY kind"
+    metrics = "SELECT count(*), max(computed_at) FROM quality_metrics WHERE job_id = 'job_q'"
+    before = (_sql(store, kept), _sql(store, metrics))
+    read = quality.stored_report(store, "job_q")
+    assert read["computed_at"] == computed["computed_at"]
+    assert read["accuracy"] == pytest.approx(computed["accuracy"]) and read["shares"]["estimates"]
+    assert quality.stored_label_issues(store, "job_q", kind="gold", limit=5) == ranked
+    assert (_sql(store, kept), _sql(store, metrics)) == before

@@ -100,10 +100,12 @@ def test_gold_round_trip_report_calibration_estimates_and_issues(service, panel_
         assert bad.status_code == 422 and "outcome" in bad.json()["error"]["message"]
 
         for kind in ("gold", "llm"):
-            issues = client.get(f"/v1/jobs/{panel_job}/label-issues", params={"kind": kind, "limit": 5}).json()
+            issues = client.post(f"/v1/jobs/{panel_job}/label-issues", json={"kind": kind, "limit": 5}).json()
             assert issues["checked"] > 0 and len(issues["rows"]) <= 5
             suspicion = [r["suspicion"] for r in issues["rows"]]
             assert suspicion == sorted(suspicion, reverse=True)
+            kept = client.get(f"/v1/jobs/{panel_job}/label-issues", params={"kind": kind, "limit": 5}).json()
+            assert kept == issues  # the GET reads the stored ranking: same rows, same time of computation
 
 
 def test_gold_endpoints_refuse_bad_input_with_clear_messages(service, panel_job):

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from service.labelling.refinement import MIN_GOLD, refine
-from service.quality.statistics import draw_sample, dsl_proportions
+from service.quality.dsl import dsl_proportions
+from service.quality.sampling import draw_sample
 
 
 def _job(rng: np.random.Generator, n: int, k: int, right: float, spread: float = 1.0):

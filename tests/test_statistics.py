@@ -1,4 +1,4 @@
-"""Statistics of service.quality.statistics checked by computation: seeded simulations with known truths,
+"""Statistics of service.quality (sampling, metrics, conformal, dsl) checked by computation: seeded simulations with known truths,
 sklearn's weighted metrics, crepes and brute force; no hard-coded results."""
 
 from __future__ import annotations
@@ -10,16 +10,10 @@ import pytest
 from crepes import ConformalClassifier
 from sklearn.metrics import accuracy_score, cohen_kappa_score, precision_recall_fscore_support
 
-from service.quality.statistics import (
-    TIE_DECIMALS,
-    abstention_threshold,
-    apply_threshold,
-    conformal_sets,
-    draw_sample,
-    dsl_proportions,
-    dsl_regression,
-    quality_report,
-)
+from service.quality.conformal import abstention_threshold, apply_threshold, conformal_sets
+from service.quality.dsl import dsl_proportions, dsl_regression
+from service.quality.metrics import TIE_DECIMALS, quality_report
+from service.quality.sampling import draw_sample
 
 LABELS = ["a", "b", "c", "d"]
 DRAWS = 2000  # seeded draws per design in the inclusion-frequency test

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -38,7 +36,6 @@ class Context:
 
 
 _hosted: Context | None = None
-SUBMITTING: defaultdict[str | None, asyncio.Lock] = defaultdict(asyncio.Lock)  # per token: jobs and inductions
 
 
 def attach(context: Context | None) -> None:

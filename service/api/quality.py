@@ -9,9 +9,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from service.api.auth import READ, WRITE
 from service.api.context import hosted, read_upload
-from service.api.schemas import AggregateRequest, CalibrateRequest, EstimateRequest, GoldSampleRequest
+from service.api.schemas import AggregateRequest, CalibrateRequest, EstimateRequest, GoldSampleRequest, LabelIssuesRequest
 from service.quality import gold
 from service.quality import report as quality
+from service.vocabulary import GoldFormat, IssueKind
 
 router = APIRouter(tags=["quality"])
 
@@ -26,7 +27,7 @@ async def draw_gold_sample(request: Request, job_id: str, body: GoldSampleReques
 
 @router.get("/v1/jobs/{job_id}/gold-sample", dependencies=[READ])
 async def get_gold_sample(request: Request, job_id: str,
-                          format: str = Query("json", pattern="^(json|csv|labelstudio)$")):
+                          format: GoldFormat = Query("json")):
     """The sampled documents: JSON rows, a CSV to fill in, or Label Studio tasks."""
     ctx = hosted(request)
     sample = await asyncio.to_thread(ctx.store.quality.sample, job_id)
@@ -49,21 +50,32 @@ async def put_gold_labels(request: Request, job_id: str,
     await asyncio.to_thread(ctx.store.jobs.get, job_id)  # 404 before reading the upload
     body = await read_upload(request, "gold labels")
     rows = await asyncio.to_thread(gold.parse_upload, body, request.headers.get("content-type", ""), annotator)
-    return await asyncio.to_thread(gold.put_labels, ctx.store, job_id, rows,
-                                   max_annotators=ctx.settings.gold_max_annotators)
+    answer = await asyncio.to_thread(gold.put_labels, ctx.store, job_id, rows,
+                                     max_annotators=ctx.settings.gold_max_annotators)
+    await asyncio.to_thread(quality.refresh_report, ctx.store, job_id)
+    return answer
 
 
 @router.get("/v1/jobs/{job_id}/report", dependencies=[READ])
 async def job_report(request: Request, job_id: str) -> dict:
-    """The quality report against the gold sample (also kept as tables in DuckDB)."""
+    """The job's last computed quality report against the gold sample, with when it was computed."""
+    return await asyncio.to_thread(quality.stored_report, hosted(request).store, job_id)
+
+
+@router.post("/v1/jobs/{job_id}/report", dependencies=[WRITE])
+async def compute_report(request: Request, job_id: str) -> dict:
+    """Compute the quality report now and keep it (the answer, and the report tables in DuckDB)."""
     return await asyncio.to_thread(quality.report, hosted(request).store, job_id)
 
 
 @router.post("/v1/jobs/{job_id}/calibrate", dependencies=[WRITE])
 async def calibrate_job(request: Request, job_id: str, body: CalibrateRequest) -> dict:
-    """Conformal candidate-set threshold and abstention threshold from the gold sample."""
-    return await asyncio.to_thread(quality.calibrate, hosted(request).store, job_id, alpha=body.alpha,
-                                   target_accuracy=body.target_accuracy, seed=body.seed)
+    """Conformal candidate-set threshold and abstention threshold from the gold sample; the report is renewed."""
+    store = hosted(request).store
+    result = await asyncio.to_thread(quality.calibrate, store, job_id, alpha=body.alpha,
+                                     target_accuracy=body.target_accuracy, seed=body.seed)
+    await asyncio.to_thread(quality.refresh_report, store, job_id)
+    return result
 
 
 @router.post("/v1/jobs/{job_id}/estimate", dependencies=[READ])
@@ -75,12 +87,17 @@ async def estimate_job(request: Request, job_id: str, body: EstimateRequest) -> 
 
 
 @router.get("/v1/jobs/{job_id}/label-issues", dependencies=[READ])
-async def job_label_issues(request: Request, job_id: str, kind: str = Query("gold", pattern="^(gold|llm)$"),
-                           limit: int = Query(50, ge=1, le=10_000),
-                           max_documents: int = Query(20_000, ge=10, le=1_000_000)) -> dict:
-    """Likely label errors among gold labels or the job's own labels, most suspicious first."""
-    return await asyncio.to_thread(quality.label_issues, hosted(request).store, job_id, kind=kind, limit=limit,
-                                   max_documents=max_documents)
+async def job_label_issues(request: Request, job_id: str, kind: IssueKind = Query("gold"),
+                           limit: int = Query(50, ge=1, le=10_000)) -> dict:
+    """The last ranking of likely label errors of a kind, most suspicious first, with when it was computed."""
+    return await asyncio.to_thread(quality.stored_label_issues, hosted(request).store, job_id, kind=kind, limit=limit)
+
+
+@router.post("/v1/jobs/{job_id}/label-issues", dependencies=[WRITE])
+async def rank_label_issues(request: Request, job_id: str, body: LabelIssuesRequest) -> dict:
+    """Rank likely label errors among gold labels or the job's own labels now, and keep the ranking."""
+    return await asyncio.to_thread(quality.label_issues, hosted(request).store, job_id, kind=body.kind,
+                                   limit=body.limit, max_documents=body.max_documents)
 
 
 @router.get("/v1/jobs/{job_id}/agreement", dependencies=[READ])
@@ -94,5 +111,6 @@ async def aggregate_job(request: Request, job_id: str, body: AggregateRequest) -
     """Recompute a several-annotator job's labels with another method."""
     ctx = hosted(request)
     method = await asyncio.to_thread(ctx.runner.aggregate, job_id, body.method)
+    await asyncio.to_thread(quality.refresh_report, ctx.store, job_id)  # the labels changed
     job = await asyncio.to_thread(ctx.store.jobs.get, job_id)
     return {"job_id": job_id, "aggregation": method, "refinement": job.annotator_spec.get("refinement")}

@@ -8,20 +8,22 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from service.labelling.aggregation import METHODS
 from service.store.jobs import Job, JobAnnotator
-from service.taxonomy import LongDocuments, Shortlist
-
-JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-
-
-class DocumentIn(BaseModel):
-    """One document of an inline job; ``id`` defaults to its position in the list."""
-
-    model_config = ConfigDict(extra="forbid")
-    id: str | int | None = None
-    text: str
-    meta: dict | None = None
+from service.vocabulary import (
+    AggregationMethod,
+    Calibration,
+    DistillTarget,
+    EstimateTarget,
+    InductionMethod,
+    IssueKind,
+    JobState,
+    Mode,
+    RegressionModel,
+    SamplingDesign,
+    StudentKind,
+    Weighting,
+)
+from service.work.submission import DocumentIn
 
 
 class TuneDocument(BaseModel):
@@ -45,77 +47,9 @@ class TuneRequest(BaseModel):
         None, min_length=1, max_length=10,
         description="Candidate templates (GET /v1/prompts); default every shipped single-label prompt the model "
                     "can score.")
-    calibrations: list[Literal["none", "contextual"]] | None = Field(
+    calibrations: list[Calibration] | None = Field(
         None, min_length=1, description="How each candidate prompt is tried: as it comes (none), contextually "
                                         "calibrated, or both (the default).")
-
-
-class AnnotatorIn(BaseModel):
-    """One annotator of a job: an LLM (a model and a prompt template) or the embedding zero-shot annotator."""
-
-    model_config = ConfigDict(extra="forbid")
-    name: str | None = Field(None, min_length=1, max_length=100,
-                             description="Shown in reports; default MODEL/PROMPT, or 'embedding'.")
-    kind: Literal["llm", "embedding"] = "llm"
-    model: str | None = Field(None, description="llm: a model from the models config; default the job's.")
-    prompt: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$",
-                               description="llm: a template's name (classify, classify_terse, ...; GET /v1/prompts).")
-    weight: float | None = Field(None, gt=0, description="weighted_soft_vote: this annotator's weight; default "
-                                                         "estimated from agreement (Wawa).")
-
-    @model_validator(mode="after")
-    def _embedding_takes_no_model(self) -> AnnotatorIn:
-        """The embedding annotator has its own model and no prompt."""
-        if self.kind == "embedding" and (self.model or self.prompt):
-            raise ValueError("the embedding annotator takes no 'model' or 'prompt' (it uses all-MiniLM-L6-v2)")
-        return self
-
-
-class JobRequest(BaseModel):
-    """A labelling job: a taxonomy and either inline documents or a server-side source file."""
-
-    model_config = ConfigDict(extra="forbid")
-    taxonomy: str = Field(min_length=1, description="Name of a pushed taxonomy.")
-    taxonomy_version: str | None = Field(None, description="A content-hash version; default the newest.")
-    model: str | None = Field(None, description="A model from the models config; default the taxonomy's, else the service's.")
-    documents: list[DocumentIn] | None = None
-    source: str | None = Field(None, description="A .jsonl/.csv/.parquet file, its path relative to "
-                                                 "ANNOTATE_INPUT_DIR (batch mode: .jsonl/.parquet, or an s3:// or "
-                                                 "gs:// URI if allowed).")
-    mode: Literal["stream", "batch"] = Field(
-        "stream", description="stream: documents stored with the job, labelled batch by batch; batch: a large "
-                              "source labelled shard by shard on Ray Data, results written as Parquet shards.")
-    shard_size: int | None = Field(None, ge=1, description="Batch mode: rows per shard (default ANNOTATE_SHARD_SIZE).")
-    annotators: list[AnnotatorIn] | None = Field(
-        None, min_length=1, max_length=20, description="Several annotators that vote (default: one LLM annotator).")
-    aggregation: Literal[METHODS] = Field(
-        "dawid_skene", description="How several annotators' votes become the job's labels.")
-    classifier: str | None = Field(None, description="A cascade: this distilled classifier (id or name) labels every "
-                                                     "document and only its unsure ones go to the LLM ('model').")
-    cascade_threshold: float = Field(0.8, gt=0, le=1, description="Cascade: documents the classifier is less "
-                                                                  "confident of than this go to the LLM.")
-    long_documents: LongDocuments | None = Field(
-        None, description="How the LLM reads documents over ANNOTATE_MODEL_INPUT_CHARS: truncate, reject (stream "
-                          "mode only), head_tail or chunk; default the taxonomy's long_documents.")
-    shortlist: Shortlist | None = Field(
-        None, description="Score each document on its K most plausible labels only ({\"k\": 10} or {\"k\": \"auto\", "
-                          "\"recall\": 0.98}); default the taxonomy's shortlist. Stream mode, single-label taxonomies.")
-    text_field: str = "text"
-    id_field: str = "id"
-
-    @model_validator(mode="after")
-    def _one_input(self) -> JobRequest:
-        """Exactly one of documents and source, never an empty list, and batch mode only for a source."""
-        if (self.documents is None) == (self.source is None):
-            raise ValueError("give exactly one of 'documents' (inline) or 'source' (server-side file)")
-        if self.documents is not None and not self.documents:
-            raise ValueError("'documents' is empty; send at least one document")
-        if self.mode == "batch" and self.source is None:
-            raise ValueError("mode 'batch' labels a server-side 'source'; inline documents use mode 'stream'")
-        if self.classifier is not None and (self.annotators is not None or self.mode == "batch"):
-            raise ValueError("'classifier' makes a stream-mode cascade (the classifier, then the LLM on its unsure "
-                             "documents); it takes no 'annotators' and no mode 'batch'")
-        return self
 
 
 class JobCreated(BaseModel):
@@ -126,7 +60,7 @@ class JobCreated(BaseModel):
     total: int
     taxonomy_version: str
     model: str
-    mode: Literal["stream", "batch"] = "stream"
+    mode: Mode = "stream"
     annotators: list[str] = []
 
 
@@ -152,7 +86,7 @@ class JobStatus(BaseModel):
     taxonomy: str
     taxonomy_version: str
     model: str | None = None
-    mode: Literal["stream", "batch"] = "stream"
+    mode: Mode = "stream"
     annotator: str
     total: int
     shards: int = 0
@@ -256,7 +190,7 @@ class InductionRequest(BaseModel):
     sample_size: int = Field(2000, ge=2, le=100_000, description="Documents sampled (uniformly) from the corpus.")
     report_size: int = Field(200, ge=1, le=10_000, description="Sample documents the review labels.")
     seed: int = 0
-    method: Literal["embedding", "llm"] = Field(
+    method: InductionMethod = Field(
         "embedding", description="embedding: clusters named by the LLM (any model); llm: TnT-LLM's mini-batch "
                                  "loop (needs a strong model behind the OpenAI-compatible engine).")
     allow_none: bool = Field(False, description="Add a none_of_these label (small models overuse it).")
@@ -292,7 +226,7 @@ class GoldSampleRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     size: int = Field(200, ge=1, le=100_000, description="Documents to draw (expected size for 'uncertainty').")
-    design: Literal["random", "stratified", "uncertainty"] = Field(
+    design: SamplingDesign = Field(
         "random", description="random: simple random sample; stratified: by predicted label, proportional; "
                               "uncertainty: Poisson sampling that over-weights low-confidence documents.")
     seed: int = 0
@@ -312,12 +246,12 @@ class EstimateRequest(BaseModel):
     """Label shares, or a regression of one label on document metadata, valid under LLM error (DSL)."""
 
     model_config = ConfigDict(extra="forbid")
-    target: Literal["proportions", "regression"] = "proportions"
+    target: EstimateTarget = "proportions"
     outcome: str | None = Field(None, description="regression: the label whose indicator is the outcome.")
     covariates: list[str] | None = Field(None, max_length=100,
                                          description="regression: meta fields (numbers, or strings one-hot) "
                                          "or 'text_chars'.")
-    model: Literal["linear", "logistic"] = "linear"
+    model: RegressionModel = "linear"
     level: float = Field(0.95, gt=0.5, lt=1, description="Confidence level of the intervals.")
     seed: int = Field(0, description="Seed of the cross-fitting folds.")
 
@@ -329,12 +263,22 @@ class EstimateRequest(BaseModel):
         return self
 
 
+class LabelIssuesRequest(BaseModel):
+    """Which labels to check for likely errors, and how much of the ranking to answer."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: IssueKind = Field("gold", description="gold: the human labels; llm: the job's own labels.")
+    limit: int = Field(50, ge=1, le=10_000, description="Rows of the ranking in the answer (all are kept).")
+    max_documents: int = Field(20_000, ge=10, le=1_000_000,
+                               description="The job's labels checked at most (kind llm), a random sample beyond.")
+
+
 class AggregateRequest(BaseModel):
     """Recompute a several-annotator job's labels with another aggregation method ('refined' after gold labels:
     relabel with them)."""
 
     model_config = ConfigDict(extra="forbid")
-    method: Literal[METHODS]
+    method: AggregationMethod
 
 
 class ClassifierRequest(BaseModel):
@@ -342,17 +286,17 @@ class ClassifierRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     jobs: list[str] = Field(min_length=1, description="Finished jobs of one taxonomy version to learn from.")
-    kind: Literal["ngram", "static", "minilm", "finetune"] = Field(
+    kind: StudentKind = Field(
         "minilm", description="ngram: hashed n-grams; static: model2vec static embeddings; minilm: MiniLM "
                               "embeddings; finetune: MiniLM fine-tuned (each a linear head but the last).")
     name: str | None = Field(None, min_length=1, max_length=100, pattern=r"^[A-Za-z0-9](?:\.?[A-Za-z0-9_-])*$",
                              description="Students of one name are versioned; default TAXONOMY-KIND. A directory "
                                          "name: letters, digits, '_', '-' and single dots, starting with a letter "
                                          "or digit (never '.', '..', a path or a hidden name).")
-    targets: Literal["hard", "soft", "candidates"] | None = Field(
+    targets: DistillTarget | None = Field(
         None, description="What the student learns; default: the option that agrees best with the LLM on a "
                           "validation split.")
-    weighting: Literal["none", "confidence"] | None = Field(None, description="Weight documents by the LLM's "
+    weighting: Weighting | None = Field(None, description="Weight documents by the LLM's "
                                                                               "confidence; default: chosen as above.")
     abstained: Literal["exclude", "none"] = Field("exclude", description="Leave abstained documents out, or teach "
                                                                          "them as none_of_these.")

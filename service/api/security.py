@@ -41,7 +41,9 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-SCOPES = ("read", "write", "admin")
+from service.vocabulary import Scope, values
+
+SCOPES = values(Scope)
 PREFIX = "ann_"
 COOKIE = "annotate_token"
 OPERATOR = "operator"  # the id of the environment's admin token

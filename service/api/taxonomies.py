@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from service.api.auth import READ, WRITE, caller_of
-from service.api.context import SUBMITTING, Context, hosted, read_upload
+from service.api.context import Context, hosted, read_upload
 from service.api.schemas import (
     InductionRequest,
     InductionStatus,
@@ -29,6 +29,7 @@ from service.induction.inducer import InductionOptions, sample_texts
 from service.labelling.tuning import tune
 from service.settings import Settings
 from service.taxonomy import Taxonomy, parse_taxonomy
+from service.work.submission import SUBMITTING
 
 router = APIRouter(tags=["taxonomies"])
 

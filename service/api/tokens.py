@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 from service.api.auth import ADMIN
 from service.api.context import hosted
 from service.api.security import new_token
+from service.vocabulary import Scope
 
 router = APIRouter(tags=["tokens"])
 
@@ -19,7 +20,7 @@ class TokenRequest(BaseModel):
     """A token to create: who or what it is for, and its scope."""
 
     name: str = Field(min_length=1, max_length=100, description="Who or what holds the token.")
-    scope: str = Field(pattern="^(read|write|admin)$", description="read < write < admin; each holds the ones below.")
+    scope: Scope = Field(description="read < write < admin; each holds the ones below.")
 
 
 @router.post("/v1/tokens", dependencies=[ADMIN], status_code=201)

@@ -5,28 +5,20 @@ from __future__ import annotations
 import json
 import sys
 import time
-from enum import Enum
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
 from service.cli.common import URL, call, console, errors, fail
+from service.vocabulary import StudentKind
 
 classifiers_app = typer.Typer(help="Distilled classifiers: list, inspect, predict, export.", no_args_is_help=True)
 
 
-class Kind(str, Enum):
-    """Student kinds, cheapest first."""
-
-    ngram = "ngram"
-    static = "static"
-    minilm = "minilm"
-    finetune = "finetune"
-
 
 def distill(job: list[str] = typer.Option(..., "--job", "-j", help="A finished job to learn from (repeatable)."),
-            kind: Kind = typer.Option("minilm", help="ngram, static, minilm or finetune."),
+            kind: StudentKind = typer.Option("minilm", help="ngram, static, minilm or finetune."),
             name: str = typer.Option(None, help="Students of one name are versioned [default: TAXONOMY-KIND]."),
             targets: str = typer.Option(None, help="hard, soft or candidates [default: chosen on validation]."),
             weighting: str = typer.Option(None, help="none or confidence [default: chosen on validation]."),
@@ -35,7 +27,7 @@ def distill(job: list[str] = typer.Option(..., "--job", "-j", help="A finished j
             wait: bool = typer.Option(True, help="Wait for the training and print its report."),
             url: str = URL) -> None:
     """Train a student classifier from jobs' LLM labels; prints its id and, when done, its metrics."""
-    body = {"jobs": job, "kind": kind.value, "name": name, "targets": targets, "weighting": weighting,
+    body = {"jobs": job, "kind": kind, "name": name, "targets": targets, "weighting": weighting,
             "abstained": abstained, "epochs": epochs}
     started = call("POST", f"{url}/v1/classifiers", json={k: v for k, v in body.items() if v is not None}).json()
     console.print(f"classifier {started['classifier_id']}: {started['name']} v{started['version']} training on "

@@ -11,7 +11,6 @@ from rich.console import Console
 console = Console()
 errors = Console(stderr=True)
 URL = typer.Option("http://127.0.0.1:8000", "--url", envvar="ANNOTATE_URL", help="Base URL of the service.")
-FINAL = ("succeeded", "failed", "cancelled")
 
 
 def fail(message: str, code: int = 1) -> None:

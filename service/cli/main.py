@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from enum import Enum
 from pathlib import Path
 
 import httpx
@@ -19,12 +18,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from service.cli.classifiers import register_classifier_commands
-from service.cli.common import FINAL, URL, auth_headers, call, console, error_message, errors, fail
+from service.cli.common import URL, auth_headers, call, console, error_message, errors, fail
 from service.cli.quality import register_quality_commands
 from service.cli.tokens import register_token_commands
 from service.errors import AnnotateError
-from service.labelling.aggregation import METHODS
 from service.settings import Settings
+from service.vocabulary import FINAL, AggregationMethod, InductionMethod
 
 app = typer.Typer(help="LLM-driven annotation: taxonomies in YAML, labelling jobs over HTTP, results in DuckDB.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -64,12 +63,6 @@ def taxonomy_validate(file: Path) -> None:
     console.print(f"{file}: ok — {taxonomy.name}, {len(taxonomy.label_names())} labels, version {taxonomy.content_hash()}")
 
 
-class InductionMethod(str, Enum):
-    """How `taxonomy induce` proposes labels."""
-
-    embedding = "embedding"
-    llm = "llm"
-
 
 @taxonomy_app.command("induce")
 def taxonomy_induce(
@@ -106,7 +99,7 @@ def taxonomy_induce(
     except AnnotateError as exc:
         fail(str(exc))
     options = InductionOptions(name=name or out.stem, max_labels=max_labels,
-                               report_size=report_size, seed=seed, method=method.value, allow_none=allow_none)
+                               report_size=report_size, seed=seed, method=method, allow_none=allow_none)
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(), console=errors) as bar:
         task = bar.add_task("embedding", total=1.0)
         inducer = Inducer(Embedder(threads=settings.engine_threads).embed, engine.generate_json, engine_scorer(engine),
@@ -206,7 +199,7 @@ def submit(
     annotator: list[str] = typer.Option(
         None, "--annotator", "-a", help="An annotator, repeatable: [NAME=]llm[:MODEL[:PROMPT]] or [NAME=]embedding "
                                         "(e.g. -a smollm2 -a terse=llm::classify_terse -a embedding)."),
-    aggregation: Aggregation = typer.Option("dawid_skene", help="How several annotators' votes are combined."),
+    aggregation: AggregationMethod = typer.Option("dawid_skene", help="How several annotators' votes are combined."),
     wait: bool = typer.Option(True, help="Show a progress bar until the job ends."),
     url: str = URL,
 ) -> None:
@@ -220,7 +213,7 @@ def submit(
     documents = [{"id": r["doc_id"], "text": r["text"], "meta": r["meta"]} for r in rows]
     body = {"taxonomy": taxonomy, "documents": documents, "model": model}
     if annotator:
-        body.update(annotators=[_annotator_spec(spec) for spec in annotator], aggregation=aggregation.value)
+        body.update(annotators=[_annotator_spec(spec) for spec in annotator], aggregation=aggregation)
     job = call("POST", f"{url}/v1/jobs", json=body, timeout=600).json()
     console.print(f"job {job['job_id']}: {job['total']} documents queued", highlight=False)
     if wait:
@@ -229,7 +222,6 @@ def submit(
             fail(f"job {job['job_id']} ended {final['status']}: {final.get('error') or ''}")
 
 
-Aggregation = Enum("Aggregation", {method: method for method in METHODS}, type=str)  # of several-annotator jobs
 
 
 def _annotator_spec(spec: str) -> dict:

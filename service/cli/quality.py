@@ -4,33 +4,23 @@ from __future__ import annotations
 
 import json
 import sys
-from enum import Enum
 from pathlib import Path
+from typing import Literal
 
 import typer
 from rich.table import Table
 
 from service.cli.common import URL, call, console, errors, fail
 from service.labelling.aggregation import METHODS
+from service.vocabulary import IssueKind, SamplingDesign
 
 gold_app = typer.Typer(help="Gold standard: draw a sample, export it for people, import their labels.",
                        no_args_is_help=True)
 JSON = typer.Option(False, "--json", help="Print JSON.")
 
 
-class Design(str, Enum):
-    """Sampling designs of `gold sample`."""
 
-    random = "random"
-    stratified = "stratified"
-    uncertainty = "uncertainty"
-
-
-class GoldFormat(str, Enum):
-    """File formats of `gold export`."""
-
-    csv = "csv"
-    labelstudio = "labelstudio"
+ExportFormat = Literal["csv", "labelstudio"]  # the files `gold export` writes (GoldFormat's file formats)
 
 
 def _pct(value) -> str:
@@ -54,24 +44,24 @@ def _print(body, as_json: bool) -> bool:
 
 @gold_app.command("sample")
 def gold_sample(job_id: str, size: int = typer.Option(200, min=1, help="Documents to draw."),
-                design: Design = typer.Option("random", help="random, stratified (by predicted label) or "
+                design: SamplingDesign = typer.Option("random", help="random, stratified (by predicted label) or "
                                                              "uncertainty (over-weights low confidence)."),
                 seed: int = 0, replace: bool = typer.Option(False, help="Replace an existing sample."),
                 url: str = URL) -> None:
     """Draw a gold sample of a finished job; each document's inclusion probability is kept."""
     body = call("POST", f"{url}/v1/jobs/{job_id}/gold-sample",
-                json={"size": size, "design": design.value, "seed": seed, "replace": replace}).json()
+                json={"size": size, "design": design, "seed": seed, "replace": replace}).json()
     strata = ", ".join(f"{k} {v}" for k, v in body["by_predicted_label"].items())
     console.print(f"drew {body['size']} of {body['population']} documents ({body['design']}): {strata}",
                   highlight=False)
 
 
 @gold_app.command("export")
-def gold_export(job_id: str, file: Path, format: GoldFormat = typer.Option("csv", help="csv or labelstudio."),
+def gold_export(job_id: str, file: Path, format: ExportFormat = typer.Option("csv", help="csv or labelstudio."),
                 url: str = URL) -> None:
     """Write the sample for people to label: a CSV to fill in, or Label Studio tasks (+ FILE.xml interface)."""
-    response = call("GET", f"{url}/v1/jobs/{job_id}/gold-sample", params={"format": format.value})
-    if format is GoldFormat.csv:
+    response = call("GET", f"{url}/v1/jobs/{job_id}/gold-sample", params={"format": format})
+    if format == "csv":
         file.write_text(response.text, encoding="utf-8")
         console.print(f"wrote {file}: fill in the label column (and annotator), then `annotate gold import`")
         return
@@ -98,7 +88,7 @@ def gold_import(job_id: str, file: Path,
 
 def report(job_id: str, url: str = URL, as_json: bool = JSON) -> None:
     """Quality against the gold sample: accuracy, per-label F1, calibration, selective accuracy, agreement."""
-    body = call("GET", f"{url}/v1/jobs/{job_id}/report", timeout=300).json()
+    body = call("POST", f"{url}/v1/jobs/{job_id}/report", timeout=300).json()
     if _print(body, as_json):
         return
     console.print(f"gold documents {body['n']} · accuracy {_interval(body['accuracy'])} · coverage "
@@ -163,17 +153,11 @@ def estimate(job_id: str,
     console.print(table)
 
 
-class IssueKind(str, Enum):
-    """Which labels `audit` checks."""
-
-    gold = "gold"
-    llm = "llm"
-
 
 def audit(job_id: str, kind: IssueKind = typer.Option("gold", help="gold (human labels) or llm (the job's labels)."),
           limit: int = 20, url: str = URL, as_json: bool = JSON) -> None:
     """Likely label errors, most suspicious first (cleanlab confident learning plus disagreement)."""
-    body = call("GET", f"{url}/v1/jobs/{job_id}/label-issues", params={"kind": kind.value, "limit": limit},
+    body = call("POST", f"{url}/v1/jobs/{job_id}/label-issues", json={"kind": kind, "limit": limit},
                 timeout=600).json()
     if _print(body, as_json):
         return

@@ -31,6 +31,7 @@ from service.errors import AnnotateError, NotFound, TooManyRequests, Unauthentic
 from service.quality import report as quality
 from service.store.annotations import DOCUMENT_FILTERS
 from service.taxonomy import NONE_LABEL
+from service.vocabulary import DocumentFilter
 
 HERE = Path(__file__).parent
 STATIC = {path.name: path for path in (HERE / "static").iterdir()}
@@ -62,7 +63,7 @@ def _job_summary(store, job_id: str) -> dict:
 
 @router.get("/console/jobs/{job_id}", dependencies=[READ], response_class=HTMLResponse)
 async def job_page(request: Request, job_id: str, label: str | None = None,
-                   show: str = Query("all", pattern="^(" + "|".join(DOCUMENT_FILTERS) + ")$"),
+                   show: DocumentFilter = Query("all"),
                    below: float = Query(0.6, ge=0, le=1), page: int = Query(1, ge=1, le=MAX_PAGE)) -> HTMLResponse:
     """One job: label distribution, abstention reasons and a filterable table of its documents."""
     store = hosted(request).store
@@ -108,14 +109,17 @@ def _shortcut_keys() -> list[str]:
 
 @router.get("/console/jobs/{job_id}/quality", dependencies=[READ], response_class=HTMLResponse)
 async def quality_page(request: Request, job_id: str) -> HTMLResponse:
-    """The quality report as pictures: calibration, confusion, coverage, per-label F1, DSL shares."""
+    """The job's stored quality report as pictures: calibration, confusion, coverage, per-label F1, DSL shares.
+
+    It reads what the last computation kept (gold labels, a calibration or a relabelling renew it) and says when.
+    """
     store = hosted(request).store
     job = await asyncio.to_thread(_job_summary, store, job_id)
     try:
-        report = await asyncio.to_thread(quality.report, store, job_id)
-        shares = await asyncio.to_thread(quality.estimate, store, job_id, target="proportions")
+        report = await asyncio.to_thread(quality.stored_report, store, job_id)
     except AnnotateError as exc:
         return render_page("quality.html", job=job, problem=str(exc))
+    shares = report["shares"]
     return render_page("quality.html", job=job, report=report, shares=shares, problem=None,
                  charts={name: Markup(svg) for name, svg in _quality_charts(report, shares).items()})
 

@@ -34,8 +34,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 
 from service.files import atomic_path
+from service.vocabulary import StudentKind, values
 
-KINDS = ("ngram", "static", "minilm", "finetune")
+KINDS = values(StudentKind)
 STATIC_NAME = "minilm-static-256"  # the distilled static model's directory under models_dir
 REFINE_ROUNDS = 2
 

@@ -29,11 +29,12 @@ import numpy as np
 from sklearn.metrics import f1_score
 
 from service.distill.students import KINDS, FineTunedEncoder, Targets, features, fit_linear, in_order, save_student
-from service.quality.statistics import calibration
+from service.quality.metrics import calibration
 from service.taxonomy import NONE_LABEL
+from service.vocabulary import DistillTarget, Weighting, values
 
-TARGETS = ("hard", "soft", "candidates")
-WEIGHTINGS = ("none", "confidence")
+TARGETS = values(DistillTarget)
+WEIGHTINGS = values(Weighting)
 VALIDATION = 0.1
 LATENCY_CALLS = 30
 

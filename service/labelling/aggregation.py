@@ -45,10 +45,11 @@ from service.labelling.labeller import Annotation, decide_single, failed
 if TYPE_CHECKING:
     import pandas as pd
 from service.taxonomy import Taxonomy
+from service.vocabulary import AggregationMethod, VoteMethod, values
 
-VOTE_METHODS = ("majority_vote", "weighted_soft_vote", "dawid_skene", "calibrated_mean")  # what ``aggregate`` computes
-REFINED = "refined"  # the one method that needs more than the votes: the documents' texts and gold labels
-METHODS = (*VOTE_METHODS, REFINED)
+VOTE_METHODS = values(VoteMethod)  # what ``aggregate`` computes
+REFINED: AggregationMethod = "refined"  # the one method that needs more than the votes: the texts and gold labels
+METHODS = values(AggregationMethod)
 CALIBRATION_MIN_DOCS = 20  # below this an annotator's mean distribution says more about the sample than the prompt
 DEFAULT_METHOD = "dawid_skene"  # of a job that lists its annotators
 DEFAULT_PANEL_AGGREGATION = REFINED  # of the default panel (service.api.jobs): robust to a constant LLM, learns the job

@@ -46,6 +46,7 @@ from service.errors import InvalidInput
 from service.labelling.annotators import EmbeddingLabeller
 from service.labelling.labeller import TunedPrompt
 from service.labelling.scoring import annotate_texts
+from service.vocabulary import Calibration, values
 
 CHAT_CANDIDATES = ("classify", "classify_terse")
 COMPLETION_CANDIDATES = ("classify_fewshot", "classify_plain")  # plain text: the embedded engine only
@@ -53,7 +54,7 @@ MIN_GOLD = 20  # labelled sample documents needed to choose by accuracy (10 per 
 GOLD = "gold_accuracy"
 AGREEMENT = "embedding_agreement"
 CONTENT_FREE = ("N/A", "[MASK]", "...")  # texts that say nothing: what a prompt answers to them is its bias
-CALIBRATIONS = ("none", "contextual")
+CALIBRATIONS = values(Calibration)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import numpy as np
 
 from service.errors import Conflict, InvalidInput
 from service.labelling.labeller import options_of
-from service.quality.statistics import draw_sample
+from service.quality.sampling import draw_sample
 from service.store import Store
 from service.taxonomy import NONE_LABEL
 

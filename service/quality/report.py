@@ -2,12 +2,13 @@
 
 Each function reads the job's labelled documents and gold sample from the store (one
 row per document: the output distribution, label, inclusion probability and gold
-label), calls the pure functions of ``service.quality.statistics``, and keeps what a person
+label), calls the pure functions of ``service.quality`` (``metrics``, ``conformal``, ``dsl``), and keeps what a person
 would query in DuckDB:
 
 - ``report``: design-weighted accuracy, per-label precision/recall/F1, confusion, ECE
-  and reliability, selective accuracy, abstentions, LLM–human and annotator agreement
-  (tables ``quality_metrics``, ``confusion_matrix``, ``reliability``, ``selective_accuracy``);
+  and reliability, selective accuracy, abstentions, LLM–human and annotator agreement,
+  DSL label shares (tables ``quality_metrics``, ``confusion_matrix``, ``reliability``,
+  ``selective_accuracy``, and the whole answer in ``quality_results``);
 - ``calibrate``: split-conformal candidate sets at a chosen α and an abstention
   threshold for a target accuracy (table ``calibrations``; the ``labels`` view's
   ``conformal_candidates`` column applies the threshold);
@@ -18,6 +19,10 @@ would query in DuckDB:
 
 Documents of the sample without a human label yet are left out, which assumes they are
 missing at random; every answer says how many there are.
+
+Reads never compute: ``report`` and ``label_issues`` run on a write (their POST routes, and
+``refresh_report`` when gold labels, a calibration or a relabelling arrive) and store their
+answer; ``stored_report`` and ``stored_label_issues`` read it back with when it was computed.
 """
 
 from __future__ import annotations
@@ -31,11 +36,15 @@ from service.errors import Conflict, InvalidInput
 from service.labelling.aggregation import agreement
 from service.labelling.labeller import FLAT_SHORTLIST, options_of
 from service.labelling.shortlist import wilson
+from service.quality.conformal import abstention_threshold, conformal_sets
+from service.quality.dsl import dsl_proportions, dsl_regression
 from service.quality.label_issues import rank_gold_issues, rank_llm_issues
-from service.quality.statistics import abstention_threshold, conformal_sets, dsl_proportions, dsl_regression, quality_report
+from service.quality.metrics import quality_report
 from service.store import Store
 
 TEXT_CHARS = "text_chars"  # a covariate every document has: its length in characters
+REPORT = "report"  # the kind of stored result a report is (``quality_results.kind``)
+LABEL_ISSUES = "label_issues_"  # + gold or llm: the kind of a stored label-issue ranking
 
 
 class GoldData:
@@ -76,7 +85,7 @@ class GoldData:
 
 
 def report(store: Store, job_id: str) -> dict:
-    """The quality report of a job against its gold sample; also written to the report tables."""
+    """Compute the quality report of a job against its gold sample and store it (report tables and the answer)."""
     data = GoldData(store, job_id)
     weights = 1 / data.pi[data.gold]
     result = quality_report(gold=data.at_gold("gold_label"), predicted=data.at_gold("label"),
@@ -87,8 +96,38 @@ def report(store: Store, job_id: str) -> dict:
     result["refinement"] = data.job.annotator_spec.get("refinement")  # labels fitted to gold say how (cross-fitted)
     result["calibration"] = store.quality.calibration(job_id)
     result["shortlist"] = _shortlist_recall(data)
+    result["shares"] = _shares(data)
     store.quality.put_tables(job_id, *_tables(result))
-    return result
+    computed_at = store.quality.put_result(job_id, REPORT, result)
+    return {**result, "computed_at": computed_at}
+
+
+def refresh_report(store: Store, job_id: str) -> None:
+    """Recompute a job's stored report after what it depends on changed; nothing while it has no gold labels."""
+    try:
+        report(store, job_id)
+    except (Conflict, InvalidInput):  # no gold labels yet, or a multi-label taxonomy: there is no report to keep
+        pass
+
+
+def stored_report(store: Store, job_id: str) -> dict:
+    """A job's last computed report, with when it was computed."""
+    store.jobs.get(job_id)  # 404 for an unknown job
+    stored = store.quality.result(job_id, REPORT)
+    if stored is None:
+        raise Conflict(f"job {job_id} has no quality report yet: it is computed when gold labels arrive, or on "
+                       "request (POST /v1/jobs/{id}/report, `annotate report`)")
+    return {**stored.result, "computed_at": stored.computed_at}
+
+
+def _shares(data: GoldData) -> dict:
+    """The labels' shares by DSL (with the naive and gold-only ones), for the report's readers (the console)."""
+    try:
+        rows = dsl_proportions(probs=data.probs, labels=data.options, gold_index=data.gold_index(), pi=data.pi,
+                               sampled=data.gold, seed=0, level=0.95)
+    except ValueError as exc:
+        return {"problem": str(exc), "estimates": []}
+    return {"level": 0.95, "estimates": rows}
 
 
 def _shortlist_recall(data: GoldData) -> dict | None:
@@ -252,5 +291,17 @@ def label_issues(store: Store, job_id: str, *, kind: str, limit: int = 50, max_d
         ranked = rank_llm_issues(store, job_id, max_documents=max_documents, seed=seed,
                                  embed=lambda texts: shared_embedder().embed(texts))
     store.quality.put_label_issues(job_id, kind, ranked["rows"])
-    return {"job_id": job_id, "kind": kind, "checked": ranked["checked"],
-            "issues": sum(r["is_issue"] for r in ranked["rows"]), "rows": ranked["rows"][:limit]}
+    result = {"job_id": job_id, "kind": kind, "checked": ranked["checked"],
+              "issues": sum(r["is_issue"] for r in ranked["rows"]), "rows": ranked["rows"]}
+    computed_at = store.quality.put_result(job_id, LABEL_ISSUES + kind, result)
+    return {**result, "rows": ranked["rows"][:limit], "computed_at": computed_at}
+
+
+def stored_label_issues(store: Store, job_id: str, *, kind: str, limit: int = 50) -> dict:
+    """A job's last label-issue ranking of a kind (its ``limit`` most suspicious rows), with when it was computed."""
+    store.jobs.get(job_id)  # 404 for an unknown job
+    stored = store.quality.result(job_id, LABEL_ISSUES + kind)
+    if stored is None:
+        raise Conflict(f"job {job_id} has no ranking of {kind} label issues yet: compute one (POST "
+                       "/v1/jobs/{id}/label-issues, `annotate audit`)")
+    return {**stored.result, "rows": stored.result["rows"][:limit], "computed_at": stored.computed_at}

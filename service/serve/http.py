@@ -35,13 +35,13 @@ def create_api() -> FastAPI:
     app.exception_handler(RequestValidationError)(_render_validation_error)
     for router in ROUTERS:
         app.include_router(router)
-    if missing := undeclared(api_routes()):
+    if missing := undeclared(declared_routes()):
         raise ValueError(f"routes without a declared scope: {missing}")
     app.add_middleware(BodyLimit)
     return app
 
 
-def api_routes() -> list[APIRoute]:
+def declared_routes() -> list[APIRoute]:
     """Every route of the API and the console, as declared in their routers."""
     return [route for router in ROUTERS for route in router.routes if isinstance(route, APIRoute)]
 

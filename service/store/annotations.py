@@ -10,8 +10,9 @@ import pyarrow as pa
 from service.labelling.labeller import Annotation
 from service.store.database import ANNOTATION_SCHEMA, Database, utc_now
 from service.store.jobs import Jobs
+from service.vocabulary import DocumentFilter, values
 
-DOCUMENT_FILTERS = ("all", "abstained", "low_confidence", "failed")  # the console's views of a job's documents
+DOCUMENT_FILTERS = values(DocumentFilter)
 
 
 

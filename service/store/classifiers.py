@@ -75,7 +75,7 @@ class Classifiers:
                            " ORDER BY classifier_id = ? DESC, version DESC LIMIT 1", [ref, ref, ref])
         if not rows:
             raise NotFound(f"unknown classifier {ref!r} (an id, or the name of one that finished training); "
-                           "GET /v1/classifiers lists them")
+                           "the list of classifiers names them")
         return Classifier(**_decoded(rows[0]))
 
     def all(self) -> list[ClassifierSummary]:

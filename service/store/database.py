@@ -21,8 +21,15 @@ import duckdb
 import pyarrow as pa
 
 from service.errors import AnnotateError
+from service.vocabulary import IssueKind, JobState, SamplingDesign, StudentKind, values
 
-SCHEMA = """
+
+def _in(alias: object) -> str:
+    """A vocabulary's values as an SQL list, for the schema's CHECK constraints."""
+    return "(" + ", ".join(f"'{value}'" for value in values(alias)) + ")"
+
+
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS taxonomies (
     name VARCHAR NOT NULL, version VARCHAR NOT NULL, label_version VARCHAR, description VARCHAR,
     multi_label BOOLEAN, yaml VARCHAR NOT NULL, created_at TIMESTAMP NOT NULL, pushed_at TIMESTAMP NOT NULL,
@@ -38,7 +45,8 @@ CREATE TABLE IF NOT EXISTS prompt_tunings (
     PRIMARY KEY (taxonomy, taxonomy_version, model));
 CREATE TABLE IF NOT EXISTS jobs (
     job_id VARCHAR PRIMARY KEY, taxonomy VARCHAR NOT NULL, taxonomy_version VARCHAR NOT NULL,
-    annotator VARCHAR NOT NULL, annotator_spec JSON, status VARCHAR NOT NULL, total INTEGER NOT NULL,
+    annotator VARCHAR NOT NULL, annotator_spec JSON, status VARCHAR NOT NULL CHECK (status IN {_in(JobState)}),
+    total INTEGER NOT NULL,
     error VARCHAR, created_at TIMESTAMP NOT NULL, started_at TIMESTAMP, finished_at TIMESTAMP);
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS model VARCHAR;
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS batch JSON;
@@ -72,7 +80,8 @@ CREATE TABLE IF NOT EXISTS job_annotators (
     model VARCHAR, prompt VARCHAR, weight DOUBLE, position INTEGER NOT NULL,
     PRIMARY KEY (job_id, name));
 CREATE TABLE IF NOT EXISTS gold_samples (
-    job_id VARCHAR NOT NULL, doc_id VARCHAR NOT NULL, design VARCHAR NOT NULL, stratum VARCHAR,
+    job_id VARCHAR NOT NULL, doc_id VARCHAR NOT NULL, design VARCHAR NOT NULL CHECK (design IN {_in(SamplingDesign)}),
+    stratum VARCHAR,
     inclusion_prob DOUBLE NOT NULL, seed INTEGER, drawn_at TIMESTAMP NOT NULL,
     PRIMARY KEY (job_id, doc_id));
 CREATE TABLE IF NOT EXISTS gold_labels (
@@ -93,12 +102,17 @@ CREATE TABLE IF NOT EXISTS reliability (
     accuracy DOUBLE);
 CREATE TABLE IF NOT EXISTS selective_accuracy (
     job_id VARCHAR NOT NULL, coverage DOUBLE NOT NULL, threshold DOUBLE, accuracy DOUBLE, n INTEGER);
+CREATE TABLE IF NOT EXISTS quality_results (
+    job_id VARCHAR NOT NULL, kind VARCHAR NOT NULL, result JSON NOT NULL, computed_at TIMESTAMP NOT NULL,
+    PRIMARY KEY (job_id, kind));
 CREATE TABLE IF NOT EXISTS label_issues (
-    job_id VARCHAR NOT NULL, kind VARCHAR NOT NULL, rank INTEGER NOT NULL, doc_id VARCHAR NOT NULL,
+    job_id VARCHAR NOT NULL, kind VARCHAR NOT NULL CHECK (kind IN {_in(IssueKind)}), rank INTEGER NOT NULL,
+    doc_id VARCHAR NOT NULL,
     given_label VARCHAR, suggested_label VARCHAR, quality DOUBLE, disagreement DOUBLE, suspicion DOUBLE,
     is_issue BOOLEAN, computed_at TIMESTAMP NOT NULL);
 CREATE TABLE IF NOT EXISTS classifiers (
-    classifier_id VARCHAR PRIMARY KEY, name VARCHAR NOT NULL, version INTEGER NOT NULL, kind VARCHAR NOT NULL,
+    classifier_id VARCHAR PRIMARY KEY, name VARCHAR NOT NULL, version INTEGER NOT NULL,
+    kind VARCHAR NOT NULL CHECK (kind IN {_in(StudentKind)}),
     taxonomy VARCHAR NOT NULL, taxonomy_version VARCHAR NOT NULL, jobs JSON NOT NULL, options JSON,
     status VARCHAR NOT NULL, classes JSON, report JSON, path VARCHAR, size_bytes BIGINT, error VARCHAR,
     created_at TIMESTAMP NOT NULL, finished_at TIMESTAMP);
@@ -107,7 +121,7 @@ CREATE OR REPLACE VIEW labels AS
            a.abstain_reason, a.distribution, a.truncated, a.chars_seen, a.cached, a.shortlist,
            CASE WHEN c.threshold IS NOT NULL THEN list_transform(list_sort(list_transform(
                list_filter(map_entries(a.distribution), lambda e: e.value >= c.threshold),
-               lambda e: {'p': -e.value, 'k': e.key})), lambda e: e.k) END AS conformal_candidates,
+               lambda e: {{'p': -e.value, 'k': e.key}})), lambda e: e.k) END AS conformal_candidates,
            d.text, d.meta, d.position
     FROM annotations a JOIN jobs j ON j.job_id = a.job_id AND j.annotator = a.annotator
     JOIN documents d ON d.job_id = a.job_id AND d.doc_id = a.doc_id

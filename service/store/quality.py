@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
@@ -13,6 +14,14 @@ from service.store.database import Database, utc_now
 _LABELLED = ("FROM gold g JOIN documents d USING (job_id, doc_id) JOIN jobs j USING (job_id)"
              " WHERE j.taxonomy = ? AND g.gold_label IS NOT NULL")  # the gold-labelled documents of a taxonomy
 
+
+
+@dataclass(frozen=True)
+class StoredResult:
+    """A quality result as it was computed (by a POST, or when gold labels, a calibration or a relabelling came in)."""
+
+    result: dict
+    computed_at: datetime
 
 
 class Quality:
@@ -58,8 +67,7 @@ class Quality:
             " g.confidence FROM gold g JOIN documents d USING (job_id, doc_id) WHERE g.job_id = ? ORDER BY d.position",
             [job_id])
         if not rows:
-            raise NotFound(f"job {job_id} has no gold sample; draw one with POST /v1/jobs/{job_id}/gold-sample "
-                           "(or `annotate gold sample`)")
+            raise NotFound(f"job {job_id} has no gold sample; draw one first")
         return rows
 
     def put_labels(self, job_id: str, rows: list[tuple[str, str, str]], *, max_annotators: int) -> int:
@@ -78,7 +86,7 @@ class Quality:
             if outside:
                 raise InvalidInput(f"{len(outside)} labelled document(s) are not in job {job_id}'s gold sample, e.g. "
                                    f"{outside[:3]}; statistics need each gold document's inclusion probability, so "
-                                   "label the documents of the sample (GET .../gold-sample)")
+                                   "label the documents of the sample")
             cur.executemany("INSERT OR REPLACE INTO gold_labels VALUES (?, ?, ?, ?, ?)",
                             [[job_id, doc_id, annotator, label, utc_now()] for doc_id, annotator, label in rows])
         return len(rows)
@@ -143,6 +151,20 @@ class Quality:
         row = self._db.cursor().execute("SELECT result FROM calibrations WHERE job_id = ?", [job_id]).fetchone()
         return None if row is None else json.loads(row[0])
 
+    def put_result(self, job_id: str, kind: str, result: dict) -> datetime:
+        """Keep a computed quality result of a job (its report, a label-issue ranking) for reads; returns when."""
+        now = utc_now()
+        with self._db.transaction() as cur:
+            cur.execute("INSERT OR REPLACE INTO quality_results VALUES (?, ?, ?, ?)",
+                        [job_id, kind, json.dumps(result, default=_plain), now])
+        return now
+
+    def result(self, job_id: str, kind: str) -> StoredResult | None:
+        """A job's last computed result of a kind, and when it was computed; None when none was."""
+        row = self._db.cursor().execute("SELECT result, computed_at FROM quality_results WHERE job_id = ? AND kind = ?",
+                                        [job_id, kind]).fetchone()
+        return None if row is None else StoredResult(json.loads(row[0]), row[1])
+
     def put_label_issues(self, job_id: str, kind: str, rows: list[dict]) -> None:
         """Replace a job's ranked label issues of one kind (gold or llm)."""
         now = utc_now()
@@ -154,3 +176,10 @@ class Quality:
                 "INSERT INTO label_issues VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [[job_id, kind, r["rank"], r["doc_id"], r["given_label"], r["suggested_label"], r["quality"],
                   r["disagreement"], r["suspicion"], r["is_issue"], now] for r in rows])
+
+
+def _plain(value):
+    """NumPy scalars in a result, as the JSON numbers they are."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

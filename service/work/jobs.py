@@ -360,7 +360,7 @@ class JobRunner:
             documents = self.store.quality.documents_with_gold(job_id, DOCUMENT_CHARS)  # what embed_documents reads
             decided, refinement = refined_annotations(decided, documents, taxonomy, shared_embedder().embed_documents)
         hashes = {r["doc_id"]: r["text_hash"] for r in rows}
-        keys = dict(job_id=job_id, annotator=job.annotator, model=method, engine="aggregate", prompt_hash=None,
+        keys = dict(job_id=job_id, annotator=job.annotator, model=None, engine="aggregate", prompt_hash=None,
                     taxonomy_version=version, decoding=json.dumps({"method": method, "members": sorted(weights)}))
         self.store.annotations.replace_aggregate(job_id, job.annotator, [
             annotation_row(annotation, doc_id=doc_id, text_hash=hashes[doc_id], cached=False, latency_ms=0.0, **keys)
