@@ -291,7 +291,8 @@ def in_process(tmp_path) -> InProcessApp:
     from service.settings import Settings
     from service.store import Store
     from service.taxonomy import load_taxonomy
-    from service.work.jobs import JobRunner, Model
+    from service.work.jobs import JobRunner
+    from service.work.panels import Model
     from service.work.trainings import ClassifierRunner
 
     settings = Settings(data_dir=tmp_path / "data", input_dir=tmp_path / "inputs", host="127.0.0.1", auth="auto")

@@ -20,7 +20,8 @@ from service.store import Store
 from service.store.jobs import document_batch
 from service.store.taxonomies import Pushed
 from service.taxonomy import load_taxonomy, parse_taxonomy
-from service.work.jobs import JobRunner, Model, job_record
+from service.work.jobs import JobRunner
+from service.work.panels import Model, job_record
 
 TAXONOMY = REPO / "taxonomy" / "sms-spam.yaml"
 
@@ -35,7 +36,7 @@ def _store(tmp_path) -> Store:
 def _submit(store: Store, runner: JobRunner, job_id: str, texts: list[str], batch_size: int = 4,
             annotators: list[dict] | None = None, aggregation: str | None = None) -> None:
     """Create a job the way the API does, without queueing it."""
-    panel = runner.panel("sms-spam", None, None, annotators)
+    panel = runner.panels.panel("sms-spam", None, None, annotators)
     rows = [check_document(f"documents[{i}]", f"d{i:03d}", text, None, max_chars=10_000) for i, text in enumerate(texts)]
     batches = [document_batch(job_id, rows[i:i + batch_size], i) for i in range(0, len(rows), batch_size)]
     store.jobs.create(job_id=job_id, taxonomy="sms-spam", model="fake", batches=iter(batches),
@@ -256,9 +257,9 @@ def test_several_annotators_need_distinct_names_and_a_single_label_taxonomy(tmp_
     async def scenario():
         runner = await _runner(store, FakeEngine())
         with pytest.raises(InvalidInput, match="same annotator"):
-            runner.panel("sms-spam", None, None, [{"kind": "llm"}, {"kind": "llm", "name": "again"}])
+            runner.panels.panel("sms-spam", None, None, [{"kind": "llm"}, {"kind": "llm", "name": "again"}])
         with pytest.raises(InvalidInput, match="used twice"):
-            runner.panel("sms-spam", None, None, [{"kind": "llm", "name": "x"}, {"kind": "embedding", "name": "x"}])
+            runner.panels.panel("sms-spam", None, None, [{"kind": "llm", "name": "x"}, {"kind": "embedding", "name": "x"}])
         await runner.close()
 
     asyncio.run(scenario())

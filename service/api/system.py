@@ -17,9 +17,9 @@ router = APIRouter(tags=["service"])
 async def health(request: Request) -> dict:
     """Liveness plus what engine the service labels with."""
     runner = hosted(request).runner
-    default = runner.models[runner.default_model].info
+    default = runner.panels.models[runner.panels.default_model].info
     return {"status": "ok", "version": __version__, "engine": default.engine, "model": default.model,
-            "default_model": runner.default_model}
+            "default_model": runner.panels.default_model}
 
 
 @router.get("/v1/models", dependencies=[READ])
@@ -29,9 +29,9 @@ async def list_models(request: Request) -> list[dict]:
     reports = await asyncio.gather(*(handle.report.remote() for handle in ctx.models.values()),
                                    return_exceptions=True)
     return [{"name": name, "engine": model.info.engine, "model": model.info.model, "decoding": model.info.decoding,
-             "default": name == ctx.runner.default_model,
+             "default": name == ctx.runner.panels.default_model,
              "stats": None if isinstance(report, BaseException) else report}
-            for (name, model), report in zip(ctx.runner.models.items(), reports)]
+            for (name, model), report in zip(ctx.runner.panels.models.items(), reports)]
 
 
 @router.get("/v1/prompts", dependencies=[READ])

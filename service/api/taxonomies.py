@@ -90,7 +90,7 @@ async def tune_taxonomy(request: Request, name: str, body: TuneRequest) -> dict:
     if lock.locked():
         raise TooManyRequests("a prompt tuning of this token is running; wait for its answer before starting another")
     async with lock:
-        return await tune(ctx.runner, name, body.taxonomy_version, body.model, texts,
+        return await tune(ctx.runner.panels, name, body.taxonomy_version, body.model, texts,
                           [d.label for d in body.documents], body.prompts, body.calibrations)
 
 
@@ -109,7 +109,7 @@ async def _start_induction(ctx: Context, caller: Caller, body: InductionRequest)
         if active >= limit:
             raise TooManyRequests(f"token {caller.token_id} has {active} inductions running, the limit "
                                   f"(ANNOTATE_MAX_ACTIVE_JOBS_PER_TOKEN) is {limit}; wait for one to end")
-    model = ctx.runner.model(body.model).name
+    model = ctx.runner.panels.model(body.model).name
     base = (await asyncio.to_thread(ctx.store.taxonomies.get, body.base)).taxonomy if body.base else None
     if body.source is not None:
         rows = read_file(local_source(ctx.settings.input_dir, body.source), text_field=body.text_field, id_field=body.id_field,

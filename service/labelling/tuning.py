@@ -144,12 +144,12 @@ def choose(results: list[CandidateResult], labels: list[list], gold: list[str | 
     return best, GOLD, round(hits / len(labelled), 4)
 
 
-async def tune(runner, taxonomy_name: str, version: str | None, model: str | None, texts: list[str],
+async def tune(panels, taxonomy_name: str, version: str | None, model: str | None, texts: list[str],
                gold: list[str | None], prompts: list[str] | None = None,
                calibrations: list[str] | None = None) -> dict:
     """Label the sample with every candidate prompt (each calibrated as ``calibrations`` says) and the embedding
     annotator; store and return the choice."""
-    stored = await asyncio.to_thread(runner.store.taxonomies.get, taxonomy_name, version)
+    stored = await asyncio.to_thread(panels.store.taxonomies.get, taxonomy_name, version)
     taxonomy, found = stored.taxonomy, stored.version
     if taxonomy.multi_label:
         raise InvalidInput(f"taxonomy {taxonomy.name!r} is multi-label; prompt tuning covers single-label taxonomies "
@@ -162,16 +162,16 @@ async def tune(runner, taxonomy_name: str, version: str | None, model: str | Non
         if label is not None and label not in known:
             raise InvalidInput(f"documents[{i}].label {label!r} is not a label of taxonomy {taxonomy.name!r}; "
                                f"its labels: {', '.join(sorted(known))}")
-    chosen_model = runner.model(model or taxonomy.model)
-    reference_labeller = EmbeddingLabeller(taxonomy, found, runner.model_input_chars)
-    reference = await annotate_texts(reference_labeller, texts, runner.scorer(reference_labeller))
+    chosen_model = panels.model(model or taxonomy.model)
+    reference_labeller = EmbeddingLabeller(taxonomy, found, panels.model_input_chars)
+    reference = await annotate_texts(reference_labeller, texts, panels.scorer(reference_labeller))
     results, labels, choices = [], [], []
     for prompt in candidates(chosen_model.info.engine, prompts):
-        labeller = await asyncio.to_thread(runner.labeller, taxonomy.name, found, chosen_model.name, prompt)
+        labeller = await asyncio.to_thread(panels.labeller, taxonomy.name, found, chosen_model.name, prompt)
         started = time.perf_counter()
-        annotations = await annotate_texts(labeller, texts, runner.scorer(labeller))
+        annotations = await annotate_texts(labeller, texts, panels.scorer(labeller))
         seconds = time.perf_counter() - started
-        neutral = await annotate_texts(labeller, list(CONTENT_FREE), runner.scorer(labeller))
+        neutral = await annotate_texts(labeller, list(CONTENT_FREE), panels.scorer(labeller))
         prior = tuple(math.log(max(sum(a.distribution.get(o, 0.0) for a in neutral) / len(neutral), 1e-12))
                       for o in labeller.options)
         for calibration in calibrations or CALIBRATIONS:
@@ -189,7 +189,7 @@ async def tune(runner, taxonomy_name: str, version: str | None, model: str | Non
                                      / len(labelled), 4) if labelled else None),
         "cross_fitted_accuracy": cross_fitted,
     }
-    await asyncio.to_thread(runner.store.taxonomies.put_tuning, taxonomy.name, found, chosen_model.name, choice, criterion,
+    await asyncio.to_thread(panels.store.taxonomies.put_tuning, taxonomy.name, found, chosen_model.name, choice, criterion,
                             evidence)
     return {"taxonomy": taxonomy.name, "version": found, "model": chosen_model.name, "prompt": choice.prompt,
             "calibration": choice.calibration, "criterion": criterion, **evidence}

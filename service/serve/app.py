@@ -32,7 +32,8 @@ from service.settings import Settings
 from service.store import Store
 from service.work.batch import BatchRunner
 from service.work.inductions import InductionRunner
-from service.work.jobs import JobRunner, Model
+from service.work.jobs import JobRunner
+from service.work.panels import Model
 from service.work.trainings import ClassifierRunner
 
 api = create_api()

@@ -48,7 +48,7 @@ from service.settings import Settings
 from service.store import Store
 from service.store.annotations import annotation_row
 from service.store.database import ANNOTATION_SCHEMA
-from service.work.jobs import annotation_keys
+from service.work.panels import annotation_keys
 
 log = logging.getLogger(__name__)
 

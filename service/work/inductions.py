@@ -49,9 +49,9 @@ class InductionRunner:
         progress("starting", 0.0)
         try:
             embedder = await asyncio.to_thread(shared_embedder)
-            chosen = self.runner.models[model]
+            chosen = self.runner.panels.models[model]
             inducer = Inducer(embedder.embed, self.generators[model], chosen.scorer, chosen.info,
-                              model_input_chars=self.runner.model_input_chars, progress=progress)
+                              model_input_chars=self.runner.panels.model_input_chars, progress=progress)
             result = await inducer.run(texts, options, source=source, base=base, corpus_size=corpus_size)
             if push:
                 await asyncio.to_thread(self.store.taxonomies.put, result.taxonomy, result.yaml)

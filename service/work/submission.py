@@ -30,7 +30,8 @@ from service.store import Store
 from service.store.jobs import document_batch
 from service.taxonomy import Shortlist, Taxonomy
 from service.vocabulary import AggregationMethod, LongDocuments, Mode
-from service.work.jobs import CASCADE, JobRunner, job_record
+from service.work.jobs import JobRunner
+from service.work.panels import CASCADE, job_record
 
 SUBMITTING: defaultdict[str | None, asyncio.Lock] = defaultdict(asyncio.Lock)  # per token: jobs and inductions
 
@@ -157,10 +158,10 @@ async def submit_job(runner: JobRunner, settings: Settings, body: JobRequest, *,
         annotators = [{"kind": "llm"}, {"kind": EMBEDDING}]
         aggregation = aggregation if "aggregation" in body.model_fields_set else DEFAULT_PANEL_AGGREGATION
     shortlist = None if body.shortlist is None else body.shortlist.model_dump()
-    panel = await asyncio.to_thread(runner.panel, body.taxonomy, body.taxonomy_version, body.model, annotators,
+    panel = await asyncio.to_thread(runner.panels.panel, body.taxonomy, body.taxonomy_version, body.model, annotators,
                                     body.long_documents, shortlist)
     labeller = panel[0][1]
-    auto_tune = default_panel and settings.auto_tune and await asyncio.to_thread(runner.untuned, labeller)
+    auto_tune = default_panel and settings.auto_tune and await asyncio.to_thread(runner.panels.untuned, labeller)
     if body.mode == "batch" and getattr(labeller, "shortlister", None) is not None:
         raise InvalidInput("shortlisted labelling (the job's or the taxonomy's 'shortlist') runs in mode 'stream' only: "
                            "the retriever lives in the service")
@@ -186,7 +187,7 @@ async def _create(runner: JobRunner, settings: Settings, body: JobRequest, panel
     labeller = panel[0][1]
     job_id = "job_" + uuid.uuid4().hex[:16]
     llm = next((labeller.model for _, labeller in panel if isinstance(labeller, Labeller)), None)
-    model = llm or runner.model(body.model).name
+    model = llm or runner.panels.model(body.model).name
     job = dict(job_id=job_id, taxonomy=body.taxonomy, model=model, created_by=owner,
                long_documents=body.long_documents,
                shortlist=None if body.shortlist is None else body.shortlist.model_dump(),
