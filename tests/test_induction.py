@@ -15,7 +15,8 @@ import pytest
 import yaml
 from conftest import FIXTURES, REPO, wait_for_job
 
-from service.induction.inducer import diff, sample_texts
+from service.induction.diff import diff
+from service.induction.inducer import sample_texts
 from service.taxonomy import load_taxonomy, parse_taxonomy
 
 QUESTIONS = [json.loads(line) for line in (FIXTURES / "questions.jsonl").read_text().splitlines()]

@@ -9,8 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.distill.students import in_order, load_student
+from service.distill.students import load_student
 from service.distill.training import TrainingData, distill
+from service.labelling.labeller import in_order
 from service.settings import Settings
 
 CLASSES = ["alpha", "beta", "gamma"]

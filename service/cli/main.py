@@ -132,7 +132,7 @@ def _print_report(report: dict) -> None:
 @taxonomy_app.command("diff")
 def taxonomy_diff(old: Path, new: Path) -> None:
     """What changed between two taxonomy files: + added, - removed, ~ changed."""
-    from service.induction.inducer import diff
+    from service.induction.diff import diff
     from service.taxonomy import load_taxonomy
 
     try:

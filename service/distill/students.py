@@ -34,6 +34,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 
 from service.files import atomic_path
+from service.labelling.labeller import in_order
 from service.vocabulary import StudentKind, values
 
 KINDS = values(StudentKind)
@@ -136,14 +137,6 @@ def _fit_head(x, matrix: np.ndarray, weights: np.ndarray, classes: list[str], ki
     stacked = x[rows] if sp.issparse(x) else np.asarray(x)[rows]
     head = LogisticRegression(C=10.0 if kind == "ngram" else 1.0, max_iter=500, tol=1e-3)
     return head.fit(stacked, np.array(classes, dtype=object)[cols], sample_weight=matrix[rows, cols] * weights[rows])
-
-
-def in_order(probs: np.ndarray, fitted: list[str], classes: list[str]) -> np.ndarray:
-    """Probability columns of a model (in its ``classes_`` order) rearranged to ``classes``; unseen ones get 0."""
-    out = np.zeros((len(probs), len(classes)))
-    for j, name in enumerate(fitted):
-        out[:, classes.index(name)] = probs[:, j]
-    return out
 
 
 def _within(probs: np.ndarray, allowed: np.ndarray) -> np.ndarray:

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import f1_score
 
-from service.distill.students import KINDS, FineTunedEncoder, Targets, features, fit_linear, in_order, save_student
+from service.distill.students import KINDS, FineTunedEncoder, Targets, features, fit_linear, save_student
+from service.labelling.labeller import in_order
 from service.quality.metrics import calibration
 from service.taxonomy import NONE_LABEL
 from service.vocabulary import DistillTarget, Weighting, values

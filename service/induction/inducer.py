@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import re
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -44,10 +43,11 @@ import numpy as np
 import yaml
 
 from service.engines.base import EngineInfo
+from service.induction.naming import STOP_WORDS, WORD, ctfidf_keywords, first_sentence, slug, snippets, spoken
 from service.labelling.labeller import Labeller
 from service.labelling.prompts import load_template
 from service.labelling.scoring import Scorer, annotate_texts
-from service.taxonomy import NONE_LABEL, Label, Taxonomy, parse_taxonomy
+from service.taxonomy import NONE_LABEL, Taxonomy, parse_taxonomy
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +71,8 @@ def _list_schema(max_labels: int) -> dict:
 NAMING_SYSTEM = ("You organise texts into categories. You see texts from one group and a few texts near its "
                  "border. Give the group a short general category name (1 to 3 words, like 'sports' or "
                  "'person names') and a one-sentence description of what belongs in it.")
-SNIPPET_CHARS = 160
 GROUNDED_SHARE = 0.15  # a name's words must each occur in this share of its group's documents (and in 2)
 PROMPT_WORDS = frozenset({"frequent", "words", "group", "texts", "text", "border", "name", "describe"})
-_SLUG = re.compile(r"[^a-z0-9]+")
-_WORD = re.compile(r"[a-z][a-z0-9']+")
-STOP_WORDS = frozenset("""a about also an and are as at be been but by can could did do does done for from get got had has
-have he her his how i if in into is it its many me more most much my no not of on one or other our she so some such
-than that the their them then there these they this those to two us was we were what when where which who whom whose
-why will with would you your""".split())
 
 
 @dataclass(frozen=True)
@@ -156,7 +149,7 @@ class Inducer:
             await self._name(groups, sample, vectors)
             groups = await self._merge(groups, options)
         for group in groups:
-            group.examples = _snippets([sample[i] for i in _nearest(group, vectors)[: options.examples]])
+            group.examples = snippets([sample[i] for i in _nearest(group, vectors)[: options.examples]])
         taxonomy = _taxonomy(groups, options, base)
         self.progress("reviewing", 0.8)
         report = await self._review(taxonomy, sample, options)
@@ -183,7 +176,7 @@ class Inducer:
             return groups, {}
         leaves = base.leaves()
         label_vectors = await asyncio.to_thread(
-            self.embed, [_spoken(leaf.name, f"{leaf.description} {' '.join(leaf.examples)}") for leaf in leaves])
+            self.embed, [spoken(leaf.name, f"{leaf.description} {' '.join(leaf.examples)}") for leaf in leaves])
         attached: dict[str, list[int]] = {}
         new = []
         for group in groups:
@@ -216,18 +209,18 @@ class Inducer:
                     + ("\nTexts near its border:\n" + "\n".join(f"- {t[:200]}" for t in boundary) if boundary else "")
                     + "\nName and describe the whole group, not one text.")
             reply = await self.generate(NAMING_SYSTEM, user, NAME_SCHEMA)
-            group.name = _slug(str(reply.get("name", "")))
-            group.description = _first_sentence(str(reply.get("description", "")))
+            group.name = slug(str(reply.get("name", "")))
+            group.description = first_sentence(str(reply.get("description", "")))
             self.progress("naming", 0.3 + 0.4 * (n + 1) / len(groups))
-        answers = await asyncio.to_thread(self.embed, [_spoken(g.name, g.description) for g in groups])
+        answers = await asyncio.to_thread(self.embed, [spoken(g.name, g.description) for g in groups])
         for n, (group, answer) in enumerate(zip(groups, answers)):
-            documents = [set(_WORD.findall(sample[i].lower())) for i in group.members]
+            documents = [set(WORD.findall(sample[i].lower())) for i in group.members]
             named = [w for w in group.name.split("_") if w not in STOP_WORDS]
             needed = max(2, GROUNDED_SHARE * len(documents))
             lexical = named and not set(named) & PROMPT_WORDS and \
                 all(sum(w in d for d in documents) >= needed for w in named)
             if not lexical or not group.description or int((centroids @ answer).argmax()) != n:
-                group.name = _slug("_".join(keywords[n][:2])) or f"label_{n + 1}"
+                group.name = slug("_".join(keywords[n][:2])) or f"label_{n + 1}"
                 group.description = f"Texts about {', '.join(keywords[n][:4])}."
         _unique_names(groups, keywords)
 
@@ -235,7 +228,7 @@ class Inducer:
         """Merge labels with the same name or near-identical descriptions (the larger one's wording wins)."""
         if len(groups) < 2:
             return groups
-        described = await asyncio.to_thread(self.embed, [_spoken(g.name, g.description) for g in groups])
+        described = await asyncio.to_thread(self.embed, [spoken(g.name, g.description) for g in groups])
         merged: list[tuple[_Group, np.ndarray]] = []
         for group, vector in sorted(zip(groups, described), key=lambda p: -len(p[0].members)):
             twin = next((m for m in merged if m[0].name == group.name
@@ -268,7 +261,7 @@ class Inducer:
             labels = [label for label in reply.get("labels", [])
                       if isinstance(label, dict) and label.get("name")][: options.max_labels]
             self.progress("proposing", 0.2 + 0.5 * min(1.0, (start + batch) / len(sample)))
-        groups = [_Group([], np.zeros(1), _slug(str(label["name"])), str(label.get("description", ""))) for label in labels]
+        groups = [_Group([], np.zeros(1), slug(str(label["name"])), str(label.get("description", ""))) for label in labels]
         _unique_names(groups, [[] for _ in groups])
         return [g for g in groups if g.name]
 
@@ -276,7 +269,7 @@ class Inducer:
         """Give LLM-proposed labels their sample documents: each document joins the most similar description."""
         if not groups:
             raise ValueError("the model proposed no labels")
-        described = await asyncio.to_thread(self.embed, [_spoken(g.name, g.description) for g in groups])
+        described = await asyncio.to_thread(self.embed, [spoken(g.name, g.description) for g in groups])
         nearest = (vectors @ described.T).argmax(1)
         for n, group in enumerate(groups):
             group.members = [int(i) for i in np.flatnonzero(nearest == n)]
@@ -319,22 +312,6 @@ def sample_texts(rows: Iterable[dict], size: int, seed: int) -> tuple[list[str],
     return sample, count
 
 
-def diff(old: Taxonomy, new: Taxonomy) -> list[str]:
-    """What changed between two taxonomies, one line per change ('+' added, '-' removed, '~' changed)."""
-    lines = []
-    for key in ("description", "instruction", "multi_label", "candidate_mass", "abstention", "model"):
-        if getattr(old, key) != getattr(new, key):
-            lines.append(f"~ {key}: {getattr(old, key)!r} -> {getattr(new, key)!r}")
-    before = {label.name: label for label in old.labels}
-    after = {label.name: label for label in new.labels}
-    lines += [f"+ {name}: {after[name].description}" for name in after if name not in before]
-    lines += [f"- {name}: {before[name].description}" for name in before if name not in after]
-    for name in before.keys() & after.keys():
-        changed = [k for k in Label.model_fields if getattr(before[name], k) != getattr(after[name], k)]
-        lines += [f"~ {name}.{k}: {getattr(before[name], k)!r} -> {getattr(after[name], k)!r}" for k in changed]
-    return lines
-
-
 def _cluster(vectors: np.ndarray, options: InductionOptions) -> list[_Group]:
     """k-means into at most K groups; groups under ``min_share`` of the sample fold into their nearest."""
     from sklearn.cluster import KMeans
@@ -375,55 +352,16 @@ def _boundary(group: _Group, vectors: np.ndarray, centroids: np.ndarray, own: in
     return sorted(group.members, key=lambda i: float(vectors[i] @ group.centroid - (others @ vectors[i]).max()))
 
 
-def ctfidf_keywords(groups: list[list[str]], top: int = 6) -> list[list[str]]:
-    """c-TF-IDF: per group, the words frequent in it and rare in the others."""
-    counts = [Counter(w for t in texts for w in _WORD.findall(t.lower()) if w not in STOP_WORDS) for texts in groups]
-    total = Counter()
-    for c in counts:
-        total.update(c)
-    mean_words = sum(total.values()) / max(len(groups), 1)
-    keywords = []
-    for c in counts:
-        size = max(sum(c.values()), 1)
-        score = {w: (n / size) * np.log(1 + mean_words / total[w]) for w, n in c.items()}
-        keywords.append(sorted(score, key=score.get, reverse=True)[:top])
-    return keywords
-
-
-def _slug(text: str) -> str:
-    """A valid label name from free text: lowercase words joined by '_', at most 4 words."""
-    words = [w for w in _SLUG.split(text.lower()) if w][:4]
-    name = "_".join(words)[:64].strip("_")
-    return "" if name == NONE_LABEL else name
-
-
 def _unique_names(groups: list[_Group], keywords: list[list[str]]) -> None:
     """Make names distinct by appending each group's best keyword (or a number)."""
     seen: Counter = Counter(g.name for g in groups)
     for n, group in enumerate(groups):
         if seen[group.name] > 1:
             extra = next((k for k in keywords[n] if k not in group.name), str(n + 1))
-            group.name = _slug(f"{group.name} {extra}") or f"label_{n + 1}"
+            group.name = slug(f"{group.name} {extra}") or f"label_{n + 1}"
     for n, group in enumerate(groups):  # still equal after the keywords: number them
         if sum(g.name == group.name for g in groups) > 1:
             group.name = f"{group.name}_{n + 1}"
-
-
-def _spoken(name: str, description: str) -> str:
-    """A label as text to embed: its name in words, then its description."""
-    return f"{name.replace('_', ' ')}: {description}"
-
-
-def _first_sentence(text: str) -> str:
-    """The first sentence of a model's description (small models ramble on)."""
-    text = " ".join(text.split())
-    match = re.match(r"(.+?[.!?])(\s|$)", text)
-    return (match.group(1) if match else text).strip()
-
-
-def _snippets(texts: list[str]) -> list[str]:
-    """Example snippets for the YAML: one line each, shortened."""
-    return [" ".join(t.split())[:SNIPPET_CHARS] for t in texts]
 
 
 def _taxonomy(groups: list[_Group], options: InductionOptions, base: Taxonomy | None) -> Taxonomy:

@@ -32,12 +32,15 @@ import json
 import math
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 from service.engines.base import EngineInfo, ScoreRequest
 from service.labelling.demonstrations import Demonstrator
 from service.labelling.long_documents import MAX_WINDOWS, model_texts, reading_spec
 from service.labelling.prompts import PromptTemplate
 from service.labelling.shortlist import Shortlister, TopDown
-from service.taxonomy import NONE_LABEL, LongDocuments, Taxonomy
+from service.taxonomy import NONE_LABEL, Taxonomy
+from service.vocabulary import LongDocuments
 
 OUT_OF_TAXONOMY = "out_of_taxonomy"
 EMPTY_TEXT = "empty_text"
@@ -332,3 +335,11 @@ def _candidate_set(ranked: list[tuple[str, float]], mass: float) -> list[str]:
         if reached >= mass * total - 1e-12:
             break
     return chosen
+
+
+def in_order(probs: np.ndarray, fitted: list[str], classes: list[str]) -> np.ndarray:
+    """Probability columns of a model (in its ``classes_`` order) rearranged to ``classes``; unseen ones get 0."""
+    out = np.zeros((len(probs), len(classes)))
+    for j, name in enumerate(fitted):
+        out[:, classes.index(name)] = probs[:, j]
+    return out

@@ -18,7 +18,7 @@ import numpy as np
 
 from service.errors import cause_of
 from service.labelling.annotators import ClassifierLabeller, EmbeddingLabeller
-from service.labelling.labeller import Annotation, Labeller, failed
+from service.labelling.labeller import Annotation, Labeller, failed, in_order
 from service.labelling.long_documents import combine
 from service.labelling.shortlist import group_vectors, prototype_matrix, prototype_texts
 
@@ -112,8 +112,6 @@ def embedding_scorer(labeller: EmbeddingLabeller, embed: Callable[[list[str]], n
 
 def student_scorer(labeller: ClassifierLabeller, students) -> Scorer:
     """A job-runner scorer that asks the StudentServer deployment, columns in the labeller's option order."""
-    from service.distill.students import in_order
-
     async def predict(texts: list[str]) -> list:
         answer = await students.predict.remote(labeller.student.path, texts)
         return in_order(np.array(answer["probs"]), answer["classes"], list(labeller.options)).tolist()

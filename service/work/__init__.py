@@ -1,0 +1,1 @@
+"""Work: the background tasks of the service (jobs, batch shards, inductions, trainings) and the job policy."""
