@@ -24,6 +24,7 @@ from service.errors import (
 )
 from service.files import atomic_path
 from service.store import Store
+from service.store.jobs import JobSummary
 from service.vocabulary import LabelsFormat
 from service.work.submission import JobRequest, submit_job
 
@@ -40,7 +41,7 @@ async def create_job(request: Request, body: JobRequest) -> JSONResponse:
 
 
 @router.get("/v1/jobs", dependencies=[READ])
-async def list_jobs(request: Request, limit: int = Query(100, ge=1, le=10_000)) -> list[dict]:
+async def list_jobs(request: Request, limit: int = Query(100, ge=1, le=10_000)) -> list[JobSummary]:
     """The most recent jobs."""
     return await asyncio.to_thread(hosted(request).store.jobs.recent, limit)
 
