@@ -31,3 +31,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
             shutil.rmtree(partial, ignore_errors=True)
         else:
             partial.unlink(missing_ok=True)
+
+
+def download_path(directory: Path, suffix: str) -> Path:
+    """A fresh private file for a download that is built, sent and then deleted: a read leaves nothing behind."""
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory / f"{uuid.uuid4().hex}{suffix}"

@@ -114,3 +114,8 @@ class Settings(BaseSettings):
     def export_dir(self) -> Path:
         """The only directory user SQL may read files from (Parquet exports)."""
         return self.data_dir / "exports"
+
+    @property
+    def download_dir(self) -> Path:
+        """Where downloads (a job's labels as Parquet, a student's archive) are built, then deleted once sent."""
+        return self.data_dir / "downloads"

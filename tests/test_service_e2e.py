@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -104,6 +105,11 @@ def test_labels_stream_as_jsonl_and_parquet(service, labelled):
     table = pq.read_table(io.BytesIO(parquet.content))
     assert table.num_rows == 10
     assert table.column("doc_id").to_pylist() == [r["doc_id"] for r in records]
+    downloads = service.data_dir / "downloads"  # the Parquet file was built for this read and is gone after it
+    deadline = time.monotonic() + 30
+    while any(downloads.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(downloads.iterdir())
 
 
 def test_changed_taxonomy_is_a_new_version_and_old_jobs_keep_theirs(service, labelled):

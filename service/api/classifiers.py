@@ -8,12 +8,13 @@ from pathlib import Path
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
+from starlette.background import BackgroundTask
 
 from service.api.auth import ADMIN, READ
 from service.api.context import hosted
 from service.api.schemas import ClassifierRequest, PredictRequest
 from service.errors import Conflict, cause_of
-from service.files import atomic_path
+from service.files import download_path
 from service.store.classifiers import Classifier, ClassifierSummary
 from service.work.trainings import as_labels
 
@@ -69,12 +70,13 @@ async def export_classifier(request: Request, ref: str) -> FileResponse:
     ctx = hosted(request)
     student = await _ready(request, ref)
     name = f"{student.name}-v{student.version}"
-    archive = ctx.settings.export_dir / f"{name}.tar.gz"
+    archive = download_path(ctx.settings.download_dir, ".tar.gz")
     await asyncio.to_thread(_archive, Path(student.path or ""), archive, name)
-    return FileResponse(archive, media_type="application/gzip", filename=archive.name)
+    return FileResponse(archive, media_type="application/gzip", filename=f"{name}.tar.gz",
+                        background=BackgroundTask(archive.unlink, missing_ok=True))
 
 
 def _archive(source: Path, archive: Path, name: str) -> None:
-    """Pack a directory under one top folder, atomically."""
-    with atomic_path(archive) as partial, tarfile.open(partial, "w:gz") as tar:
+    """Pack a directory under one top folder."""
+    with tarfile.open(archive, "w:gz") as tar:
         tar.add(source, arcname=name)

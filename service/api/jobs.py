@@ -11,9 +11,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 
 from service.api.auth import READ, WRITE, caller_of
-from service.api.context import Context, hosted
+from service.api.context import hosted
 from service.api.schemas import (
     JobCreated,
     JobStatus,
@@ -22,7 +23,7 @@ from service.api.security import OPERATOR
 from service.errors import (
     Conflict,
 )
-from service.files import atomic_path
+from service.files import download_path
 from service.store import Store
 from service.store.jobs import JobSummary
 from service.vocabulary import LabelsFormat
@@ -68,8 +69,10 @@ async def job_labels(request: Request, job_id: str, format: LabelsFormat = Query
     ctx = hosted(request)
     await asyncio.to_thread(ctx.store.jobs.get, job_id)
     if format == "parquet":
-        path = await asyncio.to_thread(_write_parquet, ctx, job_id)
-        return FileResponse(path, media_type="application/vnd.apache.parquet", filename=f"{job_id}.parquet")
+        path = download_path(ctx.settings.download_dir, ".parquet")
+        await asyncio.to_thread(_write_parquet, ctx.store, job_id, path)
+        return FileResponse(path, media_type="application/vnd.apache.parquet", filename=f"{job_id}.parquet",
+                            background=BackgroundTask(path.unlink, missing_ok=True))
     return StreamingResponse(_jsonl(ctx.store, job_id), media_type="application/x-ndjson")
 
 
@@ -81,14 +84,12 @@ def _jsonl(store: Store, job_id: str) -> Iterator[bytes]:
             yield (json.dumps(row) + "\n").encode()
 
 
-def _write_parquet(ctx: Context, job_id: str) -> Path:
-    """Write a job's labels to the exports dir (readable from SQL with read_parquet) and return the path."""
-    path = ctx.settings.export_dir / f"{job_id}.labels.parquet"
-    reader = ctx.store.annotations.label_reader(job_id)
-    with atomic_path(path) as partial, pq.ParquetWriter(partial, reader.schema) as writer:
+def _write_parquet(store: Store, job_id: str, path: Path) -> None:
+    """Write a job's labels to a Parquet file, one Arrow batch at a time."""
+    reader = store.annotations.label_reader(job_id)
+    with pq.ParquetWriter(path, reader.schema) as writer:
         for batch in reader:
             writer.write_batch(batch)
-    return path
 
 
 @router.get("/v1/jobs/{job_id}/failures", dependencies=[READ])
