@@ -1,7 +1,18 @@
 """The service's enumerations, each defined once: pydantic models, typer options and SQL all use these.
 
 Each is a ``Literal`` alias (a type checker sees it, pydantic validates it, typer offers its
-values as choices); ``values(alias)`` gives its members in order where code iterates them.
+values as choices, the schema's CHECK constraints list it); ``values(alias)`` gives its
+members in order where code iterates them.
+
+The words the code uses for the same things everywhere:
+
+- ``options``: what an annotator chooses between, in order (a taxonomy's leaves, plus
+  ``none_of_these`` where it may abstain); ``labels`` are a taxonomy's labels, parents included.
+- ``distribution``: one document's {option: probability}; ``probs``: an (n, K) matrix of
+  distributions whose columns follow ``options`` (numeric code, students, cleanlab).
+- ``model``: a name in the models config (``ANNOTATE_MODELS_FILE``); the engine's own model
+  id is ``EngineInfo.model``; an aggregate's rows have none (their method is in ``decoding``).
+- ``annotator``: the key that identifies who made an annotation; ``name`` is how a job shows it.
 """
 
 from __future__ import annotations

@@ -63,10 +63,10 @@ def rank_llm_issues(store: Store, job_id: str, *, max_documents: int, seed: int,
     folds = int(min(FOLDS, counts[counts >= 2].min()))
     y = np.searchsorted(classes, labels[keep])
     features = embed([columns["text"][labelled[j]] for j in keep])
-    pred_probs = cross_val_predict(LogisticRegression(max_iter=1000), features, y, method="predict_proba",
-                                   cv=StratifiedKFold(folds, shuffle=True, random_state=seed))
+    probs = cross_val_predict(LogisticRegression(max_iter=1000), features, y, method="predict_proba",
+                              cv=StratifiedKFold(folds, shuffle=True, random_state=seed))
     doc_ids = [columns["doc_id"][labelled[j]] for j in keep]
-    return {"checked": len(keep), "rows": _rank(doc_ids, y, pred_probs, list(classes),
+    return {"checked": len(keep), "rows": _rank(doc_ids, y, probs, list(classes),
                                                 disagreement=_vote_disagreement(store, job, doc_ids, labels[keep]))}
 
 
@@ -82,7 +82,7 @@ def _vote_disagreement(store: Store, job: dict, doc_ids: list[str], labels: np.n
                      for doc, label in zip(doc_ids, labels)])
 
 
-def _rank(doc_ids: list[str], given: np.ndarray, pred_probs: np.ndarray, names: list[str], *,
+def _rank(doc_ids: list[str], given: np.ndarray, probs: np.ndarray, names: list[str], *,
           disagreement: np.ndarray) -> list[dict]:
     """Rows of label issues, most suspicious first."""
     from cleanlab.filter import find_label_issues
@@ -92,13 +92,13 @@ def _rank(doc_ids: list[str], given: np.ndarray, pred_probs: np.ndarray, names: 
         return []
     with warnings.catch_warnings():  # cleanlab warns about rare classes; the ranking still holds
         warnings.simplefilter("ignore")
-        quality = get_label_quality_scores(given, pred_probs)
+        quality = get_label_quality_scores(given, probs)
         # n_jobs=1: cleanlab's default forks a multiprocessing pool, which can deadlock in a threaded server process
-        flagged = (find_label_issues(given, pred_probs, n_jobs=1) if len(doc_ids) >= 2 * pred_probs.shape[1]
+        flagged = (find_label_issues(given, probs, n_jobs=1) if len(doc_ids) >= 2 * probs.shape[1]
                    else quality < 0.5)
     suspicion = np.where(disagreement > 0, (1 - quality + disagreement) / 2, 1 - quality)
     order = np.argsort(-suspicion, kind="stable")
     return [{"rank": r + 1, "doc_id": doc_ids[i], "given_label": names[given[i]],
-             "suggested_label": names[int(pred_probs[i].argmax())], "quality": float(quality[i]),
+             "suggested_label": names[int(probs[i].argmax())], "quality": float(quality[i]),
              "disagreement": float(disagreement[i]), "suspicion": float(suspicion[i]), "is_issue": bool(flagged[i])}
             for r, i in enumerate(order)]
