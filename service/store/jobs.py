@@ -12,7 +12,7 @@ import duckdb
 import pyarrow as pa
 
 from service.errors import InvalidInput, NotFound
-from service.store.database import ANNOTATION_COLUMNS, DOCUMENT_COLUMNS, DOCUMENT_SCHEMA, Database, utc_now
+from service.store.database import ANNOTATION_COLUMNS, DOCUMENT_COLUMNS, DOCUMENT_SCHEMA, Database, scalar, utc_now
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ class Jobs:
                     cur.register("document_batch", batch_rows)
                     cur.execute("INSERT INTO documents SELECT * FROM document_batch")
                     cur.unregister("document_batch")
-                total = cur.execute("SELECT count(*) FROM documents WHERE job_id = ?", [job_id]).fetchone()[0]
+                total = scalar(cur, "SELECT count(*) FROM documents WHERE job_id = ?", [job_id])
             cur.execute("UPDATE jobs SET total = ? WHERE job_id = ?", [total, job_id])
             cur.execute("COMMIT")
         except BaseException:
@@ -125,7 +125,7 @@ class Jobs:
         """Give a job new annotators (a tuning chose its prompt), in one transaction; False, and nothing changed,
         once it has annotations: they were made under the old ones."""
         with self._db.transaction() as cur:
-            if cur.execute("SELECT count(*) FROM annotations WHERE job_id = ?", [job_id]).fetchone()[0]:
+            if scalar(cur, "SELECT count(*) FROM annotations WHERE job_id = ?", [job_id]):
                 return False
             cur.execute("UPDATE jobs SET annotator = ?, annotator_spec = ? WHERE job_id = ?",
                         [annotator, json.dumps(annotator_spec), job_id])
@@ -172,8 +172,8 @@ class Jobs:
 
     def active_of(self, token_id: str) -> int:
         """Queued or running jobs one API token submitted."""
-        return self._db.cursor().execute("SELECT count(*) FROM jobs WHERE created_by = ? AND status IN ('queued', 'running')",
-                                     [token_id]).fetchone()[0]
+        return scalar(self._db.cursor(), "SELECT count(*) FROM jobs WHERE created_by = ? AND status IN ('queued', 'running')",
+                      [token_id])
 
     def active(self) -> list[str]:
         """Jobs to (re)start: queued or interrupted while running, oldest first."""
