@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from service.errors import InvalidInput, NotFound
 from service.store.database import ANNOTATION_COLUMNS, DOCUMENT_COLUMNS, DOCUMENT_SCHEMA, Database, scalar, utc_now
+from service.vocabulary import LongDocuments
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class Job:
     taxonomy_version: str
     model: str
     batch: dict | None  # a batch job's source and fields; None for a stream job
-    long_documents: str | None
+    long_documents: LongDocuments | None  # written from validated requests only (JobRequest)
     shortlist: dict | None
     annotator: str  # the output annotator: the only one's key, or the aggregate's
     annotator_spec: dict
@@ -86,7 +87,7 @@ class Jobs:
                    annotator_spec: dict, annotators: list[dict], batches: Iterable[pa.RecordBatch] = (),
                    batch: dict | None = None,
                    shards: list[dict] | None = None, created_by: str | None = None,
-                   long_documents: str | None = None, shortlist: dict | None = None) -> int:
+                   long_documents: LongDocuments | None = None, shortlist: dict | None = None) -> int:
         """Insert a job with its documents (or, for a batch job, its shard plan) in one transaction; returns the total.
 
         No write lock: the batches may come from a large file, and DuckDB appends of a new
