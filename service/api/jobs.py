@@ -42,7 +42,7 @@ async def create_job(request: Request, body: JobRequest) -> JSONResponse:
 @router.get("/v1/jobs", dependencies=[READ])
 async def list_jobs(request: Request, limit: int = Query(100, ge=1, le=10_000)) -> list[dict]:
     """The most recent jobs."""
-    return await asyncio.to_thread(hosted(request).store.jobs.recent, limit)
+    return [asdict(job) for job in await asyncio.to_thread(hosted(request).store.jobs.recent, limit)]
 
 
 @router.get("/v1/jobs/{job_id}", dependencies=[READ], response_model=JobStatus)
