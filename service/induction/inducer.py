@@ -291,7 +291,7 @@ class Inducer:
         scored = [a for a in annotations if a.status == "ok"]
         pairs: Counter = Counter()
         for a in scored:
-            top = sorted(a.distribution, key=a.distribution.get, reverse=True)[:2]
+            top = sorted(a.distribution, key=a.distribution.__getitem__, reverse=True)[:2]
             if len(top) == 2 and NONE_LABEL not in top:
                 pairs[tuple(sorted(top))] += 1
         total = max(len(scored), 1)
@@ -378,7 +378,7 @@ def _boundary(group: _Group, vectors: np.ndarray, centroids: np.ndarray, own: in
 def ctfidf_keywords(groups: list[list[str]], top: int = 6) -> list[list[str]]:
     """c-TF-IDF: per group, the words frequent in it and rare in the others."""
     counts = [Counter(w for t in texts for w in _WORD.findall(t.lower()) if w not in STOP_WORDS) for texts in groups]
-    total = Counter()
+    total: Counter[str] = Counter()
     for c in counts:
         total.update(c)
     mean_words = sum(total.values()) / max(len(groups), 1)
@@ -386,7 +386,7 @@ def ctfidf_keywords(groups: list[list[str]], top: int = 6) -> list[list[str]]:
     for c in counts:
         size = max(sum(c.values()), 1)
         score = {w: (n / size) * np.log(1 + mean_words / total[w]) for w, n in c.items()}
-        keywords.append(sorted(score, key=score.get, reverse=True)[:top])
+        keywords.append(sorted(score, key=score.__getitem__, reverse=True)[:top])
     return keywords
 
 
