@@ -21,12 +21,14 @@ import difflib
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from service.errors import NotFound, TaxonomyError
 from service.vocabulary import LongDocuments
@@ -255,6 +257,7 @@ def parse_taxonomy(text: str, *, source: str = "<taxonomy>") -> Taxonomy:
         problems += [(format_loc(loc), line_of(loc), msg) for loc, msg in cross]
     if problems:
         raise TaxonomyError(source, sorted(problems, key=lambda p: (p[1] is None, p[1] or 0)))
+    assert taxonomy is not None  # it validated, or pydantic's problems were raised above
     return taxonomy
 
 
@@ -349,7 +352,8 @@ def format_loc(loc: Loc) -> str:
 def _describe(value: Any) -> str:
     """How a YAML value reads in a message: 'integer 5', "text 'abc'", 'a list'."""
     if value is None or isinstance(value, (list, dict)):
-        return {list: "a list", dict: "a mapping"}.get(type(value), "an empty value (null)")
+        kinds: dict[type, str] = {list: "a list", dict: "a mapping"}
+        return kinds.get(type(value), "an empty value (null)")
     if isinstance(value, str):
         return f"text {value[:40]!r}"
     kind = {bool: "boolean", int: "integer", float: "number"}.get(type(value), "value")
@@ -366,7 +370,7 @@ _EXPECTED = {"string_type": "text", "bool_type": "true or false", "float_type": 
              "model_attributes_type": "a mapping", "dict_type": "a mapping"}
 
 
-def _pydantic_problem(err: dict, line_of: LineOf) -> Problem:
+def _pydantic_problem(err: ErrorDetails, line_of: LineOf) -> Problem:
     """Reword one pydantic error so that it names the key and says how to fix it."""
     loc, kind, value = tuple(err["loc"]), err["type"], err.get("input")
     if kind == "missing":
@@ -397,7 +401,7 @@ def _text_at(item: Any, key: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _cross_problems(entries: list[tuple[str | None, str | None]], multi_label: bool,
+def _cross_problems(entries: Sequence[tuple[str | None, str | None]], multi_label: bool,
                     line_of: LineOf) -> list[tuple[Loc, str]]:
     """Checks across labels: unique names, known parents, no cycles, enough options."""
     problems: list[tuple[Loc, str]] = []

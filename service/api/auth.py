@@ -67,7 +67,7 @@ def route_scope(route: APIRoute) -> str | None:
             return (dependency.own_oauth_scopes or [])[0]
         if dependency.call is public:
             return None
-    raise KeyError(f"{sorted(route.methods)} {route.path} declares no scope")
+    raise KeyError(f"{sorted(route.methods or ())} {route.path} declares no scope")
 
 
 def undeclared(routes: list[APIRoute]) -> list[str]:
@@ -155,7 +155,9 @@ async def _caller_of_token(ctx: Context, token: str) -> Caller:
     if is_operator(token, ctx.settings.admin_token):
         return Caller(OPERATOR, "admin")
     parts = split_token(token)
-    record = await asyncio.to_thread(ctx.tokens.get, parts[0]) if parts else None
+    if parts is None:
+        raise Unauthenticated("invalid API token")
+    record = await asyncio.to_thread(ctx.tokens.get, parts[0])
     if record is None or not same_secret(parts[1], record["secret_sha256"]):
         raise Unauthenticated("invalid API token")
     if record["revoked_at"]:

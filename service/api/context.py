@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
@@ -15,6 +16,9 @@ from service.work.inductions import InductionRunner
 from service.work.jobs import JobRunner
 from service.work.trainings import ClassifierRunner
 
+if TYPE_CHECKING:
+    from ray.serve.handle import DeploymentHandle
+
 
 @dataclass
 class Context:
@@ -26,7 +30,7 @@ class Context:
     models: dict  # model name -> its ModelServer deployment handle
     inductions: InductionRunner
     classifiers: ClassifierRunner
-    students: object  # the StudentServer deployment handle
+    students: DeploymentHandle  # the StudentServer's
     tokens: TokenStore
     auth_failures: FailureCounter = field(init=False)
 

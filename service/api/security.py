@@ -94,7 +94,9 @@ def same_secret(secret: str, stored_digest: str) -> bool:
 
 def is_operator(token: str, operator_token: str | None) -> bool:
     """Whether ``token`` is the operator's token from the environment."""
-    return bool(operator_token) and hmac.compare_digest(token.encode(), operator_token.encode())
+    if not operator_token:
+        return False
+    return hmac.compare_digest(token.encode(), operator_token.encode())
 
 
 def tokens_required(mode: str, host: str) -> bool:

@@ -33,7 +33,7 @@ from service.work.submission import SUBMITTING
 
 router = APIRouter(tags=["taxonomies"])
 
-_TUNING: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)  # per token: one prompt tuning at a time
+_TUNING: defaultdict[str | None, asyncio.Lock] = defaultdict(asyncio.Lock)  # per token: one prompt tuning at a time
 
 
 @router.post("/v1/taxonomies", dependencies=[WRITE], status_code=201, response_model=TaxonomyCreated,
@@ -116,6 +116,7 @@ async def _start_induction(ctx: Context, caller: Caller, body: InductionRequest)
                          max_chars=ctx.settings.max_document_chars, name=body.source)
         source = body.source
     else:
+        assert body.documents is not None  # exactly one of documents and source (InductionRequest)
         rows = (check_document(f"documents[{i}]", i, d if isinstance(d, str) else d.text, None,
                                max_chars=ctx.settings.max_document_chars) for i, d in enumerate(body.documents))
         source = f"{len(body.documents)} inline documents"

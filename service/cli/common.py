@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import NoReturn
 
 import httpx
 import typer
@@ -13,7 +14,7 @@ errors = Console(stderr=True)
 URL = typer.Option("http://127.0.0.1:8000", "--url", envvar="ANNOTATE_URL", help="Base URL of the service.")
 
 
-def fail(message: str, code: int = 1) -> None:
+def fail(message: str, code: int = 1) -> NoReturn:
     """Print an error and exit non-zero."""
     errors.print(f"[red]error:[/red] {message}", highlight=False)
     raise typer.Exit(code)

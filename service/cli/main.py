@@ -11,6 +11,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import typer
@@ -42,8 +43,8 @@ def serve(
     """Start the service (Ray Serve) in the foreground; Ctrl-C or SIGTERM stops it cleanly."""
     from service.serve.server import serve_forever
 
-    overrides = {k: v for k, v in dict(host=host, port=port, data_dir=data_dir, models_file=models_file,
-                                               model=model).items() if v is not None}
+    overrides: dict[str, Any] = {k: v for k, v in dict(host=host, port=port, data_dir=data_dir, models_file=models_file,
+                                                       model=model).items() if v is not None}
     settings = Settings(**overrides)
     try:
         serve_forever(settings, on_ready=lambda line: console.print(line, highlight=False))
@@ -228,6 +229,7 @@ def _annotator_spec(spec: str) -> dict:
     """Parse [NAME=]llm[:MODEL[:PROMPT]] or [NAME=]embedding; a bare model name means llm:MODEL."""
     name, _, rest = spec.rpartition("=")
     kind, _, tail = rest.partition(":")
+    entry: dict[str, str | None]
     if kind == "embedding":
         entry = {"kind": "embedding"}
     elif kind == "llm":

@@ -244,18 +244,20 @@ def _line_series(series: dict, colour: str, px: Callable[[float], float], py: Ca
     if sizes is not None and len(sizes) != len(points):
         raise InvalidInput(f"series {name!r}: {len(sizes)} sizes for {len(points)} points")
     largest = max([1, *(sizes or [])])
-    runs, marks = [[]], []
+    runs: list[list[str]] = [[]]
+    marks: list[str] = []
     for i, point in enumerate(points):
         x, y = (_clean(v) for v in point)
         size = None if sizes is None else sizes[i]
-        known = x is not None and y is not None
+        cx, cy = (px(x), py(y)) if x is not None and y is not None else (None, None)
+        known = cx is not None
         if known:
-            runs[-1].append(f"{px(x):.3f},{py(y):.3f}")
+            runs[-1].append(f"{cx:.3f},{cy:.3f}")
         elif runs[-1]:
             runs.append([])
         radius = 3.5 if size is None else 2.5 + 4.5 * math.sqrt(max(size, 0) / largest)
         tip = f"{name}: {_exact(x, percent)} → {_exact(y, percent)}" + ("" if size is None else f" (n={size})")
-        marks.append(_tag("circle", tip, class_="mark", cx=px(x) if known else None, cy=py(y) if known else None,
+        marks.append(_tag("circle", tip, class_="mark", cx=cx, cy=cy,
                           r=radius if known else 0, fill=colour, data_series=name, data_label=_show(x, percent),
                           data_x=_data(x), data_y=_data(y), data_value=_data(y), data_size=size))
     lines = [_tag("polyline", name, points=" ".join(run), fill="none", stroke=colour, stroke_width=2)

@@ -87,7 +87,7 @@ async def gold_page(request: Request, job_id: str, annotator: str = "") -> HTMLR
     """Label the job's gold sample one document at a time, without seeing the LLM's labels."""
     store = hosted(request).store
     job = await asyncio.to_thread(_job_summary, store, job_id)
-    taxonomy = (await asyncio.to_thread(store.taxonomies.get, job.taxonomy, job.taxonomy_version)).taxonomy
+    taxonomy = (await asyncio.to_thread(store.taxonomies.get, job["taxonomy"], job["taxonomy_version"])).taxonomy
     descriptions = {label.name: label.description for label in taxonomy.labels}
     labels = [{"name": name, "description": descriptions.get(name, ""), "key": key}  # past 32 labels: click only
               for name, key in zip_longest(taxonomy.label_names(), _shortcut_keys()) if name is not None]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, cast
 
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
@@ -37,9 +38,22 @@ from service.files import atomic_path
 from service.labelling.labeller import in_order
 from service.vocabulary import StudentKind, values
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 KINDS = values(StudentKind)
 STATIC_NAME = "minilm-static-256"  # the distilled static model's directory under models_dir
 REFINE_ROUNDS = 2
+
+
+class Predictor(Protocol):
+    """A trained student as it is used: its classes, and their probabilities for texts (in that order)."""
+
+    classes_: np.ndarray
+
+    def predict_proba(self, texts: list[str]) -> np.ndarray:
+        """Class probabilities, one row per text."""
+        ...
 
 
 @dataclass
@@ -58,13 +72,13 @@ def fetch_static_model(models_dir: Path) -> Path:
     if (target / "model.safetensors").exists():
         return target
     from model2vec.distill import distill_from_model
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerFast
 
     from service.engines.embeddings import model_dir
 
     source = model_dir()
-    static = distill_from_model(AutoModel.from_pretrained(source), AutoTokenizer.from_pretrained(source),
-                                pca_dims=256, device="cpu")
+    tokenizer = cast(PreTrainedTokenizerFast, AutoTokenizer.from_pretrained(source))  # MiniLM ships tokenizer.json
+    static = distill_from_model(AutoModel.from_pretrained(source), tokenizer, pca_dims=256, device="cpu")
     with atomic_path(target) as partial:  # another process may finish first
         static.save_pretrained(str(partial))
     return target
@@ -159,7 +173,8 @@ class FineTunedEncoder:
         self.classes_ = np.array(classes, dtype=object)
         self.epochs, self.batch_size, self.lr, self.max_length, self.seed = epochs, batch_size, lr, max_length, seed
         self.path = path
-        self.model = self.tokenizer = None
+        self.model: PreTrainedModel | None = None
+        self.tokenizer: PreTrainedTokenizerBase | None = None
 
     def fit(self, texts: list[str], targets: Targets) -> FineTunedEncoder:
         """A few epochs of AdamW on the cross-entropy with the soft targets."""
@@ -170,54 +185,58 @@ class FineTunedEncoder:
 
         torch.manual_seed(self.seed)
         labels = {i: name for i, name in enumerate(self.classes_)}
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir())
-        self.model = AutoModelForSequenceClassification.from_pretrained(
+        tokenizer = self.tokenizer = AutoTokenizer.from_pretrained(model_dir())
+        model = self.model = AutoModelForSequenceClassification.from_pretrained(
             model_dir(), num_labels=len(labels), id2label=labels, label2id={v: k for k, v in labels.items()})
-        optimiser = torch.optim.AdamW(self.model.parameters(), lr=self.lr)
+        optimiser = torch.optim.AdamW(model.parameters(), lr=self.lr)
         q = torch.tensor(targets.matrix, dtype=torch.float32)
         w = torch.tensor(targets.weights, dtype=torch.float32)
         rng = np.random.default_rng(self.seed)
-        self.model.train()
+        model.train()
         for _ in range(self.epochs):
             order = rng.permutation(len(texts))
             for start in range(0, len(texts), self.batch_size):
                 index = order[start:start + self.batch_size].tolist()
-                tokens = self.tokenizer([texts[i] for i in index], padding=True, truncation=True,
-                                        max_length=self.max_length, return_tensors="pt")
+                tokens = tokenizer([texts[i] for i in index], padding=True, truncation=True,
+                                   max_length=self.max_length, return_tensors="pt")
                 with torch.autocast("cpu", dtype=torch.bfloat16):
-                    logits = self.model(**tokens).logits.float()
+                    logits = model(**tokens).logits.float()
                 loss = -(q[index] * torch.log_softmax(logits, dim=-1)).sum(-1).mul(w[index]).sum() / w[index].sum()
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
-        self.model.eval()
+        model.eval()
         return self
 
     def predict_proba(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """Class probabilities, in ``classes_`` order."""
         import torch
 
-        self._load()
+        model, tokenizer = self._loaded()
         out = []
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
             for start in range(0, len(texts), batch_size):
-                tokens = self.tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
-                                        max_length=self.max_length, return_tensors="pt")
-                out.append(torch.softmax(self.model(**tokens).logits.float(), dim=-1).numpy())
+                tokens = tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
+                                   max_length=self.max_length, return_tensors="pt")
+                out.append(torch.softmax(model(**tokens).logits.float(), dim=-1).numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.classes_)))
 
     def save(self, path: Path) -> None:
         """A transformers directory anyone can load with AutoModelForSequenceClassification."""
-        self.model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
+        model, tokenizer = self._loaded()
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
 
-    def _load(self) -> None:
-        """Load from ``path`` when built by ``load_student``."""
-        if self.model is None:
+    def _loaded(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        """The model and its tokenizer: fitted, or loaded from ``path`` when built by ``load_student``."""
+        if self.model is None or self.tokenizer is None:
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+            if self.path is None:
+                raise ValueError("the encoder is neither fitted nor loaded from a directory")
             self.tokenizer = AutoTokenizer.from_pretrained(self.path)
             self.model = AutoModelForSequenceClassification.from_pretrained(self.path).eval()
+        return self.model, self.tokenizer
 
 
 def save_student(student, path: Path, meta: dict) -> int:
@@ -235,7 +254,7 @@ def save_student(student, path: Path, meta: dict) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def load_student(path: Path):
+def load_student(path: Path) -> Predictor:
     """A saved student: something with ``predict_proba(texts)`` and ``classes_``."""
     meta = json.loads((path / "meta.json").read_text())
     if meta["kind"] == "finetune":

@@ -24,11 +24,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import f1_score
 
-from service.distill.students import KINDS, FineTunedEncoder, Targets, features, fit_linear, save_student
+from service.distill.students import KINDS, FineTunedEncoder, Predictor, Targets, features, fit_linear, save_student
 from service.labelling.labeller import in_order
 from service.quality.metrics import calibration
 from service.taxonomy import NONE_LABEL
@@ -66,7 +67,8 @@ def distill(data: TrainingData, *, kind: str, out_dir: Path, models_dir: Path, m
     if len(train) < 2 * len(classes):
         raise ValueError(f"only {len(train)} labelled documents to train on; distil a job with more documents")
     texts = np.array(data.texts, dtype=object)
-    tried, student = [], None
+    tried: list[dict] = []
+    student: Predictor | None = None
     if kind == "finetune":
         chosen = (targets or "soft", weighting or "none")
         student = FineTunedEncoder(classes, epochs=epochs, seed=seed).fit(
@@ -85,10 +87,13 @@ def distill(data: TrainingData, *, kind: str, out_dir: Path, models_dir: Path, m
             tried.append({"targets": option[0], "weighting": option[1], "validation_agreement": score})
             if score > best:
                 best, chosen, student = score, option, fitted
-    report = {"kind": kind, "classes": classes, "abstained": abstained, "epochs": epochs if kind == "finetune" else None,
-              "options": {"targets": chosen[0], "weighting": chosen[1], "tried": tried},
-              "n_train": int(len(train)), "n_validation": int(len(validation)), "n_test": int(len(test)),
-              "n_gold": int(len(gold))}
+    if student is None:  # a linear kind with no option left by ``targets`` and ``weighting``
+        raise ValueError(f"no training option matches targets={targets!r} and weighting={weighting!r}")
+    report: dict[str, Any] = {
+        "kind": kind, "classes": classes, "abstained": abstained, "epochs": epochs if kind == "finetune" else None,
+        "options": {"targets": chosen[0], "weighting": chosen[1], "tried": tried},
+        "n_train": int(len(train)), "n_validation": int(len(validation)), "n_test": int(len(test)),
+        "n_gold": int(len(gold))}
     def predict(rows: np.ndarray) -> np.ndarray:
         return in_order(student.predict_proba(list(texts[rows])), list(student.classes_), classes)
 
@@ -96,8 +101,10 @@ def distill(data: TrainingData, *, kind: str, out_dir: Path, models_dir: Path, m
     test_probs = predict(test) if len(test) else np.zeros((0, len(classes)))
     seconds = time.perf_counter() - started
     report["llm_holdout"] = _against(test_probs, classes, [_top(data, i) for i in test], None)
+    if len(gold) and data.pi is None:
+        raise ValueError("gold labels need their inclusion probabilities (TrainingData.pi) to be weighted")
     report["gold"] = (_against(predict(gold), classes, [data.gold[i] for i in gold], 1 / data.pi[gold])
-                      if len(gold) else None)
+                      if len(gold) and data.pi is not None else None)
     report["cost"] = {"docs_per_s": len(test) / seconds if seconds > 0 and len(test) else None,
                       "p50_latency_ms": _latency(student, list(texts[test][:LATENCY_CALLS])),
                       "peak_rss_mb": _peak_rss_mb()}

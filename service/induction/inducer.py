@@ -284,7 +284,7 @@ class Inducer:
         scored = [a for a in annotations if a.status == "ok"]
         pairs: Counter = Counter()
         for a in scored:
-            top = sorted(a.distribution, key=a.distribution.get, reverse=True)[:2]
+            top = sorted(a.distribution, key=a.distribution.__getitem__, reverse=True)[:2]
             if len(top) == 2 and NONE_LABEL not in top:
                 pairs[tuple(sorted(top))] += 1
         total = max(len(scored), 1)

@@ -27,7 +27,7 @@ why will with would you your""".split())
 def ctfidf_keywords(groups: list[list[str]], top: int = 6) -> list[list[str]]:
     """c-TF-IDF: per group, the words frequent in it and rare in the others."""
     counts = [Counter(w for t in texts for w in WORD.findall(t.lower()) if w not in STOP_WORDS) for texts in groups]
-    total = Counter()
+    total: Counter[str] = Counter()
     for c in counts:
         total.update(c)
     mean_words = sum(total.values()) / max(len(groups), 1)
@@ -35,7 +35,7 @@ def ctfidf_keywords(groups: list[list[str]], top: int = 6) -> list[list[str]]:
     for c in counts:
         size = max(sum(c.values()), 1)
         score = {w: (n / size) * np.log(1 + mean_words / total[w]) for w, n in c.items()}
-        keywords.append(sorted(score, key=score.get, reverse=True)[:top])
+        keywords.append(sorted(score, key=score.__getitem__, reverse=True)[:top])
     return keywords
 
 

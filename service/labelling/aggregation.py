@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from collections import Counter
 from itertools import combinations
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -105,11 +105,11 @@ def _probabilities(voting: pd.DataFrame, options: tuple[str, ...], method: str,
     else:
         matrix = np.array([[dist.get(name, 0.0)
                             for name in options] for dist in voting["distribution"]])
+        estimated: Any = {}  # annotator -> skill, read with .get(): a dict, or Wawa's pandas Series (untyped)
         if method == "calibrated_mean":
             matrix = _batch_calibrated(matrix, voting["annotator"].to_numpy(), calibrated)
-            estimated = {}
-        else:
-            estimated = Wawa().fit(votes).skills_ if None in weights.values() else {}
+        elif None in weights.values():
+            estimated = Wawa().fit(votes).skills_
         default = 1.0 if method == "calibrated_mean" else None
         weight = voting["annotator"].map(
             lambda a: weights.get(a) if weights.get(a) is not None else estimated.get(a, default))

@@ -35,6 +35,20 @@ TEMPERATURE = 0.05
 class _OptionScorer:
     """What the embedding and student annotators share: the text is the request, one score per option."""
 
+    taxonomy: Taxonomy  # fields each subclass (a dataclass) declares
+    model_input_chars: int
+    options: tuple[str, ...]
+
+    @property
+    def spec(self) -> dict:
+        """What determines its annotations (each subclass's own)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def probabilities(scores: list[float]) -> list[float]:
+        """The option probabilities of its scores (each subclass's own)."""
+        raise NotImplementedError
+
     @property
     def key(self) -> str:
         """Short stable id, as for LLM labellers."""

@@ -98,6 +98,7 @@ class Labeller:
     system: str = field(init=False)
     options: tuple[str, ...] = field(init=False)
     continuations: tuple[str, ...] = field(init=False)  # rendered once: the same after every document
+    _shortlist_prompts: dict[tuple[str, ...], str] = field(init=False, repr=False, compare=False)  # while it recurs
 
     def __post_init__(self):
         object.__setattr__(self, "long_documents", self.long_documents or self.taxonomy.long_documents)
@@ -105,7 +106,7 @@ class Labeller:
         whole = self.shortlister is None or self.whole_prompt  # otherwise the whole-taxonomy prompt is never built
         object.__setattr__(self, "system", self._system(tuple(self.taxonomy.label_names())) if whole else "")
         object.__setattr__(self, "continuations", self._continuations(self.options) if self.shortlister is None else ())
-        object.__setattr__(self, "_shortlist_prompts", {})  # shortlist -> its system prompt, while it recurs
+        object.__setattr__(self, "_shortlist_prompts", {})  # shortlist -> its system prompt
 
     def _system(self, names: tuple[str, ...], shown: list[tuple[str, str]] | None = None) -> str:
         """The system prompt listing the labels ``names`` (every leaf, a document's shortlist, or one level of it).
@@ -162,11 +163,16 @@ class Labeller:
             "taxonomy": self.taxonomy.name,
             "taxonomy_version": self.taxonomy_version,
             "model_input_chars": self.model_input_chars,
-            **reading_spec(self.long_documents, self.max_windows),
+            **reading_spec(self.reading, self.max_windows),
             **shortlist,
             **({} if self.prior is None else {"contextual_prior": [round(p, 6) for p in self.prior]}),
             **({} if self.demonstrator is None else {"demonstrations": self.demonstrator.spec}),
         }
+
+    @property
+    def reading(self) -> LongDocuments:
+        """How it reads long texts: the job's override, else the taxonomy's (as ``__post_init__`` resolved it)."""
+        return self.long_documents or self.taxonomy.long_documents
 
     @property
     def key(self) -> str:
@@ -180,7 +186,7 @@ class Labeller:
         With a ``shortlist`` (from ``shortlister``) only its leaves are in the prompt and scored;
         with ``shown`` (from ``demonstrator``) the system prompt carries those demonstrations.
         """
-        texts, chars_seen = model_texts(text, self.long_documents, self.model_input_chars,
+        texts, chars_seen = model_texts(text, self.reading, self.model_input_chars,
                                         max_windows=self.max_windows)
         if shown is not None:
             system = self._system(tuple(self.taxonomy.label_names()), shown)

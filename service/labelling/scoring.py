@@ -11,7 +11,7 @@ handle's lives with the deployments, ``service.serve.app.handle_scorer``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -57,12 +57,12 @@ async def _score_texts(labeller: Annotator, texts: list[str], scorer: Scorer) ->
     """
     if not texts:
         return []
-    shortlister = getattr(labeller, "shortlister", None)
-    shortlists = await shortlister.propose(texts, labeller, scorer) if shortlister else [None] * len(texts)
-    demonstrator = getattr(labeller, "demonstrator", None)
+    shortlister = labeller.shortlister if isinstance(labeller, Labeller) else None
+    shortlists: Sequence[tuple[str, ...] | None] = (
+        await shortlister.propose(texts, labeller, scorer) if shortlister else [None] * len(texts))
+    demonstrator = labeller.demonstrator if isinstance(labeller, Labeller) else None
     shown = await asyncio.to_thread(demonstrator.choose, texts) if demonstrator else None
-    views = [labeller.requests(text, shortlist) if shortlist else
-             labeller.requests(text, shown=shown[i]) if shown is not None else labeller.requests(text)
+    views = [_requests(labeller, text, shortlist, shown[i] if shown is not None else None)
              for i, (text, shortlist) in enumerate(zip(texts, shortlists))]
     requests = [request for per_text, _ in views for request in per_text]
     results = await scorer(requests)
@@ -76,7 +76,18 @@ async def _score_texts(labeller: Annotator, texts: list[str], scorer: Scorer) ->
     return annotations
 
 
-def _decide(labeller: Labeller, results: list, chars_seen: int, chars: int,
+def _requests(labeller: Annotator, text: str, shortlist: tuple[str, ...] | None,
+              shown: list[tuple[str, str]] | None) -> tuple[list, int]:
+    """One text's requests: an LLM labeller's through its shortlist or with its demonstrations, where it has them."""
+    if isinstance(labeller, Labeller):
+        if shortlist:
+            return labeller.requests(text, shortlist)
+        if shown is not None:
+            return labeller.requests(text, shown=shown)
+    return labeller.requests(text)
+
+
+def _decide(labeller: Annotator, results: list, chars_seen: int, chars: int,
             shortlist: tuple[str, ...] | None = None) -> Annotation:
     """One text's annotation from its requests' results (windows combined); failed if any of them failed."""
     error = next((result for result in results if isinstance(result, BaseException)), None)
@@ -84,7 +95,10 @@ def _decide(labeller: Labeller, results: list, chars_seen: int, chars: int,
         return failed(f"{type(error).__name__}: {error}")
     try:
         combined = combine(results)
-        annotation = labeller.decide(combined, shortlist) if shortlist else labeller.decide(combined)
+        if shortlist and isinstance(labeller, Labeller):  # only an LLM labeller shortlists
+            annotation = labeller.decide(combined, shortlist)
+        else:
+            annotation = labeller.decide(combined)
     except (ValueError, OverflowError) as exc:
         return failed(f"malformed engine output: {exc}")
     return replace(annotation, truncated=chars_seen < chars, chars_seen=chars_seen)

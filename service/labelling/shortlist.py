@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,7 +61,7 @@ class Shortlister:
     """Proposes, for each document, the K leaves of a taxonomy most similar to it (in taxonomy order)."""
 
     def __init__(self, taxonomy: Taxonomy, embed: Embed, *, k: int | str, recall: float, max_k: int = 10,
-                 labelled: list[tuple[str, str]] = ()):
+                 labelled: Sequence[tuple[str, str]] = ()):
         self.names = tuple(taxonomy.label_names())
         self._embed = embed
         groups = prototype_texts(taxonomy)

@@ -146,7 +146,7 @@ def choose(results: list[CandidateResult], labels: list[list], gold: list[str | 
 
 async def tune(panels, taxonomy_name: str, version: str | None, model: str | None, texts: list[str],
                gold: list[str | None], prompts: list[str] | None = None,
-               calibrations: list[str] | None = None) -> dict:
+               calibrations: list[Calibration] | None = None) -> dict:
     """Label the sample with every candidate prompt (each calibrated as ``calibrations`` says) and the embedding
     annotator; store and return the choice."""
     stored = await asyncio.to_thread(panels.store.taxonomies.get, taxonomy_name, version)

@@ -100,7 +100,7 @@ def abstention_threshold(*, confidence: np.ndarray, correct: np.ndarray, weights
     accuracy, n_eff = hits / mass, mass**2 / squares
     lower = (accuracy + WILSON_Z**2 / (2 * n_eff) - WILSON_Z * np.sqrt(
         accuracy * (1 - accuracy) / n_eff + WILSON_Z**2 / (4 * n_eff**2))) / (1 + WILSON_Z**2 / n_eff)
-    result = {"target_accuracy": target_accuracy}
+    result: dict[str, float | None] = {"target_accuracy": target_accuracy}
     for suffix, ok in (("", accuracy >= target_accuracy), ("_conservative", lower >= target_accuracy)):
         i = np.flatnonzero(ok)[-1] if ok.any() else None  # cuts run from high to low
         result["threshold" + suffix] = None if i is None else float(cuts[i])

@@ -24,6 +24,7 @@ from collections.abc import Callable
 import numpy as np
 
 from service.store import Store
+from service.store.jobs import Job
 from service.taxonomy import NONE_LABEL
 
 FOLDS = 5
@@ -70,7 +71,7 @@ def rank_llm_issues(store: Store, job_id: str, *, max_documents: int, seed: int,
                                                 disagreement=_vote_disagreement(store, job, doc_ids, labels[keep]))}
 
 
-def _vote_disagreement(store: Store, job: dict, doc_ids: list[str], labels: np.ndarray) -> np.ndarray:
+def _vote_disagreement(store: Store, job: Job, doc_ids: list[str], labels: np.ndarray) -> np.ndarray:
     """Share of the annotators' votes on each document that differ from its label (0 with one annotator)."""
     if len(job.annotators) < 2:
         return np.zeros(len(doc_ids))

@@ -111,7 +111,7 @@ def _abstentions(gold: np.ndarray, answered: np.ndarray, reasons: list[str | Non
     """What the abstained documents really were, per abstain reason, most frequent first."""
     groups: dict[str, list[int]] = {}
     for i in np.flatnonzero(~answered):
-        groups.setdefault(reasons[i] or NO_REASON, []).append(i)
+        groups.setdefault(reasons[i] or NO_REASON, []).append(int(i))
     rows = [{"reason": reason, "n": len(idx), "weighted_share": float(w[idx].sum() / w.sum()),
              "gold_labels": {str(g): int(c) for g, c in zip(*np.unique(gold[idx].astype(str), return_counts=True))}}
             for reason, idx in groups.items()]
@@ -156,7 +156,7 @@ def _selective(confidence: np.ndarray, correct: np.ndarray, w: np.ndarray, targe
     """Top-label accuracy of the most confident documents reaching a weighted coverage (ties kept together)."""
     order = np.argsort(-confidence, kind="stable")
     reached = np.cumsum(w[order]) / w.sum()
-    threshold = confidence[order][min(np.searchsorted(reached, target - 1e-12), len(w) - 1)]
+    threshold = confidence[order][min(int(np.searchsorted(reached, target - 1e-12)), len(w) - 1)]
     kept = confidence >= threshold
     return {"coverage": float(w[kept].sum() / w.sum()), "threshold": float(threshold),
             "accuracy": float(np.average(correct[kept], weights=w[kept])), "n": int(kept.sum())}

@@ -67,7 +67,7 @@ class GoldData:
             raise Conflict(f"job {job_id} has no gold labels yet: draw a sample (POST .../gold-sample) and label it "
                            "(POST .../gold or `annotate gold import`)")
         self.pi = np.where(sampled, self.columns["inclusion_prob"], 1.0)
-        self.sample = {"sampled": int(sampled.sum()), "labelled": int(self.gold.sum()),
+        self.sample: dict[str, int | str] = {"sampled": int(sampled.sum()), "labelled": int(self.gold.sum()),
                        "unlabelled": int((sampled & ~labelled).sum())}
         if self.sample["unlabelled"]:
             self.sample["warning"] = (f"{self.sample['unlabelled']} sampled documents have no gold label yet; "
@@ -194,14 +194,14 @@ def _weighted_mean(pairs: list[tuple[bool, float]]) -> float | None:
 
 def _tables(result: dict) -> tuple[list[tuple], dict[str, list[tuple]]]:
     """The report as rows of quality_metrics and of the report tables."""
-    metrics = [(name, None, result[name]["estimate"] if isinstance(result[name], dict) else result[name])
+    metrics: list[tuple] = [(name, None, result[name]["estimate"] if isinstance(result[name], dict) else result[name])
                for name in ("accuracy", "top_label_accuracy", "coverage", "abstention_rate", "ece", "kappa")
                if result.get(name) is not None]
     metrics += [(f"{key}", row["label"], row[key]) for row in result["per_label"]
                 for key in ("precision", "recall", "f1") if row[key] is not None]
     metrics += [("annotator_accuracy", row["name"], row["accuracy"]) for row in result.get("annotators", [])
                 if row["accuracy"] is not None]
-    tables = {
+    tables: dict[str, list[tuple]] = {
         "confusion_matrix": [(c["gold"], c["predicted"], c["n"], c["weighted_n"]) for c in result["confusion"]],
         "reliability": [(r["bin"], r["lower"], r["upper"], r["n"], r["confidence"], r["accuracy"])
                         for r in result["reliability"]],
@@ -236,6 +236,8 @@ def estimate(store: Store, job_id: str, *, target: str, outcome: str | None = No
         if target == "proportions":
             rows = dsl_proportions(**common)
         else:
+            if outcome is None:
+                raise ValueError("target 'regression' needs 'outcome' (a label)")
             matrix, names = _covariates(data.columns, covariates or [])
             rows = dsl_regression(**common, outcome=outcome, covariates=matrix, names=names, model=model)
     except ValueError as exc:

@@ -48,11 +48,12 @@ def _draw_stratified(predicted: list[str | None], size: int, rng: np.random.Gene
         raise ValueError(f"size: {size} is fewer than the {len(names)} strata (predicted labels); "
                          "stratified sampling draws at least one document from each")
     counts = np.bincount(index)
-    drawn, pi = [], []
+    drawn_h: list[np.ndarray] = []  # per stratum
+    pi_h: list[np.ndarray] = []
     for h, n_h in enumerate(_allocate(counts, size)):
-        drawn.append(rng.choice(np.flatnonzero(index == h), size=n_h, replace=False))
-        pi.append(np.full(n_h, n_h / counts[h]))
-    drawn, pi = np.concatenate(drawn), np.concatenate(pi)
+        drawn_h.append(rng.choice(np.flatnonzero(index == h), size=n_h, replace=False))
+        pi_h.append(np.full(n_h, n_h / counts[h]))
+    drawn, pi = np.concatenate(drawn_h), np.concatenate(pi_h)
     order = np.argsort(drawn)
     return drawn[order], pi[order]
 

@@ -16,9 +16,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from ray import serve
 from ray.exceptions import ActorUnavailableError, OutOfMemoryError, RayActorError
+from ray.serve import Deployment
 from ray.serve.handle import DeploymentHandle
 
 from service.api.context import Context, attach
@@ -36,6 +38,9 @@ from service.work.jobs import JobRunner
 from service.work.panels import Model
 from service.work.trainings import ClassifierRunner
 
+if TYPE_CHECKING:
+    from service.distill.students import Predictor
+
 api = create_api()
 log = logging.getLogger(__name__)
 
@@ -50,8 +55,9 @@ class ModelServer:
         model_spec = ModelSpec(**spec)
         self.name = name
         self.engine = create_engine(model_spec, parsed)
-        self._score_batch.set_max_batch_size(model_spec.max_batch or parsed.engine_max_batch)
-        self._score_batch.set_batch_wait_timeout_s(parsed.engine_batch_wait_s)
+        # ray types @serve.batch as returning the plain method, without the setters its wrapper has
+        self._score_batch.set_max_batch_size(model_spec.max_batch or parsed.engine_max_batch)  # type: ignore[attr-defined]
+        self._score_batch.set_batch_wait_timeout_s(parsed.engine_batch_wait_s)  # type: ignore[attr-defined]
         self.stats = ModelStats(name)
 
     async def __del__(self):
@@ -100,7 +106,7 @@ class StudentServer:
 
     def __init__(self, settings: dict):
         configure_logging(Settings(**settings).log_level)
-        self._loaded: dict[str, object] = {}
+        self._loaded: dict[str, Predictor] = {}
 
     def predict(self, path: str, texts: list[str]) -> dict:
         """Class probabilities of each text, with the classes in column order."""
@@ -172,8 +178,9 @@ def handle_generator(model: DeploymentHandle):
 class Ingress:
     """The HTTP front: owns the DuckDB store and runs jobs in the background."""
 
-    async def __init__(self, models: dict[str, DeploymentHandle], students: DeploymentHandle, default_model: str,
-                       settings: dict):
+    # Ray Serve awaits an async constructor, which the type system has no notion of
+    async def __init__(self, models: dict[str, DeploymentHandle], students: DeploymentHandle,  # type: ignore[misc]
+                       default_model: str, settings: dict):
         parsed = Settings(**settings)
         configure_logging(parsed.log_level)
         infos = await asyncio.gather(*(handle.info.remote() for handle in models.values()))
@@ -212,6 +219,8 @@ def build(args: dict | None = None) -> serve.Application:
             setattr(settings, name, getattr(settings, name).resolve())
     config = load_models(settings)
     dumped = settings.model_dump(mode="json")
-    models = {name: ModelServer.options(name=f"ModelServer-{name}", num_replicas=spec.replicas)
+    # @serve.deployment made each class a Deployment; mypy keeps a decorated class's own type
+    model_server, student_server, ingress = (cast(Deployment, cls) for cls in (ModelServer, StudentServer, Ingress))
+    models = {name: model_server.options(name=f"ModelServer-{name}", num_replicas=spec.replicas)
               .bind(dumped, name, spec.model_dump()) for name, spec in config.models.items()}
-    return Ingress.bind(models, StudentServer.bind(dumped), config.default, dumped)
+    return ingress.bind(models, student_server.bind(dumped), config.default, dumped)

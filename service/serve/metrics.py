@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 from ray.serve import metrics
 
-BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+BATCH_BOUNDARIES: list[float] = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
 
 class ModelStats:

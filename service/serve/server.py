@@ -35,7 +35,7 @@ def serve_forever(settings: Settings, *, on_ready=print) -> None:
         os.environ[f"ANNOTATE_{name.upper()}"] = str(value)
     stop = threading.Event()
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # quiet by default; our own logs are JSON
-    ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=settings.log_level.upper() == "DEBUG",
+    ray.init(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=settings.log_level.upper() == "DEBUG",
              configure_logging=True, num_cpus=os.cpu_count())
     for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own handlers
         signal.signal(sig, lambda *_: stop.set())

@@ -8,7 +8,7 @@ from dataclasses import asdict
 import pyarrow as pa
 
 from service.labelling.labeller import Annotation
-from service.store.database import ANNOTATION_SCHEMA, Database, utc_now
+from service.store.database import ANNOTATION_SCHEMA, Database, scalar, utc_now
 from service.store.jobs import Jobs
 from service.vocabulary import DocumentFilter, values
 
@@ -129,6 +129,7 @@ class Annotations:
     def document_page(self, job_id: str, *, label: str | None, show: str, below: float, offset: int,
                       limit: int) -> tuple[list[dict], int]:
         """One page of a job's documents under a filter, in input order, and how many match in all."""
+        params: list[object]
         if show == "failed":
             where, params = "a.status = 'failed'", []
         else:
@@ -142,7 +143,7 @@ class Annotations:
                   " JOIN documents d ON d.job_id = a.job_id AND d.doc_id = a.doc_id"
                   " LEFT JOIN calibrations c ON c.job_id = a.job_id"
                   f" WHERE a.job_id = ? AND {where}")
-        total = self._db.cursor().execute(f"SELECT count(*) {source}", [job_id, *params]).fetchone()[0]
+        total = scalar(self._db.cursor(), f"SELECT count(*) {source}", [job_id, *params])
         rows = self._db.rows(
             "SELECT a.doc_id, d.text, a.label, a.confidence, a.abstained, a.abstain_reason, a.candidates, a.error,"
             " map_entries(a.distribution) AS distribution, c.threshold AS conformal_threshold"

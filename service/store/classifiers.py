@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 
 from service.errors import NotFound
-from service.store.database import Database, utc_now
+from service.store.database import Database, scalar, utc_now
 
 JSON_COLUMNS = ("jobs", "options", "classes", "report")
 
@@ -50,8 +50,7 @@ class Classifiers:
                jobs: list[str], options: dict) -> int:
         """Record a student being trained as the next version of ``name``; returns that version."""
         with self._db.transaction() as cur:
-            version = cur.execute("SELECT coalesce(max(version), 0) + 1 FROM classifiers WHERE name = ?",
-                                  [name]).fetchone()[0]
+            version = scalar(cur, "SELECT coalesce(max(version), 0) + 1 FROM classifiers WHERE name = ?", [name])
             cur.execute("INSERT INTO classifiers (classifier_id, name, version, kind, taxonomy, taxonomy_version, jobs,"
                         " options, status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'training', ?)",
                         [classifier_id, name, version, kind, taxonomy, taxonomy_version, json.dumps(jobs),

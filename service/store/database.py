@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pyarrow as pa
@@ -169,6 +170,14 @@ MEMORY_LIMIT = "25%"
 def _quote(value: object) -> str:
     """A SQL string literal (SET takes no bound parameters)."""
     return "'" + str(value).replace("'", "''") + "'"
+
+
+def scalar(cur: duckdb.DuckDBPyConnection, sql: str, params: list) -> Any:
+    """The value of a query that always returns exactly one row (count(*), max(...), a SELECT without FROM)."""
+    row = cur.execute(sql, params).fetchone()
+    if row is None:
+        raise AssertionError(f"a single-row query returned no row: {sql}")
+    return row[0]
 
 
 def utc_now() -> datetime:

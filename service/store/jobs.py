@@ -12,7 +12,8 @@ import duckdb
 import pyarrow as pa
 
 from service.errors import InvalidInput, NotFound
-from service.store.database import ANNOTATION_COLUMNS, DOCUMENT_COLUMNS, DOCUMENT_SCHEMA, Database, utc_now
+from service.store.database import ANNOTATION_COLUMNS, DOCUMENT_COLUMNS, DOCUMENT_SCHEMA, Database, scalar, utc_now
+from service.vocabulary import LongDocuments
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class Job:
     taxonomy_version: str
     model: str
     batch: dict | None  # a batch job's source and fields; None for a stream job
-    long_documents: str | None
+    long_documents: LongDocuments | None  # written from validated requests only (JobRequest)
     shortlist: dict | None
     annotator: str  # the output annotator: the only one's key, or the aggregate's
     annotator_spec: dict
@@ -86,7 +87,7 @@ class Jobs:
                    annotator_spec: dict, annotators: list[dict], batches: Iterable[pa.RecordBatch] = (),
                    batch: dict | None = None,
                    shards: list[dict] | None = None, created_by: str | None = None,
-                   long_documents: str | None = None, shortlist: dict | None = None) -> int:
+                   long_documents: LongDocuments | None = None, shortlist: dict | None = None) -> int:
         """Insert a job with its documents (or, for a batch job, its shard plan) in one transaction; returns the total.
 
         No write lock: the batches may come from a large file, and DuckDB appends of a new
@@ -113,7 +114,7 @@ class Jobs:
                     cur.register("document_batch", batch_rows)
                     cur.execute("INSERT INTO documents SELECT * FROM document_batch")
                     cur.unregister("document_batch")
-                total = cur.execute("SELECT count(*) FROM documents WHERE job_id = ?", [job_id]).fetchone()[0]
+                total = scalar(cur, "SELECT count(*) FROM documents WHERE job_id = ?", [job_id])
             cur.execute("UPDATE jobs SET total = ? WHERE job_id = ?", [total, job_id])
             cur.execute("COMMIT")
         except BaseException:
@@ -125,7 +126,7 @@ class Jobs:
         """Give a job new annotators (a tuning chose its prompt), in one transaction; False, and nothing changed,
         once it has annotations: they were made under the old ones."""
         with self._db.transaction() as cur:
-            if cur.execute("SELECT count(*) FROM annotations WHERE job_id = ?", [job_id]).fetchone()[0]:
+            if scalar(cur, "SELECT count(*) FROM annotations WHERE job_id = ?", [job_id]):
                 return False
             cur.execute("UPDATE jobs SET annotator = ?, annotator_spec = ? WHERE job_id = ?",
                         [annotator, json.dumps(annotator_spec), job_id])
@@ -172,8 +173,8 @@ class Jobs:
 
     def active_of(self, token_id: str) -> int:
         """Queued or running jobs one API token submitted."""
-        return self._db.cursor().execute("SELECT count(*) FROM jobs WHERE created_by = ? AND status IN ('queued', 'running')",
-                                     [token_id]).fetchone()[0]
+        return scalar(self._db.cursor(), "SELECT count(*) FROM jobs WHERE created_by = ? AND status IN ('queued', 'running')",
+                      [token_id])
 
     def active(self) -> list[str]:
         """Jobs to (re)start: queued or interrupted while running, oldest first."""

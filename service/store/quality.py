@@ -9,7 +9,7 @@ from datetime import datetime
 import numpy as np
 
 from service.errors import Conflict, InvalidInput, NotFound
-from service.store.database import Database, utc_now
+from service.store.database import Database, scalar, utc_now
 
 _LABELLED = ("FROM gold g JOIN documents d USING (job_id, doc_id) JOIN jobs j USING (job_id)"
              " WHERE j.taxonomy = ? AND g.gold_label IS NOT NULL")  # the gold-labelled documents of a taxonomy
@@ -52,7 +52,7 @@ class Quality:
                         replace: bool) -> None:
         """Store a drawn sample (doc_id, stratum, inclusion probability); an existing one only with ``replace``."""
         with self._db.transaction() as cur:
-            existing = cur.execute("SELECT count(*) FROM gold_samples WHERE job_id = ?", [job_id]).fetchone()[0]
+            existing = scalar(cur, "SELECT count(*) FROM gold_samples WHERE job_id = ?", [job_id])
             if existing and not replace:
                 raise Conflict(f"job {job_id} already has a gold sample of {existing} documents; pass "
                                "'replace': true to draw a new one (gold labels given so far are kept)")
@@ -122,7 +122,7 @@ class Quality:
 
     def labelled_count(self, taxonomy: str) -> int:
         """How many documents people labelled in the taxonomy's jobs (tells when a retriever is out of date)."""
-        return self._db.cursor().execute(f"SELECT count(*) {_LABELLED}", [taxonomy]).fetchone()[0]
+        return scalar(self._db.cursor(), f"SELECT count(*) {_LABELLED}", [taxonomy])
 
     def put_tables(self, job_id: str, metrics: list[tuple], tables: dict[str, list[tuple]]) -> None:
         """Replace a job's rows in quality_metrics and the report tables (confusion_matrix, reliability, ...)."""

@@ -146,7 +146,10 @@ def _fetch(cursor: duckdb.DuckDBPyConnection, *, max_rows: int, max_bytes: int) 
 def _refuse_calls(cursor: duckdb.DuckDBPyConnection, query: str) -> None:
     """Refuse UNBOUNDED, HIDDEN_SQL and STATEFUL calls; the parse tree sees through quoting, schemas and dot syntax."""
     try:
-        tree = json.loads(cursor.execute("SELECT json_serialize_sql(?)", [query]).fetchone()[0])
+        serialized = cursor.execute("SELECT json_serialize_sql(?)", [query]).fetchone()
+        if serialized is None:  # a SELECT without FROM always returns one row
+            raise SqlRejected("SQL cannot be checked: json_serialize_sql returned nothing")
+        tree = json.loads(serialized[0])
         if tree["error"]:
             raise SqlRejected(f"SQL cannot be checked: {tree['error_message']}")
         calls = set(_function_calls(tree))

@@ -231,9 +231,11 @@ class BatchRunner:
     def run(self, job_id: str, labeller: Labeller) -> bool:
         """Label and register every pending shard; False if the job stopped being active first."""
         job = self.store.jobs.get(job_id)
-        filesystem, path, _ = open_source(job.batch["source"], self.settings)
-        if source_stamp(filesystem, path) != job.batch.get("stamp"):
-            raise InvalidInput(f"source {job.batch['source']!r} changed since the job was planned "
+        batch = job.batch
+        assert batch is not None  # JobRunner.run hands batch jobs only to the batch runner
+        filesystem, path, _ = open_source(batch["source"], self.settings)
+        if source_stamp(filesystem, path) != batch.get("stamp"):
+            raise InvalidInput(f"source {batch['source']!r} changed since the job was planned "
                                "(size or modification time); submit a new job")
         out_dir = self.settings.export_dir / "shards" / job_id
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -246,8 +248,8 @@ class BatchRunner:
                 pending.append(shard)
         if not pending:
             return True
-        task = {"job_id": job_id, "settings": self.settings.model_dump(mode="json"), "source": job.batch["source"],
-                "text_field": job.batch["text_field"], "id_field": job.batch["id_field"],
+        task = {"job_id": job_id, "settings": self.settings.model_dump(mode="json"), "source": batch["source"],
+                "text_field": batch["text_field"], "id_field": batch["id_field"],
                 "taxonomy": labeller.taxonomy, "taxonomy_version": labeller.taxonomy_version,
                 "template": labeller.template.name, "engine": labeller.engine, "model": labeller.model,
                 "long_documents": labeller.long_documents, "prior": labeller.prior,
@@ -267,5 +269,6 @@ class BatchRunner:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # progress is the job's own counters
         return ray.data.from_items(pending, override_num_blocks=len(pending)).map(
-            label_shard, fn_kwargs={"job": task}, compute=ray.data.TaskPoolStrategy(size=self.settings.batch_concurrency),
+            label_shard,  # type: ignore[arg-type]  # ray types fn as one-argument, though fn_kwargs passes it more
+            fn_kwargs={"job": task}, compute=ray.data.TaskPoolStrategy(size=self.settings.batch_concurrency),
             num_cpus=self.settings.batch_task_cpus, max_retries=2)

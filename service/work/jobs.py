@@ -112,7 +112,7 @@ class JobRunner:
         if finished:
             await asyncio.to_thread(self.store.jobs.set_status, job_id, "succeeded", only_if_active=True)
 
-    async def _tune_first(self, job: dict) -> None:
+    async def _tune_first(self, job: Job) -> None:
         """Tune the prompt on the job's own documents (no labels), then give the job the tuned annotators.
 
         A failed tuning is logged and the job labels with the prompt it was submitted with.
@@ -132,7 +132,7 @@ class JobRunner:
                 log.warning("prompt tuning failed; the job labels untuned", exc_info=True, extra={"job_id": job_id})
         entries = [{k: v for k, v in member.entry().items() if k in ("kind", "model", "prompt", "weight")}
                    for member in job.annotators]
-        panel = await asyncio.to_thread(self.panel, job.taxonomy, job.taxonomy_version, job.model, entries,
+        panel = await asyncio.to_thread(self.panels.panel, job.taxonomy, job.taxonomy_version, job.model, entries,
                                         job.long_documents, job.shortlist, job.created_at)
         await asyncio.to_thread(self._rekey, job, panel)  # named anew: the names say the tuned prompt
 

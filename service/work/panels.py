@@ -23,7 +23,8 @@ from service.labelling.prompts import PromptTemplate, load_template
 from service.labelling.scoring import Annotator, Scorer, embedding_scorer, student_scorer
 from service.labelling.shortlist import TOP_DOWN, Shortlister, TopDown
 from service.store import Store
-from service.taxonomy import NONE_LABEL, Shortlist, Taxonomy
+from service.taxonomy import NONE_LABEL, Demonstrations, Shortlist, Taxonomy
+from service.vocabulary import LongDocuments
 
 SHORTLISTERS_KEPT = 4  # retrievers (and demonstrators) kept built: each holds its embedded prototypes or pool
 FEWSHOT = "classify_fewshot"  # the template that shows demonstrations
@@ -55,7 +56,7 @@ class Panels:
         self._demonstrators: dict[tuple, Demonstrator] = {}
 
     def labeller(self, taxonomy_name: str, version: str | None = None, model: str | None = None,
-                 prompt: str | None = None, long_documents: str | None = None,
+                 prompt: str | None = None, long_documents: LongDocuments | None = None,
                  shortlist: dict | None = None, before: datetime | None = None) -> Labeller:
         """The LLM annotator for a taxonomy version on a model (the one named, else the taxonomy's, else the default).
 
@@ -101,22 +102,22 @@ class Panels:
             if not _shows_demonstrations(template):
                 raise InvalidInput(f"prompt {template.name!r} shows no demonstrations, and taxonomy {taxonomy.name!r} "
                                    f"sets 'demonstrations': name {FEWSHOT!r} (or no prompt)")
-            demonstrator = self._demonstrator(taxonomy, before)
+            demonstrator = self._demonstrator(taxonomy, taxonomy.demonstrations, before)
         return Labeller(taxonomy, version, template, chosen.info, self.model_input_chars, model=chosen.name,
                         long_documents=long_documents, whole_prompt=whole_prompt, prior=tuned.prior if tuned else None,
                         shortlister=None if plan is None else self._shortlister(taxonomy, version, plan),
                         demonstrator=demonstrator)
 
-    def _demonstrator(self, taxonomy: Taxonomy, before: datetime | None) -> Demonstrator:
+    def _demonstrator(self, taxonomy: Taxonomy, plan: Demonstrations, before: datetime | None) -> Demonstrator:
         """A demonstrator over the taxonomy's examples and labelled texts, its pool embedded once while it recurs."""
         names = set(taxonomy.label_names())  # gold of other versions may name labels this one lacks
         pool = demonstrations(taxonomy) + [(label, text) for text, label in self.store.quality.labelled_texts(
             taxonomy.name, before=before) if label in names]
-        key = (taxonomy.demonstrations, pool_hash(pool))
+        key = (plan, pool_hash(pool))
         if key not in self._demonstrators:
             if len(self._demonstrators) >= SHORTLISTERS_KEPT:
                 self._demonstrators.pop(next(iter(self._demonstrators)))
-            self._demonstrators[key] = Demonstrator(pool, taxonomy.demonstrations, shared_embedder().embed_documents)
+            self._demonstrators[key] = Demonstrator(pool, plan, shared_embedder().embed_documents)
         return self._demonstrators[key]
 
     def _shortlister(self, taxonomy: Taxonomy, version: str, plan: Shortlist) -> Shortlister | TopDown:
@@ -133,7 +134,7 @@ class Panels:
         return self._shortlisters[key]
 
     def panel(self, taxonomy_name: str, version: str | None, model: str | None, annotators: list[dict] | None,
-              long_documents: str | None = None, shortlist: dict | None = None,
+              long_documents: LongDocuments | None = None, shortlist: dict | None = None,
               before: datetime | None = None) -> list[tuple[dict, Annotator]]:
         """A job's annotators, each (its job_annotators row, its labeller); one LLM annotator when none are listed.
 
@@ -141,7 +142,8 @@ class Panels:
         ``before``: the job's creation, for the demonstrations' pool (``labeller``).
         """
         entries = annotators or [{"kind": "llm"}]
-        panel = []
+        panel: list[tuple[dict, Annotator]] = []
+        labeller: Annotator
         for i, entry in enumerate(entries):
             where = f"annotators[{i}]"
             if entry.get("kind") == "classifier":
@@ -254,7 +256,7 @@ def _shows_demonstrations(template: PromptTemplate) -> bool:
     return marker in shown
 
 
-def annotation_keys(job_id: str, labeller: Labeller) -> dict:
+def annotation_keys(job_id: str, labeller: Annotator) -> dict:
     """The columns that identify who made an annotation, shared by every row of a job."""
     spec = labeller.spec
     return dict(job_id=job_id, annotator=labeller.key, model=spec["model"], engine=spec["engine"],

@@ -150,7 +150,7 @@ async def submit_job(runner: JobRunner, settings: Settings, body: JobRequest, *,
     jobs queued or running; its submissions are taken one at a time so the count stays true.
     """
     annotators = None if body.annotators is None else [a.model_dump() for a in body.annotators]
-    aggregation = body.aggregation
+    aggregation: str = body.aggregation  # or CASCADE, which no request names
     if body.classifier is not None:
         annotators, aggregation = [{"kind": "classifier", "classifier": body.classifier}, {"kind": "llm"}], CASCADE
     default_panel = annotators is None and await asyncio.to_thread(_default_panel, runner.store, settings, body)
@@ -170,11 +170,11 @@ async def submit_job(runner: JobRunner, settings: Settings, body: JobRequest, *,
                            "demonstrations' pool and its embeddings live in the service")
     if body.mode == "batch" and (len(panel) > 1 or isinstance(labeller, EmbeddingLabeller)):
         raise InvalidInput("mode 'batch' runs one LLM annotator; label with several annotators in mode 'stream'")
-    if body.mode == "batch" and labeller.long_documents == "reject":
+    if body.mode == "batch" and isinstance(labeller, Labeller) and labeller.long_documents == "reject":
         raise InvalidInput(f"{_who_says(body, labeller.taxonomy)} long_documents: reject, which mode 'stream' checks at "
                            "submission; in mode 'batch' choose truncate, head_tail or chunk (the job's "
                            "'long_documents' overrides the taxonomy's)")
-    if not limited:
+    if not limited or owner is None:  # only an API token's submissions are limited
         return await _create(runner, settings, body, panel, aggregation, owner, auto_tune)
     async with SUBMITTING[owner]:  # one submission per token at a time: the limit's count stays true
         await asyncio.to_thread(_check_job_limit, runner.store, settings, owner)
@@ -210,7 +210,7 @@ async def _create(runner: JobRunner, settings: Settings, body: JobRequest, panel
                      mode=body.mode, annotators=[row["name"] for row, _ in panel])
 
 
-def _check_job_limit(store: Store, settings: Settings, owner: str | None) -> None:
+def _check_job_limit(store: Store, settings: Settings, owner: str) -> None:
     """A token may have so many jobs queued or running at once."""
     active, limit = store.jobs.active_of(owner), settings.max_active_jobs_per_token
     if active >= limit:
@@ -242,6 +242,7 @@ def _job_rows(settings: Settings, body: JobRequest, max_chars: int) -> Iterator[
         if first is None:
             raise InvalidInput(f"source {body.source!r} holds no documents")
         return chain([first], rows)
+    assert body.documents is not None  # exactly one of documents and source (JobRequest._one_input)
     if len(body.documents) > settings.max_documents_per_job:
         raise PayloadTooLarge(f"documents: {len(body.documents):,} documents is over the limit of "
                               f"{settings.max_documents_per_job:,} per job (ANNOTATE_MAX_DOCUMENTS_PER_JOB)")

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -110,7 +111,9 @@ class ClassifierRunner:
         import ray
 
         try:
-            task = ray.remote(num_cpus=1, max_retries=0, max_calls=1)(distill)  # a fresh worker: its own peak RSS
+            # a fresh worker: its own peak RSS. Ray types a remote function by its positional parameters only, and
+            # distill's are keyword-only: its .remote() takes them all the same
+            task: Any = ray.remote(num_cpus=1, max_retries=0, max_calls=1)(distill)  # type: ignore[arg-type]
             report = await task.remote(data, kind=kind, out_dir=out_dir, models_dir=self.settings.models_dir.resolve(),
                                        meta=meta, **options)
             await asyncio.to_thread(self.store.classifiers.finish, classifier_id, report=report, path=str(out_dir))
