@@ -164,8 +164,11 @@ def test_gold_labelling_with_the_keyboard_then_the_quality_page(service, browser
         stored = sql(client, f"SELECT doc_id, label FROM gold_labels WHERE job_id = '{console_job}' "
                              "AND annotator = 'alice'")
         assert {r["doc_id"]: r["label"] for r in stored} == answered
-        report = client.get(f"/v1/jobs/{console_job}/report").json()
-    browser.get(f"{service.url}/console/jobs/{console_job}/quality")
+    browser.get(f"{service.url}/console/jobs/{console_job}/quality")  # no report yet: the page offers to compute it
+    browser.find_element(By.CSS_SELECTOR, "button[data-compute-report]").click()
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".metric"), 120, "the report was not computed")
+    with service.client() as client:
+        report = client.get(f"/v1/jobs/{console_job}/report").json()  # what the button computed and stored
     check_quality_page(browser, report)
     shoot(browser, "quality")
 

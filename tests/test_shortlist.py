@@ -65,7 +65,7 @@ def test_the_report_states_the_shortlist_recall(service, shortlisted_job):
         sample = client.get(f"/v1/jobs/{shortlisted_job}/gold-sample").json()
         labels = [{"doc_id": row["doc_id"], "label": fine[row["doc_id"]]} for row in sample]
         assert client.post(f"/v1/jobs/{shortlisted_job}/gold", json={"annotator": "ann", "labels": labels}).is_success
-        report = client.get(f"/v1/jobs/{shortlisted_job}/report").json()
+        report = client.post(f"/v1/jobs/{shortlisted_job}/report").json()
         shortlists = {r["doc_id"]: r["shortlist"] for r in sql(
             client, f"SELECT doc_id, shortlist FROM labels WHERE job_id = '{shortlisted_job}'")}
     recall = report["shortlist"]

@@ -20,8 +20,11 @@ router = APIRouter(tags=["quality"])
 @router.post("/v1/jobs/{job_id}/gold-sample", dependencies=[WRITE], status_code=201)
 async def draw_gold_sample(request: Request, job_id: str, body: GoldSampleRequest) -> JSONResponse:
     """Draw a gold sample of a finished job under a design, storing each document's inclusion probability."""
-    drawn = await asyncio.to_thread(gold.draw, hosted(request).store, job_id, size=body.size, design=body.design,
-                                    seed=body.seed, replace=body.replace)
+    store = hosted(request).store
+    drawn = await asyncio.to_thread(gold.draw, store, job_id, size=body.size, design=body.design, seed=body.seed,
+                                    replace=body.replace)
+    await asyncio.to_thread(quality.refresh_report, store, job_id)  # a new sample: the old report is not its
+    await asyncio.to_thread(quality.forget_label_issues, store, job_id, ("gold",))
     return JSONResponse(drawn, status_code=201)
 
 
@@ -52,7 +55,7 @@ async def put_gold_labels(request: Request, job_id: str,
     rows = await asyncio.to_thread(gold.parse_upload, body, request.headers.get("content-type", ""), annotator)
     answer = await asyncio.to_thread(gold.put_labels, ctx.store, job_id, rows,
                                      max_annotators=ctx.settings.gold_max_annotators)
-    await asyncio.to_thread(quality.refresh_report, ctx.store, job_id)
+    await asyncio.to_thread(quality.forget_label_issues, ctx.store, job_id, ("gold",))  # it ranked other labels
     return answer
 
 
@@ -112,5 +115,6 @@ async def aggregate_job(request: Request, job_id: str, body: AggregateRequest) -
     ctx = hosted(request)
     method = await asyncio.to_thread(ctx.runner.aggregate, job_id, body.method)
     await asyncio.to_thread(quality.refresh_report, ctx.store, job_id)  # the labels changed
+    await asyncio.to_thread(quality.forget_label_issues, ctx.store, job_id, ("gold", "llm"))
     job = await asyncio.to_thread(ctx.store.jobs.get, job_id)
     return {"job_id": job_id, "aggregation": method, "refinement": job.annotator_spec.get("refinement")}

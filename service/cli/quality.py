@@ -17,6 +17,8 @@ from service.vocabulary import IssueKind, SamplingDesign
 gold_app = typer.Typer(help="Gold standard: draw a sample, export it for people, import their labels.",
                        no_args_is_help=True)
 JSON = typer.Option(False, "--json", help="Print JSON.")
+STORED = typer.Option(False, "--stored", help="Print the last computed answer (a read-scope token suffices) instead "
+                                              "of computing it now (write scope).")
 
 
 
@@ -86,9 +88,10 @@ def gold_import(job_id: str, file: Path,
                   "have a gold label", highlight=False)
 
 
-def report(job_id: str, url: str = URL, as_json: bool = JSON) -> None:
+def report(job_id: str, url: str = URL, as_json: bool = JSON, stored: bool = STORED) -> None:
     """Quality against the gold sample: accuracy, per-label F1, calibration, selective accuracy, agreement."""
-    body = call("POST", f"{url}/v1/jobs/{job_id}/report", timeout=300).json()
+    body = (call("GET", f"{url}/v1/jobs/{job_id}/report") if stored else
+            call("POST", f"{url}/v1/jobs/{job_id}/report", timeout=300)).json()
     if _print(body, as_json):
         return
     console.print(f"gold documents {body['n']} · accuracy {_interval(body['accuracy'])} · coverage "
@@ -155,10 +158,11 @@ def estimate(job_id: str,
 
 
 def audit(job_id: str, kind: IssueKind = typer.Option("gold", help="gold (human labels) or llm (the job's labels)."),
-          limit: int = 20, url: str = URL, as_json: bool = JSON) -> None:
+          limit: int = 20, url: str = URL, as_json: bool = JSON, stored: bool = STORED) -> None:
     """Likely label errors, most suspicious first (cleanlab confident learning plus disagreement)."""
-    body = call("POST", f"{url}/v1/jobs/{job_id}/label-issues", json={"kind": kind, "limit": limit},
-                timeout=600).json()
+    body = (call("GET", f"{url}/v1/jobs/{job_id}/label-issues", params={"kind": kind, "limit": limit}) if stored else
+            call("POST", f"{url}/v1/jobs/{job_id}/label-issues", json={"kind": kind, "limit": limit},
+                 timeout=600)).json()
     if _print(body, as_json):
         return
     table = Table("rank", "doc_id", "label", "suggested", "quality", "disagreement", "issue")

@@ -111,7 +111,7 @@ def _shortcut_keys() -> list[str]:
 async def quality_page(request: Request, job_id: str) -> HTMLResponse:
     """The job's stored quality report as pictures: calibration, confusion, coverage, per-label F1, DSL shares.
 
-    It reads what the last computation kept (gold labels, a calibration or a relabelling renew it) and says when.
+    It reads what the last computation kept (its POST, a calibration, a relabelling or a new sample renew it) and says when.
     """
     store = hosted(request).store
     job = await asyncio.to_thread(_job_summary, store, job_id)
@@ -141,10 +141,10 @@ def _quality_charts(report: dict, shares: dict) -> dict[str, str]:
             title="Accuracy vs coverage", x_title="coverage (most confident first)", y_title="accuracy"),
         "f1": charts.bar_chart([(r["label"], r["f1"]) for r in report["per_label"]], title="F1 per label",
                                percent=True, max_value=1.0),
-        "shares": charts.interval_chart(
+        **({} if not shares["estimates"] else {"shares": charts.interval_chart(
             [{"label": r["label"], "estimates": [{"series": series, **r[key]} for series, key in
                                                  (("DSL", "dsl"), ("naive", "naive"), ("gold only", "gold_only"))]}
-             for r in shares["estimates"]], title="Label shares", x_title="share of documents"),
+             for r in shares["estimates"]], title="Label shares", x_title="share of documents")}),
     }
 
 

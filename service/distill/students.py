@@ -24,6 +24,7 @@ student, not a coin flip, decides between A and B.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, cast
@@ -261,4 +262,6 @@ def load_student(path: Path) -> Predictor:
         return FineTunedEncoder(meta["classes"], path=path / "model", max_length=meta.get("max_length", 128))
     import joblib
 
+    # students saved before the package moved pickled their pipeline steps as service.students.*
+    sys.modules.setdefault("service.students", sys.modules[__name__])
     return joblib.load(path / "model.joblib")

@@ -21,7 +21,7 @@ Documents of the sample without a human label yet are left out, which assumes th
 missing at random; every answer says how many there are.
 
 Reads never compute: ``report`` and ``label_issues`` run on a write (their POST routes, and
-``refresh_report`` when gold labels, a calibration or a relabelling arrive) and store their
+``refresh_report`` after a calibration, a relabelling or a new gold sample) and store their
 answer; ``stored_report`` and ``stored_label_issues`` read it back with when it was computed.
 """
 
@@ -103,11 +103,22 @@ def report(store: Store, job_id: str) -> dict:
 
 
 def refresh_report(store: Store, job_id: str) -> None:
-    """Recompute a job's stored report after what it depends on changed; nothing while it has no gold labels."""
+    """Recompute a job's stored report after what it depends on changed; none is kept while there is nothing to report.
+
+    The report is renewed on a calibration, a relabelling and a new gold sample (each an explicit write
+    whose effect the report shows), not on every gold label: labelling goes on at the pace of a
+    keystroke, and the report says when it was computed and from how many gold labels.
+    """
     try:
         report(store, job_id)
-    except (Conflict, InvalidInput):  # no gold labels yet, or a multi-label taxonomy: there is no report to keep
-        pass
+    except (Conflict, InvalidInput):  # no gold labels, or a multi-label taxonomy: an older report would mislead
+        store.quality.forget_result(job_id, REPORT)
+
+
+def forget_label_issues(store: Store, job_id: str, kinds: tuple[str, ...]) -> None:
+    """Drop rankings of label issues whose labels changed since (a new sample, new gold labels, a relabelling)."""
+    for kind in kinds:
+        store.quality.forget_result(job_id, LABEL_ISSUES + kind)
 
 
 def stored_report(store: Store, job_id: str) -> dict:
@@ -115,8 +126,8 @@ def stored_report(store: Store, job_id: str) -> dict:
     store.jobs.get(job_id)  # 404 for an unknown job
     stored = store.quality.result(job_id, REPORT)
     if stored is None:
-        raise Conflict(f"job {job_id} has no quality report yet: it is computed when gold labels arrive, or on "
-                       "request (POST /v1/jobs/{id}/report, `annotate report`)")
+        raise Conflict(f"job {job_id} has no quality report yet: compute it once people have labelled gold "
+                       "documents (POST /v1/jobs/{id}/report, `annotate report`)")
     return {**stored.result, "computed_at": stored.computed_at}
 
 
@@ -126,8 +137,8 @@ def _shares(data: GoldData) -> dict:
         rows = dsl_proportions(probs=data.probs, labels=data.options, gold_index=data.gold_index(), pi=data.pi,
                                sampled=data.gold, seed=0, level=0.95)
     except ValueError as exc:
-        return {"problem": str(exc), "estimates": []}
-    return {"level": 0.95, "estimates": rows}
+        return {"level": 0.95, "problem": str(exc), "estimates": []}
+    return {"level": 0.95, "problem": None, "estimates": rows}
 
 
 def _shortlist_recall(data: GoldData) -> dict | None:

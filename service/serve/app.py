@@ -194,7 +194,8 @@ class Ingress:
         resumed = runner.resume()
         if resumed:
             log.warning("resuming unfinished jobs", extra={"jobs": resumed})
-        if store.inductions.interrupt() or store.classifiers.interrupt():
+        interrupted = store.inductions.interrupt() + store.classifiers.interrupt()  # both, always
+        if interrupted:
             log.warning("inductions or trainings interrupted by the last stop were marked failed")
         generators = {name: handle_generator(handle) for name, handle in models.items()}
         self._context = Context(parsed, store, runner, models, InductionRunner(store, generators, runner),

@@ -18,7 +18,7 @@ _LABELLED = ("FROM gold g JOIN documents d USING (job_id, doc_id) JOIN jobs j US
 
 @dataclass(frozen=True)
 class StoredResult:
-    """A quality result as it was computed (by a POST, or when gold labels, a calibration or a relabelling came in)."""
+    """A quality result as it was computed (by a POST, a calibration, a relabelling or a new gold sample)."""
 
     result: dict
     computed_at: datetime
@@ -158,6 +158,11 @@ class Quality:
             cur.execute("INSERT OR REPLACE INTO quality_results VALUES (?, ?, ?, ?)",
                         [job_id, kind, json.dumps(result, default=_plain), now])
         return now
+
+    def forget_result(self, job_id: str, kind: str) -> None:
+        """Drop a computed result that no longer describes the job."""
+        with self._db.transaction() as cur:
+            cur.execute("DELETE FROM quality_results WHERE job_id = ? AND kind = ?", [job_id, kind])
 
     def result(self, job_id: str, kind: str) -> StoredResult | None:
         """A job's last computed result of a kind, and when it was computed; None when none was."""

@@ -154,9 +154,26 @@ function drawSample() {
   });
 }
 
+// The quality page reads the stored report; this button computes it anew (a write: POST .../report).
+function computeReport() {
+  const button = document.querySelector("button[data-compute-report]");
+  if (!button) return;
+  button.addEventListener("click", async () => {
+    button.disabled = true;
+    try {
+      await api(`/v1/jobs/${button.dataset.computeReport}/report`, {method: "POST"});
+      location.reload();
+    } catch (error) {
+      setField(button.parentElement, "error", error.message);
+      button.disabled = false;
+    }
+  });
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   followJobs();
   watchForNewJobs();
   labelGold();
   drawSample();
+  computeReport();
 });
