@@ -10,6 +10,7 @@ proxy can miss readiness checks when tests starve the CPU.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -82,6 +83,18 @@ class Service:
         if check and result.returncode != 0:
             raise AssertionError(f"annotate {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
         return result
+
+
+def run_engine(engine, call):
+    """Await one engine call in a fresh event loop, then release the engine's pooled connections (no socket leaks)."""
+
+    async def run():
+        try:
+            return await call
+        finally:
+            await engine.close()
+
+    return asyncio.run(run())
 
 
 def free_port() -> int:
@@ -201,6 +214,7 @@ def faulty_proxy(llama_server) -> str:
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{proxy.server_port}/v1"
     proxy.shutdown()
+    proxy.server_close()
 
 
 def models_file(directory: Path, llama_url: str, faulty_url: str) -> Path:

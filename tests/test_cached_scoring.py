@@ -21,7 +21,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from conftest import FIXTURES, running_llama_server
+from conftest import FIXTURES, run_engine, running_llama_server
 
 from service.engines.base import ScoreRequest
 from service.engines.openai import OpenAIEngine
@@ -189,6 +189,7 @@ def vllm_shaped():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_port}/v1"
     server.shutdown()
+    server.server_close()
 
 
 REQUEST = ScoreRequest("pick a topic", "the match ended two to one", LABELS)
@@ -202,7 +203,7 @@ def _prompt(engine: OpenAIEngine) -> str:
 def test_auto_scoring_is_exact_on_vllm_shapes(vllm_shaped):
     """Top-k walk in lists of prompts, echo only for tokens outside the top k: every label's exact log-probability."""
     engine = _engine(vllm_shaped, scoring="auto", top_logprobs=12)
-    scores = asyncio.run(engine.score([REQUEST]))[0]
+    scores = run_engine(engine, engine.score([REQUEST]))[0]
     exact = [_exact(_prompt(engine), label + engine.chat.end) for label in LABELS]
     assert scores == pytest.approx(exact, abs=1e-9)
     assert any(isinstance(call["prompt"], list) and len(call["prompt"]) > 1 for call in _VllmShaped.calls)
@@ -214,10 +215,10 @@ def test_bounded_and_echo_scoring_on_vllm_shapes(vllm_shaped):
     bounded = _engine(vllm_shaped, scoring="top_logprobs", top_logprobs=8)
     echo = _engine(vllm_shaped, scoring="echo")
     exact = [_exact(_prompt(echo), label + echo.chat.end) for label in LABELS]
-    upper = asyncio.run(bounded.score([REQUEST]))[0]
+    upper = run_engine(bounded, bounded.score([REQUEST]))[0]
     assert not any(call.get("echo") for call in _VllmShaped.calls)
     assert all(u >= e - 1e-9 for u, e in zip(upper, exact))
-    assert asyncio.run(echo.score([REQUEST]))[0] == pytest.approx(exact, abs=1e-9)
+    assert run_engine(echo, echo.score([REQUEST]))[0] == pytest.approx(exact, abs=1e-9)
 
 
 def test_prefill_counts_on_vllm_shapes(vllm_shaped):
@@ -225,9 +226,9 @@ def test_prefill_counts_on_vllm_shapes(vllm_shaped):
     walk, echo = _engine(vllm_shaped, scoring="top_logprobs", top_logprobs=8), _engine(vllm_shaped, scoring="echo")
     document = len(_tokens(_prompt(walk)))
     labels = sum(len(_tokens(label + walk.chat.end)) for label in LABELS)
-    asyncio.run(walk.score([REQUEST]))
+    run_engine(walk, walk.score([REQUEST]))
     _VllmShaped.seen = []  # a cold cache for echo too (it never reads it anyway)
-    asyncio.run(echo.score([REQUEST]))
+    run_engine(echo, echo.score([REQUEST]))
     assert document <= walk.prefill.tokens <= PREFILL_SLACK * (document + labels)
     assert echo.prefill.tokens >= len(LABELS) * document
     assert walk.prefill.report()["prefill_tokens_per_doc"] == walk.prefill.tokens

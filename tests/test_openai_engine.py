@@ -9,13 +9,12 @@ the server's top-k lists. Hence "nearly all" top labels must agree, not all.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 from http.server import ThreadingHTTPServer
 
 import pytest
-from conftest import FIXTURES, UpstreamProxy, free_port, sql, wait_for_job
+from conftest import FIXTURES, UpstreamProxy, free_port, run_engine, sql, wait_for_job
 
 from service.engines.base import ScoreRequest
 from service.engines.openai import OpenAIEngine
@@ -63,7 +62,8 @@ def test_echo_scores_equal_embedded_log_probabilities(llama_server):
     from service.settings import Settings
 
     request = ScoreRequest("Classify the text as ham or spam.", "WIN a FREE prize, call now!", ("ham", "spam"))
-    served = asyncio.run(_engine(llama_server, scoring="echo").score([request]))[0]
+    engine = _engine(llama_server, scoring="echo")
+    served = run_engine(engine, engine.score([request]))[0]
     embedded = EmbeddedEngine(Settings().models_dir).score_sync([request])[0]
     assert served == pytest.approx(embedded, abs=1.0)  # Q4_1 llama.cpp kernels vs the bf16 copy of the same weights
     assert (served[0] > served[1]) == (embedded[0] > embedded[1])
@@ -74,8 +74,9 @@ def test_json_generation_follows_the_schema(llama_server):
     schema = {"type": "object", "properties": {"label": {"type": "string", "enum": ["ham", "spam"]},
                                                "reason": {"type": "string", "maxLength": 40}},
               "required": ["label", "reason"]}
-    reply = asyncio.run(_engine(llama_server).generate_json(
-        "Classify the message.", "Message: WIN a FREE prize now!", schema, max_tokens=64))
+    engine = _engine(llama_server)
+    reply = run_engine(engine, engine.generate_json("Classify the message.", "Message: WIN a FREE prize now!", schema,
+                                                    max_tokens=64))
     assert reply["label"] in ("ham", "spam") and isinstance(reply["reason"], str)
 
 
@@ -84,7 +85,7 @@ def test_unreachable_server_is_a_clear_error():
     url = f"http://127.0.0.1:{free_port()}/v1"
     engine = _engine(url, max_retries=1, timeout_s=5)
     with pytest.raises(EngineUnavailable, match=r"127\.0\.0\.1.*/completions: ConnectError"):
-        asyncio.run(engine.score([ScoreRequest("s", "u", ("a", "b"))]))
+        run_engine(engine, engine.score([ScoreRequest("s", "u", ("a", "b"))]))
 
 
 class _Flaky(UpstreamProxy):
@@ -108,9 +109,10 @@ def test_rate_limited_requests_are_retried(llama_server):
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     try:
         engine = _engine(f"http://127.0.0.1:{proxy.server_port}/v1", scoring="top_logprobs", max_concurrency=1)
-        scores = asyncio.run(engine.score([ScoreRequest("Answer yes or no.", "Is water wet?", ("yes", "no"))]))[0]
+        scores = run_engine(engine, engine.score([ScoreRequest("Answer yes or no.", "Is water wet?", ("yes", "no"))]))[0]
     finally:
         proxy.shutdown()
+        proxy.server_close()
     assert _Flaky.seen > 2 and len(scores) == 2 and all(s < 0 for s in scores)
 
 
@@ -120,4 +122,5 @@ def test_plain_text_prompts_are_refused_by_name():
 
     request = ScoreRequest("Classify.", "Text: hi\nLabel:", (" ham\n", " spam\n"), chat=False)
     with pytest.raises(InvalidInput, match="embedded engine only"):
-        asyncio.run(_engine("http://127.0.0.1:9/v1").score([request]))
+        engine = _engine("http://127.0.0.1:9/v1")
+        run_engine(engine, engine.score([request]))

@@ -64,7 +64,8 @@ def test_gold_round_trip_report_calibration_estimates_and_issues(service, panel_
     service.cli("gold", "sample", panel_job, "--size", "40", "--design", "stratified")
     exported = tmp_path / "gold.csv"
     service.cli("gold", "export", panel_job, str(exported))
-    rows = list(csv.DictReader(exported.open()))
+    with exported.open() as opened:
+        rows = list(csv.DictReader(opened))
     assert len(rows) == 40 and all(r["label"] == "" for r in rows)  # the person sees no LLM label
     for row in rows:
         row.update(label=HUMAN[row["doc_id"]], annotator="trec")

@@ -179,7 +179,7 @@ def _seed(store: Store) -> None:
     cur = store.cursor()
     for job_id in JOBS:
         cur.execute("INSERT INTO jobs (job_id, taxonomy, taxonomy_version, annotator, status, total, created_at)"
-                    " VALUES (?, 'topics', 'v1', 'llm', 'done', 2, now())", [job_id])
+                    " VALUES (?, 'topics', 'v1', 'llm', 'succeeded', 2, now())", [job_id])
         cur.executemany("INSERT INTO documents (job_id, doc_id, position, text, text_hash) VALUES (?, ?, ?, ?, ?)",
                         [[job_id, f"d{i}", i, f"text {i}", f"h{i}"] for i in range(2)])
 

@@ -132,7 +132,7 @@ def _pace(job: Job, progress: float) -> dict:
     """Throughput since the start, and the time left at that pace while the job runs (timestamps are naive UTC)."""
     if job.started_at is None:
         return {}
-    end = job.finished_at or datetime.now(timezone.utc).replace(tzinfo=None)
+    end = job.finished_at or datetime.now(timezone.utc)
     elapsed = (end - job.started_at).total_seconds()
     if elapsed <= 0:
         return {}

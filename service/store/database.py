@@ -185,6 +185,18 @@ def utc_now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
+def as_utc(moment: datetime) -> datetime:
+    """A stored timestamp as it is read back: time-zone aware UTC (so answers say it: ``…+00:00``)."""
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
+
+
+def naive_utc(moment: datetime | None) -> datetime | None:
+    """A moment as the TIMESTAMP columns hold it (naive UTC), for comparisons in SQL."""
+    if moment is None or moment.tzinfo is None:
+        return moment
+    return moment.astimezone(timezone.utc).replace(tzinfo=None)
+
+
 class Database:
     """The DuckDB file: one connection, fresh cursors per call, one write lock."""
 
@@ -253,4 +265,5 @@ class Database:
         """Run a read and return rows as plain dicts."""
         cur = self.cursor().execute(sql, params or [])
         names = [d[0] for d in cur.description]
-        return [dict(zip(names, row)) for row in cur.fetchall()]
+        return [{name: as_utc(value) if isinstance(value, datetime) else value for name, value in zip(names, row)}
+                for row in cur.fetchall()]

@@ -9,7 +9,7 @@ from datetime import datetime
 import numpy as np
 
 from service.errors import Conflict, InvalidInput, NotFound
-from service.store.database import Database, scalar, utc_now
+from service.store.database import Database, as_utc, naive_utc, scalar, utc_now
 
 _LABELLED = ("FROM gold g JOIN documents d USING (job_id, doc_id) JOIN jobs j USING (job_id)"
              " WHERE j.taxonomy = ? AND g.gold_label IS NOT NULL")  # the gold-labelled documents of a taxonomy
@@ -117,7 +117,8 @@ class Quality:
             " SELECT d.text, k.gold_label FROM known k JOIN gold_samples s USING (job_id, doc_id)"
             " JOIN documents d USING (job_id, doc_id) JOIN jobs j USING (job_id)"
             " WHERE j.taxonomy = ? AND j.created_at < coalesce(?::TIMESTAMP, 'infinity'::TIMESTAMP)"
-            " ORDER BY j.created_at DESC, d.position LIMIT ?", [before, taxonomy, before, limit]).fetchall()
+            " ORDER BY j.created_at DESC, d.position LIMIT ?",
+            [naive_utc(before), taxonomy, naive_utc(before), limit]).fetchall()
         return [(text, label) for text, label in reversed(rows)]
 
     def labelled_count(self, taxonomy: str) -> int:
@@ -157,7 +158,7 @@ class Quality:
         with self._db.transaction() as cur:
             cur.execute("INSERT OR REPLACE INTO quality_results VALUES (?, ?, ?, ?)",
                         [job_id, kind, json.dumps(result, default=_plain), now])
-        return now
+        return as_utc(now)
 
     def forget_result(self, job_id: str, kind: str) -> None:
         """Drop a computed result that no longer describes the job."""
@@ -168,7 +169,7 @@ class Quality:
         """A job's last computed result of a kind, and when it was computed; None when none was."""
         row = self._db.cursor().execute("SELECT result, computed_at FROM quality_results WHERE job_id = ? AND kind = ?",
                                         [job_id, kind]).fetchone()
-        return None if row is None else StoredResult(json.loads(row[0]), row[1])
+        return None if row is None else StoredResult(json.loads(row[0]), as_utc(row[1]))
 
     def put_label_issues(self, job_id: str, kind: str, rows: list[dict]) -> None:
         """Replace a job's ranked label issues of one kind (gold or llm)."""
