@@ -31,6 +31,7 @@ serve: models
 
 test: models browser
 	$(BIN)/ruff check service tests benchmarks
+	$(BIN)/mypy
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
 # The console's browser tests drive Debian's Chromium and ChromeDriver (never a downloaded browser).
