@@ -23,8 +23,7 @@ async def draw_gold_sample(request: Request, job_id: str, body: GoldSampleReques
     store = hosted(request).store
     drawn = await asyncio.to_thread(gold.draw, store, job_id, size=body.size, design=body.design, seed=body.seed,
                                     replace=body.replace)
-    await asyncio.to_thread(quality.refresh_report, store, job_id)  # a new sample: the old report is not its
-    await asyncio.to_thread(quality.forget_label_issues, store, job_id, ("gold",))
+    await asyncio.to_thread(quality.forget_stale, store, job_id)  # the old report and gold ranking are not its
     return JSONResponse(drawn, status_code=201)
 
 

@@ -16,7 +16,6 @@ from service.vocabulary import StudentKind
 classifiers_app = typer.Typer(help="Distilled classifiers: list, inspect, predict, export.", no_args_is_help=True)
 
 
-
 def distill(job: list[str] = typer.Option(..., "--job", "-j", help="A finished job to learn from (repeatable)."),
             kind: StudentKind = typer.Option("minilm", help="ngram, static, minilm or finetune."),
             name: str = typer.Option(None, help="Students of one name are versioned [default: TAXONOMY-KIND]."),

@@ -64,7 +64,6 @@ def taxonomy_validate(file: Path) -> None:
     console.print(f"{file}: ok — {taxonomy.name}, {len(taxonomy.label_names())} labels, version {taxonomy.content_hash()}")
 
 
-
 @taxonomy_app.command("induce")
 def taxonomy_induce(
     file: Path,
@@ -221,8 +220,6 @@ def submit(
         final = _follow(url, job["job_id"], job["total"])
         if final["status"] != "succeeded":
             fail(f"job {job['job_id']} ended {final['status']}: {final.get('error') or ''}")
-
-
 
 
 def _annotator_spec(spec: str) -> dict:

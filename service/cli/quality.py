@@ -21,7 +21,6 @@ STORED = typer.Option(False, "--stored", help="Print the last computed answer (a
                                               "of computing it now (write scope).")
 
 
-
 ExportFormat = Literal["csv", "labelstudio"]  # the files `gold export` writes (GoldFormat's file formats)
 
 
@@ -154,7 +153,6 @@ def estimate(job_id: str,
         table.add_row(row.get("label") or row.get("name"), _interval(row["dsl"]), _interval(row["naive"]),
                       _interval(row["gold_only"]))
     console.print(table)
-
 
 
 def audit(job_id: str, kind: IssueKind = typer.Option("gold", help="gold (human labels) or llm (the job's labels)."),

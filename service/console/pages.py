@@ -111,7 +111,7 @@ def _shortcut_keys() -> list[str]:
 async def quality_page(request: Request, job_id: str) -> HTMLResponse:
     """The job's stored quality report as pictures: calibration, confusion, coverage, per-label F1, DSL shares.
 
-    It reads what the last computation kept (its POST, a calibration, a relabelling or a new sample renew it) and says when.
+    It reads what the last computation kept (its POST, a calibration or a relabelling renew it) and says when.
     """
     store = hosted(request).store
     job = await asyncio.to_thread(_job_summary, store, job_id)

@@ -85,8 +85,6 @@ def _check_dsl(probs, labels, gold_index, pi, sampled, folds) -> tuple[np.ndarra
     return probs, gold_index, pi, sampled
 
 
-
-
 def _cross_fit(features: np.ndarray, target: np.ndarray, sampled: np.ndarray, surrogate: np.ndarray,
                folds: int, seed: int) -> np.ndarray:
     """Out-of-fold P(target == column) from a logistic regression on the gold outside each fold.

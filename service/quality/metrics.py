@@ -21,8 +21,6 @@ ABSTAINED = "(abstained)"
 NO_REASON = "(no reason)"
 
 
-
-
 def quality_report(*, gold: list[str], predicted: list[str | None], probs: np.ndarray, labels: list[str],
                    weights: np.ndarray, abstain_reasons: list[str | None], bins: int = 10,
                    coverages: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),

@@ -21,7 +21,7 @@ Documents of the sample without a human label yet are left out, which assumes th
 missing at random; every answer says how many there are.
 
 Reads never compute: ``report`` and ``label_issues`` run on a write (their POST routes, and
-``refresh_report`` after a calibration, a relabelling or a new gold sample) and store their
+``refresh_report`` after a calibration or a relabelling) and store their
 answer; ``stored_report`` and ``stored_label_issues`` read it back with when it was computed.
 """
 
@@ -105,7 +105,7 @@ def report(store: Store, job_id: str) -> dict:
 def refresh_report(store: Store, job_id: str) -> None:
     """Recompute a job's stored report after what it depends on changed; none is kept while there is nothing to report.
 
-    The report is renewed on a calibration, a relabelling and a new gold sample (each an explicit write
+    The report is renewed on a calibration and a relabelling (each an explicit write
     whose effect the report shows), not on every gold label: labelling goes on at the pace of a
     keystroke, and the report says when it was computed and from how many gold labels.
     """
@@ -113,6 +113,12 @@ def refresh_report(store: Store, job_id: str) -> None:
         report(store, job_id)
     except (Conflict, InvalidInput):  # no gold labels, or a multi-label taxonomy: an older report would mislead
         store.quality.forget_result(job_id, REPORT)
+
+
+def forget_stale(store: Store, job_id: str) -> None:
+    """A new gold sample: its labels are yet to come, so the report and the gold ranking of the old one are dropped."""
+    store.quality.forget_result(job_id, REPORT)
+    forget_label_issues(store, job_id, ("gold",))
 
 
 def forget_label_issues(store: Store, job_id: str, kinds: tuple[str, ...]) -> None:

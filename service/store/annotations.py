@@ -15,7 +15,6 @@ from service.vocabulary import DocumentFilter, values
 DOCUMENT_FILTERS = values(DocumentFilter)
 
 
-
 class Annotations:
     """What each annotator said of each document: one repository of the store (``service.store.Store``)."""
 
@@ -76,7 +75,6 @@ class Annotations:
         return self._db.rows(
             "SELECT doc_id, error FROM annotations WHERE job_id = ? AND status = 'failed' ORDER BY doc_id", [job_id]
         )
-
 
     def member_rows(self, job_id: str) -> list[dict]:
         """Every annotator's row for every document of a job (its own output excluded), with the text hash."""

@@ -15,10 +15,9 @@ _LABELLED = ("FROM gold g JOIN documents d USING (job_id, doc_id) JOIN jobs j US
              " WHERE j.taxonomy = ? AND g.gold_label IS NOT NULL")  # the gold-labelled documents of a taxonomy
 
 
-
 @dataclass(frozen=True)
 class StoredResult:
-    """A quality result as it was computed (by a POST, a calibration, a relabelling or a new gold sample)."""
+    """A quality result as it was computed (by a POST, a calibration or a relabelling)."""
 
     result: dict
     computed_at: datetime

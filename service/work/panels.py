@@ -204,7 +204,6 @@ class Panels:
                 and self.store.taxonomies.tuned_prompt(labeller.taxonomy.name, labeller.taxonomy_version, labeller.model) is None)
 
 
-
 def _check_panel(panel: list[tuple[dict, Annotator]]) -> None:
     """Several annotators need distinct names and annotators, and a single-label taxonomy to vote on."""
     names = [row["name"] for row, _ in panel]
