@@ -67,7 +67,7 @@ async def cancel_job(request: Request, job_id: str) -> JobStatus:
 async def job_labels(request: Request, job_id: str, format: LabelsFormat = Query("jsonl")):
     """A job's labels in input order: streamed JSONL, or a Parquet file."""
     ctx = hosted(request)
-    await asyncio.to_thread(ctx.store.jobs.get, job_id)
+    await asyncio.to_thread(ctx.store.jobs.state, job_id)  # 404 before the stream starts
     if format == "parquet":
         path = download_path(ctx.settings.download_dir, ".parquet")
         await asyncio.to_thread(_write_parquet, ctx.store, job_id, path)
@@ -96,5 +96,5 @@ def _write_parquet(store: Store, job_id: str, path: Path) -> None:
 async def job_failures(request: Request, job_id: str) -> list[dict]:
     """Documents of a job that failed, with their errors."""
     store = hosted(request).store
-    await asyncio.to_thread(store.jobs.get, job_id)
+    await asyncio.to_thread(store.jobs.state, job_id)
     return await asyncio.to_thread(store.annotations.failures, job_id)

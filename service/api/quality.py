@@ -49,7 +49,7 @@ async def put_gold_labels(request: Request, job_id: str,
                           annotator: str | None = Query(None, description="Who labelled, when the body does not say.")):
     """Human labels for sampled documents: JSON, a CSV (Content-Type text/csv) or a Label Studio export."""
     ctx = hosted(request)
-    await asyncio.to_thread(ctx.store.jobs.get, job_id)  # 404 before reading the upload
+    await asyncio.to_thread(ctx.store.jobs.state, job_id)  # 404 before reading the upload
     body = await read_upload(request, "gold labels")
     rows = await asyncio.to_thread(gold.parse_upload, body, request.headers.get("content-type", ""), annotator)
     answer = await asyncio.to_thread(gold.put_labels, ctx.store, job_id, rows,

@@ -129,7 +129,7 @@ def forget_label_issues(store: Store, job_id: str, kinds: tuple[str, ...]) -> No
 
 def stored_report(store: Store, job_id: str) -> dict:
     """A job's last computed report, with when it was computed."""
-    store.jobs.get(job_id)  # 404 for an unknown job
+    store.jobs.state(job_id)  # 404 for an unknown job (without counting its documents)
     stored = store.quality.result(job_id, REPORT)
     if stored is None:
         raise Conflict(f"job {job_id} has no quality report yet: compute it once people have labelled gold "
@@ -318,7 +318,7 @@ def label_issues(store: Store, job_id: str, *, kind: str, limit: int = 50, max_d
 
 def stored_label_issues(store: Store, job_id: str, *, kind: str, limit: int = 50) -> dict:
     """A job's last label-issue ranking of a kind (its ``limit`` most suspicious rows), with when it was computed."""
-    store.jobs.get(job_id)  # 404 for an unknown job
+    store.jobs.state(job_id)  # 404 for an unknown job (without counting its documents)
     stored = store.quality.result(job_id, LABEL_ISSUES + kind)
     if stored is None:
         raise Conflict(f"job {job_id} has no ranking of {kind} label issues yet: compute one (POST "

@@ -63,7 +63,7 @@ class Annotations:
 
     def label_reader(self, job_id: str, batch_size: int = 10_000) -> pa.RecordBatchReader:
         """A job's labels as a stream of Arrow batches in input order (bounded memory for exports)."""
-        self._jobs.get(job_id)
+        self._jobs.state(job_id)  # NotFound for an unknown job
         return self._db.cursor().sql(
             "SELECT doc_id, label, labels, confidence, candidates, conformal_candidates, abstained, abstain_reason,"
             " distribution, truncated, chars_seen, cached FROM labels WHERE job_id = ? ORDER BY position",
