@@ -18,6 +18,7 @@ read against; and tuning with 25, 50 or 100 human labels (the candidate most acc
 that many sample documents, scored on the rest of the sample). Accuracy with 95% Wilson intervals.
 
     .venv/bin/python benchmarks/zero_shot.py [--n 300] [--train 100] [--seed 0] [--datasets sms,rt,trec,speeches]
+        [--embedding-model-dir DIR]
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def measure(name: str, engine, embedder, args) -> list[list]:
         tuned[prompt] = results[prompt] = probs
         tuned[f"{prompt} + contextual calibration"] = scaled / scaled.sum(axis=1, keepdims=True)
     results.update(tuned)
-    embedding = EmbeddingLabeller(taxonomy, taxonomy.version, chars)
+    embedding = EmbeddingLabeller(taxonomy, taxonomy.version, chars, encoder=embedder.identity)
     scores = asyncio.run(embedding_scorer(embedding, embedder.embed_documents)([embedding.requests(t)[0][0]
                                                                                 for t in texts]))
     results["embedding annotator"] = np.array([softmax(s) for s in scores])
@@ -135,7 +136,7 @@ def measure(name: str, engine, embedder, args) -> list[list]:
     labels["panel classify + embedding, calibrated_mean"] = [
         a.label for a in panel(names, members, taxonomy, "calibrated_mean", {"classify"})]
     tuned_members = {"tuned": tuned[by_agreement], "embedding": results["embedding annotator"]}
-    default = panel(names, tuned_members, taxonomy, "calibrated_mean", {"tuned"})
+    default = panel(names, tuned_members, taxonomy, "calibrated_mean", set())  # the tuning chose its calibration
     labels["default panel after tuning (tuned + embedding, calibrated_mean)"] = [a.label for a in default]
     features = embedder.embed_documents(texts)
     untuned = panel(names, members, taxonomy, "calibrated_mean", {"classify"})
@@ -257,6 +258,9 @@ def main() -> None:
     parser.add_argument("--demonstrations", type=int, default=0, metavar="N",
                         help="also label the first N sample documents with per-document demonstrations (slow: "
                              "each document's prompt is its own)")
+    parser.add_argument("--embedding-model-dir", type=Path, default=None,
+                        help="a sentence-transformers checkpoint to read documents with (ANNOTATE_EMBEDDING_MODEL_DIR; "
+                             "default: the packaged MiniLM)")
     parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated, from " + ", ".join(DATASETS))
     args = parser.parse_args()
     from service.engines.embedded import EmbeddedEngine
@@ -265,7 +269,7 @@ def main() -> None:
 
     settings = Settings()
     engine = EmbeddedEngine(settings.models_dir, threads=settings.engine_threads, dtype=settings.engine_dtype)
-    embedder = Embedder()
+    embedder = Embedder(args.embedding_model_dir)
     table = []
     for name in [part.strip() for part in args.datasets.split(",") if part.strip()]:
         if not (DATA / DATASETS[name][1]).exists():
@@ -273,7 +277,7 @@ def main() -> None:
             continue
         table += measure(name, engine, embedder, args)
     print_facts("Zero-shot label quality, in-process", [
-        *machine_facts(), f"engine: {engine.info.model}, {engine.numeric.dtype}; embedding annotator: all-MiniLM-L6-v2",
+        *machine_facts(), f"engine: {engine.info.model}, {engine.numeric.dtype}; embedding annotator: {embedder.identity}",
         f"samples: seed {args.seed}, up to {args.n} documents per dataset; baseline trained on {args.train} others",
         load_now()])
     print_table(["dataset", "method (no human label unless stated)", "accuracy [95% CI]"], table,

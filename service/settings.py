@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     engine_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Numeric type of the embedded engine: 'auto' measures float32 and bfloat16 matrix "
                             "products once per machine (cached in the models dir) and keeps the faster.")
+    embedding_model_dir: Path | None = Field(
+        None, description="A sentence-transformers checkpoint directory (mean or CLS pooling) that the embedding "
+                          "annotator, the refinement, demonstrations, shortlists, audits and induction read documents "
+                          "with; unset: the packaged all-MiniLM-L6-v2. Students always use MiniLM.")
     default_annotators: Literal["llm+embedding", "llm"] = Field(
         "llm+embedding", description="Annotators of a stream job that names none: the LLM and the embedding annotator, "
                                      "aggregated by 'refined' unless the job sets 'aggregation' (multi-label "
@@ -104,6 +108,15 @@ class Settings(BaseSettings):
             raise ValueError(f"ANNOTATE_ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN_CHARS} characters with at least 8 "
                              "different ones; make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'")
         return token
+
+    @field_validator("embedding_model_dir")
+    @classmethod
+    def _a_checkpoint(cls, path: Path | None) -> Path | None:
+        """A missing or foreign directory is refused at start, not at the first job that embeds."""
+        if path is not None and not (path / "config.json").is_file():
+            raise ValueError(f"ANNOTATE_EMBEDDING_MODEL_DIR={path} is not a sentence-transformers checkpoint directory "
+                             "(no config.json there)")
+        return path
 
     @property
     def db_path(self) -> Path:

@@ -114,6 +114,7 @@ def test_a_default_job_on_an_untuned_taxonomy_tunes_its_prompt_first(in_process)
     assert len(tuning) == 1 and tuning[0]["criterion"] == "embedding_agreement"
     spec = store.jobs.get(job["job_id"]).annotator_spec
     assert "auto_tune" not in spec and spec["members"][0]["prompt"] == tuning[0]["prompt"]
+    assert spec["members"][0]["tuning"]["calibration"] == tuning[0]["calibration"]  # not batch-calibrated again
     assert job["annotators"][0]["name"] == f"fake/{tuning[0]['prompt']}"
     again = _finished(client, client.post("/v1/jobs", json={"taxonomy": "sms-spam", "documents": documents}).json()["job_id"])
     assert store.taxonomies.tunings("sms-spam", version) == tuning and again["status"] == "succeeded"

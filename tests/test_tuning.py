@@ -49,20 +49,21 @@ def test_contextual_calibration_divides_by_the_content_free_probabilities():
     """A prompt that says 'ham' to content-free text at 0.8 has its pull removed: 0.7 ham becomes spam; the labeller
     applying the same prior in log space gives the same distribution."""
     from service.engines.base import EngineInfo
-    from service.labelling.labeller import Annotation, Labeller
+    from service.labelling.labeller import Annotation, Labeller, TunedPrompt
     from service.labelling.prompts import load_template
     from service.labelling.tuning import calibrated
     from service.taxonomy import load_taxonomy
 
     taxonomy = load_taxonomy(REPO / "taxonomy" / "sms-spam.yaml")
     prior = (math.log(0.8), math.log(0.2))
-    labeller = Labeller(taxonomy, "v", load_template("classify"), EngineInfo("e", "m"), 2000, prior=prior)
+    labeller = Labeller(taxonomy, "v", load_template("classify"), EngineInfo("e", "m"), 2000,
+                        tuning=TunedPrompt("classify", "contextual", prior))
     seen = Annotation({"ham": 0.7, "spam": 0.3}, "ham", ["ham"], 0.7, ["ham"], False, None, chars_seen=10)
     [after] = calibrated([seen], labeller)
     assert after.label == "spam" and after.distribution["spam"] == pytest.approx(0.3 / 0.2 / (0.7 / 0.8 + 0.3 / 0.2))
     decided = labeller.decide([math.log(0.7) - 5.0, math.log(0.3) - 5.0])  # raw scores: any common offset
     assert decided.distribution == pytest.approx(after.distribution)
-    assert "contextual_prior" in labeller.spec and labeller.key != Labeller(
+    assert labeller.spec["tuning"]["calibration"] == "contextual" and labeller.key != Labeller(
         taxonomy, "v", load_template("classify"), EngineInfo("e", "m"), 2000).key
 
 
@@ -110,8 +111,8 @@ def test_tuning_without_labels_chooses_by_agreement_and_jobs_use_the_choice(serv
         [row] = sql(client, f"SELECT annotator_spec FROM jobs WHERE job_id = '{job['job_id']}'")
         spec = json.loads(row["annotator_spec"])
         assert spec["prompt"] == tuning["prompt"]
-        assert spec.get("contextual_prior") == (None if stored[0]["prior"] is None else
-                                                 [round(p, 6) for p in stored[0]["prior"]])
+        assert spec["tuning"] == {"calibration": tuning["calibration"], "prior": (
+            None if stored[0]["prior"] is None else [round(p, 6) for p in stored[0]["prior"]])}
         named = wait_for_job(client, client.post("/v1/jobs", json={
             "taxonomy": "sms-tuned", "documents": documents[:3],
             "annotators": [{"prompt": tuning["prompt"]}]}).json()["job_id"])

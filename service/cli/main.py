@@ -102,7 +102,8 @@ def taxonomy_induce(
                                report_size=report_size, seed=seed, method=method, allow_none=allow_none)
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(), console=errors) as bar:
         task = bar.add_task("embedding", total=1.0)
-        inducer = Inducer(Embedder(threads=settings.engine_threads).embed, engine.generate_json, engine_scorer(engine),
+        embedder = Embedder(settings.embedding_model_dir, threads=settings.engine_threads)
+        inducer = Inducer(embedder.embed, engine.generate_json, engine_scorer(engine),
                           engine.info, model_input_chars=settings.model_input_chars,
                           progress=lambda stage, fraction: bar.update(task, completed=fraction, description=stage))
         result = asyncio.run(inducer.run(texts, options, source=str(file), base=base_taxonomy, corpus_size=corpus_size))

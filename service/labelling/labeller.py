@@ -93,7 +93,7 @@ class Labeller:
     max_windows: int = MAX_WINDOWS
     shortlister: Shortlister | TopDown | None = None  # scores each document's shortlist only (large taxonomies)
     whole_prompt: bool = False  # shortlisted: the system prompt still describes every leaf (see shortlist_prompting)
-    prior: tuple[float, ...] | None = None  # contextual calibration: each option's log-probability on content-free text
+    tuning: TunedPrompt | None = None  # the prompt tuning chose (its calibration applied); None: the prompt was named
     demonstrator: Demonstrator | None = None  # chooses each document's demonstrations (taxonomy 'demonstrations')
     system: str = field(init=False)
     options: tuple[str, ...] = field(init=False)
@@ -165,7 +165,9 @@ class Labeller:
             "model_input_chars": self.model_input_chars,
             **reading_spec(self.reading, self.max_windows),
             **shortlist,
-            **({} if self.prior is None else {"contextual_prior": [round(p, 6) for p in self.prior]}),
+            **({} if self.tuning is None else {"tuning": {
+                "calibration": self.tuning.calibration,
+                "prior": None if self.tuning.prior is None else [round(p, 6) for p in self.tuning.prior]}}),
             **({} if self.demonstrator is None else {"demonstrations": self.demonstrator.spec}),
         }
 
@@ -227,9 +229,9 @@ class Labeller:
         return replace(annotation, shortlist=list(shortlist))
 
     def _decide_single(self, scores: list[float]) -> Annotation:
-        """Softmax over options (each divided by its content-free probability, with a prior), then the rules."""
-        if self.prior is not None:
-            scores = [score - prior for score, prior in zip(scores, self.prior)]
+        """Softmax over options (each divided by its content-free probability, when tuning calibrated it), then the rules."""
+        if self.tuning is not None and self.tuning.prior is not None:
+            scores = [score - prior for score, prior in zip(scores, self.tuning.prior)]
         return decide_single(dict(zip(self.options, softmax(scores))), self.taxonomy)
 
     def _decide_multi(self, scores: list[float]) -> Annotation:

@@ -24,8 +24,10 @@ nothing, so a prompt's pull toward one label cancels), and keeps one of those ca
 Ties keep the earlier candidate (``classify`` uncalibrated, the default, first). The choice
 (prompt, calibration and its content-free log-probabilities) and its evidence are stored
 per taxonomy version and model; a job on them that names no prompt runs it, and its
-annotator spec records the prompt and the prior (both in the annotator key, so cached
-annotations stay correct). A job that names a prompt runs it uncalibrated. Single-label
+annotator spec records the prompt, the calibration and the prior (all in the annotator key,
+so cached annotations stay correct), and its panel's ``calibrated_mean`` does not calibrate
+it again (the tuning chose its calibration; calibrating twice measured worse, docs/labelling.md).
+A job that names a prompt runs it uncalibrated. Single-label
 taxonomies only: the embedding annotator, the label-free yardstick, labels only those.
 ``JobRunner`` runs ``tune`` itself, without labels, on up to 100 of a default-panel job's
 documents when the job's taxonomy version has no tuning for its model (``Settings.auto_tune``).
@@ -42,6 +44,7 @@ from dataclasses import asdict, dataclass, replace
 from functools import partial
 
 from service.engines.base import EMBEDDED_ENGINE
+from service.engines.embeddings import shared_embedder
 from service.errors import InvalidInput
 from service.labelling.annotators import EmbeddingLabeller
 from service.labelling.labeller import TunedPrompt
@@ -92,7 +95,7 @@ def mutual_information(distributions: list[dict[str, float]]) -> float:
 
 
 def calibrated(annotations: list, labeller) -> list:
-    """The annotations as ``labeller`` (the same prompt with a contextual prior) decides them, without scoring again.
+    """The annotations as ``labeller`` (the same prompt with a tuning's prior) decides them, without scoring again.
 
     A distribution's logarithms are its scores up to a constant, which the softmax ignores.
     """
@@ -163,7 +166,8 @@ async def tune(panels, taxonomy_name: str, version: str | None, model: str | Non
             raise InvalidInput(f"documents[{i}].label {label!r} is not a label of taxonomy {taxonomy.name!r}; "
                                f"its labels: {', '.join(sorted(known))}")
     chosen_model = panels.model(model or taxonomy.model)
-    reference_labeller = EmbeddingLabeller(taxonomy, found, panels.model_input_chars)
+    reference_labeller = EmbeddingLabeller(taxonomy, found, panels.model_input_chars,
+                                           encoder=await asyncio.to_thread(lambda: shared_embedder().identity))
     reference = await annotate_texts(reference_labeller, texts, panels.scorer(reference_labeller))
     results, labels, choices = [], [], []
     for prompt in candidates(chosen_model.info.engine, prompts):
@@ -175,10 +179,11 @@ async def tune(panels, taxonomy_name: str, version: str | None, model: str | Non
         prior = tuple(math.log(max(sum(a.distribution.get(o, 0.0) for a in neutral) / len(neutral), 1e-12))
                       for o in labeller.options)
         for calibration in calibrations or CALIBRATIONS:
-            seen = annotations if calibration == "none" else calibrated(annotations, replace(labeller, prior=prior))
+            choice = TunedPrompt(prompt, calibration, None if calibration == "none" else prior)
+            seen = annotations if calibration == "none" else calibrated(annotations, replace(labeller, tuning=choice))
             results.append(measure(prompt, calibration, seen, reference, gold, seconds))
             labels.append([a.label for a in seen])
-            choices.append(TunedPrompt(prompt, calibration, None if calibration == "none" else prior))
+            choices.append(choice)
     best, criterion, cross_fitted = choose(results, labels, gold)
     choice = choices[best]
     labelled = [g for g in gold if g is not None]

@@ -152,7 +152,7 @@ def label_shard(shard: dict, job: dict) -> dict:
     filesystem, path, kind = open_source(job["source"], settings)
     labeller = Labeller(job["taxonomy"], job["taxonomy_version"], load_template(job["template"]), job["engine"],
                         settings.model_input_chars, model=job["model"], long_documents=job["long_documents"],
-                        prior=None if job["prior"] is None else tuple(job["prior"]))
+                        tuning=job["tuning"])
     handle = serve.get_deployment_handle(job["deployment"], app_name=job["app_name"])
     started = time.perf_counter()
     documents, problems = [], {}
@@ -252,7 +252,7 @@ class BatchRunner:
                 "text_field": batch["text_field"], "id_field": batch["id_field"],
                 "taxonomy": labeller.taxonomy, "taxonomy_version": labeller.taxonomy_version,
                 "template": labeller.template.name, "engine": labeller.engine, "model": labeller.model,
-                "long_documents": labeller.long_documents, "prior": labeller.prior,
+                "long_documents": labeller.long_documents, "tuning": labeller.tuning,
                 "deployment": self.deployments[labeller.model], "app_name": self.app_name, "out_dir": str(out_dir)}
         for result in self._dataset(pending, task).iter_rows():
             if self._stopping.is_set():

@@ -179,8 +179,9 @@ class JobRunner:
         version = job.taxonomy_version
         rows = self.store.annotations.member_rows(job_id)
         weights = {a.annotator: a.weight for a in job.annotators}
-        llms = frozenset(a.annotator for a in job.annotators if a.kind == "llm")
-        decided = aggregate(rows, taxonomy, tuple(taxonomy.label_names()), weights=weights, calibrated=llms,
+        tuned = {m["annotator"] for m in job.annotator_spec["members"] if "tuning" in m}  # tuning chose its calibration
+        untuned_llms = frozenset(a.annotator for a in job.annotators if a.kind == "llm" and a.annotator not in tuned)
+        decided = aggregate(rows, taxonomy, tuple(taxonomy.label_names()), weights=weights, calibrated=untuned_llms,
                             method="calibrated_mean" if method == REFINED else method)
         refinement = None
         if method == REFINED:  # reads every text and embeds it: the slow part of aggregating a large job

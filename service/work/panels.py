@@ -104,7 +104,7 @@ class Panels:
                                    f"sets 'demonstrations': name {FEWSHOT!r} (or no prompt)")
             demonstrator = self._demonstrator(taxonomy, taxonomy.demonstrations, before)
         return Labeller(taxonomy, version, template, chosen.info, self.model_input_chars, model=chosen.name,
-                        long_documents=long_documents, whole_prompt=whole_prompt, prior=tuned.prior if tuned else None,
+                        long_documents=long_documents, whole_prompt=whole_prompt, tuning=tuned,
                         shortlister=None if plan is None else self._shortlister(taxonomy, version, plan),
                         demonstrator=demonstrator)
 
@@ -153,7 +153,8 @@ class Panels:
                 stored = self.store.taxonomies.get(taxonomy_name, version)
                 if stored.taxonomy.multi_label:
                     raise InvalidInput(f"{where}: the embedding annotator labels single-label taxonomies only")
-                labeller = EmbeddingLabeller(stored.taxonomy, stored.version, self.model_input_chars)
+                labeller = EmbeddingLabeller(stored.taxonomy, stored.version, self.model_input_chars,
+                                             encoder=shared_embedder().identity)
                 name = entry.get("name") or EMBEDDING
             else:
                 labeller = self.labeller(taxonomy_name, version, entry.get("model") or model, entry.get("prompt"),

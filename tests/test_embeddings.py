@@ -1,0 +1,65 @@
+"""A configured encoder (ANNOTATE_EMBEDDING_MODEL_DIR) reads documents in place of MiniLM, and says so in keys.
+
+Real checkpoints only: the packaged MiniLM, and a copy of it whose pooling config says CLS
+(a different encoder as far as the service can tell: other vectors, another identity).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import wait_for_job
+from pydantic import ValidationError
+
+from service.engines.embeddings import MODEL_ID, Embedder, model_dir, shared_embedder
+from service.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def cls_checkpoint(tmp_path_factory):
+    """MiniLM's files (weights linked, not copied) with CLS pooling and a shorter token limit."""
+    path = tmp_path_factory.mktemp("encoders") / "minilm-cls"
+    shutil.copytree(model_dir(), path, ignore=shutil.ignore_patterns("model.safetensors"))
+    (path / "model.safetensors").symlink_to(model_dir() / "model.safetensors")
+    pooling = json.loads((path / "1_Pooling" / "config.json").read_text())
+    pooling.update(pooling_mode_mean_tokens=False, pooling_mode_cls_token=True)
+    (path / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 128, "do_lower_case": False}))
+    return path
+
+
+def test_a_configured_checkpoint_pools_as_its_files_say(cls_checkpoint):
+    """The CLS copy embeds with its own pooling and token limit, under its own identity; MiniLM keeps its own."""
+    texts = ["where is the nearest train station?", "WINNER!! claim your prize now"]
+    default, configured = Embedder(), Embedder(cls_checkpoint)
+    assert (default.identity, default.pooling, default.max_tokens) == (MODEL_ID, "mean", 256)
+    assert configured.identity.startswith("minilm-cls@") and (configured.pooling, configured.max_tokens) == ("cls", 128)
+    mean, cls = default.embed(texts), configured.embed(texts)
+    assert np.allclose(np.linalg.norm(cls, axis=1), 1.0, atol=1e-5)
+    assert not np.allclose(mean, cls, atol=1e-3)
+
+
+def test_a_directory_that_is_no_checkpoint_is_refused_naming_the_setting(tmp_path):
+    """Refused when the settings are read (service start), not at the first job that embeds."""
+    with pytest.raises(ValidationError, match="ANNOTATE_EMBEDDING_MODEL_DIR"):
+        Settings(embedding_model_dir=tmp_path)
+
+
+def test_the_default_panel_reads_with_the_configured_encoder(in_process, cls_checkpoint, monkeypatch):
+    """A job's embedding annotator is keyed by the configured encoder, and its refinement and students keep theirs:
+    the process's MiniLM is still the one students get."""
+    monkeypatch.setenv("ANNOTATE_EMBEDDING_MODEL_DIR", str(cls_checkpoint))
+    client = in_process.client
+    documents = [{"id": f"d{i}", "text": text} for i, text in enumerate(
+        ["see you at dinner tonight", "FREE ringtones, txt TONES to 81234", "running late, save me a seat",
+         "URGENT! you have won a 1000 GBP prize, call 09061701461"] * 3)]
+    answer = client.post("/v1/jobs", json={"taxonomy": "sms-spam", "documents": documents})
+    assert answer.status_code == 202, answer.text
+    job = wait_for_job(client, answer.json()["job_id"], timeout_s=120)
+    assert job["status"] == "succeeded" and job["refinement"]["trained_on"] == "panel labels"
+    spec = in_process.store.jobs.get(job["job_id"]).annotator_spec
+    assert spec["members"][1]["model"] == shared_embedder().identity == Embedder(cls_checkpoint).identity
+    assert shared_embedder(model_dir()).identity == MODEL_ID
