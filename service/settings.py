@@ -52,8 +52,8 @@ class Settings(BaseSettings):
                             "products once per machine (cached in the models dir) and keeps the faster.")
     embedding_model_dir: Path | None = Field(
         None, description="A sentence-transformers checkpoint directory (mean or CLS pooling) that the embedding "
-                          "annotator, the refinement, demonstrations, shortlists, audits and induction read documents "
-                          "with; unset: the packaged all-MiniLM-L6-v2. Students always use MiniLM.")
+                          "annotator, the refinement, demonstrations, shortlists and induction read documents with; "
+                          "unset: the packaged all-MiniLM-L6-v2. Students and label-issue audits keep MiniLM.")
     default_annotators: Literal["llm+embedding", "llm"] = Field(
         "llm+embedding", description="Annotators of a stream job that names none: the LLM and the embedding annotator, "
                                      "aggregated by 'refined' unless the job sets 'aggregation' (multi-label "

@@ -284,11 +284,12 @@ def labelled_taxonomy(service) -> str:
 
 @dataclass
 class InProcessApp:
-    """The real FastAPI app in this process: its client, settings and store."""
+    """The real FastAPI app in this process: its client, settings, store and job runner."""
 
     client: object  # starlette's TestClient
     settings: object
     store: object
+    runner: object
 
 
 @pytest.fixture
@@ -324,7 +325,7 @@ def in_process(tmp_path) -> InProcessApp:
         jobs = client.portal.call(runner)
         attach(Context(settings, store, jobs, {}, None, ClassifierRunner(store, settings), None, tokens))
         try:
-            yield InProcessApp(client, settings, store)
+            yield InProcessApp(client, settings, store, jobs)
         finally:
             client.portal.call(jobs.close)
             attach(None)

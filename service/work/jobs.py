@@ -14,8 +14,9 @@ import asyncio
 import json
 import logging
 import time
+from pathlib import Path
 
-from service.engines.embeddings import DOCUMENT_CHARS, shared_embedder
+from service.engines.embeddings import DOCUMENT_CHARS
 from service.errors import Conflict
 from service.labelling.aggregation import REFINED, aggregate
 from service.labelling.refinement import refined_annotations
@@ -42,10 +43,10 @@ class JobRunner:
 
     def __init__(self, store: Store, models: dict[str, Model], default_model: str, *, batch_size: int,
                  model_input_chars: int, workers: int = 1, batch_runner=None, students=None,
-                 max_scored_labels: int = 100):
+                 max_scored_labels: int = 100, embedding_model_dir: Path | None = None):
         self.store = store
         self.panels = Panels(store, models, default_model, model_input_chars=model_input_chars, students=students,
-                             max_scored_labels=max_scored_labels)
+                             max_scored_labels=max_scored_labels, embedding_model_dir=embedding_model_dir)
         self.batch_size = batch_size
         self.batch_runner = batch_runner
         self._queue: asyncio.Queue[str] = asyncio.Queue()
@@ -186,7 +187,8 @@ class JobRunner:
         refinement = None
         if method == REFINED:  # reads every text and embeds it: the slow part of aggregating a large job
             documents = self.store.quality.documents_with_gold(job_id, DOCUMENT_CHARS)  # what embed_documents reads
-            decided, refinement = refined_annotations(decided, documents, taxonomy, shared_embedder().embed_documents)
+            decided, refinement = refined_annotations(decided, documents, taxonomy,
+                                                          self.panels.embedder().embed_documents)
         hashes = {r["doc_id"]: r["text_hash"] for r in rows}
         keys = dict(job_id=job_id, annotator=job.annotator, model=None, engine="aggregate", prompt_hash=None,
                     taxonomy_version=version, decoding=json.dumps({"method": method, "members": sorted(weights)}))

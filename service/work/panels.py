@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 from service.engines.base import EMBEDDED_ENGINE, EngineInfo
-from service.engines.embeddings import shared_embedder
+from service.engines.embeddings import Embedder, shared_embedder
 from service.errors import InvalidInput
 from service.labelling.aggregation import DEFAULT_METHOD
 from service.labelling.annotators import EMBEDDING, ClassifierLabeller, EmbeddingLabeller, Student
@@ -45,13 +46,14 @@ class Panels:
     """Builds annotators and panels from the store's taxonomies, tunings, students and gold labels."""
 
     def __init__(self, store: Store, models: dict[str, Model], default_model: str, *, model_input_chars: int,
-                 students=None, max_scored_labels: int = 100):
+                 students=None, max_scored_labels: int = 100, embedding_model_dir: Path | None = None):
         self.store = store
         self.models = models
         self.default_model = default_model
         self.model_input_chars = model_input_chars
         self.students = students  # the StudentServer deployment handle, for cascades
         self.max_scored_labels = max_scored_labels
+        self.embedding_model_dir = embedding_model_dir  # None: MiniLM (ANNOTATE_EMBEDDING_MODEL_DIR)
         self._shortlisters: dict[tuple, Shortlister] = {}
         self._demonstrators: dict[tuple, Demonstrator] = {}
 
@@ -117,7 +119,7 @@ class Panels:
         if key not in self._demonstrators:
             if len(self._demonstrators) >= SHORTLISTERS_KEPT:
                 self._demonstrators.pop(next(iter(self._demonstrators)))
-            self._demonstrators[key] = Demonstrator(pool, plan, shared_embedder().embed_documents)
+            self._demonstrators[key] = Demonstrator(pool, plan, self.embedder().embed_documents)
         return self._demonstrators[key]
 
     def _shortlister(self, taxonomy: Taxonomy, version: str, plan: Shortlist) -> Shortlister | TopDown:
@@ -129,7 +131,7 @@ class Panels:
             labelled = self.store.quality.labelled_texts(taxonomy.name)  # read (and embedded) only when the key is new
             if len(self._shortlisters) >= SHORTLISTERS_KEPT:
                 self._shortlisters.pop(next(iter(self._shortlisters)))
-            self._shortlisters[key] = Shortlister(taxonomy, shared_embedder().embed, k=plan.k, recall=plan.recall,
+            self._shortlisters[key] = Shortlister(taxonomy, self.embedder().embed, k=plan.k, recall=plan.recall,
                                                   max_k=plan.max_k, labelled=labelled)
         return self._shortlisters[key]
 
@@ -154,7 +156,7 @@ class Panels:
                 if stored.taxonomy.multi_label:
                     raise InvalidInput(f"{where}: the embedding annotator labels single-label taxonomies only")
                 labeller = EmbeddingLabeller(stored.taxonomy, stored.version, self.model_input_chars,
-                                             encoder=shared_embedder().identity)
+                                             encoder=self.embedder().identity)
                 name = entry.get("name") or EMBEDDING
             else:
                 labeller = self.labeller(taxonomy_name, version, entry.get("model") or model, entry.get("prompt"),
@@ -187,8 +189,12 @@ class Panels:
                 raise RuntimeError("this runner has no StudentServer; cascades run inside the service")
             return student_scorer(labeller, self.students)
         if isinstance(labeller, EmbeddingLabeller):
-            return embedding_scorer(labeller, lambda texts: shared_embedder().embed_documents(texts))
+            return embedding_scorer(labeller, lambda texts: self.embedder().embed_documents(texts))
         return self.models[labeller.model].scorer
+
+    def embedder(self) -> Embedder:
+        """The encoder that reads the jobs' documents (embedding annotator, refinement, demonstrations, shortlists)."""
+        return shared_embedder(self.embedding_model_dir)
 
     def model(self, name: str | None) -> Model:
         """The named model (the default for None); an unknown name is refused with the names there are."""
