@@ -14,6 +14,8 @@ import json
 import pytest
 from conftest import FIXTURES, REPO, wait_for_job
 
+from service.work.jobs import batch_calibrated
+
 DOCS = [{"id": f"m{i}", "text": text} for i, text in enumerate([
     "WINNER!! You have won a 1000 GBP prize, call 09061701461 now to claim", "see you at dinner tonight mum",
     "FREE ringtones every week, txt TONES to 81234", "running late, save me a seat pls"])]
@@ -107,6 +109,8 @@ def test_a_default_job_on_an_untuned_taxonomy_tunes_its_prompt_first(in_process)
     job = _finished(client, client.post("/v1/jobs", json={"taxonomy": "sms-spam", "documents": documents}).json()["job_id"])
     version = job["taxonomy_version"]
     assert store.taxonomies.tuned_prompt("sms-spam", version, "fake") is None
+    untuned = store.jobs.get(job["job_id"])
+    assert batch_calibrated(untuned) == {untuned.annotators[0].annotator}  # its LLM is batch-calibrated
     in_process.settings.auto_tune = True
     job = _finished(client, client.post("/v1/jobs", json={"taxonomy": "sms-spam", "documents": documents}).json()["job_id"])
     assert job["status"] == "succeeded" and all(a["done"] == len(documents) for a in job["annotators"])
@@ -114,7 +118,8 @@ def test_a_default_job_on_an_untuned_taxonomy_tunes_its_prompt_first(in_process)
     assert len(tuning) == 1 and tuning[0]["criterion"] == "embedding_agreement"
     spec = store.jobs.get(job["job_id"]).annotator_spec
     assert "auto_tune" not in spec and spec["members"][0]["prompt"] == tuning[0]["prompt"]
-    assert spec["members"][0]["tuning"]["calibration"] == tuning[0]["calibration"]  # not batch-calibrated again
+    assert spec["members"][0]["tuning"]["calibration"] == tuning[0]["calibration"]
+    assert batch_calibrated(store.jobs.get(job["job_id"])) == frozenset()  # the tuning chose its calibration
     assert job["annotators"][0]["name"] == f"fake/{tuning[0]['prompt']}"
     again = _finished(client, client.post("/v1/jobs", json={"taxonomy": "sms-spam", "documents": documents}).json()["job_id"])
     assert store.taxonomies.tunings("sms-spam", version) == tuning and again["status"] == "succeeded"

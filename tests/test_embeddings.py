@@ -42,6 +42,23 @@ def test_a_configured_checkpoint_pools_as_its_files_say(cls_checkpoint):
     assert not np.allclose(mean, cls, atol=1e-3)
 
 
+def test_the_identity_follows_the_checkpoint_not_its_folder_name(cls_checkpoint, tmp_path):
+    """The same folder name with MiniLM's own pooling is another encoder; the shortlist and demonstration parts of
+    LLM annotator keys carry a configured encoder's identity, and MiniLM's keys stay as they were."""
+    from service.engines.embeddings import identity
+    from service.labelling.demonstrations import Demonstrator
+    from service.taxonomy import Demonstrations
+
+    same_name = tmp_path / cls_checkpoint.name
+    shutil.copytree(model_dir(), same_name, ignore=shutil.ignore_patterns("model.safetensors"))
+    (same_name / "model.safetensors").symlink_to(model_dir() / "model.safetensors")
+    assert identity(same_name) != identity(cls_checkpoint)
+    plan = Demonstrations(select="similar")
+    configured = Demonstrator([], plan, lambda texts: np.zeros((len(texts), 4)), encoder=identity(cls_checkpoint))
+    default = Demonstrator([], plan, lambda texts: np.zeros((len(texts), 4)))
+    assert configured.spec["encoder"] == identity(cls_checkpoint) and "encoder" not in default.spec
+
+
 def test_a_directory_that_is_no_checkpoint_is_refused_naming_the_setting(tmp_path):
     """Refused when the settings are read (service start), not at the first job that embeds."""
     with pytest.raises(ValidationError, match="ANNOTATE_EMBEDDING_MODEL_DIR"):

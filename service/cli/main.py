@@ -96,15 +96,15 @@ def taxonomy_induce(
                                           sample_size, seed)
         models = load_models(settings)
         engine = create_engine(models.models[models.resolve(model)], settings)
+        embedder = Embedder(settings.embedding_model_dir, threads=settings.engine_threads)
     except AnnotateError as exc:
         fail(str(exc))
     options = InductionOptions(name=name or out.stem, max_labels=max_labels,
                                report_size=report_size, seed=seed, method=method, allow_none=allow_none)
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(), console=errors) as bar:
         task = bar.add_task("embedding", total=1.0)
-        embedder = Embedder(settings.embedding_model_dir, threads=settings.engine_threads)
         inducer = Inducer(embedder.embed, engine.generate_json, engine_scorer(engine),
-                          engine.info, model_input_chars=settings.model_input_chars,
+                          engine.info, model_input_chars=settings.model_input_chars, encoder=embedder.identity,
                           progress=lambda stage, fraction: bar.update(task, completed=fraction, description=stage))
         result = asyncio.run(inducer.run(texts, options, source=str(file), base=base_taxonomy, corpus_size=corpus_size))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ reads a job's documents: the embedding annotator, the refinement, demonstrations
 and induction (``Panels.embedder``). Students keep MiniLM (a trained student must meet the
 vectors it learnt), and so do label-issue audits (``shared_embedder()``).
 Measured with all-mpnet-base-v2 (docs/labelling.md): much better on short reviews, worse on
-long speeches, about 8 times slower on a CPU; so MiniLM stays the default.
+long speeches, 6.5–8 times slower on a CPU; so MiniLM stays the default.
 """
 
 from __future__ import annotations
@@ -44,19 +44,42 @@ def model_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
+CONFIG_FILES = ("config.json", "modules.json", "1_Pooling/config.json", "sentence_bert_config.json")
+SUPPORTED_MODULES = ("Transformer", "Pooling", "Normalize")  # a Dense head or other layers would be skipped silently
+
+
 def checkpoint_config(path: Path) -> tuple[int, str]:
     """A sentence-transformers checkpoint's token limit and pooling ("mean" or "cls"), from its own files."""
-    def read(name: str) -> dict:
+    def read(name: str) -> dict | list:
         try:
             return json.loads((path / name).read_text())
         except (OSError, ValueError):
             return {}
 
+    modules = read("modules.json")
+    for module in modules if isinstance(modules, list) else []:
+        if str(module.get("type", "")).rsplit(".", 1)[-1] not in SUPPORTED_MODULES:
+            raise EngineUnavailable(f"embedding model {path}: module {module.get('type')!r} in modules.json is not "
+                                    f"supported (only {', '.join(SUPPORTED_MODULES)})")
     pooling = read("1_Pooling/config.json")
+    pooling = pooling if isinstance(pooling, dict) else {}
+    settings = read("sentence_bert_config.json")
+    settings = settings if isinstance(settings, dict) else {}
     if pooling and not (pooling.get("pooling_mode_mean_tokens") or pooling.get("pooling_mode_cls_token")):
         raise EngineUnavailable(f"embedding model {path}: only mean or CLS pooling is supported (1_Pooling/config.json)")
     kind = "cls" if pooling.get("pooling_mode_cls_token") else "mean"
-    return int(read("sentence_bert_config.json").get("max_seq_length", MAX_TOKENS)), kind
+    return int(settings.get("max_seq_length", MAX_TOKENS)), kind
+
+
+def identity(path: Path) -> str:
+    """A configured checkpoint's name in annotator keys: its directory name and a hash of its configs and weights'
+    sizes, so another checkpoint (fine-tuned, re-pooled) in a directory of the same name gets other keys."""
+    digest = hashlib.sha256()
+    for name in CONFIG_FILES:
+        digest.update(name.encode() + ((path / name).read_bytes() if (path / name).is_file() else b""))
+    for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    return f"{path.name}@{digest.hexdigest()[:12]}"
 
 
 class Embedder:
@@ -67,16 +90,15 @@ class Embedder:
         from transformers import AutoModel, AutoTokenizer
 
         torch.set_num_threads(threads or os.cpu_count() or 1)
-        path = path or model_dir()
-        if not (path / "config.json").is_file():
-            raise EngineUnavailable(f"embedding model {path} is not a sentence-transformers checkpoint (no config.json; "
+        chosen = path or model_dir()
+        if not (chosen / "config.json").is_file():
+            raise EngineUnavailable(f"embedding model {chosen} is not a sentence-transformers checkpoint (no config.json; "
                                     "ANNOTATE_EMBEDDING_MODEL_DIR)")
-        self.max_tokens, self.pooling = checkpoint_config(path)
-        fingerprint = hashlib.sha256((path / "config.json").read_bytes()).hexdigest()[:12]
-        self.identity = MODEL_ID if path == model_dir() else f"{path.name}@{fingerprint}"  # in annotator keys
+        self.max_tokens, self.pooling = checkpoint_config(chosen)
+        self.identity = MODEL_ID if path is None else identity(chosen)  # in annotator keys
         self._torch = torch
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(chosen)
+        self.model = AutoModel.from_pretrained(chosen).eval()
         self._lock = threading.Lock()
 
     def embed(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
@@ -116,13 +138,12 @@ class Embedder:
         return sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-9)
 
 
-_shared: dict[Path, Embedder] = {}
+_shared: dict[Path | None, Embedder] = {}
 _shared_lock = threading.Lock()
 
 
 def shared_embedder(path: Path | None = None) -> Embedder:
     """The process's embedder of a checkpoint (None: MiniLM), loaded on first use and shared by every caller."""
-    path = path or model_dir()
     with _shared_lock:
         if path not in _shared:
             _shared[path] = Embedder(path)

@@ -5,7 +5,7 @@ merge and refine them, then review the result for coverage, distinctness and cla
 A 135M model cannot carry that loop, so the default ``embedding`` method grounds every
 step in sentence embeddings and asks the LLM only what it can answer from evidence:
 
-1. sample the corpus; embed the sample (all-MiniLM-L6-v2);
+1. sample the corpus; embed the sample (MiniLM, or the configured encoder);
 2. cluster with k-means into at most K groups (over-clustering to 2K and merging
    centroids by average linkage was tried: it lowered agreement with gold classes on
    TREC, ARI 0.11 vs 0.20); groups under ``min_share`` of the sample fold into their
@@ -43,6 +43,7 @@ import numpy as np
 import yaml
 
 from service.engines.base import EngineInfo
+from service.engines.embeddings import MODEL_ID
 from service.induction.naming import STOP_WORDS, WORD, ctfidf_keywords, first_sentence, slug, snippets, spoken
 from service.labelling.labeller import Labeller
 from service.labelling.prompts import load_template
@@ -121,8 +122,10 @@ class Inducer:
     """Runs induction with the given embedder, generator and labeller scorer (any engine)."""
 
     def __init__(self, embed: Embed, generate: Generate, scorer: Scorer, engine: EngineInfo, *,
-                 model_input_chars: int = 2000, progress: Progress = lambda stage, fraction: None):
+                 model_input_chars: int = 2000, progress: Progress = lambda stage, fraction: None,
+                 encoder: str = MODEL_ID):
         self.embed = embed
+        self.encoder = encoder  # Embedder.identity of ``embed``, for the YAML header
         self.generate = generate
         self.scorer = scorer
         self.engine = engine
@@ -167,7 +170,7 @@ class Inducer:
             for i in members:
                 assignment[i] = name
         self.progress("done", 1.0)
-        return Induction(taxonomy, _yaml(taxonomy, options, source, self.engine, report), report, assignment)
+        return Induction(taxonomy, _yaml(taxonomy, options, source, self.engine, self.encoder, report), report, assignment)
 
     async def _attach(self, groups: list[_Group], base: Taxonomy | None,
                       options: InductionOptions) -> tuple[list[_Group], dict[str, list[int]]]:
@@ -376,12 +379,13 @@ def _taxonomy(groups: list[_Group], options: InductionOptions, base: Taxonomy | 
     return parse_taxonomy(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), source="<induced>")
 
 
-def _yaml(taxonomy: Taxonomy, options: InductionOptions, source: str, engine: EngineInfo, report: dict) -> str:
+def _yaml(taxonomy: Taxonomy, options: InductionOptions, source: str, engine: EngineInfo, encoder: str,
+          report: dict) -> str:
     """The taxonomy as YAML with a header recording where it came from and how."""
     header = [
         f"# Induced by annotate on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from {source}",
         f"# corpus: {report['corpus_size']} documents; sample: {report['sample_size']} (seed {options.seed})",
-        f"# model: {engine.model} ({engine.engine}); embeddings: all-MiniLM-L6-v2; method: {options.method}",
+        f"# model: {engine.model} ({engine.engine}); embeddings: {encoder}; method: {options.method}",
         f"# settings: max_labels={options.max_labels} merge_similarity={options.merge_similarity} "
         f"min_share={options.min_share}",
         f"# review on {report['report_size']} documents: coverage {report['coverage']:.0%}"

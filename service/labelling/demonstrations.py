@@ -6,7 +6,7 @@ document gets its own ``k`` demonstrations from a pool: the taxonomy's examples 
 texts people labelled in the taxonomy's jobs created before this one (their gold labels),
 chosen by
 
-- ``similar``: the pool texts most similar to the document (MiniLM cosine);
+- ``similar``: the pool texts most similar to the document (the encoder's cosine);
 - ``mmr``: maximal marginal relevance (Carbonell & Goldstein 1998): similar to the document
   and unlike the demonstrations already chosen (λ = 0.5);
 - ``label_diverse``: the most similar text of each label, the labels most similar first,
@@ -34,6 +34,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from service.engines.embeddings import MODEL_ID
 from service.taxonomy import Demonstrations
 
 MMR_LAMBDA = 0.5
@@ -48,16 +49,18 @@ class Demonstrator:
     """Chooses each document's demonstrations from a pool of (label, text)."""
 
     def __init__(self, pool: list[tuple[str, str]], plan: Demonstrations,
-                 embed: Callable[[list[str]], np.ndarray]):
+                 embed: Callable[[list[str]], np.ndarray], *, encoder: str = MODEL_ID):
         self.pool = pool
         self.plan = plan
+        self.encoder = encoder  # Embedder.identity of ``embed``: another encoder chooses other demonstrations
         self._embed = embed
         self._vectors = embed([text for _, text in pool]) if pool else np.zeros((0, 1), np.float32)
 
     @property
     def spec(self) -> dict:
         """What determines the demonstrations (part of the annotator key)."""
-        return {**self.plan.model_dump(), "pool": len(self.pool), "pool_hash": pool_hash(self.pool)}
+        return {**self.plan.model_dump(), "pool": len(self.pool), "pool_hash": pool_hash(self.pool),
+                **({} if self.encoder == MODEL_ID else {"encoder": self.encoder})}  # MiniLM's keys stay as they were
 
     def choose(self, texts: list[str]) -> list[list[tuple[str, str]]]:
         """Each text's demonstrations as (label, text), least similar first."""

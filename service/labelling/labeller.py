@@ -93,7 +93,7 @@ class Labeller:
     max_windows: int = MAX_WINDOWS
     shortlister: Shortlister | TopDown | None = None  # scores each document's shortlist only (large taxonomies)
     whole_prompt: bool = False  # shortlisted: the system prompt still describes every leaf (see shortlist_prompting)
-    tuning: TunedPrompt | None = None  # the prompt tuning chose (its calibration applied); None: the prompt was named
+    tuning: TunedPrompt | None = None  # what tuning chose (its prior applied); None: not a tuned prompt
     demonstrator: Demonstrator | None = None  # chooses each document's demonstrations (taxonomy 'demonstrations')
     system: str = field(init=False)
     options: tuple[str, ...] = field(init=False)

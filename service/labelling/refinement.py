@@ -4,7 +4,8 @@ The panel (the LLM and the embedding annotator, ``calibrated_mean``) labels each
 alone. Its labels, taken together, say more: documents that lie close in embedding space
 tend to share a label, which a classifier trained on the whole job can use and a
 per-document vote cannot. ``refine`` fits a class-balanced logistic regression (C = 1) on
-the documents' MiniLM vectors (``Embedder.embed_documents``: a long text is read whole):
+the documents' vectors (``Embedder.embed_documents`` of the runner's encoder, MiniLM by default: a long
+text is read whole):
 
 - **Without gold labels** (fewer than ``MIN_GOLD``, or one class) it learns the panel's own
   top labels, cross-fitted over ``FOLDS`` folds so no document's refined label comes from

@@ -4,7 +4,7 @@ Scoring every leaf costs a continuation per leaf and a system prompt that lists 
 500 leaves do not fit the embedded model's context. A shortlisting labeller scores only
 the K leaves a retriever proposes for the document; the rest get probability 0.
 
-The retriever is the embedding annotator's: the cosine similarity (all-MiniLM-L6-v2) of the
+The retriever is the embedding annotator's: the cosine similarity (the runner's encoder) of the
 document to each leaf's prototype, the mean vector of "name: description" and its
 examples. Where texts labelled by people exist for the taxonomy (gold labels of its earlier
 jobs), a leaf's score is raised to the similarity of its nearest labelled text, so leaves
@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.engines.embeddings import MODEL_ID
 from service.errors import InvalidInput
 from service.taxonomy import Taxonomy
 
@@ -61,7 +62,7 @@ class Shortlister:
     """Proposes, for each document, the K leaves of a taxonomy most similar to it (in taxonomy order)."""
 
     def __init__(self, taxonomy: Taxonomy, embed: Embed, *, k: int | str, recall: float, max_k: int = 10,
-                 labelled: Sequence[tuple[str, str]] = ()):
+                 labelled: Sequence[tuple[str, str]] = (), encoder: str = MODEL_ID):
         self.names = tuple(taxonomy.label_names())
         self._embed = embed
         groups = prototype_texts(taxonomy)
@@ -75,7 +76,8 @@ class Shortlister:
         # the annotator key's part: not the labelled texts, nor the K calibrated on them, which may grow between a
         # job's submission and its run (each annotation records its own shortlist instead)
         self.plan = {"strategy": RETRIEVE, "k": k, "recall": recall, "max_k": max_k,
-                     "prototypes": hashlib.sha256("\n".join("\t".join(g) for g in groups).encode()).hexdigest()[:12]}
+                     "prototypes": hashlib.sha256("\n".join("\t".join(g) for g in groups).encode()).hexdigest()[:12],
+                     **({} if encoder == MODEL_ID else {"encoder": encoder})}  # Embedder.identity of ``embed``
 
     @property
     def k(self) -> int:

@@ -189,6 +189,7 @@ async def tune(panels, taxonomy_name: str, version: str | None, model: str | Non
     evidence = {
         "documents": len(texts), "labelled": len(labelled),
         "candidates": [asdict(r) for r in results],
+        "embedding_model": reference_labeller.encoder,  # the yardstick agreement was measured against
         "embedding_accuracy": (round(sum(r.label == g for r, g in zip(reference, gold) if g is not None)
                                      / len(labelled), 4) if labelled else None),
         "cross_fitted_accuracy": cross_fitted,

@@ -50,7 +50,8 @@ class InductionRunner:
             embedder = await asyncio.to_thread(self.runner.panels.embedder)
             chosen = self.runner.panels.models[model]
             inducer = Inducer(embedder.embed, self.generators[model], chosen.scorer, chosen.info,
-                              model_input_chars=self.runner.panels.model_input_chars, progress=progress)
+                              model_input_chars=self.runner.panels.model_input_chars, progress=progress,
+                              encoder=embedder.identity)
             result = await inducer.run(texts, options, source=source, base=base, corpus_size=corpus_size)
             if push:
                 await asyncio.to_thread(self.store.taxonomies.put, result.taxonomy, result.yaml)

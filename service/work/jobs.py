@@ -160,7 +160,8 @@ class JobRunner:
             if row["annotator"] != before["annotator"]:
                 raise RuntimeError(
                     f"job {job.job_id} was submitted for annotator {before['name']} = {before['annotator']} but this "
-                    f"service would run {row['annotator']}: engine or prompt changed since; resubmit the job")
+                    f"service would run {row['annotator']}: engine, prompt, tuning or encoder (ANNOTATE_EMBEDDING_MODEL_DIR) "
+                    "changed since; resubmit the job")
         return panel
 
     def aggregate(self, job_id: str, method: str | None = None) -> str:
@@ -180,15 +181,13 @@ class JobRunner:
         version = job.taxonomy_version
         rows = self.store.annotations.member_rows(job_id)
         weights = {a.annotator: a.weight for a in job.annotators}
-        tuned = {m["annotator"] for m in job.annotator_spec["members"] if "tuning" in m}  # tuning chose its calibration
-        untuned_llms = frozenset(a.annotator for a in job.annotators if a.kind == "llm" and a.annotator not in tuned)
-        decided = aggregate(rows, taxonomy, tuple(taxonomy.label_names()), weights=weights, calibrated=untuned_llms,
+        decided = aggregate(rows, taxonomy, tuple(taxonomy.label_names()), weights=weights, calibrated=batch_calibrated(job),
                             method="calibrated_mean" if method == REFINED else method)
         refinement = None
         if method == REFINED:  # reads every text and embeds it: the slow part of aggregating a large job
             documents = self.store.quality.documents_with_gold(job_id, DOCUMENT_CHARS)  # what embed_documents reads
             decided, refinement = refined_annotations(decided, documents, taxonomy,
-                                                          self.panels.embedder().embed_documents)
+                                                      self.panels.embedder().embed_documents)
         hashes = {r["doc_id"]: r["text_hash"] for r in rows}
         keys = dict(job_id=job_id, annotator=job.annotator, model=None, engine="aggregate", prompt_hash=None,
                     taxonomy_version=version, decoding=json.dumps({"method": method, "members": sorted(weights)}))
@@ -230,3 +229,10 @@ class JobRunner:
         rows += [annotation_row(outcome, doc_id=doc_id, text_hash=h, cached=False, latency_ms=per_doc_ms, **keys)
                  for (doc_id, _, h), outcome in zip(fresh, outcomes)]
         return rows
+
+
+def batch_calibrated(job: Job) -> frozenset[str]:
+    """The LLM members ``calibrated_mean`` batch-calibrates: those whose prompt no tuning chose (a tuning already
+    chose the others' calibration, and calibrating them again measured worse: docs/labelling.md)."""
+    tuned = {member["annotator"] for member in job.annotator_spec.get("members", []) if "tuning" in member}
+    return frozenset(a.annotator for a in job.annotators if a.kind == "llm" and a.annotator not in tuned)

@@ -115,24 +115,27 @@ class Panels:
         names = set(taxonomy.label_names())  # gold of other versions may name labels this one lacks
         pool = demonstrations(taxonomy) + [(label, text) for text, label in self.store.quality.labelled_texts(
             taxonomy.name, before=before) if label in names]
-        key = (plan, pool_hash(pool))
+        embedder = self.embedder()
+        key = (plan, pool_hash(pool), embedder.identity)
         if key not in self._demonstrators:
             if len(self._demonstrators) >= SHORTLISTERS_KEPT:
                 self._demonstrators.pop(next(iter(self._demonstrators)))
-            self._demonstrators[key] = Demonstrator(pool, plan, self.embedder().embed_documents)
+            self._demonstrators[key] = Demonstrator(pool, plan, embedder.embed_documents, encoder=embedder.identity)
         return self._demonstrators[key]
 
     def _shortlister(self, taxonomy: Taxonomy, version: str, plan: Shortlist) -> Shortlister | TopDown:
         """The taxonomy version's retriever for ``plan``, rebuilt when people have labelled more of its texts."""
         if plan.strategy == TOP_DOWN:
             return TopDown(taxonomy)
-        key = (taxonomy.name, version, plan.k, plan.recall, plan.max_k, self.store.quality.labelled_count(taxonomy.name))
+        embedder = self.embedder()
+        key = (taxonomy.name, version, plan.k, plan.recall, plan.max_k, self.store.quality.labelled_count(taxonomy.name),
+               embedder.identity)
         if key not in self._shortlisters:
             labelled = self.store.quality.labelled_texts(taxonomy.name)  # read (and embedded) only when the key is new
             if len(self._shortlisters) >= SHORTLISTERS_KEPT:
                 self._shortlisters.pop(next(iter(self._shortlisters)))
-            self._shortlisters[key] = Shortlister(taxonomy, self.embedder().embed, k=plan.k, recall=plan.recall,
-                                                  max_k=plan.max_k, labelled=labelled)
+            self._shortlisters[key] = Shortlister(taxonomy, embedder.embed, k=plan.k, recall=plan.recall,
+                                                  max_k=plan.max_k, labelled=labelled, encoder=embedder.identity)
         return self._shortlisters[key]
 
     def panel(self, taxonomy_name: str, version: str | None, model: str | None, annotators: list[dict] | None,
@@ -193,7 +196,8 @@ class Panels:
         return self.models[labeller.model].scorer
 
     def embedder(self) -> Embedder:
-        """The encoder that reads the jobs' documents (embedding annotator, refinement, demonstrations, shortlists)."""
+        """The encoder that reads the jobs' documents (embedding annotator, refinement, demonstrations, shortlists,
+        induction): ``ANNOTATE_EMBEDDING_MODEL_DIR``, else MiniLM."""
         return shared_embedder(self.embedding_model_dir)
 
     def model(self, name: str | None) -> Model:

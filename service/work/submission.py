@@ -62,7 +62,8 @@ class AnnotatorIn(BaseModel):
     def _embedding_takes_no_model(self) -> AnnotatorIn:
         """The embedding annotator has its own model and no prompt."""
         if self.kind == "embedding" and (self.model or self.prompt):
-            raise ValueError("the embedding annotator takes no 'model' or 'prompt' (it uses all-MiniLM-L6-v2)")
+            raise ValueError("the embedding annotator takes no 'model' or 'prompt' (it reads with MiniLM, or "
+                             "ANNOTATE_EMBEDDING_MODEL_DIR)")
         return self
 
 
@@ -130,8 +131,10 @@ def _default_panel(store: Store, settings: Settings, body: JobRequest) -> bool:
 
     The LLM and the embedding annotator, measured together (benchmarks/zero_shot.py) against
     the LLM alone: the embedding annotator is the stronger zero-shot annotator on TREC, the
-    speeches and news, and calibrated_mean keeps an LLM that gives every document the same
-    label from outvoting it; 'refined' then fits the job (service.labelling.refinement). The embedding
+    speeches and news; the LLM's prompt is tuned on the job's documents (a prompt that gives
+    every document the same label agrees least with the embedding annotator, so tuning drops
+    it), and calibrated_mean batch-calibrates an untuned LLM so such a prompt cannot outvote
+    it; 'refined' then fits the job (service.labelling.refinement). The embedding
     annotator labels single-label taxonomies in stream jobs only and never says "none of
     these", so multi-label taxonomies, taxonomies that allow "none of these" (its vote would
     outweigh the LLM's abstention) and batch jobs keep the LLM alone.
