@@ -60,9 +60,19 @@ def test_the_identity_follows_the_checkpoint_not_its_folder_name(cls_checkpoint,
 
 
 def test_a_directory_that_is_no_checkpoint_is_refused_naming_the_setting(tmp_path):
-    """Refused when the settings are read (service start), not at the first job that embeds."""
+    """Refused when the settings are read (service start), not at the first job that embeds; a checkpoint with a
+    layer this embedder would skip (a Dense head) is refused when it loads, naming the layer."""
+    from service.errors import EngineUnavailable
+
     with pytest.raises(ValidationError, match="ANNOTATE_EMBEDDING_MODEL_DIR"):
         Settings(embedding_model_dir=tmp_path)
+    dense = tmp_path / "dense"
+    shutil.copytree(model_dir(), dense, ignore=shutil.ignore_patterns("model.safetensors"))
+    modules = json.loads((dense / "modules.json").read_text())
+    (dense / "modules.json").write_text(json.dumps(
+        [*modules, {"idx": len(modules), "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"}]))
+    with pytest.raises(EngineUnavailable, match="Dense"):
+        Embedder(dense)
 
 
 def test_the_default_panel_reads_with_the_configured_encoder(in_process, cls_checkpoint):

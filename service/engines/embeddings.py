@@ -58,17 +58,17 @@ def checkpoint_config(path: Path) -> tuple[int, str]:
 
     modules = read("modules.json")
     for module in modules if isinstance(modules, list) else []:
-        if str(module.get("type", "")).rsplit(".", 1)[-1] not in SUPPORTED_MODULES:
-            raise EngineUnavailable(f"embedding model {path}: module {module.get('type')!r} in modules.json is not "
-                                    f"supported (only {', '.join(SUPPORTED_MODULES)})")
+        kind = str(module.get("type", "")) if isinstance(module, dict) else repr(module)
+        if kind.rsplit(".", 1)[-1] not in SUPPORTED_MODULES:
+            raise EngineUnavailable(f"embedding model {path}: module {kind!r} in modules.json is not supported "
+                                    f"(only {', '.join(SUPPORTED_MODULES)})")
     pooling = read("1_Pooling/config.json")
     pooling = pooling if isinstance(pooling, dict) else {}
     settings = read("sentence_bert_config.json")
     settings = settings if isinstance(settings, dict) else {}
     if pooling and not (pooling.get("pooling_mode_mean_tokens") or pooling.get("pooling_mode_cls_token")):
         raise EngineUnavailable(f"embedding model {path}: only mean or CLS pooling is supported (1_Pooling/config.json)")
-    kind = "cls" if pooling.get("pooling_mode_cls_token") else "mean"
-    return int(settings.get("max_seq_length", MAX_TOKENS)), kind
+    return int(settings.get("max_seq_length", MAX_TOKENS)), "cls" if pooling.get("pooling_mode_cls_token") else "mean"
 
 
 def identity(path: Path) -> str:
