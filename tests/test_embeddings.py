@@ -18,12 +18,17 @@ from service.engines.embeddings import MODEL_ID, Embedder, model_dir, shared_emb
 from service.settings import Settings
 
 
-@pytest.fixture(scope="module")
-def cls_checkpoint(tmp_path_factory):
-    """MiniLM's files (weights linked, not copied) with CLS pooling and a shorter token limit."""
-    path = tmp_path_factory.mktemp("encoders") / "minilm-cls"
+def _copy_of_minilm(path):
+    """MiniLM's checkpoint at ``path``, its weights linked rather than copied."""
     shutil.copytree(model_dir(), path, ignore=shutil.ignore_patterns("model.safetensors"))
     (path / "model.safetensors").symlink_to(model_dir() / "model.safetensors")
+    return path
+
+
+@pytest.fixture(scope="module")
+def cls_checkpoint(tmp_path_factory):
+    """MiniLM's files with CLS pooling and a shorter token limit."""
+    path = _copy_of_minilm(tmp_path_factory.mktemp("encoders") / "minilm-cls")
     pooling = json.loads((path / "1_Pooling" / "config.json").read_text())
     pooling.update(pooling_mode_mean_tokens=False, pooling_mode_cls_token=True)
     (path / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
@@ -49,9 +54,7 @@ def test_the_identity_follows_the_checkpoint_not_its_folder_name(cls_checkpoint,
     from service.labelling.demonstrations import Demonstrator
     from service.taxonomy import Demonstrations
 
-    same_name = tmp_path / cls_checkpoint.name
-    shutil.copytree(model_dir(), same_name, ignore=shutil.ignore_patterns("model.safetensors"))
-    (same_name / "model.safetensors").symlink_to(model_dir() / "model.safetensors")
+    same_name = _copy_of_minilm(tmp_path / cls_checkpoint.name)
     assert identity(same_name) != identity(cls_checkpoint)
     plan = Demonstrations(select="similar")
     configured = Demonstrator([], plan, lambda texts: np.zeros((len(texts), 4)), encoder=identity(cls_checkpoint))
@@ -66,8 +69,7 @@ def test_a_directory_that_is_no_checkpoint_is_refused_naming_the_setting(tmp_pat
 
     with pytest.raises(ValidationError, match="ANNOTATE_EMBEDDING_MODEL_DIR"):
         Settings(embedding_model_dir=tmp_path)
-    dense = tmp_path / "dense"
-    shutil.copytree(model_dir(), dense, ignore=shutil.ignore_patterns("model.safetensors"))
+    dense = _copy_of_minilm(tmp_path / "dense")
     modules = json.loads((dense / "modules.json").read_text())
     (dense / "modules.json").write_text(json.dumps(
         [*modules, {"idx": len(modules), "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"}]))

@@ -82,6 +82,11 @@ def identity(path: Path) -> str:
     return f"{path.name}@{digest.hexdigest()[:12]}"
 
 
+def encoder_key(encoder: str) -> dict:
+    """The annotator-key part naming a configured encoder; empty for MiniLM, so its keys stay as they were."""
+    return {} if encoder == MODEL_ID else {"encoder": encoder}
+
+
 class Embedder:
     """Unit-length sentence vectors, computed in batches; ``identity`` says which checkpoint."""
 

@@ -34,7 +34,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from service.engines.embeddings import MODEL_ID
+from service.engines.embeddings import MODEL_ID, encoder_key
 from service.taxonomy import Demonstrations
 
 MMR_LAMBDA = 0.5
@@ -60,7 +60,7 @@ class Demonstrator:
     def spec(self) -> dict:
         """What determines the demonstrations (part of the annotator key)."""
         return {**self.plan.model_dump(), "pool": len(self.pool), "pool_hash": pool_hash(self.pool),
-                **({} if self.encoder == MODEL_ID else {"encoder": self.encoder})}  # MiniLM's keys stay as they were
+                **encoder_key(self.encoder)}
 
     def choose(self, texts: list[str]) -> list[list[tuple[str, str]]]:
         """Each text's demonstrations as (label, text), least similar first."""

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.engines.embeddings import MODEL_ID
+from service.engines.embeddings import MODEL_ID, encoder_key
 from service.errors import InvalidInput
 from service.taxonomy import Taxonomy
 
@@ -77,7 +77,7 @@ class Shortlister:
         # job's submission and its run (each annotation records its own shortlist instead)
         self.plan = {"strategy": RETRIEVE, "k": k, "recall": recall, "max_k": max_k,
                      "prototypes": hashlib.sha256("\n".join("\t".join(g) for g in groups).encode()).hexdigest()[:12],
-                     **({} if encoder == MODEL_ID else {"encoder": encoder})}  # Embedder.identity of ``embed``
+                     **encoder_key(encoder)}  # encoder: Embedder.identity of ``embed``
 
     @property
     def k(self) -> int:

@@ -45,7 +45,6 @@ from functools import partial
 
 from service.engines.base import EMBEDDED_ENGINE
 from service.errors import InvalidInput
-from service.labelling.annotators import EmbeddingLabeller
 from service.labelling.labeller import TunedPrompt
 from service.labelling.scoring import annotate_texts
 from service.vocabulary import Calibration, values
@@ -165,8 +164,7 @@ async def tune(panels, taxonomy_name: str, version: str | None, model: str | Non
             raise InvalidInput(f"documents[{i}].label {label!r} is not a label of taxonomy {taxonomy.name!r}; "
                                f"its labels: {', '.join(sorted(known))}")
     chosen_model = panels.model(model or taxonomy.model)
-    reference_labeller = EmbeddingLabeller(taxonomy, found, panels.model_input_chars,
-                                           encoder=(await asyncio.to_thread(panels.embedder)).identity)
+    reference_labeller = await asyncio.to_thread(panels.embedding_labeller, taxonomy, found)
     reference = await annotate_texts(reference_labeller, texts, panels.scorer(reference_labeller))
     results, labels, choices = [], [], []
     for prompt in candidates(chosen_model.info.engine, prompts):

@@ -158,8 +158,7 @@ class Panels:
                 stored = self.store.taxonomies.get(taxonomy_name, version)
                 if stored.taxonomy.multi_label:
                     raise InvalidInput(f"{where}: the embedding annotator labels single-label taxonomies only")
-                labeller = EmbeddingLabeller(stored.taxonomy, stored.version, self.model_input_chars,
-                                             encoder=self.embedder().identity)
+                labeller = self.embedding_labeller(stored.taxonomy, stored.version)
                 name = entry.get("name") or EMBEDDING
             else:
                 labeller = self.labeller(taxonomy_name, version, entry.get("model") or model, entry.get("prompt"),
@@ -194,6 +193,10 @@ class Panels:
         if isinstance(labeller, EmbeddingLabeller):
             return embedding_scorer(labeller, lambda texts: self.embedder().embed_documents(texts))
         return self.models[labeller.model].scorer
+
+    def embedding_labeller(self, taxonomy: Taxonomy, version: str) -> EmbeddingLabeller:
+        """The embedding annotator of a taxonomy version, keyed by the encoder that reads for it."""
+        return EmbeddingLabeller(taxonomy, version, self.model_input_chars, encoder=self.embedder().identity)
 
     def embedder(self) -> Embedder:
         """The encoder that reads the jobs' documents (embedding annotator, refinement, demonstrations, shortlists,
