@@ -67,7 +67,8 @@ def llm_probabilities(engine, labeller, texts: list[str]) -> np.ndarray:
     return np.array([softmax(scores) for scores in engine.score_sync(requests)])
 
 
-def panel(names: tuple[str, ...], members: dict[str, np.ndarray], taxonomy, method: str, calibrated: set[str]) -> list:
+def panel(names: tuple[str, ...], members: dict[str, np.ndarray], taxonomy, method: str, calibrated: set[str],
+          weights: dict[str, float] | None = None) -> list:
     """Annotations of the shipped aggregation over annotators' distributions (rows as the store gives them)."""
     from service.labelling.aggregation import aggregate
 
@@ -78,7 +79,7 @@ def panel(names: tuple[str, ...], members: dict[str, np.ndarray], taxonomy, meth
             rows.append({"doc_id": f"d{i}", "annotator": annotator, "status": "ok", "error": None,
                          "label": max(distribution, key=distribution.get), "distribution": distribution,
                          "abstained": False, "abstain_reason": None})
-    out = aggregate(rows, taxonomy, names, method=method, weights={a: 1.0 for a in members},
+    out = aggregate(rows, taxonomy, names, method=method, weights={a: 1.0 for a in members} | (weights or {}),
                     calibrated=frozenset(calibrated))
     return [out[f"d{i}"] for i in range(len(next(iter(members.values()))))]
 
@@ -97,7 +98,7 @@ def measure(name: str, engine, embedder, args) -> list[list]:
     from service.labelling.prompts import load_template
     from service.labelling.refinement import refine
     from service.labelling.scoring import embedding_scorer
-    from service.labelling.tuning import CONTENT_FREE, candidates, mutual_information
+    from service.labelling.tuning import CHANCE_ALPHA, CONTENT_FREE, candidates, chance_p_value, mutual_information
     from service.settings import Settings
     from service.taxonomy import load_taxonomy
     from service.work.jobs import AUTO_TUNE_DOCUMENTS
@@ -135,9 +136,12 @@ def measure(name: str, engine, embedder, args) -> list[list]:
         a.label for a in panel(names, members, taxonomy, "weighted_soft_vote", set())]
     labels["panel classify + embedding, calibrated_mean"] = [
         a.label for a in panel(names, members, taxonomy, "calibrated_mean", {"classify"})]
+    p_value = chance_p_value([list(tuned[p].argmax(1)[:AUTO_TUNE_DOCUMENTS]) for p in tuned], list(reference))
+    weight = 1.0 if p_value < CHANCE_ALPHA else 0.0  # as Panels.panel weighs an LLM whose tuning is not informative
     tuned_members = {"tuned": tuned[by_agreement], "embedding": results["embedding annotator"]}
-    default = panel(names, tuned_members, taxonomy, "calibrated_mean", set())  # the tuning chose its calibration
-    labels["default panel after tuning (tuned + embedding, calibrated_mean)"] = [a.label for a in default]
+    default = panel(names, tuned_members, taxonomy, "calibrated_mean", set(), {"tuned": weight})  # tuning calibrated it
+    labels[f"default panel after tuning (tuned, chance p = {p_value:.3f}, weight {weight:g}; + embedding, "
+           "calibrated_mean)"] = [a.label for a in default]
     features = embedder.embed_documents(texts)
     untuned = panel(names, members, taxonomy, "calibrated_mean", {"classify"})
     for title, voted in (("the default job with ANNOTATE_AUTO_TUNE=false", untuned),

@@ -113,9 +113,11 @@ def test_a_default_job_on_an_untuned_taxonomy_tunes_its_prompt_first(in_process)
     assert batch_calibrated(untuned) == {untuned.annotators[0].annotator}  # its LLM is batch-calibrated
     in_process.settings.auto_tune = True
     job = _finished(client, client.post("/v1/jobs", json={"taxonomy": "sms-spam", "documents": documents}).json()["job_id"])
-    assert job["status"] == "succeeded" and all(a["done"] == len(documents) for a in job["annotators"])
     tuning = store.taxonomies.tunings("sms-spam", version)
     assert len(tuning) == 1 and tuning[0]["criterion"] == "embedding_agreement"
+    voted = tuning[0]["evidence"]["informative"]  # an LLM no better than chance is not run (test below)
+    assert job["status"] == "succeeded" and [a["done"] for a in job["annotators"]] == [len(documents) * voted,
+                                                                                     len(documents)]
     spec = store.jobs.get(job["job_id"]).annotator_spec
     assert "auto_tune" not in spec and spec["members"][0]["prompt"] == tuning[0]["prompt"]
     assert spec["members"][0]["tuning"]["calibration"] == tuning[0]["calibration"]
@@ -127,3 +129,35 @@ def test_a_default_job_on_an_untuned_taxonomy_tunes_its_prompt_first(in_process)
     few_version = client.post("/v1/taxonomies", content=text.encode()).json()["version"]
     few = _finished(client, client.post("/v1/jobs", json={"taxonomy": "sms-few", "documents": DOCS}).json()["job_id"])
     assert few["status"] == "succeeded" and store.taxonomies.tuned_prompt("sms-few", few_version, "fake") is None  # 4 < 20
+
+
+def test_an_llm_that_agrees_with_the_embedding_annotator_no_more_than_chance_is_weighed_0(in_process):
+    """The fake LLM scores label names by word overlap, and no TREC question names its answer type: every prompt
+    gives every question one label, whose agreement with the embedding annotator any shuffle matches. The job's
+    tuning records that (informative: false); its panel weighs the LLM 0 and says why, does not run it (its labels
+    could not count), and its labels are the embedding annotator's; a job that gives the LLM a weight runs it."""
+    from service.labelling.tuning import CHANCE_ALPHA
+
+    client, store = in_process.client, in_process.store
+    questions = [json.loads(line) for line in (FIXTURES / "questions.jsonl").read_text().splitlines() if line.strip()]
+    documents = [{"id": q["id"], "text": q["text"]} for q in questions]
+    assert client.post("/v1/taxonomies", content=(REPO / "taxonomy" / "trec-coarse.yaml").read_bytes()).is_success
+    job = _finished(client, client.post("/v1/jobs", json={"taxonomy": "trec-coarse", "documents": documents}
+                                        ).json()["job_id"])
+    [tuning] = store.taxonomies.tunings("trec-coarse", job["taxonomy_version"])
+    assert tuning["evidence"]["informative"] is False and tuning["evidence"]["chance_p_value"] >= CHANCE_ALPHA
+    llm, embedding = job["annotators"]
+    assert (llm["weight"], embedding["weight"]) == (0.0, None) and (llm["done"], embedding["done"]) == (0, len(documents))
+    assert job["status"] == "succeeded" and job["progress"] == 1.0
+    member = store.jobs.get(job["job_id"]).annotator_spec["members"][0]
+    assert member["weight"] == 0.0 and "no more than chance" in member["weight_reason"]
+    voted = client.post(f"/v1/jobs/{job['job_id']}/aggregate", json={"method": "calibrated_mean"})
+    assert voted.status_code == 200, voted.text
+    labels = {json.loads(line)["doc_id"]: json.loads(line)["label"]
+              for line in client.get(f"/v1/jobs/{job['job_id']}/labels").text.strip().splitlines()}
+    assert labels == {row["doc_id"]: row["label"] for row in store.annotations.member_rows(job["job_id"])
+                      if row["annotator"] == embedding["annotator"]}
+    weighted = _finished(client, client.post("/v1/jobs", json={
+        "taxonomy": "trec-coarse", "documents": documents,
+        "annotators": [{"kind": "llm", "weight": 1.0}, {"kind": "embedding"}]}).json()["job_id"])
+    assert weighted["annotators"][0]["weight"] == 1.0 and weighted["annotators"][0]["done"] == len(documents)

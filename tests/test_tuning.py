@@ -14,7 +14,17 @@ import math
 import pytest
 from conftest import FIXTURES, REPO, sql, wait_for_job
 
-from service.labelling.tuning import AGREEMENT, GOLD, MIN_GOLD, CandidateResult, choose, mutual_information
+from service.labelling.tuning import (
+    AGREEMENT,
+    CHANCE_ALPHA,
+    GOLD,
+    MIN_GOLD,
+    PERMUTATIONS,
+    CandidateResult,
+    chance_p_value,
+    choose,
+    mutual_information,
+)
 
 SPAM = ["WINNER! Claim your 500 GBP prize now, call 09061701461. T&Cs apply",
         "FREE ringtones every week! Txt TONES to 81234, 3 GBP/wk",
@@ -75,6 +85,22 @@ def test_mutual_information_is_zero_for_a_constant_prompt_and_log2_for_a_sure_ba
     assert mutual_information(sure) == pytest.approx(math.log(2))
 
 
+def test_the_chance_test_tells_labels_that_follow_the_reference_from_ones_that_do_not():
+    """Labels equal to the reference get the smallest p the shuffles resolve; a constant prompt agrees as well with
+    any shuffle (p = 1); and the best of 20 unrelated candidates is not taken for informative, where the first of
+    them alone would come out as lucky as the best does."""
+    import random
+
+    reference = ["a", "b", "c"] * 20
+    assert chance_p_value([list(reference)], reference) == pytest.approx(1 / (1 + PERMUTATIONS))
+    assert chance_p_value([["a"] * 60, ["b"] * 60], reference) == 1.0
+    draw = random.Random(1)
+    unrelated = [[draw.choice("abc") for _ in reference] for _ in range(20)]
+    best = max(unrelated, key=lambda row: sum(x == y for x, y in zip(row, reference)))
+    assert chance_p_value(unrelated, reference) >= CHANCE_ALPHA > chance_p_value([best], reference)
+    assert chance_p_value([[None] * 60], [None] * 60) == 1.0  # failed documents never agree
+
+
 @pytest.fixture(scope="module")
 def tuned_taxonomy(service) -> str:
     """The SMS taxonomy pushed as ``sms-tuned``; returns its version."""
@@ -97,6 +123,7 @@ def test_tuning_without_labels_chooses_by_agreement_and_jobs_use_the_choice(serv
         assert set(candidates) == {(p, c) for p in ("classify", "classify_terse", "classify_fewshot", "classify_plain")
                                    for c in ("none", "contextual")}
         assert tuning["criterion"] == AGREEMENT and tuning["labelled"] == 0 and tuning["cross_fitted_accuracy"] is None
+        assert 0 < tuning["chance_p_value"] <= 1 and tuning["informative"] == (tuning["chance_p_value"] < CHANCE_ALPHA)
         best = max(c["agreement"] for c in candidates.values())
         assert candidates[tuning["prompt"], tuning["calibration"]]["agreement"] == best
         assert all(c["accuracy"] is None and 0 <= c["mutual_information"] <= math.log(2) + 1e-9

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from service.labelling.aggregation import silent
 from service.store.jobs import Job, JobAnnotator
 from service.vocabulary import (
     AggregationMethod,
@@ -118,7 +119,8 @@ class JobStatus(BaseModel):
         fields = {k: v for k, v in asdict(job).items() if k in cls.model_fields}
         members = job.annotators
         aggregation = job.annotator_spec.get("aggregation") if len(members) > 1 else None
-        counted = members[:1] if aggregation == "cascade" else members if len(members) > 1 else []
+        counted = members[:1] if aggregation == "cascade" else [m for m in members if not silent(aggregation, m.weight)
+                                                                 ] if len(members) > 1 else []
         steps = job.total * (len(counted) + 1)
         finished = job.done + job.failed + sum(m.done + m.failed for m in counted)
         progress = round(finished / steps, 4) if steps else 1.0

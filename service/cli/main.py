@@ -178,6 +178,9 @@ def taxonomy_tune(
     console.print(f"chose {body['prompt']} ({body['calibration']} calibration) for {body['taxonomy']} version "
                   f"{body['version']} on {body['model']} by {body['criterion']}"
                   + ("" if crossed is None else f" (cross-fitted accuracy {crossed:.3f})"))
+    if not body["informative"]:
+        console.print(f"its labels agree with the reference no more than chance (p = {body['chance_p_value']:.3f}): "
+                      "the default panel weighs this LLM 0 and does not run it")
 
 
 @taxonomy_app.command("push")

@@ -70,6 +70,9 @@ class Annotation:
     shortlist: list[str] | None = None  # the leaves that were scored, when the labeller shortlists
 
 
+INFORMATIVE = "informative"  # the key of ``TunedPrompt.informative`` in a stored tuning's evidence
+
+
 @dataclass(frozen=True)
 class TunedPrompt:
     """What a prompt tuning chose (``service.labelling.tuning``): a template and its calibration, with the prior it needs."""
@@ -77,6 +80,7 @@ class TunedPrompt:
     prompt: str
     calibration: str = "none"  # "none" or "contextual"
     prior: tuple[float, ...] | None = None  # contextual: each option's log-probability on content-free text
+    informative: bool = True  # its labels agree with the tuning's reference beyond chance (a panel weighs it 0 if not)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 
 from service.errors import NotFound
-from service.labelling.labeller import TunedPrompt
+from service.labelling.labeller import INFORMATIVE, TunedPrompt
 from service.store.database import Database, utc_now
 from service.taxonomy import Taxonomy, parse_taxonomy
 
@@ -87,9 +87,12 @@ class Taxonomies:
 
     def tuned_prompt(self, taxonomy: str, version: str, model: str) -> TunedPrompt | None:
         """The prompt (and calibration) a tuning chose for this taxonomy version and model, if one ran."""
-        row = self._db.cursor().execute("SELECT prompt, calibration, prior FROM prompt_tunings WHERE taxonomy = ? AND"
-                                    " taxonomy_version = ? AND model = ?", [taxonomy, version, model]).fetchone()
-        return None if row is None else TunedPrompt(row[0], row[1], None if row[2] is None else tuple(row[2]))
+        row = self._db.cursor().execute("SELECT prompt, calibration, prior, evidence FROM prompt_tunings WHERE taxonomy = ?"
+                                    " AND taxonomy_version = ? AND model = ?", [taxonomy, version, model]).fetchone()
+        if row is None:
+            return None
+        informative = json.loads(row[3]).get(INFORMATIVE, True)  # tunings stored before the test was made: True
+        return TunedPrompt(row[0], row[1], None if row[2] is None else tuple(row[2]), informative)
 
     def all(self) -> list[dict]:
         """Every taxonomy version, newest first."""

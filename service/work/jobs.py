@@ -14,11 +14,12 @@ import asyncio
 import json
 import logging
 import time
+from functools import partial
 from pathlib import Path
 
 from service.engines.embeddings import DOCUMENT_CHARS
 from service.errors import Conflict
-from service.labelling.aggregation import REFINED, aggregate
+from service.labelling.aggregation import REFINED, aggregate, silent
 from service.labelling.refinement import refined_annotations
 from service.labelling.scoring import Annotator, Scorer, annotate_texts
 from service.labelling.tuning import tune
@@ -107,7 +108,9 @@ class JobRunner:
             route = (student.key, job.annotator_spec["threshold"])
             finished = await self.run_stream(job_id, student) and await self.run_stream(job_id, llm, route=route)
         else:
-            finished = all(await asyncio.gather(*(self.run_stream(job_id, labeller) for _, labeller in panel)))
+            method = job.annotator_spec.get("aggregation")
+            finished = all(await asyncio.gather(*(self.run_stream(job_id, labeller) for row, labeller in panel
+                                                  if len(panel) == 1 or not silent(method, row["weight"]))))
         if len(panel) > 1 and (finished or await asyncio.to_thread(self.store.jobs.state, job_id) == "cancelled"):
             await asyncio.to_thread(self.aggregate, job_id)  # a cancelled job's labelled documents get theirs too
         if finished:
@@ -133,8 +136,9 @@ class JobRunner:
                 log.warning("prompt tuning failed; the job labels untuned", exc_info=True, extra={"job_id": job_id})
         entries = [{k: v for k, v in member.entry().items() if k in ("kind", "model", "prompt", "weight")}
                    for member in job.annotators]
-        panel = await asyncio.to_thread(self.panels.panel, job.taxonomy, job.taxonomy_version, job.model, entries,
-                                        job.long_documents, job.shortlist, job.created_at)
+        panel = await asyncio.to_thread(partial(self.panels.panel, job.taxonomy, job.taxonomy_version, job.model,
+                                                entries, job.long_documents, job.shortlist, job.created_at,
+                                                default=True))  # only the default panel tunes itself
         await asyncio.to_thread(self._rekey, job, panel)  # named anew: the names say the tuned prompt
 
     def _rekey(self, job: Job, panel: list[tuple[dict, Annotator]]) -> bool:

@@ -31,6 +31,8 @@ SHORTLISTERS_KEPT = 4  # retrievers (and demonstrators) kept built: each holds i
 FEWSHOT = "classify_fewshot"  # the template that shows demonstrations
 AUTO_TUNE = "auto_tune"  # in a job's annotator spec until it has tuned its prompt on its own documents
 CASCADE = "cascade"  # the aggregation of a student-then-LLM job: the LLM's label where it was asked
+CHANCE_REASON = ("its tuned prompt's labels agreed with the tuning's reference (the embedding annotator's labels, or "
+                 "gold) no more than chance: see the taxonomy's tuning evidence, chance_p_value")
 
 
 @dataclass(frozen=True)
@@ -140,11 +142,14 @@ class Panels:
 
     def panel(self, taxonomy_name: str, version: str | None, model: str | None, annotators: list[dict] | None,
               long_documents: LongDocuments | None = None, shortlist: dict | None = None,
-              before: datetime | None = None) -> list[tuple[dict, Annotator]]:
+              before: datetime | None = None, *, default: bool = False) -> list[tuple[dict, Annotator]]:
         """A job's annotators, each (its job_annotators row, its labeller); one LLM annotator when none are listed.
 
         ``long_documents`` overrides the taxonomy's for the LLM annotators (the others read the head);
-        ``before``: the job's creation, for the demonstrations' pool (``labeller``).
+        ``before``: the job's creation, for the demonstrations' pool (``labeller``). ``default``: the service's own
+        panel (the job listed none), whose LLM is weighed 0 when its tuned prompt is not informative
+        (``service.labelling.tuning``); a member weighed 0 is not run (``aggregation.silent``). Annotators a job
+        lists are run and weighed as it says.
         """
         entries = annotators or [{"kind": "llm"}]
         panel: list[tuple[dict, Annotator]] = []
@@ -169,6 +174,9 @@ class Panels:
                            "weight": entry.get("weight")}, labeller))
         if len(panel) > 1:
             _check_panel(panel)
+            for row, labeller in panel:
+                if default and row["weight"] is None and _uninformative(labeller):
+                    row["weight"] = 0.0
         return panel
 
     def _student(self, taxonomy_name: str, version: str | None, ref: str, where: str) -> ClassifierLabeller:
@@ -218,6 +226,12 @@ class Panels:
                 and self.store.taxonomies.tuned_prompt(labeller.taxonomy.name, labeller.taxonomy_version, labeller.model) is None)
 
 
+def _uninformative(labeller: Annotator) -> bool:
+    """Whether an annotator is an LLM whose tuned prompt agreed with the tuning's reference no more than chance: the
+    default panel weighs it 0 (``service.labelling.tuning``)."""
+    return isinstance(labeller, Labeller) and labeller.tuning is not None and not labeller.tuning.informative
+
+
 def _check_panel(panel: list[tuple[dict, Annotator]]) -> None:
     """Several annotators need distinct names and annotators, and a single-label taxonomy to vote on."""
     names = [row["name"] for row, _ in panel]
@@ -244,7 +258,9 @@ def _panel_spec(panel: list[tuple[dict, Annotator]], aggregation: str | None, th
     if len(panel) == 1:
         return panel[0][1].spec
     return {"aggregation": aggregation or DEFAULT_METHOD, **({"threshold": threshold} if aggregation == CASCADE else {}),
-            "members": [{"name": row["name"], "annotator": row["annotator"], **labeller.spec} for row, labeller in panel]}
+            "members": [{"name": row["name"], "annotator": row["annotator"], **labeller.spec,
+                         **({"weight": 0.0, "weight_reason": CHANCE_REASON} if _uninformative(labeller) and row["weight"] == 0
+                            else {})} for row, labeller in panel]}
 
 
 def job_record(panel: list[tuple[dict, Annotator]], *, aggregation: str | None = None,

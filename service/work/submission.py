@@ -15,6 +15,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from itertools import chain
 from typing import Literal
 
@@ -161,8 +162,8 @@ async def submit_job(runner: JobRunner, settings: Settings, body: JobRequest, *,
         annotators = [{"kind": "llm"}, {"kind": EMBEDDING}]
         aggregation = aggregation if "aggregation" in body.model_fields_set else DEFAULT_PANEL_AGGREGATION
     shortlist = None if body.shortlist is None else body.shortlist.model_dump()
-    panel = await asyncio.to_thread(runner.panels.panel, body.taxonomy, body.taxonomy_version, body.model, annotators,
-                                    body.long_documents, shortlist)
+    panel = await asyncio.to_thread(partial(runner.panels.panel, body.taxonomy, body.taxonomy_version, body.model,
+                                            annotators, body.long_documents, shortlist, default=default_panel))
     labeller = panel[0][1]
     auto_tune = default_panel and settings.auto_tune and await asyncio.to_thread(runner.panels.untuned, labeller)
     if body.mode == "batch" and getattr(labeller, "shortlister", None) is not None:
