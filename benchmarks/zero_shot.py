@@ -111,18 +111,23 @@ def measure(name: str, engine, embedder, args) -> list[list]:
     names = tuple(taxonomy.label_names())
     started = time.perf_counter()
     results: dict[str, list] = {}
-    tuned = {}
+    tuned: dict[str, np.ndarray] = {}
+    ms: dict[str, float] = {}  # labelling time per document, each prompt and the embedding annotator
     for prompt in candidates(engine.info.engine, None):
         labeller = Labeller(taxonomy, taxonomy.version, load_template(prompt), engine.info, chars)
+        clock = time.perf_counter()
         probs = llm_probabilities(engine, labeller, texts)
+        ms[prompt] = 1000 * (time.perf_counter() - clock) / len(texts)
         neutral = llm_probabilities(engine, labeller, list(CONTENT_FREE)).mean(axis=0)
         scaled = probs / neutral
         tuned[prompt] = results[prompt] = probs
         tuned[f"{prompt} + contextual calibration"] = scaled / scaled.sum(axis=1, keepdims=True)
     results.update(tuned)
     embedding = EmbeddingLabeller(taxonomy, taxonomy.version, chars, encoder=embedder.identity)
+    clock = time.perf_counter()
     scores = asyncio.run(embedding_scorer(embedding, embedder.embed_documents)([embedding.requests(t)[0][0]
                                                                                 for t in texts]))
+    ms["embedding annotator"] = 1000 * (time.perf_counter() - clock) / len(texts)
     results["embedding annotator"] = np.array([softmax(s) for s in scores])
     reference = results["embedding annotator"].argmax(1)[:AUTO_TUNE_DOCUMENTS]  # what a job's own tuning reads
     by_agreement = max(tuned, key=lambda p: (tuned[p].argmax(1)[:AUTO_TUNE_DOCUMENTS] == reference).mean())
@@ -165,7 +170,10 @@ def measure(name: str, engine, embedder, args) -> list[list]:
         table += with_demonstrations(name, engine, embedder, taxonomy, texts[: args.demonstrations], truth, train)
     table += tuned_with_labels(name, tuned, names, truth, args.seed)
     table += refined_with_labels(name, _matrix(default, names), features, names, truth, args.seed)
-    print(f"{name}: {len(texts)} documents in {time.perf_counter() - started:.0f} s", flush=True)
+    chosen = by_agreement.split(" + ")[0]  # the prompt the default job runs (calibration costs nothing)
+    print(f"{name}: {len(texts)} documents in {time.perf_counter() - started:.0f} s; labelling ms/doc: the tuned "
+          f"prompt ({chosen}) {ms[chosen]:.0f}, the embedding annotator {ms['embedding annotator']:.0f}"
+          f"{'' if weight else ' (the default job runs the embedding annotator only: the LLM is weighed 0)'}", flush=True)
     return table
 
 
