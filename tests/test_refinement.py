@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.labelling.refinement import MIN_GOLD, refine
+from service.labelling.refinement import MIN_GOLD, _Correction, refine
 from service.quality.dsl import dsl_proportions
 from service.quality.sampling import draw_sample
 
@@ -131,3 +131,24 @@ def test_gold_labels_train_even_when_the_panel_gives_every_document_one_label():
     refined, refinement = refine(probs, features, gold_index)
     assert refinement.trained_on == "gold labels"
     assert np.mean(refined[40:].argmax(1) == truth[40:]) > np.mean(probs[40:].argmax(1) == truth[40:]) + 0.2
+
+
+def test_the_gold_fit_corrects_the_labels_without_gold_rather_than_replacing_them():
+    """The gold regression starts from the label-free labels (their log-probabilities are its offset) and its
+    penalty pulls toward them: 30 labels that agree with them, over unit vectors that are noise, leave the other
+    documents' labels as they were (but for near ties), where a regression fitted from scratch on noise guesses;
+    60 labels that follow a direction of the vectors (label 2 wherever it is present) move the documents along it."""
+    rng = np.random.default_rng(0)
+    offset = np.log(rng.dirichlet([1, 1, 1], size=300))
+    without_gold = offset.argmax(1)
+    noise = rng.normal(size=(300, 64))
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    kept = _Correction(noise[:30], offset[:30], without_gold[:30], 3).predict(noise[30:], offset[30:])
+    assert np.mean(kept.argmax(1) == without_gold[30:]) >= 0.8
+    present = rng.random(300) < 0.5
+    vectors = noise.copy()
+    vectors[present, 0] += 1.0
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    truth = np.where(present, 2, without_gold)
+    moved = _Correction(vectors[:60], offset[:60], truth[:60], 3).predict(vectors[60:], offset[60:])
+    assert np.mean(moved.argmax(1) == truth[60:]) >= np.mean(without_gold[60:] == truth[60:]) + 0.1

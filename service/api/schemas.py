@@ -103,8 +103,8 @@ class JobStatus(BaseModel):
     aggregation: str | None = None
     refinement: dict | None = Field(
         None, description="Aggregation 'refined': what the regression on the documents' embeddings learnt from "
-                          "(panel labels, gold labels or nothing), how many gold labels, and the cross-fitted gold "
-                          "accuracy of the panel and of the refined labels.")
+                          "(panel labels, gold labels or nothing), how many gold labels, and the gold accuracy of the "
+                          "panel, of the labels without gold and of the refined labels (cross-fitted).")
     docs_per_s: float | None = Field(
         None, description="Documents' worth of work (all annotators) finished per second since the start.")
     eta_s: float | None = Field(None, description="Seconds left at the current pace, while running.")
