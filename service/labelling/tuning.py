@@ -24,14 +24,14 @@ nothing, so a prompt's pull toward one label cancels), and keeps one of those ca
 The choice is then tested against chance (``chance_p_value``): had no candidate's labels been
 related to the reference (the gold labels when they chose, else the embedding annotator's),
 how often would the best of them have agreed with it as well? At ``CHANCE_ALPHA`` or more the
-choice is recorded as not ``informative``, and a panel weighs that LLM 0 (``Panels.panel``):
+choice is recorded as not ``informative``, and the default panel weighs that LLM 0 (``Panels.panel``):
 its labels and the embedding annotator's are then independent, so one of them says nothing
 about the documents, and averaging it in only blurs the other. The embedding annotator is the
 one kept, by a measured rule: it was the stronger zero-shot annotator wherever the two were
-this far apart (the convention speeches: SmolLM2's tuned prompt 51.9%, p = 0.85 on 100
+this far apart (the convention speeches: SmolLM2's tuned prompt 51.9%, p = 0.622 on 100
 documents, against 75.7% for the embedding annotator; news, 0.73 against 0.875), and it reads
 the whole document and every label's description and examples where the LLM reads
-``model_input_chars``. A job that gives the LLM a ``weight`` keeps it.
+``model_input_chars``. A job that lists its annotators runs and weighs them as it says.
 
 Ties keep the earlier candidate (``classify`` uncalibrated, the default, first). The choice
 (prompt, calibration and its content-free log-probabilities) and its evidence are stored

@@ -110,7 +110,7 @@ class JobRunner:
         else:
             method = job.annotator_spec.get("aggregation")
             finished = all(await asyncio.gather(*(self.run_stream(job_id, labeller) for row, labeller in panel
-                                                  if len(panel) == 1 or not silent(method, row["weight"]))))
+                                                  if not silent(method, row["weight"]))))
         if len(panel) > 1 and (finished or await asyncio.to_thread(self.store.jobs.state, job_id) == "cancelled"):
             await asyncio.to_thread(self.aggregate, job_id)  # a cancelled job's labelled documents get theirs too
         if finished:
