@@ -142,10 +142,11 @@ def measure(name: str, engine, embedder, args) -> list[list]:
     labels["panel classify + embedding, calibrated_mean"] = [
         a.label for a in panel(names, members, taxonomy, "calibrated_mean", {"classify"})]
     p_value = chance_p_value([list(tuned[p].argmax(1)[:AUTO_TUNE_DOCUMENTS]) for p in tuned], list(reference))
-    weight = 1.0 if p_value < CHANCE_ALPHA else 0.0  # as Panels.panel weighs an LLM whose tuning is not informative
+    weight = 1.0 if p_value is None or p_value < CHANCE_ALPHA else 0.0  # as Panels.panel weighs an uninformative LLM
     tuned_members = {"tuned": tuned[by_agreement], "embedding": results["embedding annotator"]}
     default = panel(names, tuned_members, taxonomy, "calibrated_mean", set(), {"tuned": weight})  # tuning calibrated it
-    labels[f"default panel after tuning (tuned, chance p = {p_value:.3f}, weight {weight:g}; + embedding, "
+    shown = "untestable" if p_value is None else f"{p_value:.3f}"
+    labels[f"default panel after tuning (tuned, chance p = {shown}, weight {weight:g}; + embedding, "
            "calibrated_mean)"] = [a.label for a in default]
     features = embedder.embed_documents(texts)
     untuned = panel(names, members, taxonomy, "calibrated_mean", {"classify"})

@@ -135,7 +135,8 @@ def test_an_llm_that_agrees_with_the_embedding_annotator_no_more_than_chance_is_
     """The fake LLM scores label names by word overlap, and no TREC question names its answer type: every prompt
     gives every question one label, whose agreement with the embedding annotator any shuffle matches. The job's
     tuning records that (informative: false); its panel weighs the LLM 0 and says why, does not run it (its labels
-    could not count), and its labels are the embedding annotator's; a job that gives the LLM a weight runs it."""
+    could not count), and its labels are the embedding annotator's, re-aggregated by another method too; a default
+    job with its own aggregation does not run it either, and a job that lists the LLM runs it."""
     from service.labelling.tuning import CHANCE_ALPHA
 
     client, store = in_process.client, in_process.store
@@ -148,16 +149,19 @@ def test_an_llm_that_agrees_with_the_embedding_annotator_no_more_than_chance_is_
     assert tuning["evidence"]["informative"] is False and tuning["evidence"]["chance_p_value"] >= CHANCE_ALPHA
     llm, embedding = job["annotators"]
     assert (llm["weight"], embedding["weight"]) == (0.0, None) and (llm["done"], embedding["done"]) == (0, len(documents))
+    assert "no more than chance" in llm["weight_reason"] and embedding["weight_reason"] is None
     assert job["status"] == "succeeded" and job["progress"] == 1.0
-    member = store.jobs.get(job["job_id"]).annotator_spec["members"][0]
-    assert member["weight"] == 0.0 and "no more than chance" in member["weight_reason"]
-    voted = client.post(f"/v1/jobs/{job['job_id']}/aggregate", json={"method": "calibrated_mean"})
+    voted = client.post(f"/v1/jobs/{job['job_id']}/aggregate", json={"method": "majority_vote"})
     assert voted.status_code == 200, voted.text
     labels = {json.loads(line)["doc_id"]: json.loads(line)["label"]
               for line in client.get(f"/v1/jobs/{job['job_id']}/labels").text.strip().splitlines()}
     assert labels == {row["doc_id"]: row["label"] for row in store.annotations.member_rows(job["job_id"])
                       if row["annotator"] == embedding["annotator"]}
-    weighted = _finished(client, client.post("/v1/jobs", json={
-        "taxonomy": "trec-coarse", "documents": documents,
-        "annotators": [{"kind": "llm", "weight": 1.0}, {"kind": "embedding"}]}).json()["job_id"])
-    assert weighted["annotators"][0]["weight"] == 1.0 and weighted["annotators"][0]["done"] == len(documents)
+    assert client.get(f"/v1/jobs/{job['job_id']}").json()["progress"] == 1.0
+    own = _finished(client, client.post("/v1/jobs", json={"taxonomy": "trec-coarse", "documents": documents,
+                                                          "aggregation": "dawid_skene"}).json()["job_id"])
+    assert own["aggregation"] == "dawid_skene" and [a["done"] for a in own["annotators"]] == [0, len(documents)]
+    listed = _finished(client, client.post("/v1/jobs", json={
+        "taxonomy": "trec-coarse", "documents": documents, "annotators": [{"kind": "llm"}, {"kind": "embedding"}]}
+        ).json()["job_id"])
+    assert listed["annotators"][0]["weight"] is None and listed["annotators"][0]["done"] == len(documents)

@@ -265,6 +265,36 @@ def test_several_annotators_need_distinct_names_and_a_single_label_taxonomy(tmp_
     asyncio.run(scenario())
 
 
+def test_a_queued_default_job_is_weighed_by_the_tuning_it_starts_with(tmp_path):
+    """A default panel created under a tuning no better than chance weighs its LLM 0; if an informative tuning lands
+    before the job labels anything, the job runs and weighs the LLM again (the 0 was the test's, not the job's)."""
+    from service.labelling.labeller import TunedPrompt
+
+    store = _store(tmp_path)
+    version = store.taxonomies.get("sms-spam").version
+    texts = ["free prize now", "see you at six"]
+
+    async def scenario():
+        runner = await _runner(store, FakeEngine())
+        store.taxonomies.put_tuning("sms-spam", version, "fake", TunedPrompt("classify_terse", informative=False),
+                                    "embedding_agreement", {})
+        panel = runner.panels.panel("sms-spam", None, None, [{"kind": "llm"}, {"kind": "embedding"}], default=True)
+        rows = [check_document(f"documents[{i}]", f"d{i}", text, None, max_chars=100) for i, text in enumerate(texts)]
+        store.jobs.create(job_id="job_default", taxonomy="sms-spam", model="fake",
+                          batches=iter([document_batch("job_default", rows, 0)]),
+                          **job_record(panel, aggregation="refined", default=True))
+        assert store.jobs.get("job_default").annotators[0].weight == 0.0
+        store.taxonomies.put_tuning("sms-spam", version, "fake", TunedPrompt("classify"), "embedding_agreement",
+                                    {})
+        await runner.run("job_default")
+        await runner.close()
+
+    asyncio.run(scenario())
+    job = store.jobs.get("job_default")
+    assert job.status == "succeeded" and job.annotator_spec["members"][0]["prompt"] == "classify"
+    assert [(a.weight, a.done) for a in job.annotators] == [(None, 2), (None, 2)]
+
+
 def test_a_tuning_that_lands_while_a_job_is_queued_rekeys_it_and_one_that_lands_mid_job_refuses_it(tmp_path):
     """A job that has labelled nothing takes the tuned prompt when it starts; one with labels keeps being refused."""
     from service.labelling.labeller import TunedPrompt

@@ -57,6 +57,7 @@ def test_gold_labels_train_the_regression_and_lift_a_weak_panel():
     gold_index[:60] = truth[:60]
     refined, refinement = refine(probs, features, gold_index)
     assert refinement.trained_on == "gold labels" and refinement.gold_labels == 60
+    assert set(refinement.gold_accuracy) == {"panel", "label_free", "refined"}
     assert refinement.gold_accuracy["refined"] > refinement.gold_accuracy["panel"]
     assert np.mean(refined[60:].argmax(1) == truth[60:]) > np.mean(probs[60:].argmax(1) == truth[60:]) + 0.2
 

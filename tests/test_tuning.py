@@ -87,8 +87,9 @@ def test_mutual_information_is_zero_for_a_constant_prompt_and_log2_for_a_sure_ba
 
 def test_the_chance_test_tells_labels_that_follow_the_reference_from_ones_that_do_not():
     """Labels equal to the reference get the smallest p the shuffles resolve; a constant prompt agrees as well with
-    any shuffle (p = 1); and the best of 20 unrelated candidates is not taken for informative, where the first of
-    them alone would come out as lucky as the best does."""
+    any shuffle (p = 1); the best of 20 unrelated candidates is not taken for informative, where the first of them
+    alone would come out as lucky as the best does; rows the reference did not label are left out, and a reference
+    with one label (or none) cannot be tested."""
     import random
 
     reference = ["a", "b", "c"] * 20
@@ -98,7 +99,9 @@ def test_the_chance_test_tells_labels_that_follow_the_reference_from_ones_that_d
     unrelated = [[draw.choice("abc") for _ in reference] for _ in range(20)]
     best = max(unrelated, key=lambda row: sum(x == y for x, y in zip(row, reference)))
     assert chance_p_value(unrelated, reference) >= CHANCE_ALPHA > chance_p_value([best], reference)
-    assert chance_p_value([[None] * 60], [None] * 60) == 1.0  # failed documents never agree
+    assert chance_p_value([list(reference) + ["a"] * 9], reference + [None] * 9) == pytest.approx(
+        1 / (1 + PERMUTATIONS))  # the unlabelled rows neither help nor hurt
+    assert chance_p_value([["a"] * 60], ["a"] * 60) is None and chance_p_value([["a"] * 60], [None] * 60) is None
 
 
 @pytest.fixture(scope="module")

@@ -74,6 +74,8 @@ class AnnotatorStatus(BaseModel):
     model: str | None = None
     prompt: str | None = None
     weight: float | None = None
+    weight_reason: str | None = Field(None, description="Why the service gave this annotator its weight (0: the "
+                                                        "default panel's LLM, no better than chance in its tuning).")
     done: int
     failed: int
     abstained: int
@@ -104,7 +106,7 @@ class JobStatus(BaseModel):
     refinement: dict | None = Field(
         None, description="Aggregation 'refined': what the regression on the documents' embeddings learnt from "
                           "(panel labels, gold labels or nothing), how many gold labels, and the gold accuracy of the "
-                          "panel, of the labels without gold and of the refined labels (cross-fitted).")
+                          "panel, of the label-free refinement and of the refined labels (cross-fitted).")
     docs_per_s: float | None = Field(
         None, description="Documents' worth of work (all annotators) finished per second since the start.")
     eta_s: float | None = Field(None, description="Seconds left at the current pace, while running.")
@@ -117,10 +119,12 @@ class JobStatus(BaseModel):
     def from_job(cls, job: Job) -> JobStatus:
         """Build from the store's job."""
         fields = {k: v for k, v in asdict(job).items() if k in cls.model_fields}
+        reasons = {m["annotator"]: m.get("weight_reason") for m in job.annotator_spec.get("members", [])}
+        fields["annotators"] = [a | {"weight_reason": reasons.get(a["annotator"])} for a in fields.get("annotators", [])]
         members = job.annotators
         aggregation = job.annotator_spec.get("aggregation") if len(members) > 1 else None
-        counted = members[:1] if aggregation == "cascade" else [m for m in members if not silent(aggregation, m.weight)
-                                                                 ] if len(members) > 1 else []
+        counted = (members[:1] if aggregation == "cascade" else [m for m in members if not silent(m.weight)]
+                   if len(members) > 1 else [])
         steps = job.total * (len(counted) + 1)
         finished = job.done + job.failed + sum(m.done + m.failed for m in counted)
         progress = round(finished / steps, 4) if steps else 1.0

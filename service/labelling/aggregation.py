@@ -56,13 +56,12 @@ METHODS = values(AggregationMethod)
 CALIBRATION_MIN_DOCS = 20  # below this an annotator's mean distribution says more about the sample than the prompt
 DEFAULT_METHOD = "dawid_skene"  # of a job that lists its annotators
 DEFAULT_PANEL_AGGREGATION = REFINED  # of the default panel (service.api.jobs): robust to a constant LLM, learns the job
-WEIGHED_METHODS = ("weighted_soft_vote", "calibrated_mean", REFINED)  # the methods that read the members' weights
 
 
-def silent(method: str | None, weight: float | None) -> bool:
-    """Whether a panel member casts no vote: weighed 0 (``Panels.panel``) under a method that reads weights. Such a
-    member is not run, since its labels could not change the job's."""
-    return weight == 0 and method in WEIGHED_METHODS
+def silent(weight: float | None) -> bool:
+    """Whether a panel member casts no vote, whatever the method: weighed 0, which only the default panel's chance
+    test gives (``Panels.panel``; a request's weights are above 0). Such a member is not run, so it has no rows."""
+    return weight == 0
 
 
 def aggregate(rows: list[dict], taxonomy: Taxonomy, options: tuple[str, ...], *, method: str,

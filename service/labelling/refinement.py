@@ -57,7 +57,7 @@ class Refinement:
 
     trained_on: str  # "panel labels", "gold labels" or "nothing" (too few documents or classes)
     gold_labels: int = 0  # gold labels that trained it
-    gold_accuracy: dict[str, float] | None = None  # on the gold documents: the panel's, without gold, refined (cross-fitted)
+    gold_accuracy: dict[str, float] | None = None  # on the gold documents: panel, label_free, refined (cross-fitted)
     validity: str = (f"cross-fitted ({FOLDS} folds): no document's label comes from a model fitted on its own label, "
                      "so gold statistics (report, DSL, conformal) stay valid")
 
@@ -85,7 +85,7 @@ def refine(probs: np.ndarray, features: np.ndarray, gold_index: np.ndarray, *, g
         fitted[gold], fitted[others] = _cross_fitted(stacked[gold], gold_index[gold], groups[gold], k, seed,
                                                      stacked[others], (offset[gold], offset[others]))
         accuracy = {name: round(float(np.mean(p[gold].argmax(axis=1) == gold_index[gold])), 4)
-                    for name, p in (("panel", probs), ("without gold", label_free), ("refined", fitted))}
+                    for name, p in (("panel", probs), ("label_free", label_free), ("refined", fitted))}
         return fitted, Refinement("gold labels", len(gold), accuracy)
     panel_labels = probs.argmax(axis=1)
     if n < MIN_DOCUMENTS or len(set(panel_labels.tolist())) < 2:

@@ -25,13 +25,14 @@ The choice is then tested against chance (``chance_p_value``): had no candidate'
 related to the reference (the gold labels when they chose, else the embedding annotator's),
 how often would the best of them have agreed with it as well? At ``CHANCE_ALPHA`` or more the
 choice is recorded as not ``informative``, and the default panel weighs that LLM 0 (``Panels.panel``):
-its labels and the embedding annotator's are then independent, so one of them says nothing
-about the documents, and averaging it in only blurs the other. The embedding annotator is the
-one kept, by a measured rule: it was the stronger zero-shot annotator wherever the two were
-this far apart (the convention speeches: SmolLM2's tuned prompt 51.9%, p = 0.622 on 100
-documents, against 75.7% for the embedding annotator; news, 0.73 against 0.875), and it reads
-the whole document and every label's description and examples where the LLM reads
-``model_input_chars``. A job that lists its annotators runs and weighs them as it says.
+its labels and the embedding annotator's are then indistinguishable from independent, so one
+of them may say nothing about the documents, and averaging it in would blur the other. The
+embedding annotator is the one kept, by a measured rule: it was the stronger zero-shot
+annotator wherever the two were this far apart (the convention speeches: SmolLM2's tuned
+prompt 51.9%, p = 0.622 on 100 documents, against 75.7% for the embedding annotator; news
+articles, 73% for the best prompt format against 87.5%), and it reads the whole document and
+every label's description and examples where the LLM reads ``model_input_chars``. A job that
+lists its annotators runs and weighs them as it says.
 
 Ties keep the earlier candidate (``classify`` uncalibrated, the default, first). The choice
 (prompt, calibration and its content-free log-probabilities) and its evidence are stored
@@ -159,18 +160,25 @@ def choose(results: list[CandidateResult], labels: list[list], gold: list[str | 
     return best, GOLD, round(hits / len(labelled), 4)
 
 
-def chance_p_value(labels: list[list], reference: list, seed: int = 0) -> float:
+def chance_p_value(labels: list[list], reference: list, seed: int = 0) -> float | None:
     """How often the best candidate would agree with ``reference`` as well as it does if no candidate's labels were
-    related to it: a permutation test of the maximum agreement over candidates, so choosing the best of several is
-    paid for. ``labels[i]`` are candidate i's labels of the rows ``reference`` labels; None (failed) never agrees."""
+    related to it: a permutation test whose statistic is the maximum agreement over candidates, so choosing the best
+    of several is paid for. ``labels[i]`` are candidate i's labels of the rows ``reference`` labels. Rows the
+    reference did not label (None: failed or abstained) are left out, and a candidate's None never agrees. None when
+    nothing can be tested: fewer than two labelled rows, or a reference that gives them all one label (no shuffle
+    changes it, so a blind reference would make every prompt look blind)."""
     import numpy as np
 
+    rows = [i for i, r in enumerate(reference) if r is not None]
+    if len(rows) < 2 or len({reference[i] for i in rows}) < 2:
+        return None
     codes: dict = {}
+
     def coded(values: list, missing: int) -> np.ndarray:
         return np.array([missing if v is None else codes.setdefault(v, len(codes)) for v in values])
 
-    truth = coded(reference, -1)
-    candidates = np.stack([coded(row, -2) for row in labels])
+    truth = coded([reference[i] for i in rows], -1)
+    candidates = np.stack([coded([row[i] for i in rows], -2) for row in labels])
     observed = (candidates == truth).mean(axis=1).max()
     rng = np.random.default_rng(seed)
     reached = sum(int((candidates == rng.permutation(truth)).mean(axis=1).max() >= observed - 1e-12)
@@ -218,7 +226,7 @@ async def tune(panels, taxonomy_name: str, version: str | None, model: str | Non
     rows = [i for i, g in enumerate(gold) if g is not None] if criterion == GOLD else range(len(texts))
     p_value = chance_p_value([[row[i] for i in rows] for row in labels],
                              [gold[i] if criterion == GOLD else reference[i].label for i in rows])
-    choice = replace(choices[best], informative=p_value < CHANCE_ALPHA)
+    choice = replace(choices[best], informative=p_value is None or p_value < CHANCE_ALPHA)
     labelled = [g for g in gold if g is not None]
     evidence = {
         "documents": len(texts), "labelled": len(labelled),
@@ -227,9 +235,9 @@ async def tune(panels, taxonomy_name: str, version: str | None, model: str | Non
         "embedding_accuracy": (round(sum(r.label == g for r, g in zip(reference, gold) if g is not None)
                                      / len(labelled), 4) if labelled else None),
         "cross_fitted_accuracy": cross_fitted,
-        "chance_p_value": round(p_value, 4), INFORMATIVE: choice.informative,
+        "chance_p_value": None if p_value is None else round(p_value, 4),
     }
     await asyncio.to_thread(panels.store.taxonomies.put_tuning, taxonomy.name, found, chosen_model.name, choice, criterion,
                             evidence)
     return {"taxonomy": taxonomy.name, "version": found, "model": chosen_model.name, "prompt": choice.prompt,
-            "calibration": choice.calibration, "criterion": criterion, **evidence}
+            "calibration": choice.calibration, "criterion": criterion, **evidence, INFORMATIVE: choice.informative}

@@ -72,11 +72,13 @@ class Taxonomies:
 
     def put_tuning(self, taxonomy: str, version: str, model: str, choice: TunedPrompt, criterion: str,
                           evidence: dict) -> None:
-        """Keep the prompt a tuning chose for a taxonomy version on a model (replacing an earlier one)."""
+        """Keep the prompt a tuning chose for a taxonomy version on a model (replacing an earlier one); whether it is
+        ``informative`` is kept in its evidence."""
         with self._db.transaction() as cur:
             cur.execute("INSERT OR REPLACE INTO prompt_tunings VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         [taxonomy, version, model, choice.prompt, choice.calibration,
-                         None if choice.prior is None else list(choice.prior), criterion, json.dumps(evidence),
+                         None if choice.prior is None else list(choice.prior), criterion,
+                         json.dumps(evidence | {INFORMATIVE: choice.informative}),
                          utc_now()])
 
     def tunings(self, taxonomy: str, version: str) -> list[dict]:

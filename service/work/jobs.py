@@ -26,7 +26,7 @@ from service.labelling.tuning import tune
 from service.store import Store
 from service.store.annotations import annotation_row
 from service.store.jobs import Job
-from service.work.panels import AUTO_TUNE, CASCADE, Model, Panels, annotation_keys, job_record
+from service.work.panels import AUTO_TUNE, CASCADE, DEFAULT_PANEL, Model, Panels, annotation_keys, job_record, requested
 from service.work.tasks import Tasks
 
 log = logging.getLogger(__name__)
@@ -108,9 +108,8 @@ class JobRunner:
             route = (student.key, job.annotator_spec["threshold"])
             finished = await self.run_stream(job_id, student) and await self.run_stream(job_id, llm, route=route)
         else:
-            method = job.annotator_spec.get("aggregation")
             finished = all(await asyncio.gather(*(self.run_stream(job_id, labeller) for row, labeller in panel
-                                                  if not silent(method, row["weight"]))))
+                                                  if not silent(row["weight"]))))
         if len(panel) > 1 and (finished or await asyncio.to_thread(self.store.jobs.state, job_id) == "cancelled"):
             await asyncio.to_thread(self.aggregate, job_id)  # a cancelled job's labelled documents get theirs too
         if finished:
@@ -134,7 +133,7 @@ class JobRunner:
                                                                        "calibration": chosen["calibration"]})
             except Exception:
                 log.warning("prompt tuning failed; the job labels untuned", exc_info=True, extra={"job_id": job_id})
-        entries = [{k: v for k, v in member.entry().items() if k in ("kind", "model", "prompt", "weight")}
+        entries = [{k: v for k, v in requested(member.entry()).items() if k in ("kind", "model", "prompt", "weight")}
                    for member in job.annotators]
         panel = await asyncio.to_thread(partial(self.panels.panel, job.taxonomy, job.taxonomy_version, job.model,
                                                 entries, job.long_documents, job.shortlist, job.created_at,
@@ -144,7 +143,8 @@ class JobRunner:
     def _rekey(self, job: Job, panel: list[tuple[dict, Annotator]]) -> bool:
         """Record ``panel`` as the job's annotators (its spec without the auto-tune mark); False once it has labels."""
         spec = job.annotator_spec
-        record = job_record(panel, aggregation=spec.get("aggregation"), threshold=spec.get("threshold"))
+        record = job_record(panel, aggregation=spec.get("aggregation"), threshold=spec.get("threshold"),
+                            default=bool(spec.get(DEFAULT_PANEL)))
         return self.store.jobs.rekey(job.job_id, annotator=record["annotator"],
                                     annotator_spec=record["annotator_spec"], annotators=record["annotators"])
 
@@ -152,12 +152,16 @@ class JobRunner:
         """Rebuild a stored job's annotators; refuse when the service would now label differently.
 
         A job that has labelled nothing yet takes the new annotators instead (a tuning of its
-        taxonomy landed while it was queued): nothing it wrote was made under the old key.
+        taxonomy landed while it was queued): nothing it wrote was made under the old key, and a
+        default panel weighs its LLM as the new tuning says. A job with labels keeps its weights.
         """
-        stored = [member.entry() for member in job.annotators] or [{"name": "llm", "annotator": job.annotator, "kind": "llm"}]
-        panel = self.panels.panel(job.taxonomy, job.taxonomy_version, job.model, stored, job.long_documents,
-                           job.shortlist, job.created_at)
-        changed = any(row["annotator"] != before["annotator"] for (row, _), before in zip(panel, stored))
+        stored = [member.entry() for member in job.annotators] or [{"name": "llm", "annotator": job.annotator,
+                                                                     "kind": "llm", "weight": None}]
+        panel = self.panels.panel(job.taxonomy, job.taxonomy_version, job.model, [requested(e) for e in stored],
+                                  job.long_documents, job.shortlist, job.created_at,
+                                  default=bool(job.annotator_spec.get(DEFAULT_PANEL)))
+        changed = any((row["annotator"], row["weight"]) != (before["annotator"], before["weight"])
+                      for (row, _), before in zip(panel, stored))
         if changed and job.annotators and job.batch is None and self._rekey(job, panel):
             return panel
         for (row, _), before in zip(panel, stored):
@@ -166,6 +170,7 @@ class JobRunner:
                     f"job {job.job_id} was submitted for annotator {before['name']} = {before['annotator']} but this "
                     f"service would run {row['annotator']}: engine, prompt, tuning or encoder (ANNOTATE_EMBEDDING_MODEL_DIR) "
                     "changed since; resubmit the job")
+            row["weight"] = before["weight"]
         return panel
 
     def aggregate(self, job_id: str, method: str | None = None) -> str:

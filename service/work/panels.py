@@ -31,6 +31,7 @@ SHORTLISTERS_KEPT = 4  # retrievers (and demonstrators) kept built: each holds i
 FEWSHOT = "classify_fewshot"  # the template that shows demonstrations
 AUTO_TUNE = "auto_tune"  # in a job's annotator spec until it has tuned its prompt on its own documents
 CASCADE = "cascade"  # the aggregation of a student-then-LLM job: the LLM's label where it was asked
+DEFAULT_PANEL = "default_panel"  # in a job's annotator spec when the service chose its annotators (the job listed none)
 CHANCE_REASON = ("its tuned prompt's labels agreed with the tuning's reference (the embedding annotator's labels, or "
                  "gold) no more than chance: see the taxonomy's tuning evidence, chance_p_value")
 
@@ -226,6 +227,12 @@ class Panels:
                 and self.store.taxonomies.tuned_prompt(labeller.taxonomy.name, labeller.taxonomy_version, labeller.model) is None)
 
 
+def requested(entry: dict) -> dict:
+    """A stored member as its job asked for it: a weight of 0 is the chance test's (a request's are above 0), so the
+    panel decides it again from the tuning there is now."""
+    return entry | {"weight": None} if entry.get("weight") == 0 else entry
+
+
 def _uninformative(labeller: Annotator) -> bool:
     """Whether an annotator is an LLM whose tuned prompt agreed with the tuning's reference no more than chance: the
     default panel weighs it 0 (``service.labelling.tuning``)."""
@@ -259,17 +266,19 @@ def _panel_spec(panel: list[tuple[dict, Annotator]], aggregation: str | None, th
         return panel[0][1].spec
     return {"aggregation": aggregation or DEFAULT_METHOD, **({"threshold": threshold} if aggregation == CASCADE else {}),
             "members": [{"name": row["name"], "annotator": row["annotator"], **labeller.spec,
-                         **({"weight": 0.0, "weight_reason": CHANCE_REASON} if _uninformative(labeller) and row["weight"] == 0
-                            else {})} for row, labeller in panel]}
+                         **({"weight_reason": CHANCE_REASON} if _uninformative(labeller) and row["weight"] == 0 else {})}
+                        for row, labeller in panel]}
 
 
 def job_record(panel: list[tuple[dict, Annotator]], *, aggregation: str | None = None,
-               threshold: float | None = None, auto_tune: bool = False) -> dict:
+               threshold: float | None = None, auto_tune: bool = False, default: bool = False) -> dict:
     """The store fields that say who labels a job: version, output annotator, spec and the annotators' rows.
 
-    ``auto_tune``: the job tunes its prompt on its own documents before labelling (``JobRunner.run``).
+    ``auto_tune``: the job tunes its prompt on its own documents before labelling (``JobRunner.run``);
+    ``default``: the panel is the service's (``Panels.panel``), whose LLM's weight follows its tuning.
     """
-    spec = _panel_spec(panel, aggregation, threshold) | ({AUTO_TUNE: True} if auto_tune else {})
+    spec = (_panel_spec(panel, aggregation, threshold) | ({AUTO_TUNE: True} if auto_tune else {})
+            | ({DEFAULT_PANEL: True} if default else {}))
     return dict(version=panel[0][1].taxonomy_version, annotator=_output_annotator(panel), annotator_spec=spec,
                 annotators=[row for row, _ in panel])
 

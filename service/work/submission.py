@@ -179,14 +179,14 @@ async def submit_job(runner: JobRunner, settings: Settings, body: JobRequest, *,
                            "submission; in mode 'batch' choose truncate, head_tail or chunk (the job's "
                            "'long_documents' overrides the taxonomy's)")
     if not limited or owner is None:  # only an API token's submissions are limited
-        return await _create(runner, settings, body, panel, aggregation, owner, auto_tune)
+        return await _create(runner, settings, body, panel, aggregation, owner, auto_tune, default_panel)
     async with SUBMITTING[owner]:  # one submission per token at a time: the limit's count stays true
         await asyncio.to_thread(_check_job_limit, runner.store, settings, owner)
-        return await _create(runner, settings, body, panel, aggregation, owner, auto_tune)
+        return await _create(runner, settings, body, panel, aggregation, owner, auto_tune, default_panel)
 
 
 async def _create(runner: JobRunner, settings: Settings, body: JobRequest, panel: list, aggregation: str | None,
-                  owner: str | None, auto_tune: bool = False) -> Submitted:
+                  owner: str | None, auto_tune: bool = False, default_panel: bool = False) -> Submitted:
     """Store the job's documents (or shard plan) and queue it."""
     labeller = panel[0][1]
     job_id = "job_" + uuid.uuid4().hex[:16]
@@ -195,7 +195,8 @@ async def _create(runner: JobRunner, settings: Settings, body: JobRequest, panel
     job = dict(job_id=job_id, taxonomy=body.taxonomy, model=model, created_by=owner,
                long_documents=body.long_documents,
                shortlist=None if body.shortlist is None else body.shortlist.model_dump(),
-               **job_record(panel, aggregation=aggregation, threshold=body.cascade_threshold, auto_tune=auto_tune))
+               **job_record(panel, aggregation=aggregation, threshold=body.cascade_threshold, auto_tune=auto_tune,
+                            default=default_panel))
     if body.mode == "batch":
         shards, stamp = await asyncio.to_thread(runner.batch_runner.plan, body.source, body.shard_size)
         batch = {"source": body.source, "text_field": body.text_field, "id_field": body.id_field, "stamp": stamp}
