@@ -98,7 +98,7 @@ def measure(name: str, engine, embedder, args) -> list[list]:
     from service.labelling.prompts import load_template
     from service.labelling.refinement import refine
     from service.labelling.scoring import embedding_scorer
-    from service.labelling.tuning import CHANCE_ALPHA, CONTENT_FREE, candidates, chance_p_value, mutual_information
+    from service.labelling.tuning import CONTENT_FREE, beats_chance, candidates, chance_p_value, mutual_information
     from service.settings import Settings
     from service.taxonomy import load_taxonomy
     from service.work.jobs import AUTO_TUNE_DOCUMENTS
@@ -142,7 +142,7 @@ def measure(name: str, engine, embedder, args) -> list[list]:
     labels["panel classify + embedding, calibrated_mean"] = [
         a.label for a in panel(names, members, taxonomy, "calibrated_mean", {"classify"})]
     p_value = chance_p_value([list(tuned[p].argmax(1)[:AUTO_TUNE_DOCUMENTS]) for p in tuned], list(reference))
-    weight = 1.0 if p_value is None or p_value < CHANCE_ALPHA else 0.0  # as Panels.panel weighs an uninformative LLM
+    weight = 1.0 if beats_chance(p_value) else 0.0  # as Panels.panel weighs an uninformative LLM
     tuned_members = {"tuned": tuned[by_agreement], "embedding": results["embedding annotator"]}
     default = panel(names, tuned_members, taxonomy, "calibrated_mean", set(), {"tuned": weight})  # tuning calibrated it
     shown = "untestable" if p_value is None else f"{p_value:.3f}"

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from service.labelling.aggregation import silent
+from service.labelling.aggregation import SILENT, silent
 from service.store.jobs import Job, JobAnnotator
 from service.vocabulary import (
     AggregationMethod,
@@ -119,8 +119,8 @@ class JobStatus(BaseModel):
     def from_job(cls, job: Job) -> JobStatus:
         """Build from the store's job."""
         fields = {k: v for k, v in asdict(job).items() if k in cls.model_fields}
-        reasons = {m["annotator"]: m.get("weight_reason") for m in job.annotator_spec.get("members", [])}
-        fields["annotators"] = [a | {"weight_reason": reasons.get(a["annotator"])} for a in fields.get("annotators", [])]
+        fields["annotators"] = [a | {"weight_reason": SILENT if silent(a["weight"]) else None}
+                                for a in fields.get("annotators", [])]
         members = job.annotators
         aggregation = job.annotator_spec.get("aggregation") if len(members) > 1 else None
         counted = (members[:1] if aggregation == "cascade" else [m for m in members if not silent(m.weight)]

@@ -58,6 +58,10 @@ DEFAULT_METHOD = "dawid_skene"  # of a job that lists its annotators
 DEFAULT_PANEL_AGGREGATION = REFINED  # of the default panel (service.api.jobs): robust to a constant LLM, learns the job
 
 
+SILENT = ("no vote and not run: the default panel's LLM, whose tuned prompt agreed with the tuning's reference (the "
+          "embedding annotator's labels, or gold) no more than chance (the taxonomy's tuning evidence: chance_p_value)")
+
+
 def silent(weight: float | None) -> bool:
     """Whether a panel member casts no vote, whatever the method: weighed 0, which only the default panel's chance
     test gives (``Panels.panel``; a request's weights are above 0). Such a member is not run, so it has no rows."""

@@ -186,6 +186,11 @@ def chance_p_value(labels: list[list], reference: list, seed: int = 0) -> float 
     return (1 + reached) / (1 + PERMUTATIONS)
 
 
+def beats_chance(p_value: float | None) -> bool:
+    """Whether a chance test's p makes the choice ``informative``: under ``CHANCE_ALPHA``, or not testable (None)."""
+    return p_value is None or p_value < CHANCE_ALPHA
+
+
 async def tune(panels, taxonomy_name: str, version: str | None, model: str | None, texts: list[str],
                gold: list[str | None], prompts: list[str] | None = None,
                calibrations: list[Calibration] | None = None) -> dict:
@@ -226,7 +231,7 @@ async def tune(panels, taxonomy_name: str, version: str | None, model: str | Non
     rows = [i for i, g in enumerate(gold) if g is not None] if criterion == GOLD else range(len(texts))
     p_value = chance_p_value([[row[i] for i in rows] for row in labels],
                              [gold[i] if criterion == GOLD else reference[i].label for i in rows])
-    choice = replace(choices[best], informative=p_value is None or p_value < CHANCE_ALPHA)
+    choice = replace(choices[best], informative=beats_chance(p_value))
     labelled = [g for g in gold if g is not None]
     evidence = {
         "documents": len(texts), "labelled": len(labelled),

@@ -32,8 +32,6 @@ FEWSHOT = "classify_fewshot"  # the template that shows demonstrations
 AUTO_TUNE = "auto_tune"  # in a job's annotator spec until it has tuned its prompt on its own documents
 CASCADE = "cascade"  # the aggregation of a student-then-LLM job: the LLM's label where it was asked
 DEFAULT_PANEL = "default_panel"  # in a job's annotator spec when the service chose its annotators (the job listed none)
-CHANCE_REASON = ("its tuned prompt's labels agreed with the tuning's reference (the embedding annotator's labels, or "
-                 "gold) no more than chance: see the taxonomy's tuning evidence, chance_p_value")
 
 
 @dataclass(frozen=True)
@@ -265,9 +263,7 @@ def _panel_spec(panel: list[tuple[dict, Annotator]], aggregation: str | None, th
     if len(panel) == 1:
         return panel[0][1].spec
     return {"aggregation": aggregation or DEFAULT_METHOD, **({"threshold": threshold} if aggregation == CASCADE else {}),
-            "members": [{"name": row["name"], "annotator": row["annotator"], **labeller.spec,
-                         **({"weight_reason": CHANCE_REASON} if _uninformative(labeller) and row["weight"] == 0 else {})}
-                        for row, labeller in panel]}
+            "members": [{"name": row["name"], "annotator": row["annotator"], **labeller.spec} for row, labeller in panel]}
 
 
 def job_record(panel: list[tuple[dict, Annotator]], *, aggregation: str | None = None,
