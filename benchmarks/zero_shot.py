@@ -46,6 +46,7 @@ DATASETS = {  # name -> (taxonomy file, data file, label column)
 LEARNING_CURVE = (25, 50, 100, 200)  # labelled documents for the supervised baseline (those under --train)
 GOLD_DRAWS = 5  # draws of the gold labels that relabel the default job
 MIN_SCORED = 80  # sample documents left to score a relabelled job on (so 100 gold labels fit the 189 speeches)
+READING = "the LLM's reading"  # its time per document, beside the annotators'
 DEMONSTRATION_POOL = 100  # labelled documents the per-document demonstrations are chosen from
 
 
@@ -96,7 +97,7 @@ def measure(name: str, engine, embedder, args) -> list[list]:
     from service.labelling.annotators import EmbeddingLabeller
     from service.labelling.labeller import Labeller, softmax
     from service.labelling.prompts import load_template
-    from service.labelling.refinement import refine
+    from service.labelling.refinement import refine, with_reading
     from service.labelling.scoring import embedding_scorer
     from service.labelling.tuning import CONTENT_FREE, beats_chance, candidates, chance_p_value, mutual_information
     from service.settings import Settings
@@ -148,12 +149,18 @@ def measure(name: str, engine, embedder, args) -> list[list]:
     shown = "untestable" if p_value is None else f"{p_value:.3f}"
     labels[f"default panel after tuning (tuned, chance p = {shown}, weight {weight:g}; + embedding, "
            "calibrated_mean)"] = [a.label for a in default]
-    features = embedder.embed_documents(texts)
+    vectors = embedder.embed_documents(texts)
+    clock = time.perf_counter()
+    features = with_reading(vectors, np.array(engine.read_sync(texts)))  # as the service refines a job with an LLM
+    ms[READING] = 1000 * (time.perf_counter() - clock) / len(texts)
     untuned = panel(names, members, taxonomy, "calibrated_mean", {"classify"})
-    for title, voted in (("the default job with ANNOTATE_AUTO_TUNE=false", untuned),
-                         ("the default job (tuned on its first 100 documents)", default)):
-        refined, _ = refine(_matrix(voted, names), features, np.full(len(texts), -1))
-        labels[f"{title}: panel refined"] = [names[i] for i in refined.argmax(axis=1)]
+    for title, voted, views in (
+            ("the default job with ANNOTATE_AUTO_TUNE=false", untuned, {"": features}),
+            ("the default job (tuned on its first 100 documents)", default,
+             {" on the encoder's vectors alone": vectors, "": features})):
+        for view, seen in views.items():
+            refined, _ = refine(_matrix(voted, names), seen, np.full(len(texts), -1))
+            labels[f"{title}: panel refined{view}"] = [names[i] for i in refined.argmax(axis=1)]
     if train:
         train_features = embedder.embed_documents([r["text"] for r in train])
         for size in sorted({n for n in LEARNING_CURVE if n < len(train)} | {len(train)}):
@@ -161,7 +168,7 @@ def measure(name: str, engine, embedder, args) -> list[list]:
             if len(set(targets)) < 2:
                 continue
             model = LogisticRegression(max_iter=2000).fit(train_features[:size], targets)
-            labels[f"logistic regression on embeddings, {size} labels"] = list(model.predict(features))
+            labels[f"logistic regression on embeddings, {size} labels"] = list(model.predict(vectors))
     majority = max(set(truth), key=truth.count)
     table = [[name, f"majority class ({majority})", fmt_acc(truth.count(majority), len(truth))]]
     for method, predicted in labels.items():
@@ -170,10 +177,13 @@ def measure(name: str, engine, embedder, args) -> list[list]:
     if args.demonstrations and train:
         table += with_demonstrations(name, engine, embedder, taxonomy, texts[: args.demonstrations], truth, train)
     table += tuned_with_labels(name, tuned, names, truth, args.seed)
-    table += refined_with_labels(name, _matrix(default, names), features, names, truth, args.seed)
+    table += refined_with_labels(name, _matrix(default, names), {"embeddings": vectors,
+                                                                 "embeddings + LLM reading": features},
+                                 names, truth, args.seed)
     chosen = by_agreement.split(" + ")[0]  # the prompt the default job runs (calibration costs nothing)
     print(f"{name}: {len(texts)} documents in {time.perf_counter() - started:.0f} s; labelling ms/doc: the tuned "
-          f"prompt ({chosen}) {ms[chosen]:.0f}, the embedding annotator {ms['embedding annotator']:.0f}"
+          f"prompt ({chosen}) {ms[chosen]:.0f}, the embedding annotator {ms['embedding annotator']:.0f}, "
+          f"the LLM's reading for the refinement {ms[READING]:.0f}"
           f"{'' if weight else ' (the default job runs the embedding annotator only: the LLM is weighed 0)'}", flush=True)
     return table
 
@@ -225,11 +235,12 @@ def with_demonstrations(name: str, engine, embedder, taxonomy, texts: list[str],
     return rows
 
 
-def refined_with_labels(name: str, probs: np.ndarray, features: np.ndarray, names: tuple[str, ...], truth: list[str],
-                        seed: int) -> list[list]:
-    """The default job relabelled with N gold labels (``service.labelling.refinement``) beside a logistic regression on them.
+def refined_with_labels(name: str, probs: np.ndarray, views: dict[str, np.ndarray], names: tuple[str, ...],
+                        truth: list[str], seed: int) -> list[list]:
+    """The default job relabelled with N gold labels (``service.labelling.refinement``) beside logistic regressions
+    on them alone, one per view of the documents (the last view is the one the refinement reads).
 
-    Both learn the same N sample documents and are scored on the rest of the sample, over
+    All learn the same N sample documents and are scored on the rest of the sample, over
     ``GOLD_DRAWS`` draws of the N (one draw moves a cell by several points): the mean, and
     the lowest and highest draw.
     """
@@ -237,9 +248,10 @@ def refined_with_labels(name: str, probs: np.ndarray, features: np.ndarray, name
 
     from service.labelling.refinement import refine
 
+    features = list(views.values())[-1]
     rows = []
     for size in (n for n in LEARNING_CURVE if n <= len(truth) - MIN_SCORED):
-        scores: dict[str, list[float]] = {"refined": [], "regression": []}
+        scores: dict[str, list[float]] = {"refined": [], **{view: [] for view in views}}
         for draw in range(GOLD_DRAWS):
             order = list(range(len(truth)))
             random.Random(seed + 1 + draw).shuffle(order)
@@ -250,10 +262,12 @@ def refined_with_labels(name: str, probs: np.ndarray, features: np.ndarray, name
             gold_index[gold] = [names.index(truth[i]) for i in gold]
             refined, _ = refine(probs, features, gold_index, seed=seed)
             scores["refined"].append(np.mean([names[refined[i].argmax()] == truth[i] for i in rest]))
-            model = LogisticRegression(max_iter=2000).fit(features[gold], [truth[i] for i in gold])
-            scores["regression"].append(np.mean(model.predict(features[rest]) == np.array([truth[i] for i in rest])))
+            for view, seen in views.items():
+                model = LogisticRegression(max_iter=2000).fit(seen[gold], [truth[i] for i in gold])
+                scores[view].append(np.mean(model.predict(seen[rest]) == np.array([truth[i] for i in rest])))
         for key, label in (("refined", f"default job relabelled with {size} gold labels (refined, trained on them)"),
-                           ("regression", f"logistic regression on the same {size} gold labels alone")):
+                           *((view, f"logistic regression on the same {size} gold labels alone, over the {view}")
+                             for view in views)):
             values = scores[key]
             if values:
                 rows.append([name, f"{label}; scored on the other {len(truth) - size}, {len(values)} draws",

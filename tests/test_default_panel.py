@@ -78,6 +78,7 @@ def test_gold_labels_relabel_a_default_job_cross_fitted(in_process):
     job = _finished(client, answer.json()["job_id"])
     assert job["status"] == "succeeded" and job["aggregation"] == "refined"
     assert job["refinement"]["trained_on"] == "panel labels" and job["refinement"]["gold_labels"] == 0
+    assert job["refinement"]["read_by_llm"] is False  # the fake engine cannot read: the encoder's vectors alone
     job_id = job["job_id"]
     drawn = client.post(f"/v1/jobs/{job_id}/gold-sample", json={"size": 40})
     assert drawn.status_code == 201, drawn.text

@@ -92,6 +92,7 @@ def test_people_s_labels_relabel_their_job_and_demonstrate_for_the_next(service,
         relabelled = client.post(f"/v1/jobs/{job_id}/aggregate", json={"method": "refined"}).json()
         assert relabelled["refinement"]["trained_on"] == "gold labels"
         assert relabelled["refinement"]["gold_labels"] == len(first)
+        assert relabelled["refinement"]["read_by_llm"] is True  # the embedded model read the texts, through Serve
         assert client.get(f"/v1/jobs/{job_id}/report").json()["refinement"] == relabelled["refinement"]
         answer = client.post("/v1/jobs", json={"taxonomy": demonstrated_taxonomy, **PANEL, "documents": [
             {"id": q["id"], "text": q["text"]} for q in second]})

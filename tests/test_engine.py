@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from service.engines.base import ScoreRequest
-from service.engines.embedded import EmbeddedEngine
+from service.engines.embedded import READ_TOKENS, EmbeddedEngine
 from service.engines.numeric import CANDIDATES, choose_dtype, pick
 from service.settings import Settings
 
@@ -53,6 +54,9 @@ def _reference(engine: EmbeddedEngine, request: ScoreRequest) -> list[float]:
 # agreed on all 70; 0.01 is 180 times that and still catches any masking or position error, which moves
 # scores by whole nats.
 TOLERANCE = 0.01
+# a reading's entries are averages of RMS-normalised hidden states (about 1 in size); float32 with another batch
+# shape differs in the order of sums only (1.9e-6 measured on these texts); a padding error moves entries by tenths
+READ_TOLERANCE = 1e-3
 
 
 def test_packed_batched_scores_match_plain_sequences(engine):
@@ -89,6 +93,22 @@ def test_order_and_grouping_do_not_change_scores(engine):
     mixed = engine.score_sync([other, target, other])
     assert mixed[1] == pytest.approx(alone, abs=TOLERANCE)  # other batch shapes: up to 3.6e-6 measured
     assert len(mixed[0]) == 2 and mixed[0] == pytest.approx(mixed[2], abs=TOLERANCE)
+
+
+def test_reading_is_each_text_alone_whatever_the_batch(engine):
+    """``read`` gives one vector of the model's width per text, the same in a padded batch as alone (the padding
+    comes after each text, where causal attention never looks back), different for different texts; an empty text
+    still gets a vector, and a text is read up to READ_TOKENS tokens."""
+    texts = ["Who painted the Mona Lisa?", "FREE entry! Text WIN to 80086 now to claim your prize",
+             "ok", "", "The committee met on Tuesday and approved the budget for the new library wing."]
+    together = np.array(engine.read_sync(texts))
+    alone = np.array([engine.read_sync([text])[0] for text in texts])
+    assert together.shape == (len(texts), engine.model.config.hidden_size) and np.isfinite(together).all()
+    assert np.abs(together - alone).max() < READ_TOLERANCE
+    assert np.abs(together[0] - together[1]).max() > 100 * READ_TOLERANCE
+    words = " ".join(["word"] * (READ_TOKENS + 50))
+    first = engine.tokenizer.decode(engine.tokenizer(words, add_special_tokens=False)["input_ids"][:READ_TOKENS])
+    assert np.abs(np.array(engine.read_sync([words])) - np.array(engine.read_sync([first]))).max() < READ_TOLERANCE
 
 
 def test_engine_reports_its_identity(engine):

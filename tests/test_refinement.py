@@ -153,3 +153,49 @@ def test_the_gold_fit_corrects_the_labels_without_gold_rather_than_replacing_the
     truth = np.where(present, 2, without_gold)
     moved = _Correction(vectors[:60], offset[:60], truth[:60], 3).predict(vectors[60:], offset[60:])
     assert np.mean(moved.argmax(1) == truth[60:]) >= np.mean(without_gold[60:] == truth[60:]) + 0.1
+
+
+def test_the_llm_s_reading_is_a_second_view_each_block_of_unit_length():
+    """``with_reading`` standardises the reading per dimension (a dimension a thousand times larger than the rest
+    does not drown the others; a constant one is zero, not NaN) and puts it beside the vectors, each block of
+    length 1/√2, so the regression's penalty treats the two views alike."""
+    from service.labelling.refinement import with_reading
+
+    rng = np.random.default_rng(8)
+    vectors = rng.normal(size=(50, 6))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    reading = rng.normal(size=(50, 4)) * [1000.0, 1.0, 1.0, 0.0] + [5.0, 0.0, 0.0, 3.0]
+    features = with_reading(vectors, reading)
+    assert features.shape == (50, 10) and np.isfinite(features).all()
+    assert np.linalg.norm(features[:, :6], axis=1) == pytest.approx(np.full(50, 2 ** -0.5))
+    assert np.linalg.norm(features[:, 6:], axis=1) == pytest.approx(np.full(50, 2 ** -0.5))
+    assert np.all(features[:, 9] == 0) and features[:, 6].std() < 3 * features[:, 7].std()
+
+
+def test_a_job_is_refined_on_its_llm_s_reading_and_without_it_when_reading_fails():
+    """``refined_annotations`` reads the texts with the job's LLM when given a reader, and says so; a reader that
+    fails (a replica lost) leaves the encoder's vectors alone, and the labels are refined all the same."""
+    from conftest import REPO
+
+    from service.labelling.labeller import decide_single
+    from service.labelling.refinement import refined_annotations
+    from service.taxonomy import load_taxonomy
+
+    taxonomy = load_taxonomy(REPO / "taxonomy" / "sms-spam.yaml")
+    rng = np.random.default_rng(9)
+    decided = {f"d{i}": decide_single({"spam": p, "ham": 1 - p}, taxonomy) for i, p in enumerate(rng.random(30))}
+    documents = [{"doc_id": f"d{i}", "text": f"text {i}", "gold_label": None} for i in range(30)]
+    seen: list[list[str]] = []
+
+    def read(texts: list[str]) -> np.ndarray:
+        seen.append(texts)
+        return rng.normal(size=(len(texts), 5))
+
+    def lost(texts: list[str]) -> np.ndarray:
+        raise RuntimeError("replica died")
+
+    embed = lambda texts: rng.normal(size=(len(texts), 8))  # noqa: E731
+    _, read_by = refined_annotations(decided, documents, taxonomy, embed, read)
+    assert read_by.read_by_llm and read_by.trained_on == "panel labels" and seen == [[d["text"] for d in documents]]
+    out, alone = refined_annotations(decided, documents, taxonomy, embed, lost)
+    assert not alone.read_by_llm and alone.trained_on == "panel labels" and set(out) == set(decided)

@@ -106,7 +106,8 @@ class JobStatus(BaseModel):
     refinement: dict | None = Field(
         None, description="Aggregation 'refined': what the regression on the documents' embeddings learnt from "
                           "(panel labels, gold labels or nothing), how many gold labels, and the gold accuracy of the "
-                          "panel, of the label-free refinement and of the refined labels (cross-fitted).")
+                          "panel, of the label-free refinement and of the refined labels (cross-fitted); "
+                          "read_by_llm: whether the regression also read the texts with the job's LLM.")
     docs_per_s: float | None = Field(
         None, description="Documents' worth of work (all annotators) finished per second since the start.")
     eta_s: float | None = Field(None, description="Seconds left at the current pace, while running.")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from service.engines.base import Engine, EngineInfo, ScoreRequest
+from service.engines.base import Engine, EngineInfo, Reader, ScoreRequest
 from service.engines.registry import ModelsConfig, ModelSpec, create_engine, load_models
 
-__all__ = ["Engine", "EngineInfo", "ModelSpec", "ModelsConfig", "ScoreRequest", "create_engine", "load_models"]
+__all__ = ["Engine", "EngineInfo", "ModelSpec", "ModelsConfig", "Reader", "ScoreRequest", "create_engine", "load_models"]

@@ -53,3 +53,12 @@ class Engine(Protocol):
     async def generate_json(self, system: str, user: str, schema: dict, *, max_tokens: int = 256) -> dict:
         """A greedy reply to the chat prompt, constrained to the JSON schema, parsed (taxonomy induction)."""
         ...
+
+
+@runtime_checkable
+class Reader(Protocol):
+    """An engine that can also say how its model reads a text: one vector per text (the refinement's second view)."""
+
+    async def read(self, texts: list[str]) -> list[list[float]]:
+        """A fixed-length vector for each text, in order."""
+        ...

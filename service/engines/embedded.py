@@ -45,6 +45,7 @@ MODEL_ID = "SmolLM2-135M-Instruct-Q4_1"
 CONVERTED_NAME = "smollm2-135m-instruct-bf16"
 TOKEN_BUDGET = 512  # query tokens per forward pass: small batches keep the shared prefix in cache (measured best)
 PREFIX_CACHE_SIZE = 8  # distinct system prompts kept (a 1,500-token prefix holds about 50 MB)
+READ_TOKENS = 512  # of each document the model reads for ``read``: its cost per document is bounded
 
 
 def gguf_path() -> Path:
@@ -151,10 +152,39 @@ class EmbeddedEngine:
             for (system, chat), indices in groups.items():
                 prefix = self._prefix(system, chat)
                 packed = {i: self._pack(requests[i], prefix) for i in indices}
-                for batch in _batches(sorted(indices, key=lambda i: len(packed[i].tokens)), packed):
+                for batch in _batches({i: len(packed[i].tokens) for i in indices}):
                     for i, scores in zip(batch, self._forward(prefix, [packed[i] for i in batch])):
                         results[i] = scores
             return results  # type: ignore[return-value]
+
+    async def read(self, texts: list[str]) -> list[list[float]]:
+        """The model's reading of each text (``read_sync``), off the event loop."""
+        return await asyncio.to_thread(self.read_sync, texts)
+
+    def read_sync(self, texts: list[str]) -> list[list[float]]:
+        """One vector per text: the model's hidden states, each token's RMS-normalised, averaged over tokens and layers.
+
+        The refinement's second view of a document (``service.labelling.refinement``). The
+        first token is left out: it is the attention sink, whose few huge activations
+        would otherwise be all the vector says. Reads the first ``READ_TOKENS`` tokens of
+        the text alone, no prompt; texts are batched shortest first and padded on the right,
+        which causal attention never reads back.
+        """
+        torch = self._torch
+        ids = [self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"][:READ_TOKENS]
+               or [self._end] for text in texts]
+        vectors: list[list[float]] = [[] for _ in texts]
+        with self._lock, torch.inference_mode():
+            for batch in _batches(dict(enumerate(map(len, ids)))):
+                input_ids = torch.full((len(batch), max(len(ids[i]) for i in batch)), self._end, dtype=torch.long)
+                for row, i in enumerate(batch):
+                    input_ids[row, :len(ids[i])] = torch.tensor(ids[i])
+                states = self.model.model(input_ids=input_ids, use_cache=False, output_hidden_states=True).hidden_states
+                for row, i in enumerate(batch):
+                    tokens = torch.stack([layer[row, min(1, len(ids[i]) - 1):len(ids[i])] for layer in states[1:]]).float()
+                    tokens = tokens * torch.rsqrt(tokens.pow(2).mean(dim=-1, keepdim=True) + 1e-6)
+                    vectors[i] = tokens.mean(dim=(0, 1)).tolist()
+        return vectors
 
     async def generate_json(self, system: str, user: str, schema: dict, *, max_tokens: int = 256) -> dict:
         """A greedy reply constrained to a flat JSON object of string (or enum) fields, off the event loop."""
@@ -357,12 +387,12 @@ class _Decoder:
         return (value[:max_length] if max_length else value), used
 
 
-def _batches(order: list[int], packed: dict[int, _Packed]) -> list[list[int]]:
-    """Cut documents (shortest first) into batches whose padded size fits the token budget."""
+def _batches(lengths: dict[int, int]) -> list[list[int]]:
+    """Cut documents (index: tokens), shortest first, into batches whose padded size fits the token budget."""
     batches: list[list[int]] = []
     current: list[int] = []
-    for i in order:
-        width = len(packed[i].tokens)
+    for i in sorted(lengths, key=lengths.__getitem__):
+        width = lengths[i]
         if current and width * (len(current) + 1) > TOKEN_BUDGET:
             batches.append(current)
             current = []

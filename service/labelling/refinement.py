@@ -5,7 +5,8 @@ alone. Its labels, taken together, say more: documents that lie close in embeddi
 tend to share a label, which a classifier trained on the whole job can use and a
 per-document vote cannot. ``refine`` fits a class-balanced logistic regression (C = 1) on
 the documents' vectors (``Embedder.embed_documents`` of the runner's encoder, MiniLM by default: a long
-text is read whole):
+text is read whole), beside the job's LLM's own reading of each text where its engine can give one
+(``with_reading``; the embedded SmolLM2's hidden states: its first 512 tokens):
 
 - **Without gold labels** (fewer than ``MIN_GOLD``, or one class) it learns the panel's own
   top labels, cross-fitted over ``FOLDS`` folds so no document's refined label comes from
@@ -37,6 +38,7 @@ Measured by ``benchmarks/zero_shot.py`` (docs/benchmarks.md). Pure arrays in and
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
@@ -44,6 +46,8 @@ import numpy as np
 
 from service.labelling.labeller import Annotation, decide_single
 from service.taxonomy import Taxonomy
+
+log = logging.getLogger(__name__)
 
 FOLDS = 5
 MIN_GOLD = 10  # fewer gold labels cannot train a regression worth a fold split; the label-free refinement runs
@@ -58,6 +62,7 @@ class Refinement:
     trained_on: str  # "panel labels", "gold labels" or "nothing" (too few documents or classes)
     gold_labels: int = 0  # gold labels that trained it
     gold_accuracy: dict[str, float] | None = None  # on the gold documents: panel, label_free, refined (cross-fitted)
+    read_by_llm: bool = False  # whether the regression also saw the LLM's reading of the texts (``with_reading``)
     validity: str = (f"cross-fitted ({FOLDS} folds): no document's label comes from a model fitted on its own label, "
                      "so gold statistics (report, DSL, conformal) stay valid")
 
@@ -92,6 +97,20 @@ def refine(probs: np.ndarray, features: np.ndarray, gold_index: np.ndarray, *, g
         return probs, Refinement("nothing")
     self_trained, _ = _cross_fitted(features, panel_labels, groups, k, seed, features[:0])
     return SELF_TRAINING_WEIGHT * self_trained + (1 - SELF_TRAINING_WEIGHT) * probs, Refinement("panel labels")
+
+
+def with_reading(vectors: np.ndarray, reading: np.ndarray) -> np.ndarray:
+    """The encoder's vectors beside the LLM's reading of the same texts, each block of unit length.
+
+    The reading is standardised per dimension over the job's own documents (no labels): a
+    model's hidden states have a few dimensions far larger than the rest, which would
+    otherwise be all a regression sees. Measured on the same seeded samples (docs/labelling.md):
+    every dataset gained, with and without gold labels, over the vectors alone.
+    """
+    spread = reading.std(axis=0)
+    standard = (reading - reading.mean(axis=0)) / np.where(spread > 0, spread, 1.0)
+    standard /= np.maximum(np.linalg.norm(standard, axis=1, keepdims=True), 1e-12)
+    return np.hstack([vectors, standard]) / np.sqrt(2)
 
 
 def _stacked(probs: np.ndarray, features: np.ndarray) -> np.ndarray:
@@ -194,9 +213,12 @@ class _Correction:
 
 
 def refined_annotations(decided: dict[str, Annotation], documents: list[dict], taxonomy: Taxonomy,
-                        embed: Callable[[list[str]], np.ndarray]) -> tuple[dict[str, Annotation], Refinement]:
+                        embed: Callable[[list[str]], np.ndarray],
+                        read: Callable[[list[str]], np.ndarray] | None = None) -> tuple[dict[str, Annotation], Refinement]:
     """A job's aggregated annotations refined (``documents``: doc_id, text, gold_label, in job order).
 
+    ``read``: the job's LLM's reading of texts (``EmbeddedEngine.read``), the regression's second view beside
+    ``embed``'s vectors (``with_reading``); without it, or when it fails, the vectors alone.
     Only documents the panel voted on are refined and train anything; failed and unvoted ones stay as they are.
     """
     options = tuple(taxonomy.label_names())
@@ -209,7 +231,17 @@ def refined_annotations(decided: dict[str, Annotation], documents: list[dict], t
     gold_index = np.array([position.get(d["gold_label"], -1) for d in voted])
     texts = [d["text"] for d in voted]
     groups = np.unique(texts, return_inverse=True)[1]  # the same text twice shares a fold: no twin teaches it
-    refined, refinement = refine(probs, embed(texts), gold_index, groups=groups)
+    features, reading = embed(texts), None
+    if read is not None:
+        try:
+            reading = read(texts)
+        except Exception as exc:  # a model replica lost mid-job: the labels are refined on the vectors alone
+            log.warning("the LLM could not read the documents; refining on the encoder's vectors alone",
+                        extra={"error": str(exc)})
+    if reading is not None:
+        features = with_reading(features, reading)
+    refined, refinement = refine(probs, features, gold_index, groups=groups)
+    refinement = replace(refinement, read_by_llm=reading is not None)
     out = dict(decided)
     for d, row in zip(voted, refined):
         before = decided[d["doc_id"]]

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
+import numpy as np
 from ray import serve
 from ray.exceptions import ActorUnavailableError, OutOfMemoryError, RayActorError
 from ray.serve import Deployment
@@ -25,7 +27,7 @@ from ray.serve.handle import DeploymentHandle
 
 from service.api.context import Context, attach
 from service.api.token_store import TokenStore
-from service.engines import EngineInfo, ModelSpec, ScoreRequest, create_engine, load_models
+from service.engines import EngineInfo, ModelSpec, Reader, ScoreRequest, create_engine, load_models
 from service.errors import cause_of
 from service.logs import configure_logging
 from service.serve.http import create_api
@@ -69,6 +71,17 @@ class ModelServer:
     def info(self) -> EngineInfo:
         """Identity of the engine, recorded on every annotation."""
         return self.engine.info
+
+    def reads(self) -> bool:
+        """Whether the engine can read texts into vectors (``Reader``: the embedded engine)."""
+        return isinstance(self.engine, Reader)
+
+    async def read(self, texts: list[str]) -> list[list[float]]:
+        """The model's reading of each text (the refinement's second view), outside the scoring batches."""
+        if not isinstance(self.engine, Reader):
+            raise TypeError(f"model {self.name} cannot read texts into vectors")
+        with self.stats.busy(len(texts)):
+            return await self.engine.read(texts)
 
     def report(self) -> dict:
         """Queue depth and throughput of this replica (also exported as Ray metrics)."""
@@ -134,6 +147,17 @@ def handle_scorer(model: DeploymentHandle):
     return score
 
 
+def handle_reader(model: DeploymentHandle) -> Callable[[list[str]], np.ndarray]:
+    """The model's reading of texts, for a caller off the event loop (the job runner's aggregation thread)."""
+
+    def read(texts: list[str]) -> np.ndarray:
+        return np.array([vector for start in range(0, len(texts), READ_CALL)
+                         for vector in model.read.remote(texts[start:start + READ_CALL]).result()])
+
+    return read
+
+
+READ_CALL = 256  # texts per call: a large job's reading travels in parts, not as one message
 REPLICA_WAITS_S = (0.5, 1, 2) + (4,) * 30  # about two minutes: a restart reloads the weights
 REPLICA_DEATHS = 5  # a document that kills its replica this often is failed, not retried forever
 
@@ -184,7 +208,9 @@ class Ingress:
         parsed = Settings(**settings)
         configure_logging(parsed.log_level)
         infos = await asyncio.gather(*(handle.info.remote() for handle in models.values()))
-        named = {name: Model(name, handle_scorer(handle), info) for (name, handle), info in zip(models.items(), infos)}
+        reads = await asyncio.gather(*(handle.reads.remote() for handle in models.values()))
+        named = {name: Model(name, handle_scorer(handle), info, handle_reader(handle) if can else None)
+                 for (name, handle), info, can in zip(models.items(), infos, reads)}
         store = Store(parsed.db_path, export_dir=parsed.export_dir)
         batch = BatchRunner(store, parsed, {name: handle.deployment_name for name, handle in models.items()},
                             app_name=serve.get_replica_context().app_name)

@@ -9,9 +9,12 @@ one is scored through. ``job_record`` is what the store keeps of a panel.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+
+import numpy as np
 
 from service.engines.base import EMBEDDED_ENGINE, EngineInfo
 from service.engines.embeddings import Embedder, shared_embedder
@@ -24,6 +27,7 @@ from service.labelling.prompts import PromptTemplate, load_template
 from service.labelling.scoring import Annotator, Scorer, embedding_scorer, student_scorer
 from service.labelling.shortlist import TOP_DOWN, Shortlister, TopDown
 from service.store import Store
+from service.store.jobs import Job
 from service.taxonomy import NONE_LABEL, Demonstrations, Shortlist, Taxonomy
 from service.vocabulary import LongDocuments
 
@@ -41,6 +45,7 @@ class Model:
     name: str
     scorer: Scorer
     info: EngineInfo
+    reader: Callable[[list[str]], np.ndarray] | None = None  # its reading of texts (``Reader``), where the engine can
 
 
 class Panels:
@@ -209,6 +214,14 @@ class Panels:
         """The encoder that reads the jobs' documents (embedding annotator, refinement, demonstrations, shortlists,
         induction): ``ANNOTATE_EMBEDDING_MODEL_DIR``, else MiniLM."""
         return shared_embedder(self.embedding_model_dir)
+
+    def reader(self, job: Job) -> Callable[[list[str]], np.ndarray] | None:
+        """How the job's LLM reads its documents for the refinement: None if the job has no LLM member, or its
+        model's engine cannot read (an OpenAI-compatible server: the refinement reads with the encoder alone)."""
+        if not any(member.kind == "llm" for member in job.annotators):
+            return None
+        model = self.models.get(job.model)
+        return model.reader if model else None
 
     def model(self, name: str | None) -> Model:
         """The named model (the default for None); an unknown name is refused with the names there are."""
