@@ -77,11 +77,10 @@ class ModelServer:
         return isinstance(self.engine, Reader)
 
     async def read(self, texts: list[str]) -> list[list[float]]:
-        """The model's reading of each text (the refinement's second view), outside the scoring batches."""
+        """The model's reading of each text (the refinement's second view), outside the scoring batches and counts."""
         if not isinstance(self.engine, Reader):
             raise TypeError(f"model {self.name} cannot read texts into vectors")
-        with self.stats.busy(len(texts)):
-            return await self.engine.read(texts)
+        return await self.engine.read(texts)
 
     def report(self) -> dict:
         """Queue depth and throughput of this replica (also exported as Ray metrics)."""
