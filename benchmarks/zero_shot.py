@@ -113,7 +113,7 @@ def measure(name: str, engine, embedder, args) -> list[list]:
     started = time.perf_counter()
     results: dict[str, list] = {}
     tuned: dict[str, np.ndarray] = {}
-    ms: dict[str, float] = {}  # labelling time per document, each prompt and the embedding annotator
+    ms: dict[str, float] = {}  # time per document: each prompt, the embedding annotator and the LLM's reading
     for prompt in candidates(engine.info.engine, None):
         labeller = Labeller(taxonomy, taxonomy.version, load_template(prompt), engine.info, chars)
         clock = time.perf_counter()
@@ -177,8 +177,8 @@ def measure(name: str, engine, embedder, args) -> list[list]:
     if args.demonstrations and train:
         table += with_demonstrations(name, engine, embedder, taxonomy, texts[: args.demonstrations], truth, train)
     table += tuned_with_labels(name, tuned, names, truth, args.seed)
-    table += refined_with_labels(name, _matrix(default, names), {"embeddings": vectors,
-                                                                 "embeddings + LLM reading": features},
+    table += refined_with_labels(name, _matrix(default, names), features, {"embeddings": vectors,
+                                                                           "embeddings + LLM reading": features},
                                  names, truth, args.seed)
     chosen = by_agreement.split(" + ")[0]  # the prompt the default job runs (calibration costs nothing)
     print(f"{name}: {len(texts)} documents in {time.perf_counter() - started:.0f} s; labelling ms/doc: the tuned "
@@ -235,10 +235,10 @@ def with_demonstrations(name: str, engine, embedder, taxonomy, texts: list[str],
     return rows
 
 
-def refined_with_labels(name: str, probs: np.ndarray, views: dict[str, np.ndarray], names: tuple[str, ...],
-                        truth: list[str], seed: int) -> list[list]:
-    """The default job relabelled with N gold labels (``service.labelling.refinement``) beside logistic regressions
-    on them alone, one per view of the documents (the last view is the one the refinement reads).
+def refined_with_labels(name: str, probs: np.ndarray, features: np.ndarray, views: dict[str, np.ndarray],
+                        names: tuple[str, ...], truth: list[str], seed: int) -> list[list]:
+    """The default job relabelled with N gold labels (``service.labelling.refinement``, reading ``features``) beside
+    logistic regressions on them alone, one per view of the documents.
 
     All learn the same N sample documents and are scored on the rest of the sample, over
     ``GOLD_DRAWS`` draws of the N (one draw moves a cell by several points): the mean, and
@@ -248,7 +248,6 @@ def refined_with_labels(name: str, probs: np.ndarray, views: dict[str, np.ndarra
 
     from service.labelling.refinement import refine
 
-    features = list(views.values())[-1]
     rows = []
     for size in (n for n in LEARNING_CURVE if n <= len(truth) - MIN_SCORED):
         scores: dict[str, list[float]] = {"refined": [], **{view: [] for view in views}}

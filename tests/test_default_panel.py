@@ -116,7 +116,7 @@ def test_a_default_job_on_an_untuned_taxonomy_tunes_its_prompt_first(in_process)
     job = _finished(client, client.post("/v1/jobs", json={"taxonomy": "sms-spam", "documents": documents}).json()["job_id"])
     tuning = store.taxonomies.tunings("sms-spam", version)
     assert len(tuning) == 1 and tuning[0]["criterion"] == "embedding_agreement"
-    voted = tuning[0]["evidence"]["informative"]  # an LLM no better than chance is not run (test below)
+    voted = tuning[0]["evidence"]["informative"]  # an LLM no better than chance is not scored (test below)
     assert job["status"] == "succeeded" and [a["done"] for a in job["annotators"]] == [len(documents) * voted,
                                                                                      len(documents)]
     spec = store.jobs.get(job["job_id"]).annotator_spec
@@ -135,9 +135,9 @@ def test_a_default_job_on_an_untuned_taxonomy_tunes_its_prompt_first(in_process)
 def test_an_llm_that_agrees_with_the_embedding_annotator_no_more_than_chance_is_weighed_0(in_process):
     """The fake LLM scores label names by word overlap, and no TREC question names its answer type: every prompt
     gives every question one label, whose agreement with the embedding annotator any shuffle matches. The job's
-    tuning records that (informative: false); its panel weighs the LLM 0 and says why, does not run it (its labels
+    tuning records that (informative: false); its panel weighs the LLM 0 and says why, does not score it (its labels
     could not count), and its labels are the embedding annotator's, re-aggregated by another method too; a default
-    job with its own aggregation does not run it either, and a job that lists the LLM runs it."""
+    job with its own aggregation does not score it either, and a job that lists the LLM scores it."""
     from service.labelling.tuning import CHANCE_ALPHA
 
     client, store = in_process.client, in_process.store

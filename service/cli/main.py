@@ -180,7 +180,7 @@ def taxonomy_tune(
                   + ("" if crossed is None else f" (cross-fitted accuracy {crossed:.3f})"))
     if not body["informative"]:
         console.print(f"its labels agree with the reference no more than chance (p = {body['chance_p_value']:.3f}): "
-                      "the default panel weighs this LLM 0 and does not run it")
+                      "the default panel weighs this LLM 0 and does not score its prompt")
 
 
 @taxonomy_app.command("push")

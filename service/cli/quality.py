@@ -174,8 +174,11 @@ def audit(job_id: str, kind: IssueKind = typer.Option("gold", help="gold (human 
 def aggregate(job_id: str, method: str = typer.Argument(..., help=", ".join(METHODS) + "."),
               url: str = URL) -> None:
     """Recompute a several-annotator job's labels with another aggregation method."""
-    body = call("POST", f"{url}/v1/jobs/{job_id}/aggregate", json={"method": method}).json()
+    body = call("POST", f"{url}/v1/jobs/{job_id}/aggregate", json={"method": method}, timeout=AGGREGATE_TIMEOUT_S).json()
     console.print(f"job {job_id} labels now aggregated by {body['aggregation']}")
+
+
+AGGREGATE_TIMEOUT_S = 3600  # `refined` reads every text with the encoder and the LLM: minutes for a large job
 
 
 def register_quality_commands(app: typer.Typer) -> None:

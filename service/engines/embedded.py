@@ -46,6 +46,7 @@ CONVERTED_NAME = "smollm2-135m-instruct-bf16"
 TOKEN_BUDGET = 512  # query tokens per forward pass: small batches keep the shared prefix in cache (measured best)
 PREFIX_CACHE_SIZE = 8  # distinct system prompts kept (a 1,500-token prefix holds about 50 MB)
 READ_TOKENS = 512  # of each document the model reads for ``read``: its cost per document is bounded
+READ_CHARS = 16 * READ_TOKENS  # characters tokenized for ``read`` (no token is longer), so a long text costs no more
 
 
 def gguf_path() -> Path:
@@ -166,16 +167,18 @@ class EmbeddedEngine:
 
         The refinement's second view of a document (``service.labelling.refinement``). The
         first token is left out: it is the attention sink, whose few huge activations
-        would otherwise be all the vector says. Reads the first ``READ_TOKENS`` tokens of
+        would otherwise be all the vector says (a one-token text is read by its only token,
+        an empty one as the end-of-turn token). Reads the first ``READ_TOKENS`` tokens of
         the text alone, no prompt; texts are batched shortest first and padded on the right,
-        which causal attention never reads back.
+        which causal attention never reads back. The model is held one batch at a time, so
+        scoring for other jobs goes on between batches.
         """
         torch = self._torch
-        ids = [self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"][:READ_TOKENS]
-               or [self._end] for text in texts]
+        ids = [self.tokenizer(text[:READ_CHARS], add_special_tokens=False,
+                              split_special_tokens=True)["input_ids"][:READ_TOKENS] or [self._end] for text in texts]
         vectors: list[list[float]] = [[] for _ in texts]
-        with self._lock, torch.inference_mode():
-            for batch in _batches(dict(enumerate(map(len, ids)))):
+        for batch in _batches(dict(enumerate(map(len, ids)))):
+            with self._lock, torch.inference_mode():
                 input_ids = torch.full((len(batch), max(len(ids[i]) for i in batch)), self._end, dtype=torch.long)
                 for row, i in enumerate(batch):
                     input_ids[row, :len(ids[i])] = torch.tensor(ids[i])

@@ -21,8 +21,9 @@ Methods (``METHODS``):
   its calibration (``service.labelling.tuning``), and calibrating twice measured worse
   (the default job: SMS 90.0 against 93.7%, TREC 59.0 against 64.3%; docs/labelling.md).
 - ``refined``: ``calibrated_mean``, then mixed with a logistic regression on the documents'
-  embeddings fitted to the job, to the panel's labels without gold and to the gold labels
-  with (``service.labelling.refinement``, cross-fitted; ``JobRunner.aggregate`` runs it, since it
+  embeddings (and the LLM's reading of them, where its engine gives one) fitted to the job,
+  to the panel's labels without gold and to the gold labels with
+  (``service.labelling.refinement``, cross-fitted; ``JobRunner.aggregate`` runs it, since it
   needs the texts). The default panel's method.
 
 The aggregate read as much of a document as the member that read most: its ``chars_seen``
@@ -58,13 +59,15 @@ DEFAULT_METHOD = "dawid_skene"  # of a job that lists its annotators
 DEFAULT_PANEL_AGGREGATION = REFINED  # of the default panel (service.api.jobs): robust to a constant LLM, learns the job
 
 
-SILENT = ("no vote and not run: the default panel's LLM, whose tuned prompt agreed with the tuning's reference (the "
-          "embedding annotator's labels, or gold) no more than chance (the taxonomy's tuning evidence: chance_p_value)")
+SILENT = ("no vote and its prompt not scored: the default panel's LLM, whose tuned prompt agreed with the tuning's "
+          "reference (the embedding annotator's labels, or gold) no more than chance (the taxonomy's tuning evidence: "
+          "chance_p_value)")
 
 
 def silent(weight: float | None) -> bool:
     """Whether a panel member casts no vote, whatever the method: weighed 0, which only the default panel's chance
-    test gives (``Panels.panel``; a request's weights are above 0). Such a member is not run, so it has no rows."""
+    test gives (``Panels.panel``; a request's weights are above 0). Such a member is not scored, so it has no rows
+    (an LLM still reads the documents for ``refined``: ``service.labelling.refinement``)."""
     return weight == 0
 
 

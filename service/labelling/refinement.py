@@ -13,7 +13,7 @@ text is read whole), beside the job's LLM's own reading of each text where its e
   a model that was told that document's label, and counts half beside the panel
   (self-training, as in Gera et al. 2022, "Zero-Shot Text Classification with
   Self-Training").
-- **With gold labels** it learns the people's labels, from the embeddings *and* the panel's
+- **With gold labels** it learns the people's labels, from the same features *and* the panel's
   log-probabilities (stacking): the coefficients on the log-probabilities are a per-label
   bias and scaling of the panel (matrix scaling, Guo et al. 2017, which contains the
   per-label bias and temperature calibrator), so one fit both calibrates the panel and
@@ -38,16 +38,14 @@ Measured by ``benchmarks/zero_shot.py`` (docs/benchmarks.md). Pure arrays in and
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
 from service.labelling.labeller import Annotation, decide_single
+from service.labelling.scoring import Reading
 from service.taxonomy import Taxonomy
-
-log = logging.getLogger(__name__)
 
 FOLDS = 5
 MIN_GOLD = 10  # fewer gold labels cannot train a regression worth a fold split; the label-free refinement runs
@@ -100,12 +98,14 @@ def refine(probs: np.ndarray, features: np.ndarray, gold_index: np.ndarray, *, g
 
 
 def with_reading(vectors: np.ndarray, reading: np.ndarray) -> np.ndarray:
-    """The encoder's vectors beside the LLM's reading of the same texts, each block of unit length.
+    """The encoder's vectors beside the LLM's reading of the same texts, each row's two blocks of equal length (1/√2).
 
     The reading is standardised per dimension over the job's own documents (no labels): a
     model's hidden states have a few dimensions far larger than the rest, which would
-    otherwise be all a regression sees. Measured on the same seeded samples (docs/labelling.md):
-    every dataset gained, with and without gold labels, over the vectors alone.
+    otherwise be all a regression sees. Equal lengths are not equal spread: centred, the
+    reading varies more across documents than the encoder's unit vectors, which share a
+    common direction. Measured on the same seeded samples (docs/labelling.md): every dataset
+    gained over the vectors alone, with and without gold labels (but TREC at 200).
     """
     spread = reading.std(axis=0)
     standard = (reading - reading.mean(axis=0)) / np.where(spread > 0, spread, 1.0)
@@ -117,7 +117,7 @@ def _stacked(probs: np.ndarray, features: np.ndarray) -> np.ndarray:
     """The embeddings beside the panel's log-probabilities, the two blocks scaled to equal total variance.
 
     The regression's penalty is in units of the features: unscaled, a log-probability
-    (range about −7..0) beside unit-length 384-dimensional vectors (entries about ±0.05)
+    (range about −7..0) beside unit-length vectors of hundreds of dimensions (entries about ±0.05)
     would be nearly unpenalised and win by units alone. The scale comes from the job's own
     documents, no labels. Measured (8 gold draws each, 25/50/100 labels): within 2.5 points of
     the best fixed scale tried (0.1, 0.3, 1) on SMS, Rotten Tomatoes and TREC. A panel that says the same
@@ -214,11 +214,11 @@ class _Correction:
 
 def refined_annotations(decided: dict[str, Annotation], documents: list[dict], taxonomy: Taxonomy,
                         embed: Callable[[list[str]], np.ndarray],
-                        read: Callable[[list[str]], np.ndarray] | None = None) -> tuple[dict[str, Annotation], Refinement]:
+                        read: Reading | None = None) -> tuple[dict[str, Annotation], Refinement]:
     """A job's aggregated annotations refined (``documents``: doc_id, text, gold_label, in job order).
 
     ``read``: the job's LLM's reading of texts (``EmbeddedEngine.read``), the regression's second view beside
-    ``embed``'s vectors (``with_reading``); without it, or when it fails, the vectors alone.
+    ``embed``'s vectors (``with_reading``); without it, or when it gives None, the vectors alone.
     Only documents the panel voted on are refined and train anything; failed and unvoted ones stay as they are.
     """
     options = tuple(taxonomy.label_names())
@@ -231,17 +231,11 @@ def refined_annotations(decided: dict[str, Annotation], documents: list[dict], t
     gold_index = np.array([position.get(d["gold_label"], -1) for d in voted])
     texts = [d["text"] for d in voted]
     groups = np.unique(texts, return_inverse=True)[1]  # the same text twice shares a fold: no twin teaches it
-    features, reading = embed(texts), None
-    if read is not None:
-        try:
-            reading = read(texts)
-        except Exception as exc:  # a model replica lost mid-job: the labels are refined on the vectors alone
-            log.warning("the LLM could not read the documents; refining on the encoder's vectors alone",
-                        extra={"error": str(exc)})
+    features, reading = embed(texts), read(texts) if read is not None else None
     if reading is not None:
         features = with_reading(features, reading)
     refined, refinement = refine(probs, features, gold_index, groups=groups)
-    refinement = replace(refinement, read_by_llm=reading is not None)
+    refinement = replace(refinement, read_by_llm=reading is not None and refinement.trained_on != "nothing")
     out = dict(decided)
     for d, row in zip(voted, refined):
         before = decided[d["doc_id"]]

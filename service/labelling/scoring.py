@@ -23,6 +23,7 @@ from service.labelling.long_documents import combine
 from service.labelling.shortlist import group_vectors, prototype_matrix, prototype_texts
 
 Scorer = Callable[[list], Awaitable[list["list[float] | BaseException"]]]
+Reading = Callable[[list[str]], "np.ndarray | None"]  # a model's reading of texts, one row each; None if it could not
 Annotator = Labeller | EmbeddingLabeller | ClassifierLabeller
 
 

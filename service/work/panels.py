@@ -9,12 +9,9 @@ one is scored through. ``job_record`` is what the store keeps of a panel.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-
-import numpy as np
 
 from service.engines.base import EMBEDDED_ENGINE, EngineInfo
 from service.engines.embeddings import Embedder, shared_embedder
@@ -24,7 +21,7 @@ from service.labelling.annotators import EMBEDDING, ClassifierLabeller, Embeddin
 from service.labelling.demonstrations import Demonstrator, pool_hash
 from service.labelling.labeller import Labeller, annotator_key, demonstrations, shortlist_prompting
 from service.labelling.prompts import PromptTemplate, load_template
-from service.labelling.scoring import Annotator, Scorer, embedding_scorer, student_scorer
+from service.labelling.scoring import Annotator, Reading, Scorer, embedding_scorer, student_scorer
 from service.labelling.shortlist import TOP_DOWN, Shortlister, TopDown
 from service.store import Store
 from service.store.jobs import Job
@@ -45,7 +42,7 @@ class Model:
     name: str
     scorer: Scorer
     info: EngineInfo
-    reader: Callable[[list[str]], np.ndarray] | None = None  # its reading of texts (``Reader``), where the engine can
+    reader: Reading | None = None  # its reading of texts (``Reader``), where the engine can give one
 
 
 class Panels:
@@ -152,7 +149,7 @@ class Panels:
         ``long_documents`` overrides the taxonomy's for the LLM annotators (the others read the head);
         ``before``: the job's creation, for the demonstrations' pool (``labeller``). ``default``: the service's own
         panel (the job listed none), whose LLM is weighed 0 when its tuned prompt is not informative
-        (``service.labelling.tuning``); a member weighed 0 is not run (``aggregation.silent``). Annotators a job
+        (``service.labelling.tuning``); a member weighed 0 is not scored (``aggregation.silent``). Annotators a job
         lists are run and weighed as it says.
         """
         entries = annotators or [{"kind": "llm"}]
@@ -215,9 +212,9 @@ class Panels:
         induction): ``ANNOTATE_EMBEDDING_MODEL_DIR``, else MiniLM."""
         return shared_embedder(self.embedding_model_dir)
 
-    def reader(self, job: Job) -> Callable[[list[str]], np.ndarray] | None:
-        """How the job's LLM reads its documents for the refinement: None if the job has no LLM member, or its
-        model's engine cannot read (an OpenAI-compatible server: the refinement reads with the encoder alone)."""
+    def reader(self, job: Job) -> Reading | None:
+        """How the job's model (that of its LLM members) reads its documents for the refinement: None if the job
+        has no LLM member, or its engine cannot read (an OpenAI-compatible server: the encoder alone reads)."""
         if not any(member.kind == "llm" for member in job.annotators):
             return None
         model = self.models.get(job.model)
