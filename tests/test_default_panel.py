@@ -66,10 +66,11 @@ def test_multi_label_and_none_of_these_taxonomies_keep_the_llm_alone(in_process,
     assert [a["kind"] for a in _finished(client, answer.json()["job_id"])["annotators"]] == ["llm"]
 
 
-def test_gold_labels_relabel_a_default_job_cross_fitted(in_process):
+def test_gold_labels_relabel_a_default_job_cross_fitted(in_process, monkeypatch):
     """60 real TREC questions: labelled without gold (the regression learns the panel's labels), then 40 gold
-    labels and POST .../aggregate relabel the job with them; the report says how, and every gold document's
-    label is the cross-fitted one (the refinement's cross-fitted gold accuracy is the labels' on those documents)."""
+    labels and POST .../aggregate relabel the job with them, reading no text again; the report says how, and every
+    gold document's label is the cross-fitted one (the refinement's cross-fitted gold accuracy is the labels' on
+    those documents)."""
     client = in_process.client
     questions = [json.loads(line) for line in (FIXTURES / "questions.jsonl").read_text().splitlines() if line.strip()]
     assert client.post("/v1/taxonomies", content=(REPO / "taxonomy" / "trec-coarse.yaml").read_bytes()).is_success
@@ -87,8 +88,12 @@ def test_gold_labels_relabel_a_default_job_cross_fitted(in_process):
     put = client.post(f"/v1/jobs/{job_id}/gold", json={"annotator": "ann", "labels": [
         {"doc_id": row["doc_id"], "label": truth[row["doc_id"]]} for row in sample]})
     assert put.is_success, put.text
+    embedder, embedded = in_process.runner.panels.embedder(), []
+    embed = embedder.embed_documents
+    monkeypatch.setattr(embedder, "embed_documents", lambda texts: embedded.extend(texts) or embed(texts))
     relabelled = client.post(f"/v1/jobs/{job_id}/aggregate", json={"method": "refined"})
     assert relabelled.status_code == 200, relabelled.text
+    assert embedded == []  # the job's texts were read when it finished (service.work.readings)
     refinement = relabelled.json()["refinement"]
     assert refinement["trained_on"] == "gold labels" and refinement["gold_labels"] == 40
     assert "cross-fitted" in refinement["validity"]

@@ -195,8 +195,8 @@ class JobRunner:
         refinement = None
         if method == REFINED:  # embeds every text and has the LLM read it: the slow part of aggregating a large job
             documents = self.store.quality.documents_with_gold(job_id, DOCUMENT_CHARS)  # what embed_documents reads
-            decided, refinement = refined_annotations(decided, documents, taxonomy,
-                                                      self.panels.embedder().embed_documents, self.panels.reader(job))
+            decided, refinement = refined_annotations(decided, documents, taxonomy, self.panels.document_vectors(),
+                                                      self.panels.reader(job))
         hashes = {r["doc_id"]: r["text_hash"] for r in rows}
         keys = dict(job_id=job_id, annotator=job.annotator, model=None, engine="aggregate", prompt_hash=None,
                     taxonomy_version=version, decoding=json.dumps({"method": method, "members": sorted(weights)}))

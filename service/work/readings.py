@@ -1,0 +1,55 @@
+"""The vectors the refinement reads documents with, kept between aggregations of the same texts.
+
+Relabelling a job after each batch of gold labels (``refined``) reads every text again with
+the encoder and the job's LLM: a 512-token speech costs about 0.5 s on 2 cores, so a 10,000-
+speech job would spend over an hour per relabelling re-reading what it read before.
+``Readings`` keeps each text's vector by (who read it, the text's hash), the least recently
+used first out past ``READINGS_KEPT``, so the second relabelling reads only new texts. It
+lives in the job runner's process: a restart starts it empty, which costs one reading again.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import TypeVar, cast
+
+import numpy as np
+
+from service.documents import text_hash
+
+READINGS_KEPT = 20_000  # vectors kept (about 50 MB of MiniLM's and SmolLM2's float32 vectors): jobs relabelled in turn
+Read = TypeVar("Read", bound="np.ndarray | None")
+
+
+class Readings:
+    """Vectors of texts by (reader, text hash), least recently used first out; safe across aggregation threads."""
+
+    def __init__(self, kept: int = READINGS_KEPT):
+        self.kept = kept
+        self._vectors: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def cached(self, reader: str, read: Callable[[list[str]], Read]) -> Callable[[list[str]], Read]:
+        """``read`` that asks only for texts ``reader`` has not read yet; a None answer is passed on, not kept."""
+
+        def vectors(texts: list[str]) -> Read:
+            keys = [(reader, text_hash(text)) for text in texts]
+            with self._lock:
+                found = {key: self._vectors[key] for key in keys if key in self._vectors}
+            unread = {key: text for key, text in zip(keys, texts) if key not in found}
+            if unread:
+                fresh = read(list(unread.values()))
+                if fresh is None:
+                    return fresh
+                found.update(zip(unread, np.asarray(fresh, dtype=np.float32)))
+            with self._lock:
+                for key in keys:
+                    self._vectors[key] = found[key]
+                    self._vectors.move_to_end(key)
+                while len(self._vectors) > self.kept:
+                    self._vectors.popitem(last=False)
+            return cast(Read, np.stack([found[key] for key in keys]))
+
+        return vectors
