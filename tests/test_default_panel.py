@@ -93,7 +93,7 @@ def test_gold_labels_relabel_a_default_job_cross_fitted(in_process, monkeypatch)
     monkeypatch.setattr(embedder, "embed_documents", lambda texts: embedded.extend(texts) or embed(texts))
     relabelled = client.post(f"/v1/jobs/{job_id}/aggregate", json={"method": "refined"})
     assert relabelled.status_code == 200, relabelled.text
-    assert embedded == []  # the job's texts were read when it finished (service.work.readings)
+    assert embedded == []  # the job's texts were read when it finished (service.work.kept_vectors)
     refinement = relabelled.json()["refinement"]
     assert refinement["trained_on"] == "gold labels" and refinement["gold_labels"] == 40
     assert "cross-fitted" in refinement["validity"]

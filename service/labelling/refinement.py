@@ -107,6 +107,7 @@ def with_reading(vectors: np.ndarray, reading: np.ndarray) -> np.ndarray:
     common direction. Measured on the same seeded samples (docs/labelling.md): every dataset
     gained over the vectors alone, with and without gold labels (but TREC at 200).
     """
+    reading = np.asarray(reading, dtype=np.float64)  # kept as float32 (service.work.kept_vectors): exact, then widened
     spread = reading.std(axis=0)
     standard = (reading - reading.mean(axis=0)) / np.where(spread > 0, spread, 1.0)
     standard /= np.maximum(np.linalg.norm(standard, axis=1, keepdims=True), 1e-12)

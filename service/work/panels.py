@@ -30,7 +30,7 @@ from service.store import Store
 from service.store.jobs import Job
 from service.taxonomy import NONE_LABEL, Demonstrations, Shortlist, Taxonomy
 from service.vocabulary import LongDocuments
-from service.work.readings import Readings
+from service.work.kept_vectors import KeptVectors
 
 SHORTLISTERS_KEPT = 4  # retrievers (and demonstrators) kept built: each holds its embedded prototypes or pool
 FEWSHOT = "classify_fewshot"  # the template that shows demonstrations
@@ -63,7 +63,7 @@ class Panels:
         self.embedding_model_dir = embedding_model_dir  # None: MiniLM (ANNOTATE_EMBEDDING_MODEL_DIR)
         self._shortlisters: dict[tuple, Shortlister] = {}
         self._demonstrators: dict[tuple, Demonstrator] = {}
-        self.readings = Readings()  # what the refinement read, so a job relabelled again reads only new texts
+        self._kept_vectors = KeptVectors()  # what the refinement read, so a job relabelled again reads only new texts
 
     def labeller(self, taxonomy_name: str, version: str | None = None, model: str | None = None,
                  prompt: str | None = None, long_documents: LongDocuments | None = None,
@@ -219,16 +219,18 @@ class Panels:
 
     def reader(self, job: Job) -> Reading | None:
         """How the job's model (that of its LLM members) reads its documents for the refinement: None if the job
-        has no LLM member, or its engine cannot read (an OpenAI-compatible server: the encoder alone reads)."""
+        has no LLM member, or its engine cannot read (an OpenAI-compatible server: the encoder alone reads). What it
+        read is kept (``KeptVectors``)."""
         model = self.models.get(job.model)
         if model is None or model.reader is None or not any(member.kind == "llm" for member in job.annotators):
             return None
-        return self.readings.cached(f"{model.name} {model.info.engine} {model.info.model}", model.reader)
+        decoding = json.dumps(model.info.decoding, sort_keys=True)  # the numeric type chosen on the replica's machine
+        return self._kept_vectors.cached(f"{model.name} {model.info.engine} {model.info.model} {decoding}", model.reader)
 
     def document_vectors(self) -> Callable[[list[str]], np.ndarray]:
-        """The encoder's vectors of texts for the refinement, kept as the LLM's readings are."""
+        """The encoder's vectors of texts for the refinement, kept as the LLM's readings are (``KeptVectors``)."""
         embedder = self.embedder()
-        return self.readings.cached(embedder.identity, embedder.embed_documents)
+        return self._kept_vectors.cached(embedder.identity, embedder.embed_documents)
 
     def model(self, name: str | None) -> Model:
         """The named model (the default for None); an unknown name is refused with the names there are."""

@@ -1,4 +1,4 @@
-"""What the refinement read is kept (service.work.readings): a job relabelled again reads only texts it has not read.
+"""What the refinement read is kept (service.work.kept_vectors): a job relabelled again reads only texts it has not read.
 
 Pure bookkeeping over a counting reader; the service-level check (a relabelled job embeds nothing again) is in
 tests/test_default_panel.py.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.work.readings import Readings
+from service.work.kept_vectors import KeptVectors
 
 
 def _counting(asked: list[list[str]]):
@@ -24,7 +24,7 @@ def _counting(asked: list[list[str]]):
 def test_each_text_is_read_once_and_answers_keep_the_callers_order():
     """The second call asks only for the new text; a text twice in one call is read once; rows follow the call."""
     asked: list[list[str]] = []
-    read = Readings().cached("minilm", _counting(asked))
+    read = KeptVectors().cached("minilm", _counting(asked))
     first = read(["apple", "kiwi", "apple"])
     second = read(["kiwi", "banana", "apple"])
     assert asked == [["apple", "kiwi"], ["banana"]]
@@ -34,16 +34,16 @@ def test_each_text_is_read_once_and_answers_keep_the_callers_order():
 
 def test_readers_do_not_share_and_a_failed_reading_is_not_kept():
     """Another reader's vectors are its own; None (a model that could not read) is passed on and asked again."""
-    readings, asked, other = Readings(), [], []
-    readings.cached("minilm", _counting(asked))(["apple"])
-    readings.cached("smollm2", _counting(other))(["apple"])
+    kept, asked, other = KeptVectors(), [], []
+    kept.cached("minilm", _counting(asked))(["apple"])
+    kept.cached("smollm2", _counting(other))(["apple"])
     failing: list[list[str]] = []
 
     def lost(texts: list[str]) -> None:
         failing.append(texts)
         return None
 
-    down = readings.cached("llama", lost)
+    down = kept.cached("llama", lost)
     assert down(["apple"]) is None and down(["apple"]) is None
     assert asked == [["apple"]] and other == [["apple"]] and failing == [["apple"], ["apple"]]
 
@@ -51,9 +51,10 @@ def test_readers_do_not_share_and_a_failed_reading_is_not_kept():
 def test_past_the_limit_the_least_recently_used_go_first_and_a_large_call_is_whole():
     """A call of more texts than are kept still answers every one; afterwards only the most recent stay."""
     asked: list[list[str]] = []
-    readings = Readings(kept=3)
-    read = readings.cached("minilm", _counting(asked))
+    kept = KeptVectors(kept=3)
+    read = kept.cached("minilm", _counting(asked))
     assert read(["a1", "b22", "c333", "d4444", "e55555"]).shape == (5, 2)
     read(["c333", "d4444", "e55555"])
     read(["a1"])
     assert asked == [["a1", "b22", "c333", "d4444", "e55555"], ["a1"]]
+    assert all(vector.base is None for vector in kept._vectors.values())  # copies: no kept row holds its batch

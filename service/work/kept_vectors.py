@@ -1,11 +1,12 @@
 """The vectors the refinement reads documents with, kept between aggregations of the same texts.
 
-Relabelling a job after each batch of gold labels (``refined``) reads every text again with
-the encoder and the job's LLM: a 512-token speech costs about 0.5 s on 2 cores, so a 10,000-
+Relabelling a job after each batch of gold labels (``refined``) reads every text with the
+encoder and the job's LLM: a 512-token speech costs about 0.5 s on 2 cores, so a 10,000-
 speech job would spend over an hour per relabelling re-reading what it read before.
-``Readings`` keeps each text's vector by (who read it, the text's hash), the least recently
-used first out past ``READINGS_KEPT``, so the second relabelling reads only new texts. It
+``KeptVectors`` keeps each text's vector by (who read it, the text's hash), the least recently
+used first out past ``VECTORS_KEPT``, so the second relabelling reads only new texts. It
 lives in the job runner's process: a restart starts it empty, which costs one reading again.
+Two aggregations of the same new texts at once both read them (harmless: the same vectors).
 """
 
 from __future__ import annotations
@@ -19,22 +20,27 @@ import numpy as np
 
 from service.documents import text_hash
 
-READINGS_KEPT = 20_000  # vectors kept (about 50 MB of MiniLM's and SmolLM2's float32 vectors): jobs relabelled in turn
-Read = TypeVar("Read", bound="np.ndarray | None")
+VECTORS_KEPT = 20_000  # at most about 50 MB (SmolLM2's 576 float32 each, MiniLM's 384): jobs relabelled in turn
+Vectors = TypeVar("Vectors", bound="np.ndarray | None")
 
 
-class Readings:
+class KeptVectors:
     """Vectors of texts by (reader, text hash), least recently used first out; safe across aggregation threads."""
 
-    def __init__(self, kept: int = READINGS_KEPT):
+    def __init__(self, kept: int = VECTORS_KEPT):
         self.kept = kept
         self._vectors: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
 
-    def cached(self, reader: str, read: Callable[[list[str]], Read]) -> Callable[[list[str]], Read]:
-        """``read`` that asks only for texts ``reader`` has not read yet; a None answer is passed on, not kept."""
+    def cached(self, reader: str, read: Callable[[list[str]], Vectors]) -> Callable[[list[str]], Vectors]:
+        """``read`` that asks only for texts ``reader`` has not read yet; a None answer is passed on, not kept.
 
-        def vectors(texts: list[str]) -> Read:
+        ``reader`` must name everything the vectors depend on (model, engine, numeric type).
+        """
+
+        def vectors(texts: list[str]) -> Vectors:
+            if not texts:
+                return read(texts)
             keys = [(reader, text_hash(text)) for text in texts]
             with self._lock:
                 found = {key: self._vectors[key] for key in keys if key in self._vectors}
@@ -43,13 +49,14 @@ class Readings:
                 fresh = read(list(unread.values()))
                 if fresh is None:
                     return fresh
-                found.update(zip(unread, np.asarray(fresh, dtype=np.float32)))
+                # copies: a kept row must not hold its whole batch's array in memory after the others are evicted
+                found.update(zip(unread, (row.copy() for row in np.asarray(fresh, dtype=np.float32))))
             with self._lock:
                 for key in keys:
                     self._vectors[key] = found[key]
                     self._vectors.move_to_end(key)
                 while len(self._vectors) > self.kept:
                     self._vectors.popitem(last=False)
-            return cast(Read, np.stack([found[key] for key in keys]))
+            return cast(Vectors, np.stack([found[key] for key in keys]))
 
         return vectors
