@@ -72,6 +72,9 @@ def test_gold_labels_relabel_a_default_job_cross_fitted(in_process, monkeypatch)
     gold document's label is the cross-fitted one (the refinement's cross-fitted gold accuracy is the labels' on
     those documents)."""
     client = in_process.client
+    embedder, embedded = in_process.runner.panels.embedder(), []
+    embed = embedder.embed_documents
+    monkeypatch.setattr(embedder, "embed_documents", lambda texts: embedded.extend(texts) or embed(texts))
     questions = [json.loads(line) for line in (FIXTURES / "questions.jsonl").read_text().splitlines() if line.strip()]
     assert client.post("/v1/taxonomies", content=(REPO / "taxonomy" / "trec-coarse.yaml").read_bytes()).is_success
     answer = client.post("/v1/jobs", json={"taxonomy": "trec-coarse",
@@ -79,6 +82,8 @@ def test_gold_labels_relabel_a_default_job_cross_fitted(in_process, monkeypatch)
     job = _finished(client, answer.json()["job_id"])
     assert job["status"] == "succeeded" and job["aggregation"] == "refined"
     assert job["refinement"]["trained_on"] == "panel labels" and job["refinement"]["gold_labels"] == 0
+    # the embedding annotator's vectors are the refinement's: each question embedded once (service.work.kept_vectors)
+    assert all(embedded.count(q["text"]) == 1 for q in questions)
     assert job["refinement"]["read_by_llm"] is False  # the fake engine cannot read: the encoder's vectors alone
     job_id = job["job_id"]
     drawn = client.post(f"/v1/jobs/{job_id}/gold-sample", json={"size": 40})
@@ -88,12 +93,10 @@ def test_gold_labels_relabel_a_default_job_cross_fitted(in_process, monkeypatch)
     put = client.post(f"/v1/jobs/{job_id}/gold", json={"annotator": "ann", "labels": [
         {"doc_id": row["doc_id"], "label": truth[row["doc_id"]]} for row in sample]})
     assert put.is_success, put.text
-    embedder, embedded = in_process.runner.panels.embedder(), []
-    embed = embedder.embed_documents
-    monkeypatch.setattr(embedder, "embed_documents", lambda texts: embedded.extend(texts) or embed(texts))
+    read_before = len(embedded)
     relabelled = client.post(f"/v1/jobs/{job_id}/aggregate", json={"method": "refined"})
     assert relabelled.status_code == 200, relabelled.text
-    assert embedded == []  # the job's texts were read when it finished (service.work.kept_vectors)
+    assert len(embedded) == read_before  # the job's texts were read when it finished (service.work.kept_vectors)
     refinement = relabelled.json()["refinement"]
     assert refinement["trained_on"] == "gold labels" and refinement["gold_labels"] == 40
     assert "cross-fitted" in refinement["validity"]

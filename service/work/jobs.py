@@ -193,7 +193,7 @@ class JobRunner:
         decided = aggregate(rows, taxonomy, tuple(taxonomy.label_names()), weights=weights, calibrated=batch_calibrated(job),
                             method="calibrated_mean" if method == REFINED else method)
         refinement = None
-        if method == REFINED:  # embeds every text and has the LLM read it (the first time): the slow part
+        if method == REFINED:  # the LLM reads every text (the first time): the slow part
             documents = self.store.quality.documents_with_gold(job_id, DOCUMENT_CHARS)  # what embed_documents reads
             decided, refinement = refined_annotations(decided, documents, taxonomy, self.panels.document_vectors(),
                                                       self.panels.reader(job))

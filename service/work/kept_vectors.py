@@ -4,7 +4,8 @@ Relabelling a job after each batch of gold labels (``refined``) reads every text
 encoder and the job's LLM: a 512-token speech costs about 0.5 s on 2 cores, so a 10,000-
 speech job would spend over an hour per relabelling re-reading what it read before.
 ``KeptVectors`` keeps each text's vector by (who read it, the text's hash), the least recently
-used first out past ``VECTORS_KEPT``, so the second relabelling reads only new texts. It
+used first out past ``VECTORS_KEPT``, so the second relabelling reads only new texts (and the
+first finds the embedding annotator's vectors, which read the same characters). It
 lives in the job runner's process: a restart starts it empty, which costs one reading again.
 Two aggregations of the same new texts at once both read them (harmless: the same vectors).
 """

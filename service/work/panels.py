@@ -19,7 +19,7 @@ import numpy as np
 from service.engines.base import EMBEDDED_ENGINE, EngineInfo
 from service.engines.embeddings import Embedder, shared_embedder
 from service.errors import InvalidInput
-from service.labelling.aggregation import DEFAULT_METHOD
+from service.labelling.aggregation import DEFAULT_METHOD, silent
 from service.labelling.annotators import EMBEDDING, ClassifierLabeller, EmbeddingLabeller, Student
 from service.labelling.demonstrations import Demonstrator, pool_hash
 from service.labelling.labeller import Labeller, annotator_key, demonstrations, shortlist_prompting
@@ -205,7 +205,7 @@ class Panels:
                 raise RuntimeError("this runner has no StudentServer; cascades run inside the service")
             return student_scorer(labeller, self.students)
         if isinstance(labeller, EmbeddingLabeller):
-            return embedding_scorer(labeller, lambda texts: self.embedder().embed_documents(texts))
+            return embedding_scorer(labeller, self.document_vectors())
         return self.models[labeller.model].scorer
 
     def embedding_labeller(self, taxonomy: Taxonomy, version: str) -> EmbeddingLabeller:
@@ -228,7 +228,8 @@ class Panels:
         return self._kept_vectors.cached(f"{model.name} {model.info.engine} {model.info.model} {decoding}", model.reader)
 
     def document_vectors(self) -> Callable[[list[str]], np.ndarray]:
-        """The encoder's vectors of texts for the refinement, kept as the LLM's readings are (``KeptVectors``)."""
+        """The encoder's vectors of texts, kept (``KeptVectors``): the embedding annotator and the refinement both
+        read a document's first ``DOCUMENT_CHARS``, so the job's own refinement embeds nothing the annotator did."""
         embedder = self.embedder()
         return self._kept_vectors.cached(embedder.identity, embedder.embed_documents)
 
@@ -250,7 +251,7 @@ class Panels:
 def requested(entry: dict) -> dict:
     """A stored member as its job asked for it: a weight of 0 is the chance test's (a request's are above 0), so the
     panel decides it again from the tuning there is now."""
-    return entry | {"weight": None} if entry.get("weight") == 0 else entry
+    return entry | {"weight": None} if silent(entry.get("weight")) else entry
 
 
 def _uninformative(labeller: Annotator) -> bool:
