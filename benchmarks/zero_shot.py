@@ -113,9 +113,10 @@ def measure(name: str, engine, embedder, args) -> list[list]:
     started = time.perf_counter()
     results: dict[str, list] = {}
     tuned: dict[str, np.ndarray] = {}
+    labellers: dict[str, Labeller] = {}
     ms: dict[str, float] = {}  # time per document: each prompt, the embedding annotator and the LLM's reading
     for prompt in candidates(engine.info.engine, None):
-        labeller = Labeller(taxonomy, taxonomy.version, load_template(prompt), engine.info, chars)
+        labeller = labellers[prompt] = Labeller(taxonomy, taxonomy.version, load_template(prompt), engine.info, chars)
         clock = time.perf_counter()
         probs = llm_probabilities(engine, labeller, texts)
         ms[prompt] = 1000 * (time.perf_counter() - clock) / len(texts)
@@ -150,12 +151,15 @@ def measure(name: str, engine, embedder, args) -> list[list]:
     labels[f"default panel after tuning (tuned, chance p = {shown}, weight {weight:g}; + embedding, "
            "calibrated_mean)"] = [a.label for a in default]
     vectors = embedder.embed_documents(texts)
+    chosen = by_agreement.split(" + ")[0]  # the prompt the default job runs (calibration costs nothing)
     clock = time.perf_counter()
-    features = with_reading(vectors, np.array(engine.read_sync(texts)))  # as the service refines a job with an LLM
+    reading = np.array(engine.read_sync([labellers[chosen].requests(t)[0][0] for t in texts]))  # in the job's prompt
     ms[READING] = 1000 * (time.perf_counter() - clock) / len(texts)
+    features = with_reading(vectors, reading)  # as the service refines a job with an LLM
     untuned = panel(names, members, taxonomy, "calibrated_mean", {"classify"})
+    untuned_reading = np.array(engine.read_sync([labellers["classify"].requests(t)[0][0] for t in texts]))
     for title, voted, views in (
-            ("the default job with ANNOTATE_AUTO_TUNE=false", untuned, {"": features}),
+            ("the default job with ANNOTATE_AUTO_TUNE=false", untuned, {"": with_reading(vectors, untuned_reading)}),
             ("the default job (tuned on its first 100 documents)", default,
              {" on the encoder's vectors alone": vectors, "": features})):
         for view, seen in views.items():
@@ -180,7 +184,6 @@ def measure(name: str, engine, embedder, args) -> list[list]:
     table += refined_with_labels(name, _matrix(default, names), features, {"embeddings": vectors,
                                                                            "embeddings + LLM reading": features},
                                  names, truth, args.seed)
-    chosen = by_agreement.split(" + ")[0]  # the prompt the default job runs (calibration costs nothing)
     print(f"{name}: {len(texts)} documents in {time.perf_counter() - started:.0f} s; labelling ms/doc: the tuned "
           f"prompt ({chosen}) {ms[chosen]:.0f}, the embedding annotator {ms['embedding annotator']:.0f}, "
           f"the LLM's reading for the refinement {ms[READING]:.0f}"

@@ -10,7 +10,9 @@ benchmarks/zero_shot.py).
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
+import numpy as np
 import pytest
 from conftest import FIXTURES, REPO, wait_for_job
 
@@ -106,6 +108,34 @@ def test_gold_labels_relabel_a_default_job_cross_fitted(in_process, monkeypatch)
               client.get(f"/v1/jobs/{job_id}/labels").text.strip().splitlines()}
     hits = [labels[row["doc_id"]]["label"] == truth[row["doc_id"]] for row in sample]
     assert sum(hits) / len(hits) == pytest.approx(refinement["gold_accuracy"]["refined"])
+
+
+def test_the_refinement_reads_each_document_in_the_job_s_own_prompt(in_process, monkeypatch):
+    """A job whose model can read is refined on its reading of each document in the prompt the job labels with (its
+    tuned one), recorded as ``read_by_llm``, and relabelling reads nothing again. The model's reader is a stand-in
+    that records the prompts it is given (the fake engine cannot read; the embedded model's reading through Serve
+    is tests/test_demonstrations.py's): what is under test is which prompts the service asks it to read."""
+    client, panels = in_process.client, in_process.runner.panels
+    seen: list = []
+
+    def read(requests: list) -> np.ndarray:
+        seen.extend(requests)
+        return np.random.default_rng(len(seen)).normal(size=(len(requests), 2, 8))
+
+    monkeypatch.setitem(panels.models, "fake", replace(panels.models["fake"], reader=read))
+    questions = [json.loads(line) for line in (FIXTURES / "questions.jsonl").read_text().splitlines() if line.strip()]
+    assert client.post("/v1/taxonomies", content=(REPO / "taxonomy" / "trec-coarse.yaml").read_bytes()).is_success
+    answer = client.post("/v1/jobs", json={"taxonomy": "trec-coarse",
+                                           "documents": [{"id": q["id"], "text": q["text"]} for q in questions]})
+    job = _finished(client, answer.json()["job_id"])
+    assert job["refinement"]["read_by_llm"] is True and job["refinement"]["trained_on"] == "panel labels"
+    labeller = panels.labeller("trec-coarse", job["taxonomy_version"], "fake")  # the tuned prompt, as the job's LLM
+    assert in_process.store.jobs.get(job["job_id"]).annotators[0].annotator == labeller.key
+    assert sorted(seen, key=lambda r: r.user) == sorted((labeller.requests(q["text"])[0][0] for q in questions),
+                                                        key=lambda r: r.user)
+    relabelled = client.post(f"/v1/jobs/{job['job_id']}/aggregate", json={"method": "refined"})
+    assert relabelled.status_code == 200 and relabelled.json()["refinement"]["read_by_llm"] is True
+    assert len(seen) == len(questions)  # kept (service.work.kept_vectors)
 
 
 def test_a_default_job_on_an_untuned_taxonomy_tunes_its_prompt_first(in_process):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from service.engines.base import ScoreRequest
-from service.engines.embedded import READ_TOKENS, EmbeddedEngine
+from service.engines.embedded import EmbeddedEngine
 from service.engines.numeric import CANDIDATES, choose_dtype, pick
 from service.settings import Settings
 
@@ -30,15 +30,23 @@ def engine() -> EmbeddedEngine:
     return EmbeddedEngine(Settings().models_dir, dtype="float32")
 
 
+def _prompt_ids(engine: EmbeddedEngine, request: ScoreRequest) -> tuple[list[int], int]:
+    """The whole prompt's tokens, tokenized in one piece, and how many of them come before the document's part."""
+    def prompt(user: str) -> str:
+        if not request.chat:
+            return f"{request.system}\n\n{user}"
+        return engine.tokenizer.apply_chat_template(
+            [{"role": "system", "content": request.system}, {"role": "user", "content": user}],
+            tokenize=False, add_generation_prompt=True)
+
+    before = prompt("\x00").split("\x00")[0] if request.chat else request.system.rstrip()
+    ids = engine.tokenizer(prompt(request.user), add_special_tokens=False)["input_ids"]
+    return ids, len(engine.tokenizer(before, add_special_tokens=False)["input_ids"])
+
+
 def _reference(engine: EmbeddedEngine, request: ScoreRequest) -> list[float]:
     """Score each continuation by running prompt + continuation as one plain sequence."""
-    if request.chat:
-        prompt = engine.tokenizer.apply_chat_template(
-            [{"role": "system", "content": request.system}, {"role": "user", "content": request.user}],
-            tokenize=False, add_generation_prompt=True)
-    else:
-        prompt = f"{request.system}\n\n{request.user}"
-    prompt_ids = engine.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    prompt_ids, _ = _prompt_ids(engine, request)
     scores = []
     for continuation in request.continuations:
         ids = engine.tokenizer(continuation, add_special_tokens=False)["input_ids"] + ([engine._end] if request.chat else [])
@@ -95,20 +103,33 @@ def test_order_and_grouping_do_not_change_scores(engine):
     assert len(mixed[0]) == 2 and mixed[0] == pytest.approx(mixed[2], abs=TOLERANCE)
 
 
-def test_reading_is_each_text_alone_whatever_the_batch(engine):
-    """``read`` gives one vector of the model's width per text, the same in a padded batch as alone (the padding
-    comes after each text, where causal attention never looks back), different for different texts; an empty text
-    still gets a vector, and a text is read up to READ_TOKENS tokens."""
+def test_reading_is_each_prompt_alone_whatever_the_batch(engine):
+    """``read`` gives two vectors of the model's width per prompt (over the document's tokens; at the prompt's last
+    token), the same in a padded batch as alone (the padding comes after each prompt, where causal attention never
+    looks back) and as one plain forward pass over the whole prompt without the shared prefix's cache; different
+    documents, and the same document under another prompt, read differently; an empty document is read too."""
     texts = ["Who painted the Mona Lisa?", "FREE entry! Text WIN to 80086 now to claim your prize",
              "ok", "", "The committee met on Tuesday and approved the budget for the new library wing."]
-    together = np.array(engine.read_sync(texts))
-    alone = np.array([engine.read_sync([text])[0] for text in texts])
-    assert together.shape == (len(texts), engine.model.config.hidden_size) and np.isfinite(together).all()
+    requests = [ScoreRequest(SYSTEM, text, CONTINUATIONS) for text in texts]
+    plain = ScoreRequest("Say whether the text is positive or negative.", texts[0], (" positive",), chat=False)
+    together = np.array(engine.read_sync([*requests, plain]))
+    alone = np.array([engine.read_sync([request])[0] for request in [*requests, plain]])
+    assert together.shape == (len(texts) + 1, 2, engine.model.config.hidden_size) and np.isfinite(together).all()
     assert np.abs(together - alone).max() < READ_TOLERANCE
-    assert np.abs(together[0] - together[1]).max() > 100 * READ_TOLERANCE
-    words = " ".join(["word"] * (READ_TOKENS + 50))
-    first = engine.tokenizer.decode(engine.tokenizer(words, add_special_tokens=False)["input_ids"][:READ_TOKENS])
-    assert np.abs(np.array(engine.read_sync([words])) - np.array(engine.read_sync([first]))).max() < READ_TOLERANCE
+    assert (np.abs(together[0] - together[1]).max(axis=1) > 100 * READ_TOLERANCE).all()
+    assert np.abs(together[0, 1] - together[-1, 1]).max() > 100 * READ_TOLERANCE  # the prompt is read too
+    for request, read in ((requests[0], together[0]), (plain, together[-1])):
+        assert np.abs(read - _read_whole(engine, request)).max() < READ_TOLERANCE
+
+
+def _read_whole(engine: EmbeddedEngine, request: ScoreRequest) -> np.ndarray:
+    """The two views computed the plain way: one forward pass over the whole prompt, no prefix cache."""
+    ids, start = _prompt_ids(engine, request)
+    with torch.inference_mode():
+        states = engine.model.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+    tokens = torch.stack([layer[0, start:] for layer in states[1:]]).float()
+    tokens = (tokens * torch.rsqrt(tokens.pow(2).mean(dim=-1, keepdim=True) + 1e-6)).mean(dim=0)
+    return np.array([tokens.mean(dim=0).numpy(), tokens[-1].numpy()])
 
 
 def test_engine_reports_its_identity(engine):

@@ -155,20 +155,21 @@ def test_the_gold_fit_corrects_the_labels_without_gold_rather_than_replacing_the
     assert np.mean(moved.argmax(1) == truth[60:]) >= np.mean(without_gold[60:] == truth[60:]) + 0.1
 
 
-def test_the_llm_s_reading_is_a_second_view_each_block_of_unit_length():
-    """``with_reading`` standardises the reading per dimension (a dimension a thousand times larger than the rest
-    does not drown the others; a constant one is zero, not NaN) and puts it beside the vectors, each block of
-    length 1/√2, so the regression's penalty treats the two views alike."""
+def test_each_view_of_the_llm_s_reading_is_a_block_of_the_same_length_as_the_vectors():
+    """``with_reading`` standardises each view of the reading per dimension (a dimension a thousand times larger
+    than the rest does not drown the others; a constant one is zero, not NaN) and puts the views beside the
+    vectors, each block of length 1/√3 for two views, so the regression's penalty treats the three alike."""
     from service.labelling.refinement import with_reading
 
     rng = np.random.default_rng(8)
     vectors = rng.normal(size=(50, 6))
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    reading = rng.normal(size=(50, 4)) * [1000.0, 1.0, 1.0, 0.0] + [5.0, 0.0, 0.0, 3.0]
-    features = with_reading(vectors, reading)
-    assert features.shape == (50, 10) and np.isfinite(features).all()
-    assert np.linalg.norm(features[:, :6], axis=1) == pytest.approx(np.full(50, 2 ** -0.5))
-    assert np.linalg.norm(features[:, 6:], axis=1) == pytest.approx(np.full(50, 2 ** -0.5))
+    over = rng.normal(size=(50, 4)) * [1000.0, 1.0, 1.0, 0.0] + [5.0, 0.0, 0.0, 3.0]
+    last = rng.normal(size=(50, 4)) * 50.0
+    features = with_reading(vectors, np.stack([over, last], axis=1))
+    assert features.shape == (50, 14) and np.isfinite(features).all()
+    for block in (slice(0, 6), slice(6, 10), slice(10, 14)):
+        assert np.linalg.norm(features[:, block], axis=1) == pytest.approx(np.full(50, 3 ** -0.5))
     assert np.all(features[:, 9] == 0) and features[:, 6].std() < 3 * features[:, 7].std()
 
 
@@ -190,7 +191,7 @@ def test_a_job_is_refined_on_its_llm_s_reading_and_without_it_when_reading_fails
 
     def read(texts: list[str]) -> np.ndarray:
         seen.append(texts)
-        return rng.normal(size=(len(texts), 5))
+        return rng.normal(size=(len(texts), 2, 5))
 
     def lost(texts: list[str]) -> None:
         return None
@@ -208,10 +209,11 @@ def test_a_job_is_refined_on_its_llm_s_reading_and_without_it_when_reading_fails
 def test_a_model_that_cannot_read_gives_none_and_the_aggregation_goes_on(caplog):
     """``handle_reader`` turns a failed reading call into None and a warning. The handle is a stand-in: a Ray
     replica dying on cue cannot be staged here; what is under test is the wrapper's contract."""
+    from service.engines.base import ScoreRequest
     from service.serve.app import handle_reader
 
     class Died:
-        def remote(self, texts):
+        def remote(self, requests):
             return self
 
         def result(self, timeout_s=None):
@@ -220,5 +222,6 @@ def test_a_model_that_cannot_read_gives_none_and_the_aggregation_goes_on(caplog)
     class Handle:
         read = Died()
 
-    assert handle_reader(Handle())(["a text"]) is None  # type: ignore[arg-type]
+    request = ScoreRequest("Is the text spam?", "a text", ("spam", "ham"))
+    assert handle_reader(Handle())([request]) is None  # type: ignore[arg-type]
     assert "could not read" in caplog.text

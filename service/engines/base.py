@@ -57,8 +57,8 @@ class Engine(Protocol):
 
 @runtime_checkable
 class Reader(Protocol):
-    """An engine that can also say how its model reads a text: one vector per text (the refinement's second view)."""
+    """An engine that can also say how its model reads a prompt: its hidden states (the refinement's other views)."""
 
-    async def read(self, texts: list[str]) -> list[list[float]]:
-        """A fixed-length vector for each text, in order."""
+    async def read(self, requests: list[ScoreRequest]) -> list[list[list[float]]]:
+        """For each request, in order, the same number of fixed-length vectors (``EmbeddedEngine.read_sync``)."""
         ...

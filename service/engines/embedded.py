@@ -26,7 +26,7 @@ import json
 import os
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, cast
 
@@ -45,8 +45,6 @@ MODEL_ID = "SmolLM2-135M-Instruct-Q4_1"
 CONVERTED_NAME = "smollm2-135m-instruct-bf16"
 TOKEN_BUDGET = 512  # query tokens per forward pass: small batches keep the shared prefix in cache (measured best)
 PREFIX_CACHE_SIZE = 8  # distinct system prompts kept (a 1,500-token prefix holds about 50 MB)
-READ_TOKENS = 512  # of each document the model reads for ``read``: its cost per document is bounded
-READ_CHARS = 16 * READ_TOKENS  # characters tokenized for ``read`` (no token is longer), so a long text costs no more
 
 
 def gguf_path() -> Path:
@@ -158,35 +156,39 @@ class EmbeddedEngine:
                         results[i] = scores
             return results  # type: ignore[return-value]
 
-    async def read(self, texts: list[str]) -> list[list[float]]:
-        """The model's reading of each text (``read_sync``), off the event loop."""
-        return await asyncio.to_thread(self.read_sync, texts)
+    async def read(self, requests: list[ScoreRequest]) -> list[list[list[float]]]:
+        """The model's reading of each prompt (``read_sync``), off the event loop."""
+        return await asyncio.to_thread(self.read_sync, requests)
 
-    def read_sync(self, texts: list[str]) -> list[list[float]]:
-        """One vector per text: the model's hidden states, each token's RMS-normalised, averaged over tokens and layers.
+    def read_sync(self, requests: list[ScoreRequest]) -> list[list[list[float]]]:
+        """Two vectors per prompt, the model's hidden states: over the document's tokens, and at its last token.
 
-        The refinement's second view of a document (``service.labelling.refinement``). The
-        first token is left out: it is the attention sink, whose few huge activations
-        would otherwise be all the vector says (a one-token text is read by its only token,
-        an empty one as the end-of-turn token). Reads the first ``READ_TOKENS`` tokens of
-        the text alone, no prompt; texts are batched shortest first and padded on the right,
-        which causal attention never reads back. The model is held one batch at a time, so
-        scoring for other jobs goes on between batches.
+        The refinement's views of a document beside the encoder's (``service.labelling.refinement``):
+        each request is read as ``score`` reads it (the shared prefix cached, the document and
+        the prompt's end after it; its continuations are not read). Each token's state is
+        RMS-normalised in every layer and averaged over the layers; the first vector averages
+        them over the document's tokens too (the system prompt's attention-sink token is never
+        among them), the second is the prompt's last token, where the model is about to answer,
+        so it says what the model makes of the document for this task. Batched shortest first
+        and padded on the right, which causal attention never reads back. The model is held
+        one batch at a time, so scoring for other jobs goes on between batches.
         """
         torch = self._torch
-        ids = [self.tokenizer(text[:READ_CHARS], add_special_tokens=False,
-                              split_special_tokens=True)["input_ids"][:READ_TOKENS] or [self._end] for text in texts]
-        vectors: list[list[float]] = [[] for _ in texts]
-        for batch in _batches(dict(enumerate(map(len, ids)))):
+        vectors: list[list[list[float]]] = [[] for _ in requests]
+        groups: dict[tuple[str, bool], list[int]] = {}
+        for i, request in enumerate(requests):
+            groups.setdefault((request.system, request.chat), []).append(i)
+        for (system, chat), indices in groups.items():
             with self._lock, torch.inference_mode():
-                input_ids = torch.full((len(batch), max(len(ids[i]) for i in batch)), self._end, dtype=torch.long)
-                for row, i in enumerate(batch):
-                    input_ids[row, :len(ids[i])] = torch.tensor(ids[i])
-                states = self.model.model(input_ids=input_ids, use_cache=False, output_hidden_states=True).hidden_states
-                for row, i in enumerate(batch):
-                    tokens = torch.stack([layer[row, min(1, len(ids[i]) - 1):len(ids[i])] for layer in states[1:]]).float()
-                    tokens = tokens * torch.rsqrt(tokens.pow(2).mean(dim=-1, keepdim=True) + 1e-6)
-                    vectors[i] = tokens.mean(dim=(0, 1)).tolist()
+                prefix = self._prefix(system, chat)
+            packed = {i: self._pack(replace(requests[i], continuations=()), prefix) for i in indices}
+            for batch in _batches({i: len(packed[i].tokens) for i in indices}):
+                with self._lock, torch.inference_mode():
+                    states = self._run(prefix, [packed[i] for i in batch], all_layers=True).hidden_states
+                    for row, i in enumerate(batch):
+                        tokens = torch.stack([layer[row, :packed[i].body_len] for layer in states[1:]]).float()
+                        tokens = (tokens * torch.rsqrt(tokens.pow(2).mean(dim=-1, keepdim=True) + 1e-6)).mean(dim=0)
+                        vectors[i] = [tokens.mean(dim=0).tolist(), tokens[-1].tolist()]
         return vectors
 
     async def generate_json(self, system: str, user: str, schema: dict, *, max_tokens: int = 256) -> dict:
@@ -287,8 +289,8 @@ class EmbeddedEngine:
             targets.append(list(zip([len(body) - 1] + path, ids)))
         return _Packed(tokens, positions, ancestors, len(body), targets)
 
-    def _forward(self, prefix: _Prefix, batch: list[_Packed]) -> list[list[float]]:
-        """One forward pass over a batch; returns summed log-probs per continuation."""
+    def _run(self, prefix: _Prefix, batch: list[_Packed], all_layers: bool = False):
+        """One forward pass over a batch after the shared prefix (every layer's hidden states with ``all_layers``)."""
         torch = self._torch
         layers, prefix_len = prefix.layers, prefix.length
         width = max(len(p.tokens) for p in batch)
@@ -307,9 +309,13 @@ class EmbeddedEngine:
             for node, before in packed.ancestors.items():
                 query[node, : packed.body_len] = True
                 query[node, before + [node]] = True
-        hidden = self.model.model(
-            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False, prefix_kv=layers
-        ).last_hidden_state
+        return self.model.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
+                                prefix_kv=layers, output_hidden_states=all_layers)
+
+    def _forward(self, prefix: _Prefix, batch: list[_Packed]) -> list[list[float]]:
+        """One forward pass over a batch; returns summed log-probs per continuation."""
+        torch = self._torch
+        hidden = self._run(prefix, batch).last_hidden_state
         slots: dict[tuple[int, int], int] = {}  # (row, predictor position) -> row of the vocabulary projection
         picks, owners = [], []
         for row, packed in enumerate(batch):

@@ -16,6 +16,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from service.engines.base import ScoreRequest
 from service.errors import cause_of
 from service.labelling.annotators import ClassifierLabeller, EmbeddingLabeller
 from service.labelling.labeller import Annotation, Labeller, failed, in_order
@@ -23,7 +24,8 @@ from service.labelling.long_documents import combine
 from service.labelling.shortlist import group_vectors, prototype_matrix, prototype_texts
 
 Scorer = Callable[[list], Awaitable[list["list[float] | BaseException"]]]
-Reading = Callable[[list[str]], "np.ndarray | None"]  # a model's reading of texts, one row each; None if it could not
+Reading = Callable[[list[str]], "np.ndarray | None"]  # views of texts: (texts, views, width); None if it could not
+PromptReading = Callable[[list[ScoreRequest]], "np.ndarray | None"]  # a model's views of prompts (``Reader``), as above
 Annotator = Labeller | EmbeddingLabeller | ClassifierLabeller
 
 

@@ -28,7 +28,7 @@ from service.api.context import Context, attach
 from service.api.token_store import TokenStore
 from service.engines import EngineInfo, ModelSpec, Reader, ScoreRequest, create_engine, load_models
 from service.errors import cause_of
-from service.labelling.scoring import Reading
+from service.labelling.scoring import PromptReading
 from service.logs import configure_logging
 from service.serve.http import create_api
 from service.serve.metrics import ModelStats
@@ -73,13 +73,13 @@ class ModelServer:
         return self.engine.info
 
     def reads(self) -> bool:
-        """Whether the engine can read texts into vectors (``Reader``: the embedded engine)."""
+        """Whether the engine can read prompts into vectors (``Reader``: the embedded engine)."""
         return isinstance(self.engine, Reader)
 
-    async def read(self, texts: list[str]) -> list[list[float]]:
-        """The model's reading of each text (the refinement's second view), outside the scoring batches and counts;
+    async def read(self, requests: list[ScoreRequest]) -> list[list[list[float]]]:
+        """The model's reading of each prompt (the refinement's other views), outside the scoring batches and counts;
         called only where ``reads`` said it can."""
-        return await cast(Reader, self.engine).read(texts)
+        return await cast(Reader, self.engine).read(requests)
 
     def report(self) -> dict:
         """Queue depth and throughput of this replica (also exported as Ray metrics)."""
@@ -145,17 +145,17 @@ def handle_scorer(model: DeploymentHandle):
     return score
 
 
-def handle_reader(model: DeploymentHandle) -> Reading:
-    """The model's reading of texts, for a caller off the event loop (the job runner's aggregation thread).
+def handle_reader(model: DeploymentHandle) -> PromptReading:
+    """The model's reading of prompts, for a caller off the event loop (the job runner's aggregation thread).
 
     None, with a warning, when it cannot read them (a replica lost or stuck): the refinement then reads with
     the encoder alone rather than failing the job's aggregation.
     """
 
-    def read(texts: list[str]) -> np.ndarray | None:
+    def read(requests: list[ScoreRequest]) -> np.ndarray | None:
         try:
-            return np.array([vector for start in range(0, len(texts), READ_CALL)
-                             for vector in model.read.remote(texts[start:start + READ_CALL]).result(
+            return np.array([vectors for start in range(0, len(requests), READ_CALL)
+                             for vectors in model.read.remote(requests[start:start + READ_CALL]).result(
                                  timeout_s=READ_CALL_TIMEOUT_S)])
         except Exception as exc:  # whatever Ray raises (actor died, timeout): the caller goes on without the reading
             log.warning("the model could not read the documents; refining on the encoder's vectors alone",
@@ -165,8 +165,8 @@ def handle_reader(model: DeploymentHandle) -> Reading:
     return read
 
 
-READ_CALL = 64  # texts per call: a large job's reading travels in parts, each at most 64 × 512 tokens of work
-READ_CALL_TIMEOUT_S = 600  # a part that takes longer has met a stuck replica (measured: 366 ms per 512-token text)
+READ_CALL = 64  # prompts per call: a large job's reading travels in parts, each at most 64 documents' work
+READ_CALL_TIMEOUT_S = 600  # a part that takes longer has met a stuck replica (measured: about 0.4 s per speech)
 REPLICA_WAITS_S = (0.5, 1, 2) + (4,) * 30  # about two minutes: a restart reloads the weights
 REPLICA_DEATHS = 5  # a document that kills its replica this often is failed, not retried forever
 

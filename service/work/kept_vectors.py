@@ -1,7 +1,7 @@
 """The vectors the refinement reads documents with, kept between aggregations of the same texts.
 
 Relabelling a job after each batch of gold labels (``refined``) reads every text with the
-encoder and the job's LLM: a 512-token speech costs about 0.5 s on 2 cores, so a 10,000-
+encoder and the job's LLM: a 2,000-character speech costs about 0.5 s on 2 cores, so a 10,000-
 speech job would spend over an hour per relabelling re-reading what it read before.
 ``KeptVectors`` keeps each text's vector by (who read it, the text's hash), the least recently
 used first out past ``VECTORS_KEPT``, so the second relabelling reads only new texts (and the
@@ -21,7 +21,7 @@ import numpy as np
 
 from service.documents import text_hash
 
-VECTORS_KEPT = 20_000  # at most about 50 MB (SmolLM2's 576 float32 each, MiniLM's 384): jobs relabelled in turn
+VECTORS_KEPT = 20_000  # at most about 100 MB (SmolLM2's two views of 576 float32, MiniLM's 384): jobs relabelled in turn
 Vectors = TypeVar("Vectors", bound="np.ndarray | None")
 
 

@@ -24,7 +24,7 @@ from service.labelling.annotators import EMBEDDING, ClassifierLabeller, Embeddin
 from service.labelling.demonstrations import Demonstrator, pool_hash
 from service.labelling.labeller import Labeller, annotator_key, demonstrations, shortlist_prompting
 from service.labelling.prompts import PromptTemplate, load_template
-from service.labelling.scoring import Annotator, Reading, Scorer, embedding_scorer, student_scorer
+from service.labelling.scoring import Annotator, PromptReading, Reading, Scorer, embedding_scorer, student_scorer
 from service.labelling.shortlist import TOP_DOWN, Shortlister, TopDown
 from service.store import Store
 from service.store.jobs import Job
@@ -46,7 +46,7 @@ class Model:
     name: str
     scorer: Scorer
     info: EngineInfo
-    reader: Reading | None = None  # its reading of texts (``Reader``), where the engine can give one
+    reader: PromptReading | None = None  # its reading of prompts (``Reader``), where the engine can give one
 
 
 class Panels:
@@ -218,14 +218,23 @@ class Panels:
         return shared_embedder(self.embedding_model_dir)
 
     def reader(self, job: Job) -> Reading | None:
-        """How the job's model (that of its LLM members) reads its documents for the refinement: None if the job
-        has no LLM member, or its engine cannot read (an OpenAI-compatible server: the encoder alone reads). What it
-        read is kept (``KeptVectors``)."""
-        model = self.models.get(job.model)
-        if model is None or model.reader is None or not any(member.kind == "llm" for member in job.annotators):
+        """How the job's first LLM member reads its documents for the refinement, in that member's own prompt (the
+        tuned one where a tuning chose it; each document's first window): None if the job has no LLM member, or its
+        engine cannot read (an OpenAI-compatible server: the encoder alone reads). What it read is kept
+        (``KeptVectors``), under the member's annotator key (engine, its decoding and numeric type, prompt, taxonomy
+        version)."""
+        member = next((member for member in job.annotators if member.kind == "llm"), None)
+        model = self.models.get((member.model if member else None) or job.model)
+        if member is None or model is None or model.reader is None:
             return None
-        decoding = json.dumps(model.info.decoding, sort_keys=True)  # the numeric type chosen on the replica's machine
-        return self._kept_vectors.cached(f"{model.name} {model.info.engine} {model.info.model} {decoding}", model.reader)
+        labeller = self.labeller(job.taxonomy, job.taxonomy_version, model.name, member.prompt, job.long_documents,
+                                 job.shortlist, job.created_at)
+        read = model.reader
+
+        def prompted(texts: list[str]) -> np.ndarray | None:
+            return read([labeller.requests(text)[0][0] for text in texts])
+
+        return self._kept_vectors.cached(f"{model.name} {labeller.key}", prompted)  # the key holds the numeric type
 
     def document_vectors(self) -> Callable[[list[str]], np.ndarray]:
         """The encoder's vectors of texts, kept (``KeptVectors``): the embedding annotator and the refinement both
