@@ -153,11 +153,11 @@ def measure(name: str, engine, embedder, args) -> list[list]:
     vectors = embedder.embed_documents(texts)
     chosen = by_agreement.split(" + ")[0]  # the prompt the default job runs (calibration costs nothing)
     clock = time.perf_counter()
-    reading = np.array(engine.read_sync([labellers[chosen].requests(t)[0][0] for t in texts]))  # in the job's prompt
+    reading = np.array(engine.read_sync([labellers[chosen].reading_request(t) for t in texts]))  # in the job's prompt
     ms[READING] = 1000 * (time.perf_counter() - clock) / len(texts)
     features = with_reading(vectors, reading)  # as the service refines a job with an LLM
     untuned = panel(names, members, taxonomy, "calibrated_mean", {"classify"})
-    untuned_reading = np.array(engine.read_sync([labellers["classify"].requests(t)[0][0] for t in texts]))
+    untuned_reading = np.array(engine.read_sync([labellers["classify"].reading_request(t) for t in texts]))
     for title, voted, views in (
             ("the default job with ANNOTATE_AUTO_TUNE=false", untuned, {"": with_reading(vectors, untuned_reading)}),
             ("the default job (tuned on its first 100 documents)", default,

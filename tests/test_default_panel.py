@@ -110,9 +110,10 @@ def test_gold_labels_relabel_a_default_job_cross_fitted(in_process, monkeypatch)
     assert sum(hits) / len(hits) == pytest.approx(refinement["gold_accuracy"]["refined"])
 
 
-def test_the_refinement_reads_each_document_in_the_job_s_own_prompt(in_process, monkeypatch):
+def test_the_refinement_reads_each_document_in_the_job_s_own_prompt(in_process, monkeypatch, caplog):
     """A job whose model can read is refined on its reading of each document in the prompt the job labels with (its
-    tuned one), recorded as ``read_by_llm``, and relabelling reads nothing again. The model's reader is a stand-in
+    tuned one), recorded as ``read_by_llm``, and relabelling reads nothing again; once the service's settings no
+    longer build that prompt, the encoder reads alone, with a warning. The model's reader is a stand-in
     that records the prompts it is given (the fake engine cannot read; the embedded model's reading through Serve
     is tests/test_demonstrations.py's): what is under test is which prompts the service asks it to read."""
     client, panels = in_process.client, in_process.runner.panels
@@ -131,11 +132,14 @@ def test_the_refinement_reads_each_document_in_the_job_s_own_prompt(in_process, 
     assert job["refinement"]["read_by_llm"] is True and job["refinement"]["trained_on"] == "panel labels"
     labeller = panels.labeller("trec-coarse", job["taxonomy_version"], "fake")  # the tuned prompt, as the job's LLM
     assert in_process.store.jobs.get(job["job_id"]).annotators[0].annotator == labeller.key
-    assert sorted(seen, key=lambda r: r.user) == sorted((labeller.requests(q["text"])[0][0] for q in questions),
+    assert sorted(seen, key=lambda r: r.user) == sorted((labeller.reading_request(q["text"]) for q in questions),
                                                         key=lambda r: r.user)
     relabelled = client.post(f"/v1/jobs/{job['job_id']}/aggregate", json={"method": "refined"})
     assert relabelled.status_code == 200 and relabelled.json()["refinement"]["read_by_llm"] is True
     assert len(seen) == len(questions)  # kept (service.work.kept_vectors)
+    panels.max_scored_labels = 2  # the job's prompt cannot be built now (6 labels): the encoder alone reads, and says so
+    assert panels.reader(in_process.store.jobs.get(job["job_id"])) is None
+    assert "cannot be built" in caplog.text
 
 
 def test_a_default_job_on_an_untuned_taxonomy_tunes_its_prompt_first(in_process):

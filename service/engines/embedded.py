@@ -145,10 +145,7 @@ class EmbeddedEngine:
         """Group requests by system prompt and score each group in token-budgeted batches."""
         with self._lock, self._torch.inference_mode():
             results: list[list[float] | None] = [None] * len(requests)
-            groups: dict[tuple[str, bool], list[int]] = {}
-            for i, request in enumerate(requests):
-                groups.setdefault((request.system, request.chat), []).append(i)
-            for (system, chat), indices in groups.items():
+            for (system, chat), indices in _grouped(requests).items():
                 prefix = self._prefix(system, chat)
                 packed = {i: self._pack(requests[i], prefix) for i in indices}
                 for batch in _batches({i: len(packed[i].tokens) for i in indices}):
@@ -161,27 +158,25 @@ class EmbeddedEngine:
         return await asyncio.to_thread(self.read_sync, requests)
 
     def read_sync(self, requests: list[ScoreRequest]) -> list[list[list[float]]]:
-        """Two vectors per prompt, the model's hidden states: over the document's tokens, and at its last token.
+        """Two vectors per prompt, the model's hidden states: over its user turn, and at its last token.
 
         The refinement's views of a document beside the encoder's (``service.labelling.refinement``):
-        each request is read as ``score`` reads it (the shared prefix cached, the document and
-        the prompt's end after it; its continuations are not read). Each token's state is
-        RMS-normalised in every layer and averaged over the layers; the first vector averages
-        them over the document's tokens too (the system prompt's attention-sink token is never
-        among them), the second is the prompt's last token, where the model is about to answer,
-        so it says what the model makes of the document for this task. Batched shortest first
+        each request is read as ``score`` reads it (the shared prefix cached, then the user turn:
+        the document with the template's words around it, and the prompt's end; its
+        continuations are not read). Each token's state is RMS-normalised in every layer and
+        averaged over the layers; the first vector averages them over the user turn's tokens too
+        (the system prompt's attention-sink token is never among them), the second is the
+        prompt's last token, where the model is about to answer, so it says what the model makes
+        of the document for this task. Batched shortest first
         and padded on the right, which causal attention never reads back. The model is held
         one batch at a time, so scoring for other jobs goes on between batches.
         """
         torch = self._torch
         vectors: list[list[list[float]]] = [[] for _ in requests]
-        groups: dict[tuple[str, bool], list[int]] = {}
-        for i, request in enumerate(requests):
-            groups.setdefault((request.system, request.chat), []).append(i)
-        for (system, chat), indices in groups.items():
-            with self._lock, torch.inference_mode():
+        for (system, chat), indices in _grouped(requests).items():
+            with self._lock, torch.inference_mode():  # the tokenizer too: a call can flip its special-token setting
                 prefix = self._prefix(system, chat)
-            packed = {i: self._pack(replace(requests[i], continuations=()), prefix) for i in indices}
+                packed = {i: self._pack(replace(requests[i], continuations=()), prefix) for i in indices}
             for batch in _batches({i: len(packed[i].tokens) for i in indices}):
                 with self._lock, torch.inference_mode():
                     states = self._run(prefix, [packed[i] for i in batch], all_layers=True).hidden_states
@@ -394,6 +389,14 @@ class _Decoder:
         self.feed(tail + '"')
         value = (text + tail).strip()
         return (value[:max_length] if max_length else value), used
+
+
+def _grouped(requests: list[ScoreRequest]) -> dict[tuple[str, bool], list[int]]:
+    """Requests' indices by (system prompt, chat format): each group shares one cached prefix."""
+    groups: dict[tuple[str, bool], list[int]] = {}
+    for i, request in enumerate(requests):
+        groups.setdefault((request.system, request.chat), []).append(i)
+    return groups
 
 
 def _batches(lengths: dict[int, int]) -> list[list[int]]:

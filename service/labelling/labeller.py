@@ -185,6 +185,11 @@ class Labeller:
         """Short stable id of this annotator (the cache key's second half, next to the text hash)."""
         return annotator_key(self.spec)
 
+    def reading_request(self, text: str) -> ScoreRequest:
+        """The prompt a model reads a document in for the refinement (``Reader``): its first window as scored, without
+        the continuations (nothing is scored), so a reading travels light."""
+        return replace(self.requests(text)[0][0], continuations=())
+
     def requests(self, text: str, shortlist: tuple[str, ...] | None = None,
                  shown: list[tuple[str, str]] | None = None) -> tuple[list[ScoreRequest], int]:
         """The engine requests for one document (one per window in ``chunk`` mode), and ``chars_seen``.

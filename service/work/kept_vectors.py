@@ -3,7 +3,7 @@
 Relabelling a job after each batch of gold labels (``refined``) reads every text with the
 encoder and the job's LLM: a 2,000-character speech costs about 0.5 s on 2 cores, so a 10,000-
 speech job would spend over an hour per relabelling re-reading what it read before.
-``KeptVectors`` keeps each text's vector by (who read it, the text's hash), the least recently
+``KeptVectors`` keeps each text's vectors by (who read it, the text's hash), the least recently
 used first out past ``VECTORS_KEPT``, so the second relabelling reads only new texts (and the
 first finds the embedding annotator's vectors, which read the same characters). It
 lives in the job runner's process: a restart starts it empty, which costs one reading again.
@@ -36,7 +36,7 @@ class KeptVectors:
     def cached(self, reader: str, read: Callable[[list[str]], Vectors]) -> Callable[[list[str]], Vectors]:
         """``read`` that asks only for texts ``reader`` has not read yet; a None answer is passed on, not kept.
 
-        ``reader`` must name everything the vectors depend on (model, engine, numeric type).
+        ``reader`` must name everything the vectors depend on (model, engine, numeric type, the prompt read in).
         """
 
         def vectors(texts: list[str]) -> Vectors:

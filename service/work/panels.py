@@ -9,6 +9,7 @@ one is scored through. ``job_record`` is what the store keeps of a panel.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -32,6 +33,7 @@ from service.taxonomy import NONE_LABEL, Demonstrations, Shortlist, Taxonomy
 from service.vocabulary import LongDocuments
 from service.work.kept_vectors import KeptVectors
 
+log = logging.getLogger(__name__)
 SHORTLISTERS_KEPT = 4  # retrievers (and demonstrators) kept built: each holds its embedded prototypes or pool
 FEWSHOT = "classify_fewshot"  # the template that shows demonstrations
 AUTO_TUNE = "auto_tune"  # in a job's annotator spec until it has tuned its prompt on its own documents
@@ -218,21 +220,31 @@ class Panels:
         return shared_embedder(self.embedding_model_dir)
 
     def reader(self, job: Job) -> Reading | None:
-        """How the job's first LLM member reads its documents for the refinement, in that member's own prompt (the
-        tuned one where a tuning chose it; each document's first window): None if the job has no LLM member, or its
-        engine cannot read (an OpenAI-compatible server: the encoder alone reads). What it read is kept
-        (``KeptVectors``), under the member's annotator key (engine, its decoding and numeric type, prompt, taxonomy
-        version)."""
+        """How the job's first LLM member reads its documents for the refinement, in the prompt the job recorded for
+        it (each document's first window, the taxonomy's fixed examples where demonstrations are chosen per
+        document): None if the job has no LLM member, its engine cannot read (an OpenAI-compatible server), its
+        documents are scored on shortlists (each its own prompt), or that prompt cannot be built any more (the
+        service's settings changed; a warning): the encoder alone reads then. What it read is kept (``KeptVectors``),
+        under the prompt's annotator key (engine, its decoding and numeric type, prompt, taxonomy version)."""
         member = next((member for member in job.annotators if member.kind == "llm"), None)
         model = self.models.get((member.model if member else None) or job.model)
         if member is None or model is None or model.reader is None:
             return None
-        labeller = self.labeller(job.taxonomy, job.taxonomy_version, model.name, member.prompt, job.long_documents,
-                                 job.shortlist, job.created_at)
+        recorded: dict = next((spec for spec in job.annotator_spec.get("members", [job.annotator_spec])
+                         if spec.get("annotator", member.annotator) == member.annotator), {})
+        try:  # the recorded prompt, not a later tuning's
+            labeller = self.labeller(job.taxonomy, job.taxonomy_version, model.name, recorded.get("prompt"),
+                                     job.long_documents, job.shortlist, job.created_at)
+        except InvalidInput as exc:
+            log.warning("the job's prompt cannot be built; refining on the encoder's vectors alone",
+                        extra={"job_id": job.job_id, "error": str(exc)})
+            return None
+        if labeller.shortlister is not None:
+            return None
         read = model.reader
 
         def prompted(texts: list[str]) -> np.ndarray | None:
-            return read([labeller.requests(text)[0][0] for text in texts])
+            return read([labeller.reading_request(text) for text in texts])
 
         return self._kept_vectors.cached(f"{model.name} {labeller.key}", prompted)  # the key holds the numeric type
 
