@@ -39,6 +39,7 @@ FEWSHOT = "classify_fewshot"  # the template that shows demonstrations
 AUTO_TUNE = "auto_tune"  # in a job's annotator spec until it has tuned its prompt on its own documents
 CASCADE = "cascade"  # the aggregation of a student-then-LLM job: the LLM's label where it was asked
 DEFAULT_PANEL = "default_panel"  # in a job's annotator spec when the service chose its annotators (the job listed none)
+NOT_READ = ("demonstrations", "tuning")  # an LLM annotator's spec that changes its scores, not the prompt it reads in
 
 
 @dataclass(frozen=True)
@@ -225,7 +226,8 @@ class Panels:
         document): None if the job has no LLM member, its engine cannot read (an OpenAI-compatible server), its
         documents are scored on shortlists (each its own prompt), or that prompt cannot be built any more (the
         service's settings changed; a warning): the encoder alone reads then. What it read is kept (``KeptVectors``),
-        under the prompt's annotator key (engine, its decoding and numeric type, prompt, taxonomy version)."""
+        under what the prompt is made of (engine, its decoding and numeric type, prompt, taxonomy version, input
+        characters), so a growing demonstration pool or a new calibration does not read the texts again."""
         member = next((member for member in job.annotators if member.kind == "llm"), None)
         model = self.models.get((member.model if member else None) or job.model)
         if member is None or model is None or model.reader is None:
@@ -246,7 +248,8 @@ class Panels:
         def prompted(texts: list[str]) -> np.ndarray | None:
             return read([labeller.reading_request(text) for text in texts])
 
-        return self._kept_vectors.cached(f"{model.name} {labeller.key}", prompted)  # the key holds the numeric type
+        read_in = annotator_key({k: v for k, v in labeller.spec.items() if k not in NOT_READ})  # holds the numeric type
+        return self._kept_vectors.cached(f"{model.name} {read_in}", prompted)
 
     def document_vectors(self) -> Callable[[list[str]], np.ndarray]:
         """The encoder's vectors of texts, kept (``KeptVectors``): the embedding annotator and the refinement both
