@@ -113,9 +113,10 @@ def test_gold_labels_relabel_a_default_job_cross_fitted(in_process, monkeypatch)
 def test_the_refinement_reads_each_document_in_the_job_s_own_prompt(in_process, monkeypatch, caplog):
     """A job whose model can read is refined on its reading of each document in the prompt the job labels with (its
     tuned one), recorded as ``read_by_llm``, and relabelling reads nothing again; once the service's settings no
-    longer build that prompt, the encoder reads alone, with a warning. The model's reader is a stand-in
-    that records the prompts it is given (the fake engine cannot read; the embedded model's reading through Serve
-    is tests/test_demonstrations.py's): what is under test is which prompts the service asks it to read."""
+    longer build that prompt, a text not yet read gets no reading (the encoder reads alone), with a warning. The
+    model's reader is a stand-in that records the prompts it is given (the fake engine cannot read; the embedded
+    model's reading through Serve is tests/test_demonstrations.py's): what is under test is which prompts the
+    service asks it to read."""
     client, panels = in_process.client, in_process.runner.panels
     seen: list = []
 
@@ -137,8 +138,8 @@ def test_the_refinement_reads_each_document_in_the_job_s_own_prompt(in_process, 
     relabelled = client.post(f"/v1/jobs/{job['job_id']}/aggregate", json={"method": "refined"})
     assert relabelled.status_code == 200 and relabelled.json()["refinement"]["read_by_llm"] is True
     assert len(seen) == len(questions)  # kept (service.work.kept_vectors)
-    panels.max_scored_labels = 2  # the job's prompt cannot be built now (6 labels): the encoder alone reads, and says so
-    assert panels.reader(in_process.store.jobs.get(job["job_id"])) is None
+    panels.max_scored_labels = 2  # the job's prompt cannot be built now (6 labels): the encoder alone reads new texts
+    assert panels.reader(in_process.store.jobs.get(job["job_id"]))(["What is a new question?"]) is None
     assert "cannot be built" in caplog.text
 
 

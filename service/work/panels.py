@@ -39,7 +39,8 @@ FEWSHOT = "classify_fewshot"  # the template that shows demonstrations
 AUTO_TUNE = "auto_tune"  # in a job's annotator spec until it has tuned its prompt on its own documents
 CASCADE = "cascade"  # the aggregation of a student-then-LLM job: the LLM's label where it was asked
 DEFAULT_PANEL = "default_panel"  # in a job's annotator spec when the service chose its annotators (the job listed none)
-NOT_READ = ("demonstrations", "tuning")  # an LLM annotator's spec that changes its scores, not the prompt it reads in
+NOT_READ = ("name", "annotator", "demonstrations", "tuning")  # a member's spec that changes its name or scores, not
+# the prompt it reads in
 
 
 @dataclass(frozen=True)
@@ -223,32 +224,31 @@ class Panels:
     def reader(self, job: Job) -> Reading | None:
         """How the job's first LLM member reads its documents for the refinement, in the prompt the job recorded for
         it (each document's first window, the taxonomy's fixed examples where demonstrations are chosen per
-        document): None if the job has no LLM member, its engine cannot read (an OpenAI-compatible server), its
-        documents are scored on shortlists (each its own prompt), or that prompt cannot be built any more (the
-        service's settings changed; a warning): the encoder alone reads then. What it read is kept (``KeptVectors``),
-        under what the prompt is made of (engine, its decoding and numeric type, prompt, taxonomy version, input
-        characters), so a growing demonstration pool or a new calibration does not read the texts again."""
+        document): None if the job has no LLM member, its engine cannot read (an OpenAI-compatible server), or its
+        documents are scored on shortlists (each its own prompt). What it read is kept (``KeptVectors``) under the
+        member's recorded spec but for what changes its scores and not its prompt (``NOT_READ``), so a growing
+        demonstration pool or a new calibration does not read the texts again; the prompt is built only when there
+        are texts to read (a relabelling that reads none builds nothing), and when the service's settings no longer
+        build it the reading is None, with a warning: the encoder alone reads then."""
         member = next((member for member in job.annotators if member.kind == "llm"), None)
         model = self.models.get((member.model if member else None) or job.model)
-        if member is None or model is None or model.reader is None:
-            return None
-        recorded: dict = next((spec for spec in job.annotator_spec.get("members", [job.annotator_spec])
-                         if spec.get("annotator", member.annotator) == member.annotator), {})
-        try:  # the recorded prompt, not a later tuning's
-            labeller = self.labeller(job.taxonomy, job.taxonomy_version, model.name, recorded.get("prompt"),
-                                     job.long_documents, job.shortlist, job.created_at)
-        except InvalidInput as exc:
-            log.warning("the job's prompt cannot be built; refining on the encoder's vectors alone",
-                        extra={"job_id": job.job_id, "error": str(exc)})
-            return None
-        if labeller.shortlister is not None:
+        recorded: dict = next((spec for spec in job.annotator_spec.get("members", [])  # one annotator: no refinement
+                               if spec["annotator"] == member.annotator), {}) if member else {}
+        if model is None or model.reader is None or "prompt" not in recorded or "shortlist" in recorded:
             return None
         read = model.reader
 
         def prompted(texts: list[str]) -> np.ndarray | None:
+            try:  # the recorded prompt, not a later tuning's
+                labeller = self.labeller(job.taxonomy, job.taxonomy_version, model.name, recorded["prompt"],
+                                         job.long_documents, job.shortlist, job.created_at)
+            except InvalidInput as exc:
+                log.warning("the job's prompt cannot be built; refining on the encoder's vectors alone",
+                            extra={"job_id": job.job_id, "error": str(exc)})
+                return None
             return read([labeller.reading_request(text) for text in texts])
 
-        read_in = annotator_key({k: v for k, v in labeller.spec.items() if k not in NOT_READ})  # holds the numeric type
+        read_in = annotator_key({k: v for k, v in recorded.items() if k not in NOT_READ})  # holds the numeric type
         return self._kept_vectors.cached(f"{model.name} {read_in}", prompted)
 
     def document_vectors(self) -> Callable[[list[str]], np.ndarray]:
