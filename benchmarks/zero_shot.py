@@ -98,7 +98,7 @@ def measure(name: str, engine, embedder, args) -> list[list]:
     from service.labelling.labeller import Labeller, softmax
     from service.labelling.prompts import load_template
     from service.labelling.refinement import refine, with_reading
-    from service.labelling.scoring import embedding_scorer
+    from service.labelling.scoring import OVER_TEXT, embedding_scorer
     from service.labelling.tuning import CONTENT_FREE, beats_chance, candidates, chance_p_value, mutual_information
     from service.settings import Settings
     from service.taxonomy import load_taxonomy
@@ -143,7 +143,8 @@ def measure(name: str, engine, embedder, args) -> list[list]:
         a.label for a in panel(names, members, taxonomy, "weighted_soft_vote", set())]
     labels["panel classify + embedding, calibrated_mean"] = [
         a.label for a in panel(names, members, taxonomy, "calibrated_mean", {"classify"})]
-    p_value = chance_p_value([list(tuned[p].argmax(1)[:AUTO_TUNE_DOCUMENTS]) for p in tuned], list(reference))
+    p_value = chance_p_value(np.stack([tuned[p][:AUTO_TUNE_DOCUMENTS] for p in tuned]),
+                             results["embedding annotator"][:AUTO_TUNE_DOCUMENTS])
     weight = 1.0 if beats_chance(p_value) else 0.0  # as Panels.panel weighs an uninformative LLM
     tuned_members = {"tuned": tuned[by_agreement], "embedding": results["embedding annotator"]}
     default = panel(names, tuned_members, taxonomy, "calibrated_mean", set(), {"tuned": weight})  # tuning calibrated it
@@ -155,7 +156,8 @@ def measure(name: str, engine, embedder, args) -> list[list]:
     clock = time.perf_counter()
     reading = np.array(engine.read_sync([labellers[chosen].reading_request(t) for t in texts]))  # in the job's prompt
     ms[READING] = 1000 * (time.perf_counter() - clock) / len(texts)
-    features = with_reading(vectors, reading)  # as the service refines a job with an LLM
+    views = reading if weight else reading[:, OVER_TEXT:OVER_TEXT + 1]  # a silenced LLM: over the text only
+    features = with_reading(vectors, views)  # as the service refines a job with an LLM (Panels.reader)
     untuned = panel(names, members, taxonomy, "calibrated_mean", {"classify"})
     untuned_reading = np.array(engine.read_sync([labellers["classify"].reading_request(t) for t in texts]))
     for title, voted, views in (

@@ -116,7 +116,8 @@ def test_the_refinement_reads_each_document_in_the_job_s_own_prompt(in_process, 
     longer build that prompt, a text not yet read gets no reading (the encoder reads alone), with a warning. The
     model's reader is a stand-in that records the prompts it is given (the fake engine cannot read; the embedded
     model's reading through Serve is tests/test_demonstrations.py's): what is under test is which prompts the
-    service asks it to read."""
+    service asks it to read, and which of its views reach the refinement: an LLM the chance test silenced gives its
+    reading over the text, not its state at the answer."""
     client, panels = in_process.client, in_process.runner.panels
     seen: list = []
 
@@ -138,6 +139,12 @@ def test_the_refinement_reads_each_document_in_the_job_s_own_prompt(in_process, 
     relabelled = client.post(f"/v1/jobs/{job['job_id']}/aggregate", json={"method": "refined"})
     assert relabelled.status_code == 200 and relabelled.json()["refinement"]["read_by_llm"] is True
     assert len(seen) == len(questions)  # kept (service.work.kept_vectors)
+    stored = in_process.store.jobs.get(job["job_id"])
+    assert job["annotators"][0]["weight"] == 0.0  # silenced by the chance test (the test below)
+    assert panels.reader(stored)([questions[0]["text"]]).shape == (1, 1, 8)  # so its reading over the text only
+    voting = replace(stored, annotators=[replace(stored.annotators[0], weight=None), *stored.annotators[1:]])
+    assert panels.reader(voting)([questions[0]["text"]]).shape == (1, 2, 8)  # a voting LLM's at its answer too
+    assert len(seen) == len(questions)
     panels.max_scored_labels = 2  # the job's prompt cannot be built now (6 labels): the encoder alone reads new texts
     assert panels.reader(in_process.store.jobs.get(job["job_id"]))(["What is a new question?"]) is None
     assert "cannot be built" in caplog.text

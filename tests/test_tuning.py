@@ -85,23 +85,47 @@ def test_mutual_information_is_zero_for_a_constant_prompt_and_log2_for_a_sure_ba
     assert mutual_information(sure) == pytest.approx(math.log(2))
 
 
-def test_the_chance_test_tells_labels_that_follow_the_reference_from_ones_that_do_not():
-    """Labels equal to the reference get the smallest p the shuffles resolve; a constant prompt agrees as well with
-    any shuffle (p = 1); the best of 20 unrelated candidates is not taken for informative, where the first of them
-    alone would come out as lucky as the best does; rows the reference did not label are left out, and a reference
-    with one label (or none) cannot be tested."""
-    import random
+def test_the_chance_test_tells_scores_that_follow_the_reference_from_ones_that_do_not():
+    """A candidate equal to the reference gets the smallest p the shuffles resolve; a constant prompt follows any
+    shuffle as well (p = 1); the best of 20 unrelated candidates is not taken for informative, where it alone would
+    come out as lucky as it is; rows the reference did not label (NaN) are left out, and a reference the same on every
+    row (or on none) cannot be tested."""
+    import numpy as np
 
-    reference = ["a", "b", "c"] * 20
-    assert chance_p_value([list(reference)], reference) == pytest.approx(1 / (1 + PERMUTATIONS))
-    assert chance_p_value([["a"] * 60, ["b"] * 60], reference) == 1.0
-    draw = random.Random(1)
-    unrelated = [[draw.choice("abc") for _ in reference] for _ in range(20)]
-    best = max(unrelated, key=lambda row: sum(x == y for x, y in zip(row, reference)))
-    assert chance_p_value(unrelated, reference) >= CHANCE_ALPHA > chance_p_value([best], reference)
-    assert chance_p_value([list(reference) + ["a"] * 9], reference + [None] * 9) == pytest.approx(
+    draw = np.random.default_rng(1)
+    reference = np.eye(3)[np.tile([0, 1, 2], 20)]
+    near_certain = 0.98 * reference + 0.01
+    assert chance_p_value(near_certain[None], reference) == pytest.approx(1 / (1 + PERMUTATIONS))
+    constant = np.tile([[0.5, 0.3, 0.2]], (60, 1))
+    assert chance_p_value(np.stack([constant, constant[:, ::-1]]), reference) == 1.0
+    unrelated = draw.dirichlet(np.ones(3), size=(20, 60))
+    best = max(unrelated, key=lambda c: float(np.sum((np.log(c) - np.log(c).mean(0)) * (reference - reference.mean(0)))
+                                              / np.log(c).std()))
+    assert chance_p_value(unrelated, reference) >= CHANCE_ALPHA > chance_p_value(best[None], reference)
+    padded = np.vstack([near_certain, np.tile([[0.9, 0.05, 0.05]], (9, 1))])
+    assert chance_p_value(padded[None], np.vstack([reference, np.full((9, 3), np.nan)])) == pytest.approx(
         1 / (1 + PERMUTATIONS))  # the unlabelled rows neither help nor hurt
-    assert chance_p_value([["a"] * 60], ["a"] * 60) is None and chance_p_value([["a"] * 60], [None] * 60) is None
+    assert chance_p_value(near_certain[None], np.tile(np.eye(3)[:1], (60, 1))) is None
+    assert chance_p_value(near_certain[None], np.full((60, 3), np.nan)) is None
+
+
+def test_the_chance_test_hears_a_prompt_whose_top_labels_never_move():
+    """A prompt that puts the first label on top of every document, but gives each document's reference label a
+    little more than the others do, follows the reference: its top labels could not show it (they agree with any
+    shuffle as well), its distributions do. A reference given as distributions (the embedding annotator's) is read
+    the same way, and a candidate's missing rows (NaN: failed) count for nothing."""
+    import numpy as np
+
+    truth = np.tile([0, 1, 2], 20)
+    leaning = np.full((60, 3), 0.2)
+    leaning[:, 0] = 0.6
+    leaning[np.arange(60), truth] += 0.05
+    leaning /= leaning.sum(axis=1, keepdims=True)
+    assert (leaning.argmax(axis=1) == 0).all()
+    assert chance_p_value(leaning[None], np.eye(3)[truth]) < CHANCE_ALPHA
+    soft = 0.5 * np.eye(3)[truth] + 0.5 / 3
+    leaning[:5] = np.nan
+    assert chance_p_value(leaning[None], soft) < CHANCE_ALPHA
 
 
 @pytest.fixture(scope="module")

@@ -179,7 +179,7 @@ def taxonomy_tune(
                   f"{body['version']} on {body['model']} by {body['criterion']}"
                   + ("" if crossed is None else f" (cross-fitted accuracy {crossed:.3f})"))
     if not body["informative"]:
-        console.print(f"its labels agree with the reference no more than chance (p = {body['chance_p_value']:.3f}): "
+        console.print(f"its scores follow the reference no more than chance (p = {body['chance_p_value']:.3f}): "
                       "the default panel weighs this LLM 0 and does not score its prompt")
 
 

@@ -59,9 +59,9 @@ DEFAULT_METHOD = "dawid_skene"  # of a job that lists its annotators
 DEFAULT_PANEL_AGGREGATION = REFINED  # of the default panel (service.api.jobs): robust to a constant LLM, learns the job
 
 
-SILENT = ("no vote and its prompt not scored: the default panel's LLM, whose tuned prompt agreed with the tuning's "
-          "reference (the embedding annotator's labels, or gold) no more than chance (the taxonomy's tuning evidence: "
-          "chance_p_value)")
+SILENT = ("no vote and its prompt not scored: the default panel's LLM, whose tuned prompt followed the tuning's "
+          "reference (the embedding annotator's distributions, or gold) no more than chance (the taxonomy's tuning "
+          "evidence: chance_p_value)")
 
 
 def silent(weight: float | None) -> bool:

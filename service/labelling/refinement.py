@@ -102,13 +102,15 @@ def with_reading(vectors: np.ndarray, reading: np.ndarray) -> np.ndarray:
     """The encoder's vectors beside each view of the LLM's reading of the same texts, every block of equal length.
 
     ``reading``: (texts, views, width), ``EmbeddedEngine.read_sync``'s two views of each
-    document in the job's prompt (over its tokens; at the prompt's last token). Each view is
+    document in the job's prompt (over its tokens; at the prompt's last token), or the first
+    alone for an LLM without a vote (``Panels.reader``). Each view is
     standardised per dimension over the job's own documents (no labels): a model's hidden
     states have a few dimensions far larger than the rest, which would otherwise be all a
     regression sees. Equal lengths are not equal spread: centred, a view varies more across
     documents than the encoder's unit vectors, which share a common direction. Measured on
     the same seeded samples (docs/labelling.md): equal blocks were at or above the reading's two
-    views sharing one block's length on every sample but the speeches without gold (74.6 against 75.1%).
+    views sharing one block's length on every sample but the speeches without gold (74.6 against 75.1%, both with
+    the silenced LLM's answer state, which is now left out).
     """
     reading = np.asarray(reading, dtype=np.float64)  # kept as float32 (service.work.kept_vectors): exact, then widened
     spread = reading.std(axis=0)

@@ -26,6 +26,7 @@ from service.labelling.shortlist import group_vectors, prototype_matrix, prototy
 Scorer = Callable[[list], Awaitable[list["list[float] | BaseException"]]]
 Reading = Callable[[list[str]], "np.ndarray | None"]  # views of texts: (texts, views, width); None if it could not
 PromptReading = Callable[[list[ScoreRequest]], "np.ndarray | None"]  # a model's views of prompts (``Reader``), as above
+OVER_TEXT = 0  # a reading's views (``EmbeddedEngine.read_sync``): over the document's tokens, then at its answer
 Annotator = Labeller | EmbeddingLabeller | ClassifierLabeller
 
 
