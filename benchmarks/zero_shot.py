@@ -98,7 +98,7 @@ def measure(name: str, engine, embedder, args) -> list[list]:
     from service.labelling.labeller import Labeller, softmax
     from service.labelling.prompts import load_template
     from service.labelling.refinement import refine, with_reading
-    from service.labelling.scoring import OVER_TEXT, embedding_scorer
+    from service.labelling.scoring import embedding_scorer, over_text
     from service.labelling.tuning import CONTENT_FREE, beats_chance, candidates, chance_p_value, mutual_information
     from service.settings import Settings
     from service.taxonomy import load_taxonomy
@@ -144,7 +144,7 @@ def measure(name: str, engine, embedder, args) -> list[list]:
     labels["panel classify + embedding, calibrated_mean"] = [
         a.label for a in panel(names, members, taxonomy, "calibrated_mean", {"classify"})]
     p_value = chance_p_value(np.stack([tuned[p][:AUTO_TUNE_DOCUMENTS] for p in tuned]),
-                             results["embedding annotator"][:AUTO_TUNE_DOCUMENTS])
+                             results["embedding annotator"][:AUTO_TUNE_DOCUMENTS], list(tuned).index(by_agreement))
     weight = 1.0 if beats_chance(p_value) else 0.0  # as Panels.panel weighs an uninformative LLM
     tuned_members = {"tuned": tuned[by_agreement], "embedding": results["embedding annotator"]}
     default = panel(names, tuned_members, taxonomy, "calibrated_mean", set(), {"tuned": weight})  # tuning calibrated it
@@ -153,10 +153,12 @@ def measure(name: str, engine, embedder, args) -> list[list]:
            "calibrated_mean)"] = [a.label for a in default]
     vectors = embedder.embed_documents(texts)
     chosen = by_agreement.split(" + ")[0]  # the prompt the default job runs (calibration costs nothing)
+    if not weight:  # the service does not score a silenced LLM, so nothing it scored is kept to be read
+        engine.forget_readings()
     clock = time.perf_counter()
     reading = np.array(engine.read_sync([labellers[chosen].reading_request(t) for t in texts]))  # in the job's prompt
     ms[READING] = 1000 * (time.perf_counter() - clock) / len(texts)
-    views = reading if weight else reading[:, OVER_TEXT:OVER_TEXT + 1]  # a silenced LLM: over the text only
+    views = reading if weight else over_text(reading)  # a silenced LLM: over the text only
     features = with_reading(vectors, views)  # as the service refines a job with an LLM (Panels.reader)
     untuned = panel(names, members, taxonomy, "calibrated_mean", {"classify"})
     untuned_reading = np.array(engine.read_sync([labellers["classify"].reading_request(t) for t in texts]))
@@ -189,7 +191,9 @@ def measure(name: str, engine, embedder, args) -> list[list]:
     print(f"{name}: {len(texts)} documents in {time.perf_counter() - started:.0f} s; labelling ms/doc: the tuned "
           f"prompt ({chosen}) {ms[chosen]:.0f}, the embedding annotator {ms['embedding annotator']:.0f}, "
           f"the LLM's reading for the refinement {ms[READING]:.0f}"
-          f"{'' if weight else ' (the default job runs the embedding annotator only: the LLM is weighed 0)'}", flush=True)
+          + (" (kept from scoring the prompt: the same pass)" if weight else
+             " (the default job runs the embedding annotator only: the LLM is weighed 0, not scored, so it reads)"),
+          flush=True)
     return table
 
 

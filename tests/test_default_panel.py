@@ -182,9 +182,10 @@ def test_a_default_job_on_an_untuned_taxonomy_tunes_its_prompt_first(in_process)
     assert few["status"] == "succeeded" and store.taxonomies.tuned_prompt("sms-few", few_version, "fake") is None  # 4 < 20
 
 
-def test_an_llm_that_agrees_with_the_embedding_annotator_no_more_than_chance_is_weighed_0(in_process):
+def test_an_llm_that_follows_the_embedding_annotator_no_more_than_chance_is_weighed_0(in_process):
     """The fake LLM scores label names by word overlap, and no TREC question names its answer type: every prompt
-    gives every question one label, whose agreement with the embedding annotator any shuffle matches. The job's
+    gives every question the same distribution, which follows the embedding annotator's no better than any shuffle
+    of it. The job's
     tuning records that (informative: false); its panel weighs the LLM 0 and says why, does not score it (its labels
     could not count), and its labels are the embedding annotator's, re-aggregated by another method too; a default
     job with its own aggregation does not score it either, and a job that lists the LLM scores it."""

@@ -112,14 +112,38 @@ def test_reading_is_each_prompt_alone_whatever_the_batch(engine):
              "ok", "", "The committee met on Tuesday and approved the budget for the new library wing."]
     requests = [ScoreRequest(SYSTEM, text, CONTINUATIONS) for text in texts]
     plain = ScoreRequest("Say whether the text is positive or negative.", texts[0], (" positive",), chat=False)
-    together = np.array(engine.read_sync([*requests, plain]))
-    alone = np.array([engine.read_sync([request])[0] for request in [*requests, plain]])
+    together = np.array(_read_afresh(engine, [*requests, plain]))
+    alone = np.array([_read_afresh(engine, [request])[0] for request in [*requests, plain]])
     assert together.shape == (len(texts) + 1, 2, engine.model.config.hidden_size) and np.isfinite(together).all()
     assert np.abs(together - alone).max() < READ_TOLERANCE
     assert (np.abs(together[0] - together[1]).max(axis=1) > 100 * READ_TOLERANCE).all()
     assert np.abs(together[0, 1] - together[-1, 1]).max() > 100 * READ_TOLERANCE  # the prompt is read too
     for request, read in ((requests[0], together[0]), (plain, together[-1])):
         assert np.abs(read - _read_whole(engine, request)).max() < READ_TOLERANCE
+
+
+def test_a_scored_prompt_is_read_from_its_scoring_pass(engine, monkeypatch):
+    """Scoring keeps each prompt's reading: reading it then runs no pass over the model and gives what a reading pass
+    gives (the prompt's tokens never attend to the continuations after them); a prompt not scored is read, in its
+    place among those that were."""
+    texts = ["Where is the Eiffel Tower?", "How many legs does a spider have?"]
+    requests = [ScoreRequest(SYSTEM, text, CONTINUATIONS) for text in texts]
+    unscored = ScoreRequest(SYSTEM, "Who wrote Hamlet?", CONTINUATIONS)
+    fresh = np.array(_read_afresh(engine, [requests[0], unscored, requests[1]]))
+    engine.forget_readings()
+    engine.score_sync(requests)
+    passes: list[int] = []
+    run = engine._run
+    monkeypatch.setattr(engine, "_run", lambda *args, **kwargs: passes.append(1) or run(*args, **kwargs))
+    assert np.abs(np.array(engine.read_sync(requests)) - fresh[[0, 2]]).max() < READ_TOLERANCE and passes == []
+    assert np.abs(np.array(engine.read_sync([requests[0], unscored, requests[1]])) - fresh).max() < READ_TOLERANCE
+    assert passes == [1]
+
+
+def _read_afresh(engine: EmbeddedEngine, requests: list[ScoreRequest]) -> list:
+    """``read_sync`` with nothing kept from earlier passes, so the model reads every prompt."""
+    engine.forget_readings()
+    return engine.read_sync(requests)
 
 
 def _read_whole(engine: EmbeddedEngine, request: ScoreRequest) -> np.ndarray:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 from conftest import FIXTURES, REPO, sql, wait_for_job
 
@@ -23,7 +24,9 @@ from service.labelling.tuning import (
     CandidateResult,
     chance_p_value,
     choose,
+    distributions,
     mutual_information,
+    one_hot,
 )
 
 SPAM = ["WINNER! Claim your 500 GBP prize now, call 09061701461. T&Cs apply",
@@ -87,45 +90,68 @@ def test_mutual_information_is_zero_for_a_constant_prompt_and_log2_for_a_sure_ba
 
 def test_the_chance_test_tells_scores_that_follow_the_reference_from_ones_that_do_not():
     """A candidate equal to the reference gets the smallest p the shuffles resolve; a constant prompt follows any
-    shuffle as well (p = 1); the best of 20 unrelated candidates is not taken for informative, where it alone would
-    come out as lucky as it is; rows the reference did not label (NaN) are left out, and a reference the same on every
-    row (or on none) cannot be tested."""
-    import numpy as np
-
+    shuffle as well (p = 1); the best of 20 unrelated candidates, chosen among them, is not taken for informative,
+    where it alone would come out as lucky as it is; a chosen candidate is tested, not the best of the others; rows
+    the reference did not label (NaN) are left out, and a reference the same on every row (or on none) cannot be
+    tested."""
     draw = np.random.default_rng(1)
     reference = np.eye(3)[np.tile([0, 1, 2], 20)]
     near_certain = 0.98 * reference + 0.01
-    assert chance_p_value(near_certain[None], reference) == pytest.approx(1 / (1 + PERMUTATIONS))
+    assert chance_p_value(near_certain[None], reference, 0) == pytest.approx(1 / (1 + PERMUTATIONS))
     constant = np.tile([[0.5, 0.3, 0.2]], (60, 1))
-    assert chance_p_value(np.stack([constant, constant[:, ::-1]]), reference) == 1.0
+    assert chance_p_value(np.stack([constant, constant[:, ::-1]]), reference, 0) == 1.0
+    assert chance_p_value(np.stack([constant, near_certain]), reference, 0) == 1.0  # the other's fit is not its own
     unrelated = draw.dirichlet(np.ones(3), size=(20, 60))
-    best = max(unrelated, key=lambda c: float(np.sum((np.log(c) - np.log(c).mean(0)) * (reference - reference.mean(0)))
-                                              / np.log(c).std()))
-    assert chance_p_value(unrelated, reference) >= CHANCE_ALPHA > chance_p_value(best[None], reference)
+    follows = [float(np.sum((c - c.mean(0)) * (reference - reference.mean(0))) / (c - c.mean(0)).std())
+               for c in unrelated]
+    best = int(np.argmax(follows))
+    assert chance_p_value(unrelated, reference, best) >= CHANCE_ALPHA > chance_p_value(unrelated[best][None],
+                                                                                        reference, 0)
     padded = np.vstack([near_certain, np.tile([[0.9, 0.05, 0.05]], (9, 1))])
-    assert chance_p_value(padded[None], np.vstack([reference, np.full((9, 3), np.nan)])) == pytest.approx(
+    assert chance_p_value(padded[None], np.vstack([reference, np.full((9, 3), np.nan)]), 0) == pytest.approx(
         1 / (1 + PERMUTATIONS))  # the unlabelled rows neither help nor hurt
-    assert chance_p_value(near_certain[None], np.tile(np.eye(3)[:1], (60, 1))) is None
-    assert chance_p_value(near_certain[None], np.full((60, 3), np.nan)) is None
+    assert chance_p_value(near_certain[None], np.tile(np.eye(3)[:1], (60, 1)), 0) is None
+    assert chance_p_value(near_certain[None], np.full((60, 3), np.nan), 0) is None
 
 
 def test_the_chance_test_hears_a_prompt_whose_top_labels_never_move():
     """A prompt that puts the first label on top of every document, but gives each document's reference label a
     little more than the others do, follows the reference: its top labels could not show it (they agree with any
     shuffle as well), its distributions do. A reference given as distributions (the embedding annotator's) is read
-    the same way, and a candidate's missing rows (NaN: failed) count for nothing."""
-    import numpy as np
-
+    the same way; a candidate's missing rows (NaN: failed) count for nothing, and one sure, wrong row does not
+    drown the rest."""
     truth = np.tile([0, 1, 2], 20)
     leaning = np.full((60, 3), 0.2)
     leaning[:, 0] = 0.6
     leaning[np.arange(60), truth] += 0.05
     leaning /= leaning.sum(axis=1, keepdims=True)
     assert (leaning.argmax(axis=1) == 0).all()
-    assert chance_p_value(leaning[None], np.eye(3)[truth]) < CHANCE_ALPHA
+    assert chance_p_value(leaning[None], np.eye(3)[truth], 0) < CHANCE_ALPHA
     soft = 0.5 * np.eye(3)[truth] + 0.5 / 3
     leaning[:5] = np.nan
-    assert chance_p_value(leaning[None], soft) < CHANCE_ALPHA
+    leaning[5] = [1 - 2e-12, 1e-12, 1e-12]  # sure of the wrong label: the reference says 1
+    assert chance_p_value(leaning[None], soft, 0) < CHANCE_ALPHA
+
+
+def test_annotations_become_rows_the_chance_test_reads():
+    """Distributions over the reference's options in its order (an option a labeller lacks is 0; one the reference
+    lacks is dropped); a failed annotation or a blank one (all zero) is missing (NaN), an abstention keeps its
+    distribution; gold labels become one-hot rows, NaN where a document has none."""
+    from service.labelling.labeller import Annotation, failed
+
+    def said(distribution: dict, label: str | None) -> Annotation:
+        return Annotation(distribution=distribution, label=label, labels=[label] if label else [],
+                          confidence=max(distribution.values(), default=0.0), candidates=[],
+                          abstained=label is None, abstain_reason=None if label else "low_confidence")
+
+    options = ("ham", "spam")
+    rows = distributions([said({"spam": 0.8, "ham": 0.2}, "spam"), said({"ham": 0.55, "spam": 0.45}, None),
+                          failed("engine lost"), said({"ham": 0.0, "spam": 0.0}, None),
+                          said({"ham": 0.5, "none": 0.5}, "ham")], options)
+    assert rows[[0, 1, 4]].tolist() == [[0.2, 0.8], [0.55, 0.45], [0.5, 0.0]]
+    assert np.isnan(rows[2]).all() and np.isnan(rows[3]).all()
+    hot = one_hot(["spam", None, "ham"], options)
+    assert hot[[0, 2]].tolist() == [[0.0, 1.0], [1.0, 0.0]] and np.isnan(hot[1]).all()
 
 
 @pytest.fixture(scope="module")

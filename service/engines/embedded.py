@@ -26,9 +26,12 @@ import json
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, cast
+
+import numpy as np
 
 from service.engines.base import EMBEDDED_ENGINE, EngineInfo, ScoreRequest
 from service.engines.numeric import NumericChoice, choose_dtype
@@ -44,6 +47,7 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_ID = "SmolLM2-135M-Instruct-Q4_1"
 CONVERTED_NAME = "smollm2-135m-instruct-bf16"
 TOKEN_BUDGET = 512  # query tokens per forward pass: small batches keep the shared prefix in cache (measured best)
+KEPT_READINGS = 20_000  # prompts whose reading a scoring pass keeps (two 576-wide vectors, 4.6 kB each): ``read``
 PREFIX_CACHE_SIZE = 8  # distinct system prompts kept (a 1,500-token prefix holds about 50 MB)
 
 
@@ -130,6 +134,7 @@ class EmbeddedEngine:
         ).eval()
         self._end = cast(int, self.tokenizer.convert_tokens_to_ids("<|im_end|>"))  # one token: one id
         self._prefixes: OrderedDict[str, _Prefix] = OrderedDict()
+        self._readings: OrderedDict[bytes, np.ndarray] = OrderedDict()  # (2, width) float32 by ``_reading_key``
         self._lock = threading.Lock()
         self.info = EngineInfo(
             engine=EMBEDDED_ENGINE,
@@ -142,15 +147,23 @@ class EmbeddedEngine:
         return await asyncio.to_thread(self.score_sync, requests)
 
     def score_sync(self, requests: list[ScoreRequest]) -> list[list[float]]:
-        """Group requests by system prompt and score each group in token-budgeted batches."""
+        """Group requests by system prompt and score each group in token-budgeted batches.
+
+        The same pass keeps each prompt's reading (``read_sync``): the prompt's tokens never attend to the
+        continuations after them, so their states are what a reading would compute, and the job's refinement
+        then reads what its scoring saw without a second pass over the model.
+        """
         with self._lock, self._torch.inference_mode():
             results: list[list[float] | None] = [None] * len(requests)
             for (system, chat), indices in _grouped(requests).items():
                 prefix = self._prefix(system, chat)
                 packed = {i: self._pack(requests[i], prefix) for i in indices}
                 for batch in _batches({i: len(packed[i].tokens) for i in indices}):
-                    for i, scores in zip(batch, self._forward(prefix, [packed[i] for i in batch])):
+                    run = self._run(prefix, [packed[i] for i in batch], all_layers=True)
+                    for i, scores in zip(batch, self._scores(run.last_hidden_state, [packed[i] for i in batch])):
                         results[i] = scores
+                    self._keep_readings([requests[i] for i in batch],
+                                        self._views(run.hidden_states, [packed[i] for i in batch]))
             return results  # type: ignore[return-value]
 
     async def read(self, requests: list[ScoreRequest]) -> list[list[list[float]]]:
@@ -167,24 +180,52 @@ class EmbeddedEngine:
         averaged over the layers; the first vector averages them over the user turn's tokens too
         (the system prompt's attention-sink token is never among them), the second is the
         prompt's last token, where the model is about to answer, so it says what the model makes
-        of the document for this task. Batched shortest first
+        of the document for this task. A prompt this engine has scored lately is not read again
+        (``score_sync`` kept its reading). Batched shortest first
         and padded on the right, which causal attention never reads back. The model is held
         one batch at a time, so scoring for other jobs goes on between batches.
         """
         torch = self._torch
-        vectors: list[list[list[float]]] = [[] for _ in requests]
-        for (system, chat), indices in _grouped(requests).items():
+        with self._lock:
+            kept = [self._readings.get(_reading_key(request)) for request in requests]
+        vectors: list[np.ndarray | None] = list(kept)
+        unread = [request if views is None else None for request, views in zip(requests, kept)]
+        for (system, chat), indices in _grouped(unread).items():
             with self._lock, torch.inference_mode():  # the tokenizer too: a call can flip its special-token setting
                 prefix = self._prefix(system, chat)
                 packed = {i: self._pack(replace(requests[i], continuations=()), prefix) for i in indices}
             for batch in _batches({i: len(packed[i].tokens) for i in indices}):
                 with self._lock, torch.inference_mode():
                     states = self._run(prefix, [packed[i] for i in batch], all_layers=True).hidden_states
-                    for row, i in enumerate(batch):
-                        tokens = torch.stack([layer[row, :packed[i].body_len] for layer in states[1:]]).float()
-                        tokens = (tokens * torch.rsqrt(tokens.pow(2).mean(dim=-1, keepdim=True) + 1e-6)).mean(dim=0)
-                        vectors[i] = [tokens.mean(dim=0).tolist(), tokens[-1].tolist()]
-        return vectors
+                    for i, views in zip(batch, self._views(states, [packed[i] for i in batch])):
+                        vectors[i] = views
+                    self._keep_readings([requests[i] for i in batch], [vectors[i] for i in batch])
+        return [cast(np.ndarray, views).tolist() for views in vectors]
+
+    def forget_readings(self) -> None:
+        """Drop the readings scoring kept, so the next ``read_sync`` reads every prompt (tests, benchmarks)."""
+        with self._lock:
+            self._readings.clear()
+
+    def _views(self, states, batch: list[_Packed]) -> list[np.ndarray]:
+        """Each packed prompt's two views (``read_sync``), (2, width) float32, from a pass's hidden states (embeddings,
+        then each layer)."""
+        torch = self._torch
+        views = []
+        for row, packed in enumerate(batch):
+            tokens = torch.stack([layer[row, :packed.body_len] for layer in states[1:]]).float()
+            tokens = (tokens * torch.rsqrt(tokens.pow(2).mean(dim=-1, keepdim=True) + 1e-6)).mean(dim=0)
+            views.append(torch.stack([tokens.mean(dim=0), tokens[-1]]).numpy())
+        return views
+
+    def _keep_readings(self, requests: list[ScoreRequest], views: list) -> None:
+        """Keep prompts' readings for ``read_sync``, the ``KEPT_READINGS`` latest (the caller holds the lock)."""
+        for request, reading in zip(requests, views):
+            key = _reading_key(request)
+            self._readings[key] = reading
+            self._readings.move_to_end(key)
+        while len(self._readings) > KEPT_READINGS:
+            self._readings.popitem(last=False)
 
     async def generate_json(self, system: str, user: str, schema: dict, *, max_tokens: int = 256) -> dict:
         """A greedy reply constrained to a flat JSON object of string (or enum) fields, off the event loop."""
@@ -307,10 +348,9 @@ class EmbeddedEngine:
         return self.model.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
                                 prefix_kv=layers, output_hidden_states=all_layers)
 
-    def _forward(self, prefix: _Prefix, batch: list[_Packed]) -> list[list[float]]:
-        """One forward pass over a batch; returns summed log-probs per continuation."""
+    def _scores(self, hidden, batch: list[_Packed]) -> list[list[float]]:
+        """Summed log-probs per continuation from a pass's last hidden states."""
         torch = self._torch
-        hidden = self._run(prefix, batch).last_hidden_state
         slots: dict[tuple[int, int], int] = {}  # (row, predictor position) -> row of the vocabulary projection
         picks, owners = [], []
         for row, packed in enumerate(batch):
@@ -391,12 +431,18 @@ class _Decoder:
         return (value[:max_length] if max_length else value), used
 
 
-def _grouped(requests: list[ScoreRequest]) -> dict[tuple[str, bool], list[int]]:
-    """Requests' indices by (system prompt, chat format): each group shares one cached prefix."""
+def _grouped(requests: Sequence[ScoreRequest | None]) -> dict[tuple[str, bool], list[int]]:
+    """Requests' indices by (system prompt, chat format), None left out: each group shares one cached prefix."""
     groups: dict[tuple[str, bool], list[int]] = {}
     for i, request in enumerate(requests):
-        groups.setdefault((request.system, request.chat), []).append(i)
+        if request is not None:
+            groups.setdefault((request.system, request.chat), []).append(i)
     return groups
+
+
+def _reading_key(request: ScoreRequest) -> bytes:
+    """What a prompt's reading depends on (its continuations are never read), hashed."""
+    return hashlib.blake2b(json.dumps([request.system, request.user, request.chat]).encode(), digest_size=16).digest()
 
 
 def _batches(lengths: dict[int, int]) -> list[list[int]]:

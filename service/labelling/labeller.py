@@ -80,7 +80,7 @@ class TunedPrompt:
     prompt: str
     calibration: str = "none"  # "none" or "contextual"
     prior: tuple[float, ...] | None = None  # contextual: each option's log-probability on content-free text
-    informative: bool = True  # its labels agree with the tuning's reference beyond chance (a panel weighs it 0 if not)
+    informative: bool = True  # its scores follow the tuning's reference beyond chance (a panel weighs it 0 if not)
 
 
 @dataclass(frozen=True)

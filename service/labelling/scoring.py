@@ -26,8 +26,13 @@ from service.labelling.shortlist import group_vectors, prototype_matrix, prototy
 Scorer = Callable[[list], Awaitable[list["list[float] | BaseException"]]]
 Reading = Callable[[list[str]], "np.ndarray | None"]  # views of texts: (texts, views, width); None if it could not
 PromptReading = Callable[[list[ScoreRequest]], "np.ndarray | None"]  # a model's views of prompts (``Reader``), as above
-OVER_TEXT = 0  # a reading's views (``EmbeddedEngine.read_sync``): over the document's tokens, then at its answer
 Annotator = Labeller | EmbeddingLabeller | ClassifierLabeller
+
+
+def over_text(reading: np.ndarray) -> np.ndarray:
+    """A reading's view over each document's tokens alone, (texts, 1, width): not its state at the prompt's answer
+    (``EmbeddedEngine.read_sync`` gives the two in that order)."""
+    return reading[:, :1]
 
 
 def errors_per_request(call: Callable[[list], Awaitable[list]], *, remote: bool = False) -> Scorer:

@@ -26,12 +26,12 @@ from service.labelling.demonstrations import Demonstrator, pool_hash
 from service.labelling.labeller import Labeller, annotator_key, demonstrations, shortlist_prompting
 from service.labelling.prompts import PromptTemplate, load_template
 from service.labelling.scoring import (
-    OVER_TEXT,
     Annotator,
     PromptReading,
     Reading,
     Scorer,
     embedding_scorer,
+    over_text,
     student_scorer,
 )
 from service.labelling.shortlist import TOP_DOWN, Shortlister, TopDown
@@ -292,11 +292,11 @@ def requested(entry: dict) -> dict:
 
 
 def _over_text(read: Reading) -> Reading:
-    """``read`` giving only its view over each document's tokens (``OVER_TEXT``), not its state at the answer."""
-    def over_text(texts: list[str]) -> np.ndarray | None:
+    """``read`` giving only its view over each document's tokens (``over_text``), not its state at the answer."""
+    def read_over_text(texts: list[str]) -> np.ndarray | None:
         reading = read(texts)
-        return None if reading is None else reading[:, OVER_TEXT:OVER_TEXT + 1]
-    return over_text
+        return None if reading is None else over_text(reading)
+    return read_over_text
 
 
 def _uninformative(labeller: Annotator) -> bool:
