@@ -153,7 +153,7 @@ def measure(name: str, engine, embedder, args) -> list[list]:
            "calibrated_mean)"] = [a.label for a in default]
     vectors = embedder.embed_documents(texts)
     chosen = by_agreement.split(" + ")[0]  # the prompt the default job runs (calibration costs nothing)
-    if not weight:  # the service does not score a silenced LLM, so nothing it scored is kept to be read
+    if not weight:  # the service scores a silenced LLM's prompt on its tuning sample only: its job's texts are read
         engine.forget_readings()
     clock = time.perf_counter()
     reading = np.array(engine.read_sync([labellers[chosen].reading_request(t) for t in texts]))  # in the job's prompt

@@ -164,6 +164,7 @@ class EmbeddedEngine:
                         results[i] = scores
                     self._keep_readings([requests[i] for i in batch],
                                         self._views(run.hidden_states, [packed[i] for i in batch]))
+                    del run  # every layer's states: not alive while the next batch runs
             return results  # type: ignore[return-value]
 
     async def read(self, requests: list[ScoreRequest]) -> list[list[list[float]]]:
