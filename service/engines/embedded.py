@@ -159,11 +159,11 @@ class EmbeddedEngine:
                 prefix = self._prefix(system, chat)
                 packed = {i: self._pack(requests[i], prefix) for i in indices}
                 for batch in _batches({i: len(packed[i].tokens) for i in indices}):
-                    run = self._run(prefix, [packed[i] for i in batch], all_layers=True)
-                    for i, scores in zip(batch, self._scores(run.last_hidden_state, [packed[i] for i in batch])):
+                    rows = [packed[i] for i in batch]
+                    run = self._run(prefix, rows, all_layers=True)
+                    for i, scores in zip(batch, self._scores(run.last_hidden_state, rows)):
                         results[i] = scores
-                    self._keep_readings([requests[i] for i in batch],
-                                        self._views(run.hidden_states, [packed[i] for i in batch]))
+                    self._keep_readings([requests[i] for i in batch], self._views(run.hidden_states, rows))
                     del run  # every layer's states: not alive while the next batch runs
             return results  # type: ignore[return-value]
 
@@ -188,17 +188,17 @@ class EmbeddedEngine:
         """
         torch = self._torch
         with self._lock:
-            kept = [self._readings.get(_reading_key(request)) for request in requests]
-        vectors: list[np.ndarray | None] = list(kept)
-        unread = [request if views is None else None for request, views in zip(requests, kept)]
+            vectors = [self._readings.get(_reading_key(request)) for request in requests]
+        unread = [request if views is None else None for request, views in zip(requests, vectors)]
         for (system, chat), indices in _grouped(unread).items():
             with self._lock, torch.inference_mode():  # the tokenizer too: a call can flip its special-token setting
                 prefix = self._prefix(system, chat)
                 packed = {i: self._pack(replace(requests[i], continuations=()), prefix) for i in indices}
             for batch in _batches({i: len(packed[i].tokens) for i in indices}):
                 with self._lock, torch.inference_mode():
-                    states = self._run(prefix, [packed[i] for i in batch], all_layers=True).hidden_states
-                    for i, views in zip(batch, self._views(states, [packed[i] for i in batch])):
+                    rows = [packed[i] for i in batch]
+                    for i, views in zip(batch, self._views(self._run(prefix, rows, all_layers=True).hidden_states,
+                                                           rows)):
                         vectors[i] = views
                     self._keep_readings([requests[i] for i in batch], [vectors[i] for i in batch])
         return [cast(np.ndarray, views).tolist() for views in vectors]
