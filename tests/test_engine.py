@@ -140,6 +140,28 @@ def test_a_scored_prompt_is_read_from_its_scoring_pass(engine, monkeypatch):
     assert passes == [1]
 
 
+def test_a_reading_used_stays_kept_and_a_prompt_twice_is_read_once(engine, monkeypatch):
+    """The kept readings drop the least recently used: a prompt read again outlives one scored after it; a prompt
+    asked for twice in one call takes one place in one pass, and both answers are its reading."""
+    import service.engines.embedded as embedded
+
+    monkeypatch.setattr(embedded, "KEPT_READINGS", 2)
+    first, second, third = (ScoreRequest(SYSTEM, text, CONTINUATIONS) for text in
+                            ("Where is the Eiffel Tower?", "How many legs does a spider have?", "Who wrote Hamlet?"))
+    engine.forget_readings()
+    engine.score_sync([first, second])
+    engine.read_sync([first])  # now the latest used: scoring ``third`` drops ``second``
+    engine.score_sync([third])
+    rows: list[int] = []
+    run = engine._run
+    monkeypatch.setattr(engine, "_run", lambda prefix, batch, **kwargs: rows.append(len(batch)) or run(prefix, batch,
+                                                                                                      **kwargs))
+    engine.read_sync([first, third])
+    assert rows == []
+    twice = np.array(engine.read_sync([second, second]))
+    assert rows == [1] and np.array_equal(twice[0], twice[1])
+
+
 def _read_afresh(engine: EmbeddedEngine, requests: list[ScoreRequest]) -> list:
     """``read_sync`` with nothing kept from earlier passes, so the model reads every prompt."""
     engine.forget_readings()

@@ -181,15 +181,18 @@ class EmbeddedEngine:
         averaged over the layers; the first vector averages them over the user turn's tokens too
         (the system prompt's attention-sink token is never among them), the second is the
         prompt's last token, where the model is about to answer, so it says what the model makes
-        of the document for this task. A prompt this engine has scored lately is not read again
-        (``score_sync`` kept its reading). Batched shortest first
+        of the document for this task. A prompt this engine has scored or read lately is not read again
+        (``score_sync`` kept its reading), nor is a prompt asked for twice in one call. Batched shortest first
         and padded on the right, which causal attention never reads back. The model is held
         one batch at a time, so scoring for other jobs goes on between batches.
         """
         torch = self._torch
+        keys = [_reading_key(request) for request in requests]
         with self._lock:
-            vectors = [self._readings.get(_reading_key(request)) for request in requests]
-        unread = [request if views is None else None for request, views in zip(requests, vectors)]
+            vectors = [self._kept_reading(key) for key in keys]
+        first: dict[bytes, int] = {}  # the one place a prompt asked for twice is read
+        unread = [request if views is None and first.setdefault(key, i) == i else None
+                  for i, (request, key, views) in enumerate(zip(requests, keys, vectors))]
         for (system, chat), indices in _grouped(unread).items():
             with self._lock, torch.inference_mode():  # the tokenizer too: a call can flip its special-token setting
                 prefix = self._prefix(system, chat)
@@ -201,7 +204,7 @@ class EmbeddedEngine:
                                                            rows)):
                         vectors[i] = views
                     self._keep_readings([requests[i] for i in batch], [vectors[i] for i in batch])
-        return [cast(np.ndarray, views).tolist() for views in vectors]
+        return [cast(np.ndarray, vectors[first.get(key, i)]).tolist() for i, key in enumerate(keys)]
 
     def forget_readings(self) -> None:
         """Drop the readings scoring kept, so the next ``read_sync`` reads every prompt (tests, benchmarks)."""
@@ -218,6 +221,13 @@ class EmbeddedEngine:
             tokens = (tokens * torch.rsqrt(tokens.pow(2).mean(dim=-1, keepdim=True) + 1e-6)).mean(dim=0)
             views.append(torch.stack([tokens.mean(dim=0), tokens[-1]]).numpy())
         return views
+
+    def _kept_reading(self, key: bytes) -> np.ndarray | None:
+        """A kept reading, now the latest used, so a job's relabelling keeps its readings (the caller holds the lock)."""
+        reading = self._readings.get(key)
+        if reading is not None:
+            self._readings.move_to_end(key)
+        return reading
 
     def _keep_readings(self, requests: list[ScoreRequest], views: list) -> None:
         """Keep prompts' readings for ``read_sync``, the ``KEPT_READINGS`` latest (the caller holds the lock)."""
