@@ -39,7 +39,60 @@ NONE_LABEL = "none_of_these"
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _CROSS_CHECKED = "taxonomy_cross_checked"  # context flag: parse_taxonomy runs the cross checks itself
 
-_LOADER = yaml.SafeLoader  # not libyaml's CSafeLoader: its syntax errors point at less helpful lines and columns
+MAX_PROBLEMS = 50  # a file's problems reported at once; more say how many (a hostile file can have one per line)
+MAX_LISTED = 20  # names an unknown parent's message lists
+
+
+class _Refused(Exception):
+    """YAML the loader refuses to compose, at a line."""
+
+    def __init__(self, line: int, message: str):
+        super().__init__(message)
+        self.line, self.message = line, message
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader without YAML 1.1's base-60 numbers (``1:20`` is 80 there, a string in YAML 1.2).
+
+    Reading one costs time quadratic in its digits (320 kB took 7 s, measured), so ``x: 1:1:1:...`` in a
+    request body could hold a worker for an hour. Not libyaml's CSafeLoader: its syntax errors point at less
+    helpful lines and columns.
+    """
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        """A node, refusing anchors and aliases (``&a``, ``*a``, ``<<: *a``): they can expand a small file a
+        thousandfold."""
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise _Refused(event.start_mark.line + 1, "YAML anchors and aliases (&name, *name) are not allowed in "
+                                                      "taxonomies; write each value out")
+        return super().compose_node(parent, index)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        """An int, refusing an explicitly tagged base-60 one (``!!int 1:1:1``)."""
+        if ":" in str(node.value):
+            raise yaml.constructor.ConstructorError(None, None, "base-60 numbers (1:20) are not supported; quote "
+                                                    "the value", node.start_mark)
+        return super().construct_yaml_int(node)
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
+        """A float, refusing an explicitly tagged base-60 one."""
+        if ":" in str(node.value):
+            raise yaml.constructor.ConstructorError(None, None, "base-60 numbers (1:20.5) are not supported; quote "
+                                                    "the value", node.start_mark)
+        return super().construct_yaml_float(node)
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if not tag.endswith((":int", ":float"))]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(
+    r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"), list("-+0123456789"))
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+    r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
+    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+_Loader.add_constructor("tag:yaml.org,2002:float", _Loader.construct_yaml_float)
 Loc = tuple[str | int, ...]
 Problem = tuple[str, int | None, str]
 LineOf = Callable[[Loc], int | None]
@@ -256,7 +309,10 @@ def parse_taxonomy(text: str, *, source: str = "<taxonomy>") -> Taxonomy:
         cross = _cross_problems(entries, data.get("multi_label") is True, line_of)
         problems += [(format_loc(loc), line_of(loc), msg) for loc, msg in cross]
     if problems:
-        raise TaxonomyError(source, sorted(problems, key=lambda p: (p[1] is None, p[1] or 0)))
+        problems = sorted(problems, key=lambda p: (p[1] is None, p[1] or 0))
+        more: list[Problem] = [("", None, f"and {len(problems) - MAX_PROBLEMS:,} more problems; fix these first")
+                               ] if len(problems) > MAX_PROBLEMS else []
+        raise TaxonomyError(source, problems[:MAX_PROBLEMS] + more)
     assert taxonomy is not None  # it validated, or pydantic's problems were raised above
     return taxonomy
 
@@ -264,11 +320,10 @@ def parse_taxonomy(text: str, *, source: str = "<taxonomy>") -> Taxonomy:
 def _read_yaml(text: str, source: str) -> tuple[yaml.Node, dict, list[Problem]]:
     """Parse once into nodes (for lines) and data; syntax and shape errors raise at once."""
     try:
-        loader = _LOADER(text)
+        loader = _Loader(text)
         try:
             root = loader.get_single_node()
-            _refuse_aliases(text, source)
-            problems = _duplicate_keys(root, (), set()) if root is not None else []
+            problems = _duplicate_keys(root, ()) if root is not None else []
             data = loader.construct_document(root) if root is not None else None
         finally:
             loader.dispose()
@@ -281,9 +336,13 @@ def _read_yaml(text: str, source: str) -> tuple[yaml.Node, dict, list[Problem]]:
         message = (f"YAML syntax error: {problem}{where}; check the indentation, and quote "
                    "text that contains ': ' or starts with a special character")
         raise TaxonomyError(source, [("", line, message)]) from exc
+    except _Refused as exc:
+        raise TaxonomyError(source, [("", exc.line, exc.message)]) from exc
     except RecursionError as exc:
         raise TaxonomyError(source, [("", None, "YAML nested too deeply; a taxonomy is a mapping of lists of "
                                       "mappings")]) from exc
+    except ValueError as exc:  # an integer of more digits than Python reads (4,300)
+        raise TaxonomyError(source, [("", None, f"a value cannot be read: {exc}; quote it if it is text")]) from exc
     except yaml.reader.ReaderError as exc:
         line = text[: exc.position].count("\n") + 1
         message = f"character #x{exc.character:04x} is not allowed in YAML; remove it"
@@ -297,19 +356,8 @@ def _read_yaml(text: str, source: str) -> tuple[yaml.Node, dict, list[Problem]]:
     return root, data, problems
 
 
-def _refuse_aliases(text: str, source: str) -> None:
-    """Anchors and aliases (``&a``, ``*a``, ``<<: *a``) can expand a small file a thousandfold: refuse them."""
-    for event in yaml.parse(text, Loader=_LOADER):
-        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
-            raise TaxonomyError(source, [("", event.start_mark.line + 1, "YAML anchors and aliases (&name, *name) are "
-                                          "not allowed in taxonomies; write each value out")])
-
-
-def _duplicate_keys(node: yaml.Node, loc: Loc, seen: set[int]) -> list[Problem]:
+def _duplicate_keys(node: yaml.Node, loc: Loc) -> list[Problem]:
     """YAML lets a later key silently replace an earlier one; report it instead."""
-    if id(node) in seen:  # aliases may share or even nest nodes
-        return []
-    seen.add(id(node))
     problems: list[Problem] = []
     if isinstance(node, yaml.MappingNode):
         first: dict[str, int] = {}
@@ -319,10 +367,10 @@ def _duplicate_keys(node: yaml.Node, loc: Loc, seen: set[int]) -> list[Problem]:
                 problems.append((format_loc(loc + (name,)), line,
                                  f"duplicate key '{name}' (first at line {first[name]}); keep one"))
             first.setdefault(name, line)
-            problems += _duplicate_keys(value, loc + (name,), seen)
+            problems += _duplicate_keys(value, loc + (name,))
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            problems += _duplicate_keys(item, loc + (i,), seen)
+            problems += _duplicate_keys(item, loc + (i,))
     return problems
 
 
@@ -395,6 +443,32 @@ def _pydantic_problem(err: ErrorDetails, line_of: LineOf) -> Problem:
     return format_loc(loc), line_of(loc), message
 
 
+def _cycles(parent_of: dict[str, str | None]) -> list[list[str]]:
+    """Each parent cycle once, from the first of its labels in file order; linear in the labels (each is walked
+    once), where a walk per label had made a 20,000-label chain take hours."""
+    cycles: list[list[str]] = []
+    walked: set[str] = set()
+    order = {name: k for k, name in enumerate(parent_of)}
+    for name in parent_of:
+        path: dict[str, int] = {}  # this walk's labels, in order
+        current: str | None = name
+        while current in parent_of and current not in walked and current not in path:
+            path[current] = len(path)
+            current = parent_of[current]
+        walked.update(path)
+        if current in path:  # the walk closed on itself: the labels from ``current`` on are a cycle
+            cycle = list(path)[path[current]:]
+            start = min(cycle, key=order.__getitem__)
+            cycles.append(cycle[cycle.index(start):] + cycle[:cycle.index(start)])
+    return cycles
+
+
+def _listed_cycle(chain: list[str]) -> str:
+    """A cycle as 'a -> b -> a', its first ``MAX_LISTED`` labels only when it is longer."""
+    shown = chain if len(chain) <= MAX_LISTED else [*chain[:MAX_LISTED], f"... ({len(chain):,} labels in all)"]
+    return " -> ".join([*shown, chain[0]])
+
+
 def _text_at(item: Any, key: str) -> str | None:
     """item[key] of a raw label if it is text, else None."""
     value = item.get(key) if isinstance(item, dict) else None
@@ -416,24 +490,17 @@ def _cross_problems(entries: Sequence[tuple[str | None, str | None]], multi_labe
                                                     f"{where}); label names must be unique"))
         first.setdefault(name, i)
     parent_of = {name: entries[i][1] for name, i in first.items()}
-    for i, (name, parent) in enumerate(entries):
-        if parent is not None and parent not in first:
-            valid = [n for n in first if n != name]
-            close = difflib.get_close_matches(parent, valid, n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            problems.append((("labels", i, "parent"), f"unknown parent '{parent}'; {hint}valid "
-                             f"parents: {', '.join(repr(n) for n in valid)}"))
-    in_cycle: set[str] = set()
-    for name, i in first.items():
-        chain, current = [name], parent_of[name]
-        while current in parent_of and current not in chain:
-            chain.append(current)
-            current = parent_of[current]
-        if chain[0] != current or name in in_cycle:
-            continue
-        in_cycle.update(chain)
-        problems.append((("labels", i, "parent"), f"parent cycle {' -> '.join(chain + [name])}; a "
-                         "label cannot be its own ancestor, so remove one of these parents"))
+    unknown = [(i, name, parent) for i, (name, parent) in enumerate(entries) if parent is not None and parent not in first]
+    for i, name, parent in unknown[:MAX_PROBLEMS]:  # each hint reads every name: bounded, not quadratic
+        valid = [n for n in first if n != name]
+        close = difflib.get_close_matches(parent, valid, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        listed = ", ".join(repr(n) for n in valid[:MAX_LISTED]) + (f" and {len(valid) - MAX_LISTED:,} more"
+                                                                    if len(valid) > MAX_LISTED else "")
+        problems.append((("labels", i, "parent"), f"unknown parent '{parent}'; {hint}valid parents: {listed}"))
+    problems += [(("labels", i, "parent"), f"unknown parent '{parent}'") for i, _, parent in unknown[MAX_PROBLEMS:]]
+    problems += [(("labels", first[chain[0]], "parent"), f"parent cycle {_listed_cycle(chain)}; a label cannot be its "
+                  "own ancestor, so remove one of these parents") for chain in _cycles(parent_of)]
     parents = {parent for _, parent in entries if parent is not None}
     leaves = [name for name, _ in entries if name not in parents]
     need = 1 if multi_label else 2

@@ -225,13 +225,16 @@ def test_yaml_aliases_are_refused(server):
 
 
 def test_taxonomy_size_limits_name_their_settings(server):
-    """Too many labels, or too much text, is a 413 naming the setting; nothing is stored."""
+    """Too many labels, too much text, or more YAML than the largest taxonomy allowed needs (checked before it is
+    parsed) is a 413 naming the setting; nothing is stored."""
     many = "name: many\ndescription: d\ninstruction: i\nlabels:\n" + "".join(
         f"  - {{name: l{i}, description: label {i}}}\n" for i in range(51))
     wordy = "name: wordy\ndescription: d\ninstruction: i\nlabels:\n" + "".join(
         f"  - {{name: l{i}, description: {'word ' * 1000}}}\n" for i in range(5))
+    padded = "# " + "x" * (UPLOAD_LIMIT // 2) + "\nname: padded\ndescription: d\ninstruction: i\nlabels: []\n"
     with httpx.Client(base_url=server) as client:
-        for yaml_text, setting in ((many, "ANNOTATE_TAXONOMY_MAX_LABELS"), (wordy, "ANNOTATE_TAXONOMY_MAX_CHARS")):
+        for yaml_text, setting in ((many, "ANNOTATE_TAXONOMY_MAX_LABELS"), (wordy, "ANNOTATE_TAXONOMY_MAX_CHARS"),
+                                   (padded, "twice ANNOTATE_TAXONOMY_MAX_CHARS")):
             response = client.post("/v1/taxonomies", content=yaml_text.encode())
             assert response.status_code == 413 and setting in response.json()["error"]["message"]
         assert client.get("/v1/taxonomies").json() == []

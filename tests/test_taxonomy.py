@@ -259,6 +259,38 @@ def test_parent_cycle():
     ]
 
 
+def test_hostile_label_graphs_give_bounded_reports():
+    """A request body may hold thousands of labels in one long cycle or with unknown parents: the report keeps its
+    first ``MAX_PROBLEMS`` problems and says how many more, a cycle's message lists ``MAX_LISTED`` labels, and an
+    unknown parent's message lists ``MAX_LISTED`` valid names (the checks are linear: a walk per label, and a list of
+    every name per problem, had made such files take hours)."""
+    from service.taxonomy import MAX_LISTED, MAX_PROBLEMS
+
+    n = 3000
+    cycle = HEAD + "".join(f"  - name: l{i}\n    description: L.\n    parent: l{(i + 1) % n}\n" for i in range(n))
+    [(location, line, message)] = problems_of(cycle)
+    assert (location, line) == ("labels[0].parent", 7)
+    assert message.startswith("parent cycle l0 -> l1 -> ") and f"... ({n:,} labels in all) -> l0;" in message
+    assert message.count(" -> ") == MAX_LISTED + 1
+    orphans = HEAD + "".join(f"  - name: l{i}\n    description: L.\n    parent: x{i}\n" for i in range(n))
+    problems = problems_of(orphans)
+    assert len(problems) == MAX_PROBLEMS + 1
+    assert problems[0] == ("labels[0].parent", 7, "unknown parent 'x0'; valid parents: "
+                           + ", ".join(f"'l{i}'" for i in range(1, MAX_LISTED + 1)) + f" and {n - 1 - MAX_LISTED:,} more")
+    assert problems[-1] == ("", None, f"and {n - MAX_PROBLEMS:,} more problems; fix these first")
+
+
+def test_base_60_numbers_are_text_and_huge_numbers_an_error():
+    """YAML 1.1 reads ``1:20`` as 80, in time quadratic in its digits: here it is text, as in YAML 1.2, and a tagged
+    one (``!!int``) is refused at its line; an integer too long for Python to read is a problem, not a crash."""
+    assert parse_taxonomy(TWO_LABELS + "version: 1:20\n").version == "1:20"
+    assert parse_taxonomy(TWO_LABELS + "version: " + ":".join(["1"] * 10_000) + "\n").version.count(":") == 9_999
+    [(_, line, message)] = problems_of(TWO_LABELS + "version: !!int 1:20\n")
+    assert line == 9 and "base-60 numbers (1:20) are not supported; quote the value" in message
+    [(_, _, message)] = problems_of(TWO_LABELS + "version: " + "9" * 5000 + "\n")
+    assert message.startswith("a value cannot be read") and message.endswith("quote it if it is text")
+
+
 def test_reserved_name():
     text = TWO_LABELS.replace("name: b", f"name: {NONE_LABEL}")
     assert problems_of(text) == [

@@ -35,7 +35,7 @@ from service.errors import PayloadTooLarge, SqlRejected, SqlTimeout
 
 ALLOWED = {duckdb.StatementType.SELECT}
 # Scalar functions one call of which builds a value as large as a number argument asks
-# (repeat('x', 2000000000), range(0, 10^9), lpad, printf('%2000000000d')), or as large as
+# (repeat('x', 2000000000), range(0, 10^9), lpad, printf('%2000000000d'), bitstring('1', 2000000000)), or as large as
 # its input times another argument's length (replace(s, 'x', s): quadratic, and nested calls
 # multiply), or a fixed multiple of its input (hex: 2, bin: 8, regexp_escape: 2) that nested
 # calls compound, in memory DuckDB neither interrupts midway nor counts against its limit
@@ -48,12 +48,13 @@ ALLOWED = {duckdb.StatementType.SELECT}
 LAMBDAS = {"list_transform", "array_transform", "list_apply", "array_apply", "apply", "list_filter", "array_filter",
            "filter", "list_reduce", "array_reduce", "reduce"}
 UNBOUNDED = {"repeat", "lpad", "rpad", "printf", "format", "range", "generate_series", "list_resize", "array_resize",
-             "replace", "regexp_replace", "hex", "to_hex", "bin", "to_binary", "regexp_escape", *LAMBDAS}
+             "replace", "regexp_replace", "hex", "to_hex", "bin", "to_binary", "regexp_escape", "bitstring", *LAMBDAS}
 # Table functions, their views and the scalar that show the server's paths (data dir, temp dir,
 # allowed directories) and nothing a query over the service's tables needs.
-REVEALING = {"duckdb_settings", "duckdb_databases", "duckdb_temporary_files", "current_setting"}
-# Table functions that run SQL given as text or as a serialized tree, which the checks here never see.
-HIDDEN_SQL = {"query", "json_execute_serialized_sql"}
+REVEALING = {"duckdb_settings", "duckdb_databases", "duckdb_temporary_files", "current_setting", "pragma_database_list"}
+# Table functions that run SQL, or read a table, named in text or in a serialized tree, which the checks here never
+# see (query_table('duckdb_databases') reads a view REVEALING refuses by name).
+HIDDEN_SQL = {"query", "query_table", "json_execute_serialized_sql"}
 # Table functions that write or change state: the read-only transaction lets a checkpoint and log truncation
 # through, the locked configuration stops the others with a less clear message (see duckdb_functions()).
 STATEFUL = {"checkpoint", "force_checkpoint", "truncate_duckdb_logs", "enable_logging", "disable_logging",

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 
 from service.errors import NotFound
 from service.labelling.labeller import INFORMATIVE, TunedPrompt
 from service.store.database import Database, utc_now
 from service.taxonomy import Taxonomy, parse_taxonomy
+
+
+@lru_cache(maxsize=64)
+def _parsed(yaml_text: str, source: str) -> Taxonomy:
+    """A stored version parsed once per process (a Taxonomy is frozen): every job submission, prediction and
+    console page reads its taxonomy, and a large one takes a second or more to parse."""
+    return parse_taxonomy(yaml_text, source=source)
 
 
 @dataclass(frozen=True)
@@ -68,7 +76,7 @@ class Taxonomies:
             known = [r[0] for r in self._db.cursor().execute("SELECT DISTINCT name FROM taxonomies ORDER BY 1").fetchall()]
             what = f"taxonomy {name!r}" + (f" version {version!r}" if version else "")
             raise NotFound(f"unknown {what}; known taxonomies: {', '.join(known) or 'none (push one first)'}")
-        return StoredTaxonomy(parse_taxonomy(row[1], source=f"store:{name}@{row[0]}"), version=row[0], yaml=row[1])
+        return StoredTaxonomy(_parsed(row[1], f"store:{name}@{row[0]}"), version=row[0], yaml=row[1])
 
     def put_tuning(self, taxonomy: str, version: str, model: str, choice: TunedPrompt, criterion: str,
                           evidence: dict) -> None:
