@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIN_ADMIN_TOKEN_CHARS = 24
@@ -22,7 +22,8 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(Path("data"), description="Directory holding the DuckDB file, exports and caches.")
     input_dir: Path = Field(
-        Path("."), description="Server-side job sources ('source' in POST /v1/jobs) must lie under this directory."
+        Path("inputs"), description="Server-side job sources ('source' in POST /v1/jobs and inductions) must lie "
+                                    "under this directory; it may not hold the data dir."
     )
     job_workers: int = Field(1, ge=1, description="Jobs labelled at the same time (they share the model deployment).")
     models_dir: Path = Field(
@@ -117,6 +118,15 @@ class Settings(BaseSettings):
             raise ValueError(f"ANNOTATE_EMBEDDING_MODEL_DIR={path} is not a sentence-transformers checkpoint directory "
                              "(no config.json there)")
         return path
+
+    @model_validator(mode="after")
+    def _data_outside_inputs(self) -> Settings:
+        """A caller names sources under the input dir: were the data dir there, a job could read the service's own
+        files (other jobs' Parquet shards and exports) back as its documents."""
+        if self.data_dir.resolve().is_relative_to(self.input_dir.resolve()):
+            raise ValueError(f"ANNOTATE_DATA_DIR={self.data_dir} lies inside ANNOTATE_INPUT_DIR={self.input_dir}, "
+                             "where callers name job sources; give the data or the inputs a directory of their own")
+        return self
 
     @property
     def db_path(self) -> Path:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -163,3 +164,40 @@ def test_a_damaged_parquet_source_is_refused_by_name(tmp_path):
     with pytest.raises(InvalidInput, match="^source 'bad.parquet' cannot be read as parquet") as refused:
         BatchRunner(None, settings, {}, "annotate").plan("bad.parquet")
     assert str(tmp_path) not in str(refused.value)
+
+
+def test_a_job_cannot_raise_the_shard_size_or_plan_unbounded_shards(tmp_path, monkeypatch):
+    """A job's shard_size may lower ANNOTATE_SHARD_SIZE, not raise it (one shard is one task's memory), and a plan of
+    more than ``MAX_SHARDS`` shards is refused before any is kept, naming shard_size."""
+    import service.work.batch as batch
+
+    settings = Settings(data_dir=tmp_path / "data", input_dir=tmp_path / "inputs", shard_size=10)
+    settings.input_dir.mkdir(parents=True)
+    (settings.input_dir / "docs.jsonl").write_text("".join(json.dumps({"text": f"t{i}"}) + "\n" for i in range(40)))
+    runner = batch.BatchRunner(None, settings, {}, "annotate")
+    with pytest.raises(InvalidInput, match="shard_size 11 is over ANNOTATE_SHARD_SIZE"):
+        runner.plan("docs.jsonl", 11)
+    assert [s["rows"] for s in runner.plan("docs.jsonl", 10)[0]] == [10] * 4
+    monkeypatch.setattr(batch, "MAX_SHARDS", 3)
+    with pytest.raises(InvalidInput, match="more than 3 shards .* give a larger shard_size"):
+        runner.plan("docs.jsonl", 10)
+
+
+def test_hdfs_is_not_a_remote_source(tmp_path):
+    """hdfs:// names its host and port in the URI, so a caller would choose where the service connects: not remote."""
+    settings = Settings(data_dir=tmp_path / "data", input_dir=tmp_path / "inputs", allow_remote_sources=True)
+    with pytest.raises(InvalidInput, match="^source"):
+        open_source("hdfs://10.0.0.1:8020/x.jsonl", settings)
+
+
+def test_the_data_dir_cannot_lie_among_the_inputs(tmp_path):
+    """Callers name sources under the input dir, so the service's own files may not be there: refused at start. By
+    default sources come from ./inputs, not the working directory the data dir lies in."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="ANNOTATE_DATA_DIR=.* lies inside ANNOTATE_INPUT_DIR"):
+        Settings(data_dir=tmp_path / "in" / "data", input_dir=tmp_path / "in")
+    with pytest.raises(ValidationError, match="lies inside"):
+        Settings(data_dir=tmp_path, input_dir=tmp_path)
+    assert Settings(data_dir=tmp_path / "data", input_dir=tmp_path / "in").input_dir == tmp_path / "in"
+    assert Settings.model_fields["input_dir"].default == Path("inputs")

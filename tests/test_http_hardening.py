@@ -137,6 +137,18 @@ def test_a_chunked_body_is_cut_at_the_limit(server):
         assert client.get("/v1/jobs").status_code == 200  # still serving
 
 
+def test_no_site_can_frame_a_page_or_sniff_a_reply(server):
+    """Every answer (a console page, an API reply, an error, the body limit's own 413) forbids framing and sniffing."""
+    with httpx.Client(base_url=server) as client:
+        answers = [client.get("/console/login"), client.get("/v1/jobs"), client.get("/v1/jobs/nope"),
+                   client.post("/v1/sql", content=b"x" * (BODY_LIMIT + 1))]
+    assert [a.status_code for a in answers] == [200, 200, 404, 413]
+    for answer in answers:
+        assert answer.headers["x-frame-options"] == "DENY"
+        assert answer.headers["content-security-policy"] == "frame-ancestors 'none'"
+        assert answer.headers["x-content-type-options"] == "nosniff"
+
+
 def test_a_chunked_body_under_the_limit_passes(server):
     """Counting must not break ordinary chunked uploads."""
     def body():

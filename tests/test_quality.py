@@ -124,6 +124,24 @@ def test_human_labels_are_checked_and_round_trip_through_csv_and_label_studio(tm
     assert agreement == (1.0, 2)
 
 
+@pytest.mark.parametrize("body, content_type, problem", [
+    (json.dumps([{"data": {"doc_id": "d1"}, "annotations": [1]}]), "application/json",
+     r"task \[0\] 'annotations' \[0\] must be an object, got int"),
+    (json.dumps([{"data": {"doc_id": "d1"}, "annotations": {}}]), "application/json",
+     r"task \[0\] 'annotations' must be a list, got dict"),
+    (json.dumps([{"data": {"doc_id": "d1"}, "annotations": [{"result": [5]}]}]), "application/json",
+     r"task \[0\] annotation \[0\] 'result' \[0\] must be an object, got int"),
+    (json.dumps([{"data": {"doc_id": "d1"}, "annotations": [{"result": [{"value": {"choices": "ham"}}]}]}]),
+     "application/json", r"result \[0\] 'choices' must be a list, got str"),
+    ("doc_id,label\nd1," + "x" * 200_000 + "\n", "text/csv", "gold CSV: cannot be read at line"),
+])
+def test_malformed_uploads_are_refused_by_name(body, content_type, problem):
+    """An export of the wrong shape, or a CSV cell over the csv module's field limit, is a 4xx naming where it went
+    wrong, not a crash."""
+    with pytest.raises(InvalidInput, match=problem):
+        gold.parse_upload(body.encode(), content_type, "alice")
+
+
 def test_csv_export_cannot_run_formulas_and_imports_back_to_the_same_documents(tmp_path):
     """Cells a spreadsheet would evaluate start with a quote; the import drops exactly that quote."""
     ids = ["=1+1", "+cmd", "-2", "@SUM(A1)", "\tx", "\rx", "'=kept", "'plain", "plain", "a=b"]

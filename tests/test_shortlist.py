@@ -76,7 +76,8 @@ def test_the_report_states_the_shortlist_recall(service, shortlisted_job):
 
 
 def test_a_taxonomy_too_large_to_score_whole_is_refused_with_what_to_set(service):
-    """120 leaves and no shortlist: 422 naming the setting and the option; the same job with a shortlist runs."""
+    """150 leaves and no shortlist: 422 naming the setting and the option; the same job with a shortlist runs. A
+    shortlist longer than the setting, or the same labels multi-label (scored whole), is refused naming it too."""
     body = yaml.safe_load((REPO / "taxonomy" / "trec-questions.yaml").read_text())
     leaves = [label for label in body["labels"] if label.get("parent")]
     body["name"] = "trec-split"
@@ -90,11 +91,18 @@ def test_a_taxonomy_too_large_to_score_whole_is_refused_with_what_to_set(service
         refused = client.post("/v1/jobs", json={"taxonomy": "trec-split", "documents": documents, "model": "smollm2"})
         accepted = client.post("/v1/jobs", json={"taxonomy": "trec-split", "documents": documents, "model": "smollm2",
                                                  "shortlist": {"k": "auto"}})
+        long_list = client.post("/v1/jobs", json={"taxonomy": "trec-split", "documents": documents, "model": "smollm2",
+                                                  "shortlist": {"k": 101}})
+        multi = {**body, "name": "trec-multi", "multi_label": True}
+        assert client.post("/v1/taxonomies", content=yaml.safe_dump(multi).encode()).is_success
+        whole = client.post("/v1/jobs", json={"taxonomy": "trec-multi", "documents": documents, "model": "smollm2"})
         assert accepted.status_code == 202, accepted.text
         job = wait_for_job(client, accepted.json()["job_id"])
     assert refused.status_code == 422
     message = refused.json()["error"]["message"]
     assert "150 labels" in message and "ANNOTATE_MAX_SCORED_LABELS" in message and "shortlist" in message
+    assert long_list.status_code == 422 and "shortlist k = 101" in long_list.json()["error"]["message"]
+    assert whole.status_code == 422 and "multi-label taxonomies are scored whole" in whole.json()["error"]["message"]
     assert job["status"] == "succeeded" and job["done"] == 3
 
 

@@ -124,13 +124,16 @@ def _row(where: str, doc_id: object, label: object, annotator: object) -> tuple[
 def _from_csv(text: str, default_annotator: str | None) -> list[tuple[str, str, str]]:
     """Rows of a filled-in CSV; rows left without a label are skipped (not labelled yet)."""
     reader = csv.DictReader(io.StringIO(text))
-    missing = {"doc_id", "label"} - set(reader.fieldnames or [])
-    if missing:
-        raise InvalidInput(f"gold CSV: missing column(s) {', '.join(sorted(missing))}; the header must name "
-                           f"doc_id and label (annotator optional), as `annotate gold export` writes")
-    return [_row(f"CSV line {reader.line_num}", _csv_value(row["doc_id"]), _csv_value(row["label"]),
-                 _csv_value(row.get("annotator")) or default_annotator)
-            for row in reader if (row.get("label") or "").strip()]
+    try:
+        missing = {"doc_id", "label"} - set(reader.fieldnames or [])
+        if missing:
+            raise InvalidInput(f"gold CSV: missing column(s) {', '.join(sorted(missing))}; the header must name "
+                               f"doc_id and label (annotator optional), as `annotate gold export` writes")
+        return [_row(f"CSV line {reader.line_num}", _csv_value(row["doc_id"]), _csv_value(row["label"]),
+                     _csv_value(row.get("annotator")) or default_annotator)
+                for row in reader if (row.get("label") or "").strip()]
+    except csv.Error as exc:  # a cell over the csv module's field limit (128 kB), a NUL byte
+        raise InvalidInput(f"gold CSV: cannot be read at line {reader.line_num}: {exc}") from exc
 
 
 def _from_label_studio(tasks: list, default_annotator: str | None) -> list[tuple[str, str, str]]:
@@ -139,8 +142,11 @@ def _from_label_studio(tasks: list, default_annotator: str | None) -> list[tuple
     for i, task in enumerate(tasks):
         if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
             raise InvalidInput(f"Label Studio export: task [{i}] has no 'data' object")
-        for j, annotation in enumerate(task.get("annotations") or []):
-            choices = [c for r in annotation.get("result") or [] for c in (r.get("value") or {}).get("choices") or []]
+        for j, annotation in enumerate(_objects(task.get("annotations"), f"task [{i}] 'annotations'")):
+            where = f"task [{i}] annotation [{j}]"
+            choices = [c for k, r in enumerate(_objects(annotation.get("result"), f"{where} 'result'"))
+                       for c in _listed(_object(r.get("value"), f"{where} result [{k}] 'value'").get("choices"),
+                                        f"{where} result [{k}] 'choices'")]
             if annotation.get("was_cancelled") or not choices:
                 continue
             person = annotation.get("completed_by")
@@ -148,6 +154,30 @@ def _from_label_studio(tasks: list, default_annotator: str | None) -> list[tuple
             rows.append(_row(f"Label Studio task [{i}] annotation [{j}]", task["data"].get("doc_id"), choices[0],
                              person if person not in (None, "") else default_annotator))
     return rows
+
+
+def _listed(value: object, where: str) -> list:
+    """A Label Studio field that must be a list (absent: empty)."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise InvalidInput(f"Label Studio export: {where} must be a list, got {type(value).__name__}")
+    return value
+
+
+def _object(value: object, where: str) -> dict:
+    """A Label Studio field that must be an object (absent: empty)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput(f"Label Studio export: {where} must be an object, got {type(value).__name__}")
+    return value
+
+
+def _objects(value: object, where: str) -> list[dict]:
+    """A Label Studio field that must be a list of objects (absent: empty)."""
+    items = _listed(value, where)
+    return [_object(item, f"{where} [{k}]") for k, item in enumerate(items)]
 
 
 def to_csv(sample: list[dict]) -> str:

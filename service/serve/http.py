@@ -3,7 +3,9 @@
 Every error leaves in one shape, ``{"error": {"type", "message", ...}}``, with the status
 its ``AnnotateError`` class names. The OpenAPI schema is published at ``/openapi.json``.
 Every route declares its scope (``service.api.auth``); ``create_api`` refuses one that does not.
-The one middleware is the body-size limit, which must act before a body is read.
+Two middlewares: the body-size limit, which must act before a body is read, and the headers every
+response carries so that no other site can frame the console (clickjacking: a framed gold-labelling
+page would take a visitor's clicks) or have a reply sniffed as another type.
 """
 
 from __future__ import annotations
@@ -38,12 +40,35 @@ def create_api() -> FastAPI:
     if missing := undeclared(declared_routes()):
         raise ValueError(f"routes without a declared scope: {missing}")
     app.add_middleware(BodyLimit)
+    app.add_middleware(SecurityHeaders)  # outermost: the body limit's own 413 carries them too
     return app
 
 
 def declared_routes() -> list[APIRoute]:
     """Every route of the API and the console, as declared in their routers."""
     return [route for router in ROUTERS for route in router.routes if isinstance(route, APIRoute)]
+
+
+SECURITY_HEADERS = [(b"x-frame-options", b"DENY"), (b"content-security-policy", b"frame-ancestors 'none'"),
+                    (b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"same-origin")]
+
+
+class SecurityHeaders:
+    """ASGI middleware: ``SECURITY_HEADERS`` on every HTTP response."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def with_headers(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
+            await send(message)
+
+        return await self.app(scope, receive, with_headers)
 
 
 class BodyLimit:

@@ -32,6 +32,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 
 import pyarrow as pa
@@ -54,7 +55,8 @@ log = logging.getLogger(__name__)
 
 SHARD_SCHEMA = pa.schema(list(ANNOTATION_SCHEMA) + [pa.field("position", pa.int64()), pa.field("text", pa.string()),
                                                      pa.field("meta", pa.string())])
-REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "hdfs://")
+REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://")  # not hdfs://: its host and port are the caller's (SSRF)
+MAX_SHARDS = 100_000  # shards one batch job may plan: each is a Ray task and a row of the plan the job keeps
 
 
 def open_source(source: str, settings: Settings) -> tuple[pafs.FileSystem, str, str]:
@@ -213,15 +215,22 @@ class BatchRunner:
 
     def plan(self, source: str, shard_size: int | None = None) -> tuple[list[dict], dict]:
         """Validate a source and cut it into numbered shards (before the job is stored); also its stamp."""
+        if shard_size is not None and shard_size > self.settings.shard_size:
+            raise InvalidInput(f"shard_size {shard_size:,} is over ANNOTATE_SHARD_SIZE ({self.settings.shard_size:,}): "
+                               "a job may cut smaller shards, not larger (one shard is one task's memory)")
         filesystem, path, kind = open_source(source, self.settings)
         stamp = source_stamp(filesystem, path)
         size = shard_size or self.settings.shard_size
         try:
-            shards = [dict(plan, shard=i) for i, plan in enumerate(plan_shards(filesystem, path, kind, size))]
+            shards = [dict(plan, shard=i) for i, plan in
+                      enumerate(islice(plan_shards(filesystem, path, kind, size), MAX_SHARDS + 1))]
         except (pa.ArrowInvalid, OSError) as exc:  # not Parquet, or a damaged footer; pyarrow's message may name a path
             raise InvalidInput(f"source {source!r} cannot be read as {kind}: not a {kind} file, or a damaged one") from exc
         if not shards:
             raise InvalidInput(f"source {source!r} holds no documents")
+        if len(shards) > MAX_SHARDS:
+            raise InvalidInput(f"source {source!r} cut into shards of {size:,} rows makes more than {MAX_SHARDS:,} "
+                               "shards (each a task and a row of the job's plan); give a larger shard_size")
         return shards, stamp
 
     def stop(self) -> None:

@@ -108,14 +108,19 @@ class Panels:
             raise InvalidInput(f"prompt {template.name!r} is a plain-text completion, which only the embedded engine "
                                f"scores; model {chosen.name!r} runs {chosen.info.engine}: choose a chat template")
         leaves = len(taxonomy.leaves())
-        if plan is None and leaves > self.max_scored_labels and not taxonomy.multi_label:
-            raise InvalidInput(
-                f"taxonomy {taxonomy.name!r} has {leaves} labels to score, more than one prompt holds "
-                f"(ANNOTATE_MAX_SCORED_LABELS = {self.max_scored_labels}): set 'shortlist: {{k: auto}}' in the "
-                "taxonomy, or give the job \"shortlist\": {\"k\": 10}, so each document is scored on its most "
-                "plausible labels only")
         if plan is not None and taxonomy.multi_label:
             raise InvalidInput(f"taxonomy {taxonomy.name!r} is multi-label; shortlists cover single-label taxonomies")
+        if plan is None and leaves > self.max_scored_labels:
+            fix = ("multi-label taxonomies are scored whole (a yes and a no for every label), so split it" if
+                   taxonomy.multi_label else "set 'shortlist: {k: auto}' in the taxonomy, or give the job "
+                   "\"shortlist\": {\"k\": 10}, so each document is scored on its most plausible labels only")
+            raise InvalidInput(f"taxonomy {taxonomy.name!r} has {leaves} labels to score, more than one prompt holds "
+                               f"(ANNOTATE_MAX_SCORED_LABELS = {self.max_scored_labels}): {fix}")
+        largest = None if plan is None else ("k", plan.k) if isinstance(plan.k, int) else ("max_k", plan.max_k)
+        if largest is not None and largest[1] > self.max_scored_labels:
+            raise InvalidInput(f"shortlist {largest[0]} = {largest[1]} is more labels than one prompt holds "
+                               f"(ANNOTATE_MAX_SCORED_LABELS = {self.max_scored_labels}); a shortlist is the few most "
+                               "plausible labels: try 10")
         demonstrator = None
         if taxonomy.demonstrations is not None:
             if plan is not None:
