@@ -69,7 +69,10 @@ class Settings(BaseSettings):
     )
     max_scored_labels: int = Field(100, ge=2, description="A single-label taxonomy with more leaves than this is "
                                                          "scored only through a shortlist (taxonomy or job "
-                                                         "'shortlist'); jobs without one are refused.")
+                                                         "'shortlist', whose k or max_k may not pass it); jobs "
+                                                         "without one are refused, and so are jobs on a multi-label "
+                                                         "taxonomy with more leaves (scored whole, a yes and a no "
+                                                         "for each).")
     max_document_chars: int = Field(1_000_000, ge=1, description="Documents longer than this are rejected with 413.")
     max_documents_per_job: int = Field(100_000, ge=1, description="Most documents one inline job may carry.")
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest HTTP request body accepted.")

@@ -243,10 +243,10 @@ def test_taxonomy_size_limits_name_their_settings(server):
         f"  - {{name: l{i}, description: label {i}}}\n" for i in range(51))
     wordy = "name: wordy\ndescription: d\ninstruction: i\nlabels:\n" + "".join(
         f"  - {{name: l{i}, description: {'word ' * 1000}}}\n" for i in range(5))
-    padded = "# " + "x" * (UPLOAD_LIMIT // 2) + "\nname: padded\ndescription: d\ninstruction: i\nlabels: []\n"
+    padded = "# " + "x" * (UPLOAD_LIMIT - 1000) + "\nname: padded\ndescription: d\ninstruction: i\nlabels: []\n"
     with httpx.Client(base_url=server) as client:
         for yaml_text, setting in ((many, "ANNOTATE_TAXONOMY_MAX_LABELS"), (wordy, "ANNOTATE_TAXONOMY_MAX_CHARS"),
-                                   (padded, "twice ANNOTATE_TAXONOMY_MAX_CHARS")):
+                                   (padded, "6 per character of ANNOTATE_TAXONOMY_MAX_CHARS")):
             response = client.post("/v1/taxonomies", content=yaml_text.encode())
             assert response.status_code == 413 and setting in response.json()["error"]["message"]
         assert client.get("/v1/taxonomies").json() == []

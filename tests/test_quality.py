@@ -133,13 +133,21 @@ def test_human_labels_are_checked_and_round_trip_through_csv_and_label_studio(tm
      r"task \[0\] annotation \[0\] 'result' \[0\] must be an object, got int"),
     (json.dumps([{"data": {"doc_id": "d1"}, "annotations": [{"result": [{"value": {"choices": "ham"}}]}]}]),
      "application/json", r"result \[0\] 'choices' must be a list, got str"),
-    ("doc_id,label\nd1," + "x" * 200_000 + "\n", "text/csv", "gold CSV: cannot be read at line"),
 ])
 def test_malformed_uploads_are_refused_by_name(body, content_type, problem):
-    """An export of the wrong shape, or a CSV cell over the csv module's field limit, is a 4xx naming where it went
-    wrong, not a crash."""
+    """A Label Studio export of the wrong shape is a 4xx naming where it went wrong, not a crash."""
     with pytest.raises(InvalidInput, match=problem):
         gold.parse_upload(body.encode(), content_type, "alice")
+
+
+def test_a_long_exported_text_and_old_mac_line_ends_read_back():
+    """The export writes each document whole, and a document may pass the csv module's 128 kB cell default; a
+    spreadsheet may save with \\r line ends: both upload."""
+    long_text = "word " * 40_000
+    filled = gold.to_csv([{"doc_id": "d1", "text": long_text}]).replace(",,\r\n", ",ham,bob\r\n")
+    assert gold.parse_upload(filled.encode(), "text/csv", None) == [("d1", "bob", "ham")]
+    assert gold.parse_upload(b"doc_id,label\rd1,ham\rd2,spam\r", "text/csv", "alice") == [
+        ("d1", "alice", "ham"), ("d2", "alice", "spam")]
 
 
 def test_csv_export_cannot_run_formulas_and_imports_back_to_the_same_documents(tmp_path):

@@ -33,7 +33,8 @@ from service.work.submission import SUBMITTING
 
 router = APIRouter(tags=["taxonomies"])
 
-YAML_BYTES_PER_LABEL = 500  # a label's keys, name, parent, indentation and comments, beside its counted text
+YAML_CHARS_PER_CHAR = 6  # "\u4e2d" in escaped YAML is one character of a label's text
+YAML_CHARS_PER_LABEL = 500  # a label's keys, name, parent, indentation and comments, beside its counted text
 _TUNING: defaultdict[str | None, asyncio.Lock] = defaultdict(asyncio.Lock)  # per token: one prompt tuning at a time
 
 
@@ -43,11 +44,11 @@ _TUNING: defaultdict[str | None, asyncio.Lock] = defaultdict(asyncio.Lock)  # pe
 async def push_taxonomy(request: Request) -> JSONResponse:
     """Store a taxonomy from its YAML body; a changed file becomes a new version."""
     raw = await read_upload(request, "taxonomy YAML")
-    _check_yaml_size(len(raw), hosted(request).settings)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise TaxonomyError("<request body>", [("", None, f"not valid UTF-8 at byte {exc.start}")]) from exc
+    _check_yaml_size(len(text), hosted(request).settings)
     taxonomy = await asyncio.to_thread(parse_taxonomy, text, source="<request body>")  # the loop serves others
     _check_taxonomy_size(taxonomy, hosted(request).settings)
     pushed = await asyncio.to_thread(hosted(request).store.taxonomies.put, taxonomy, text)
@@ -55,16 +56,18 @@ async def push_taxonomy(request: Request) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=201)  # "created" says whether the version is new
 
 
-def _check_yaml_size(size: int, settings: Settings) -> None:
+def _check_yaml_size(chars: int, settings: Settings) -> None:
     """Refuse YAML longer than the largest taxonomy the limits allow could need, before it is parsed: pure-Python
     YAML reads about 300 kB a second (measured), so the upload limit alone would let one request hold a worker for
-    half a minute, and every later read of the stored version parses it again."""
-    limit = 2 * settings.taxonomy_max_chars + YAML_BYTES_PER_LABEL * settings.taxonomy_max_labels
-    if size > limit:
-        raise PayloadTooLarge(f"taxonomy YAML of {size:,} bytes, over the {limit:,} that the largest taxonomy allowed "
-                              f"needs (twice ANNOTATE_TAXONOMY_MAX_CHARS for its text, quoted, and "
-                              f"{YAML_BYTES_PER_LABEL} bytes per label of ANNOTATE_TAXONOMY_MAX_LABELS for keys and "
-                              "comments); shorten its comments or raise those limits")
+    half a minute. Its text may be written six characters a character (``yaml.safe_dump`` writes non-ASCII text as
+    ``\\uXXXX`` unless told otherwise)."""
+    limit = YAML_CHARS_PER_CHAR * settings.taxonomy_max_chars + YAML_CHARS_PER_LABEL * settings.taxonomy_max_labels
+    if chars > limit:
+        raise PayloadTooLarge(f"taxonomy YAML of {chars:,} characters, over the {limit:,} that the largest taxonomy "
+                              f"allowed needs ({YAML_CHARS_PER_CHAR} per character of ANNOTATE_TAXONOMY_MAX_CHARS, as "
+                              f"escaped text may take, and {YAML_CHARS_PER_LABEL} per label of "
+                              "ANNOTATE_TAXONOMY_MAX_LABELS for keys and comments); shorten its comments or raise those "
+                              "limits")
 
 
 def _check_taxonomy_size(taxonomy: Taxonomy, settings: Settings) -> None:

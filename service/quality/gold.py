@@ -123,17 +123,15 @@ def _row(where: str, doc_id: object, label: object, annotator: object) -> tuple[
 
 def _from_csv(text: str, default_annotator: str | None) -> list[tuple[str, str, str]]:
     """Rows of a filled-in CSV; rows left without a label are skipped (not labelled yet)."""
-    reader = csv.DictReader(io.StringIO(text))
-    try:
-        missing = {"doc_id", "label"} - set(reader.fieldnames or [])
-        if missing:
-            raise InvalidInput(f"gold CSV: missing column(s) {', '.join(sorted(missing))}; the header must name "
-                               f"doc_id and label (annotator optional), as `annotate gold export` writes")
-        return [_row(f"CSV line {reader.line_num}", _csv_value(row["doc_id"]), _csv_value(row["label"]),
-                     _csv_value(row.get("annotator")) or default_annotator)
-                for row in reader if (row.get("label") or "").strip()]
-    except csv.Error as exc:  # a cell over the csv module's field limit (128 kB), a NUL byte
-        raise InvalidInput(f"gold CSV: cannot be read at line {reader.line_num}: {exc}") from exc
+    csv.field_size_limit(max(csv.field_size_limit(), len(text)))  # an exported text may pass the 128 kB default
+    reader = csv.DictReader(io.StringIO(text, newline=""))  # the csv module reads \r, \n and \r\n line ends itself
+    missing = {"doc_id", "label"} - set(reader.fieldnames or [])
+    if missing:
+        raise InvalidInput(f"gold CSV: missing column(s) {', '.join(sorted(missing))}; the header must name "
+                           f"doc_id and label (annotator optional), as `annotate gold export` writes")
+    return [_row(f"CSV line {reader.line_num}", _csv_value(row["doc_id"]), _csv_value(row["label"]),
+                 _csv_value(row.get("annotator")) or default_annotator)
+            for row in reader if (row.get("label") or "").strip()]
 
 
 def _from_label_studio(tasks: list, default_annotator: str | None) -> list[tuple[str, str, str]]:

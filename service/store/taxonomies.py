@@ -12,7 +12,7 @@ from service.store.database import Database, utc_now
 from service.taxonomy import Taxonomy, parse_taxonomy
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=16)
 def _parsed(yaml_text: str, source: str) -> Taxonomy:
     """A stored version parsed once per process (a Taxonomy is frozen): every job submission, prediction and
     console page reads its taxonomy, and a large one takes a second or more to parse."""
