@@ -10,6 +10,7 @@ unbounded taxonomies. The app runs in this process (no model is needed for any o
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -308,3 +309,29 @@ def test_taxonomy_diffs_are_bounded():
     long = "\n".join(f"line {i}" for i in range(DIFF_MAX_LINES + 1))
     assert len(_diff(long, long + "\nmore", "a", "b")) == 1
     assert _diff("a\nb", "a\nc", "x@1", "x@2")[-2:] == ["-b", "+c"]
+
+
+def test_a_download_leaves_no_file_whatever_the_client_does(tmp_path: Path):
+    """A built download is unlinked as soon as its answer exists, before a byte is sent, so a client that hangs up
+    midway leaves nothing in the downloads dir; the one that reads gets every byte, its length and its name."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from service.api.context import DOWNLOAD_CHUNK, sent_once
+    from service.files import download_path
+
+    body = os.urandom(DOWNLOAD_CHUNK * 2 + 5)
+    app = FastAPI()
+
+    @app.get("/file")
+    def file():
+        path = download_path(tmp_path / "downloads", ".bin")
+        path.write_bytes(body)
+        answer = sent_once(path, "application/octet-stream", "x.bin")
+        assert not path.exists()
+        return answer
+
+    response = TestClient(app).get("/file")
+    assert response.content == body and response.headers["content-length"] == str(len(body))
+    assert response.headers["content-disposition"] == 'attachment; filename="x.bin"'
+    assert list((tmp_path / "downloads").iterdir()) == []

@@ -7,11 +7,10 @@ import tarfile
 from pathlib import Path
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, JSONResponse
-from starlette.background import BackgroundTask
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from service.api.auth import ADMIN, READ
-from service.api.context import hosted
+from service.api.context import hosted, sent_once
 from service.api.schemas import ClassifierRequest, PredictRequest
 from service.errors import Conflict, cause_of
 from service.files import download_path
@@ -65,15 +64,14 @@ async def predict(request: Request, ref: str, body: PredictRequest) -> dict:
 
 
 @router.get("/v1/classifiers/{ref}/export", dependencies=[READ])
-async def export_classifier(request: Request, ref: str) -> FileResponse:
+async def export_classifier(request: Request, ref: str) -> StreamingResponse:
     """The student's directory as a .tar.gz: model.joblib (a scikit-learn pipeline) or a transformers model."""
     ctx = hosted(request)
     student = await _ready(request, ref)
     name = f"{student.name}-v{student.version}"
     archive = download_path(ctx.settings.download_dir, ".tar.gz")
     await asyncio.to_thread(_archive, Path(student.path or ""), archive, name)
-    return FileResponse(archive, media_type="application/gzip", filename=f"{name}.tar.gz",
-                        background=BackgroundTask(archive.unlink, missing_ok=True))
+    return sent_once(archive, "application/gzip", f"{name}.tar.gz")
 
 
 def _archive(source: Path, archive: Path, name: str) -> None:

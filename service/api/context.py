@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 
 from service.api.security import FailureCounter
 from service.api.token_store import TokenStore
@@ -63,3 +66,23 @@ def hosted(request: Request) -> Context:
     if _hosted is None:
         raise EngineUnavailable("the service is still starting; retry in a moment")
     return _hosted
+
+
+DOWNLOAD_CHUNK = 1 << 20
+
+
+def sent_once(path: Path, media_type: str, filename: str) -> StreamingResponse:
+    """A built download (``service.files.download_path``) streamed from an open handle, its file unlinked at once:
+    the disk space returns when the handle closes, whether the client reads to the end or hangs up midway (a file
+    deleted after a completed send stayed behind for every client that left early)."""
+    handle = path.open("rb")
+    size = path.stat().st_size
+    path.unlink()
+
+    def chunks() -> Iterator[bytes]:
+        with handle:
+            while chunk := handle.read(DOWNLOAD_CHUNK):
+                yield chunk
+
+    return StreamingResponse(chunks(), media_type=media_type, headers={
+        "content-length": str(size), "content-disposition": f'attachment; filename="{filename}"'})

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from starlette.background import BackgroundTask
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from service.api.auth import READ, WRITE, caller_of
-from service.api.context import hosted
+from service.api.context import hosted, sent_once
 from service.api.schemas import (
     JobCreated,
     JobStatus,
@@ -71,8 +70,7 @@ async def job_labels(request: Request, job_id: str, format: LabelsFormat = Query
     if format == "parquet":
         path = download_path(ctx.settings.download_dir, ".parquet")
         await asyncio.to_thread(_write_parquet, ctx.store, job_id, path)
-        return FileResponse(path, media_type="application/vnd.apache.parquet", filename=f"{job_id}.parquet",
-                            background=BackgroundTask(path.unlink, missing_ok=True))
+        return sent_once(path, "application/vnd.apache.parquet", f"{job_id}.parquet")
     return StreamingResponse(_jsonl(ctx.store, job_id), media_type="application/x-ndjson")
 
 
