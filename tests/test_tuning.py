@@ -252,19 +252,24 @@ def test_bad_tuning_requests_are_refused_naming_the_field(service, tuned_taxonom
     assert answer.status_code == status and words in answer.text, answer.text
 
 
-def test_a_second_tuning_of_the_same_caller_is_refused_while_one_runs(in_process):
-    """A tuning takes minutes: another from the same caller meanwhile is 429, and job submissions are not held back."""
+@pytest.mark.parametrize("module, guard, route, body, words", [
+    ("taxonomies", "TUNING", "/v1/taxonomies/sms-spam/tune", {"documents": [{"text": "hi"}, {"text": "yo"}]},
+     "prompt tuning"),
+    ("quality", "RECOMPUTING", "/v1/jobs/any/label-issues", {"kind": "llm"}, "label-issue ranking"),
+    ("quality", "RECOMPUTING", "/v1/jobs/any/aggregate", {"method": "refined"}, "re-aggregation"),
+])
+def test_a_second_long_run_of_the_same_caller_is_refused_while_one_runs(in_process, module, guard, route, body, words):
+    """A tuning, a label-issue ranking or a re-aggregation takes minutes on the ingress's threads: another from the
+    same caller meanwhile is 429, and job submissions are not held back."""
     import asyncio
+    import importlib
 
-    from service.api import taxonomies
-
-    lock = taxonomies._TUNING[None]  # the loopback caller's (no token)
+    lock = getattr(importlib.import_module(f"service.api.{module}"), guard)._locks[None]  # the loopback caller's
     asyncio.run(lock.acquire())  # uncontended: takes the lock without binding it to this loop
     try:
-        refused = in_process.client.post("/v1/taxonomies/sms-spam/tune",
-                                         json={"documents": [{"text": "hi"}, {"text": "yo"}]})
+        refused = in_process.client.post(route, json=body)
         submitted = in_process.client.post("/v1/jobs", json={"taxonomy": "sms-spam", "documents": [{"text": "hi"}]})
     finally:
         lock.release()
-    assert refused.status_code == 429 and "prompt tuning" in refused.text, refused.text
+    assert refused.status_code == 429 and words in refused.text, refused.text
     assert submitted.status_code == 202, submitted.text

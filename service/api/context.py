@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,7 +15,7 @@ from fastapi.responses import StreamingResponse
 
 from service.api.security import FailureCounter
 from service.api.token_store import TokenStore
-from service.errors import EngineUnavailable, PayloadTooLarge
+from service.errors import EngineUnavailable, PayloadTooLarge, TooManyRequests
 from service.settings import Settings
 from service.store import Store
 from service.work.inductions import InductionRunner
@@ -86,3 +89,24 @@ def sent_once(path: Path, media_type: str, filename: str) -> StreamingResponse:
 
     return StreamingResponse(chunks(), media_type=media_type, headers={
         "content-length": str(size), "content-disposition": f'attachment; filename="{filename}"'})
+
+
+class OneAtATime:
+    """Per token, one run of an operation that takes minutes at a time; a second while it runs is a 429.
+
+    Such work runs on the ingress's threads, which every route and the token lookup share: a few
+    callers each starting many would hold them all.
+    """
+
+    def __init__(self, what: str):
+        self.what = what
+        self._locks: defaultdict[str | None, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    @asynccontextmanager
+    async def held(self, token_id: str | None) -> AsyncIterator[None]:
+        """Run the block as this token's one run, or refuse it."""
+        lock = self._locks[token_id]
+        if lock.locked():
+            raise TooManyRequests(f"{self.what} of this token is running; wait for its answer before starting another")
+        async with lock:
+            yield

@@ -7,8 +7,8 @@ import asyncio
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from service.api.auth import READ, WRITE
-from service.api.context import hosted, read_upload
+from service.api.auth import READ, WRITE, caller_of
+from service.api.context import OneAtATime, hosted, read_upload
 from service.api.schemas import AggregateRequest, CalibrateRequest, EstimateRequest, GoldSampleRequest, LabelIssuesRequest
 from service.quality import gold
 from service.quality import report as quality
@@ -88,6 +88,9 @@ async def estimate_job(request: Request, job_id: str, body: EstimateRequest) -> 
                                    level=body.level, seed=body.seed)
 
 
+RECOMPUTING = OneAtATime("a label-issue ranking or a re-aggregation")  # each embeds or refines a whole job
+
+
 @router.get("/v1/jobs/{job_id}/label-issues", dependencies=[READ])
 async def job_label_issues(request: Request, job_id: str, kind: IssueKind = Query("gold"),
                            limit: int = Query(50, ge=1, le=10_000)) -> dict:
@@ -98,8 +101,9 @@ async def job_label_issues(request: Request, job_id: str, kind: IssueKind = Quer
 @router.post("/v1/jobs/{job_id}/label-issues", dependencies=[WRITE])
 async def rank_label_issues(request: Request, job_id: str, body: LabelIssuesRequest) -> dict:
     """Rank likely label errors among gold labels or the job's own labels now, and keep the ranking."""
-    return await asyncio.to_thread(quality.label_issues, hosted(request).store, job_id, kind=body.kind,
-                                   limit=body.limit, max_documents=body.max_documents)
+    async with RECOMPUTING.held(caller_of(request).token_id):
+        return await asyncio.to_thread(quality.label_issues, hosted(request).store, job_id, kind=body.kind,
+                                       limit=body.limit, max_documents=body.max_documents)
 
 
 @router.get("/v1/jobs/{job_id}/agreement", dependencies=[READ])
@@ -112,7 +116,8 @@ async def job_agreement(request: Request, job_id: str) -> dict:
 async def aggregate_job(request: Request, job_id: str, body: AggregateRequest) -> dict:
     """Recompute a several-annotator job's labels with another method."""
     ctx = hosted(request)
-    method = await asyncio.to_thread(ctx.runner.aggregate, job_id, body.method)
+    async with RECOMPUTING.held(caller_of(request).token_id):
+        method = await asyncio.to_thread(ctx.runner.aggregate, job_id, body.method)
     await asyncio.to_thread(quality.refresh_report, ctx.store, job_id)  # the labels changed
     await asyncio.to_thread(quality.forget_label_issues, ctx.store, job_id, ("gold", "llm"))
     job = await asyncio.to_thread(ctx.store.jobs.get, job_id)

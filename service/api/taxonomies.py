@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections import defaultdict
 from dataclasses import asdict
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from service.api.auth import READ, WRITE, caller_of
-from service.api.context import Context, hosted, read_upload
+from service.api.context import Context, OneAtATime, hosted, read_upload
 from service.api.schemas import (
     InductionRequest,
     InductionStatus,
@@ -35,7 +34,7 @@ router = APIRouter(tags=["taxonomies"])
 
 YAML_CHARS_PER_CHAR = 6  # "\u4e2d" in escaped YAML is one character of a label's text
 YAML_CHARS_PER_LABEL = 500  # a label's keys, name, parent, indentation and comments, beside its counted text
-_TUNING: defaultdict[str | None, asyncio.Lock] = defaultdict(asyncio.Lock)  # per token: one prompt tuning at a time
+TUNING = OneAtATime("a prompt tuning")  # apart from submissions: a tuning takes minutes and must not hold jobs back
 
 
 @router.post("/v1/taxonomies", dependencies=[WRITE], status_code=201, response_model=TaxonomyCreated,
@@ -103,10 +102,7 @@ async def tune_taxonomy(request: Request, name: str, body: TuneRequest) -> dict:
     ctx, caller = hosted(request), caller_of(request)
     texts = [check_document(f"documents[{i}]", i, d.text, None, max_chars=ctx.settings.max_document_chars)["text"]
              for i, d in enumerate(body.documents)]
-    lock = _TUNING[caller.token_id]  # apart from submissions: a tuning takes minutes and must not hold jobs back
-    if lock.locked():
-        raise TooManyRequests("a prompt tuning of this token is running; wait for its answer before starting another")
-    async with lock:
+    async with TUNING.held(caller.token_id):
         return await tune(ctx.runner.panels, name, body.taxonomy_version, body.model, texts,
                           [d.label for d in body.documents], body.prompts, body.calibrations)
 
