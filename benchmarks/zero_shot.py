@@ -105,7 +105,7 @@ def measure(name: str, engine, embedder, args) -> list[list]:
     from service.work.jobs import AUTO_TUNE_DOCUMENTS
 
     taxonomy_file, data_file, column = DATASETS[name]
-    taxonomy = load_taxonomy(ROOT / "taxonomy" / taxonomy_file)
+    taxonomy = load_taxonomy(args.taxonomy_dir / taxonomy_file)
     rows, train = sample(DATA / data_file, column, args.n, args.train, args.seed)
     texts, truth = [r["text"] for r in rows], [r["label"] for r in rows]
     chars = Settings().model_input_chars
@@ -297,6 +297,9 @@ def main() -> None:
                         help="a sentence-transformers checkpoint to read documents with (ANNOTATE_EMBEDDING_MODEL_DIR; "
                              "default: the packaged MiniLM)")
     parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated, from " + ", ".join(DATASETS))
+    parser.add_argument("--taxonomy-dir", type=Path, default=ROOT / "taxonomy",
+                        help="where the datasets' taxonomy files are (same file names), e.g. benchmarks/taxonomies/terse "
+                             "for one-line descriptions without examples")
     args = parser.parse_args()
     from service.engines.embedded import EmbeddedEngine
     from service.engines.embeddings import Embedder
@@ -314,6 +317,7 @@ def main() -> None:
     print_facts("Zero-shot label quality, in-process", [
         *machine_facts(), f"engine: {engine.info.model}, {engine.numeric.dtype}; embedding annotator: {embedder.identity}",
         f"samples: seed {args.seed}, up to {args.n} documents per dataset; baseline trained on {args.train} others",
+        f"taxonomies: {args.taxonomy_dir}",
         load_now()])
     print_table(["dataset", "method (no human label unless stated)", "accuracy [95% CI]"], table,
                 "Every method labels the same documents; the panels aggregate the classify and embedding rows above.")

@@ -54,6 +54,15 @@ def test_shipped_taxonomy_loads_and_is_named_after_its_file(path):
     assert path.read_text(encoding="utf-8").startswith("#")  # the comment header
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "benchmarks" / "taxonomies" / "terse").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_terse_benchmark_taxonomies_match_the_shipped_labels(path):
+    """The benchmark's terse taxonomies (one line a label, no examples) label what the shipped ones do."""
+    terse, shipped = load_taxonomy(path), load_taxonomy(ROOT / "taxonomy" / path.name)
+    assert terse.label_names() == shipped.label_names()
+    assert not any(label.examples for label in terse.labels)
+
+
 def test_shipped_label_sets():
     assert load_taxonomy(ROOT / "taxonomy/sms-spam.yaml").label_names() == ["ham", "spam"]
     coarse = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
