@@ -33,7 +33,7 @@ from pydantic_core import ErrorDetails
 from service.errors import NotFound, TaxonomyError
 from service.vocabulary import LongDocuments
 
-__all__ = ["NONE_LABEL", "Abstention", "Label", "Taxonomy", "format_loc", "load_taxonomy", "parse_taxonomy"]
+__all__ = ["NONE_LABEL", "Abstention", "Label", "Taxonomy", "advice", "format_loc", "load_taxonomy", "parse_taxonomy"]
 
 NONE_LABEL = "none_of_these"
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
@@ -275,6 +275,23 @@ class Taxonomy(_Model):
         unset = {name for name in ("shortlist", "demonstrations") if getattr(self, name) is None}  # older hashes stay
         canonical = json.dumps(self.model_dump(exclude=unset), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:12]
+
+
+MIN_EXAMPLES = 2  # per label, below which ``advice`` speaks up
+
+
+def advice(taxonomy: Taxonomy) -> list[str]:
+    """What would make a valid taxonomy label better: labels with fewer than ``MIN_EXAMPLES`` examples. Measured on the
+    development data, the default job read SMS / Rotten Tomatoes / TREC at 95.0 / 68.7 / 72.3% with 2-3 examples a label
+    and at 77.3 / 39.3 / 49.3% with the same taxonomies less their examples (docs/taxonomy.md)."""
+    few = [label.name for label in taxonomy.leaves() if len(label.examples) < MIN_EXAMPLES]
+    if not few:
+        return []
+    listed = ", ".join(few[:MAX_LISTED]) + (f" and {len(few) - MAX_LISTED:,} more" if len(few) > MAX_LISTED else "")
+    return [f"{len(few)} of {len(taxonomy.leaves())} labels have fewer than {MIN_EXAMPLES} examples ({listed}): the "
+            "default job reads documents against each label's examples, and measured far less accurately without "
+            "them (below the majority class on two of three datasets); add 2-4 short, realistic examples a label "
+            "(docs/taxonomy.md, 'Write examples')"]
 
 
 def load_taxonomy(path: str | Path) -> Taxonomy:

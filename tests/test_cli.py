@@ -17,7 +17,10 @@ def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 def test_validate_ok_and_error_with_line(tmp_path):
     """A good file prints its version; a bad one exits 1 with FILE:LINE: FIELD: MESSAGE."""
     good = _run("taxonomy", "validate", str(REPO / "taxonomy" / "news-topics.yaml"))
-    assert good.returncode == 0 and "news-topics" in good.stdout
+    assert good.returncode == 0 and "news-topics" in good.stdout and "advice" not in good.stdout
+    terse = _run("taxonomy", "validate", str(REPO / "benchmarks" / "taxonomies" / "terse" / "sms-spam.yaml"))
+    printed = " ".join(terse.stdout.split())  # the console wraps long lines
+    assert terse.returncode == 0 and "advice: 2 of 2 labels have fewer than 2 examples (ham, spam)" in printed
     bad_file = tmp_path / "bad.yaml"
     bad_file.write_text((REPO / "taxonomy" / "sms-spam.yaml").read_text().replace("- name: spam", "- name: ham"))
     bad = _run("taxonomy", "validate", str(bad_file))

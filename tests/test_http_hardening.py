@@ -253,6 +253,17 @@ def test_taxonomy_size_limits_name_their_settings(server):
         assert client.get("/v1/taxonomies").json() == []
 
 
+def test_a_pushed_taxonomy_without_examples_gets_advice(server):
+    """Stored all the same, with advice naming the labels that have fewer than two examples."""
+    bare = "name: bare\ndescription: d\ninstruction: i\nlabels:\n  - {name: a, description: A.}\n" \
+           "  - {name: b, description: B., examples: [one b, two b]}\n"
+    with httpx.Client(base_url=server) as client:
+        pushed = client.post("/v1/taxonomies", content=bare.encode())
+    assert pushed.status_code == 201 and pushed.json()["created"]
+    [advice] = pushed.json()["advice"]
+    assert advice.startswith("1 of 2 labels have fewer than 2 examples (a): ")
+
+
 def test_templates_render_sandboxed(tmp_path: Path):
     """Even a template in the registry cannot reach Python: the SSTI payload raises instead of running."""
     from jinja2.exceptions import SecurityError

@@ -63,6 +63,16 @@ def test_terse_benchmark_taxonomies_match_the_shipped_labels(path):
     assert not any(label.examples for label in terse.labels)
 
 
+def test_advice_names_the_labels_without_enough_examples():
+    """A valid taxonomy whose labels have fewer than two examples gets advice naming them (the default job reads
+    documents against the examples); one with enough gets none."""
+    from service.taxonomy import advice
+
+    [line] = advice(parse_taxonomy(TWO_LABELS))
+    assert line.startswith("2 of 2 labels have fewer than 2 examples (a, b): ")
+    assert advice(load_taxonomy(ROOT / "taxonomy" / "sms-spam.yaml")) == []
+
+
 def test_shipped_label_sets():
     assert load_taxonomy(ROOT / "taxonomy/sms-spam.yaml").label_names() == ["ham", "spam"]
     coarse = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]

@@ -27,7 +27,7 @@ from service.errors import (
 from service.induction.inducer import InductionOptions, sample_texts
 from service.labelling.tuning import tune
 from service.settings import Settings
-from service.taxonomy import Taxonomy, parse_taxonomy
+from service.taxonomy import Taxonomy, advice, parse_taxonomy
 from service.work.submission import SUBMITTING
 
 router = APIRouter(tags=["taxonomies"])
@@ -51,7 +51,7 @@ async def push_taxonomy(request: Request) -> JSONResponse:
     taxonomy = await asyncio.to_thread(parse_taxonomy, text, source="<request body>")  # the loop serves others
     _check_taxonomy_size(taxonomy, hosted(request).settings)
     pushed = await asyncio.to_thread(hosted(request).store.taxonomies.put, taxonomy, text)
-    body = TaxonomyCreated(name=taxonomy.name, version=pushed.version, created=pushed.created)
+    body = TaxonomyCreated(name=taxonomy.name, version=pushed.version, created=pushed.created, advice=advice(taxonomy))
     return JSONResponse(body.model_dump(), status_code=201)  # "created" says whether the version is new
 
 

@@ -55,13 +55,15 @@ def serve(
 @taxonomy_app.command("validate")
 def taxonomy_validate(file: Path) -> None:
     """Check a taxonomy file; problems are printed as FILE:LINE: FIELD: MESSAGE."""
-    from service.taxonomy import load_taxonomy
+    from service.taxonomy import advice, load_taxonomy
 
     try:
         taxonomy = load_taxonomy(file)
     except AnnotateError as exc:
         fail(str(exc))
     console.print(f"{file}: ok — {taxonomy.name}, {len(taxonomy.label_names())} labels, version {taxonomy.content_hash()}")
+    for line in advice(taxonomy):
+        console.print(f"{file}: advice: {line}")
 
 
 @taxonomy_app.command("induce")
