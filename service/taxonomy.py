@@ -288,7 +288,7 @@ def advice(taxonomy: Taxonomy) -> list[str]:
     if not few:
         return []
     listed = ", ".join(few[:MAX_LISTED]) + (f" and {len(few) - MAX_LISTED:,} more" if len(few) > MAX_LISTED else "")
-    return [f"{len(few)} of {len(taxonomy.leaves())} labels have fewer than {MIN_EXAMPLES} examples ({listed}): the "
+    return [f"{len(few):,} of {len(taxonomy.leaves()):,} labels have fewer than {MIN_EXAMPLES} examples ({listed}): the "
             "default job reads documents against each label's examples, and measured far less accurately without "
             "them (below the majority class on two of three datasets); add 2-4 short, realistic examples a label "
             "(docs/taxonomy.md, 'Write examples')"]

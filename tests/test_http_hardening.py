@@ -344,5 +344,31 @@ def test_a_download_leaves_no_file_whatever_the_client_does(tmp_path: Path):
 
     response = TestClient(app).get("/file")
     assert response.content == body and response.headers["content-length"] == str(len(body))
-    assert response.headers["content-disposition"] == 'attachment; filename="x.bin"'
+    assert response.headers["content-disposition"] == "attachment; filename*=utf-8''x.bin"
     assert list((tmp_path / "downloads").iterdir()) == []
+
+
+def test_a_long_run_keeps_its_turn_until_its_work_ends_even_when_the_request_is_cancelled():
+    """A client that hangs up cancels its request, not the thread doing the work: the token's turn stays taken (429 for
+    another) until that work has finished, and is free after it."""
+    import asyncio
+
+    from service.api.context import OneAtATime
+    from service.errors import TooManyRequests
+
+    async def scenario() -> None:
+        guard, finish = OneAtATime("a test run"), threading.Event()
+        request = asyncio.ensure_future(guard.run("t", asyncio.to_thread(finish.wait)))
+        await asyncio.sleep(0)  # the run takes the turn and starts its thread
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        with pytest.raises(TooManyRequests, match="a test run of this token is running"):
+            await guard.run("t", asyncio.sleep(0))
+        finish.set()
+        deadline = time.monotonic() + 60
+        while guard._locks["t"].locked() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert await guard.run("t", asyncio.sleep(0, result="next")) == "next"
+
+    asyncio.run(scenario())

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from service.api.auth import ADMIN, READ
-from service.api.context import hosted, sent_once
+from service.api.context import built, hosted, sent_once
 from service.api.schemas import ClassifierRequest, PredictRequest
 from service.errors import Conflict, cause_of
 from service.files import download_path
@@ -69,8 +69,8 @@ async def export_classifier(request: Request, ref: str) -> StreamingResponse:
     ctx = hosted(request)
     student = await _ready(request, ref)
     name = f"{student.name}-v{student.version}"
-    archive = download_path(ctx.settings.download_dir, ".tar.gz")
-    await asyncio.to_thread(_archive, Path(student.path or ""), archive, name)
+    archive = await built(download_path(ctx.settings.download_dir, ".tar.gz"),
+                          lambda out: _archive(Path(student.path or ""), out, name))
     return sent_once(archive, "application/gzip", f"{name}.tar.gz")
 
 

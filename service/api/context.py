@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import quote
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -72,15 +73,28 @@ def hosted(request: Request) -> Context:
 
 
 DOWNLOAD_CHUNK = 1 << 20
+T = TypeVar("T")
+
+
+async def built(path: Path, build: Callable[[Path], None]) -> Path:
+    """``path`` after ``build`` wrote it on a worker thread; removed if the build fails or its request is cancelled."""
+    try:
+        await asyncio.to_thread(build, path)
+    except BaseException:
+        path.unlink(missing_ok=True)  # a cancelled build's thread may still be writing: to an unlinked file
+        raise
+    return path
 
 
 def sent_once(path: Path, media_type: str, filename: str) -> StreamingResponse:
-    """A built download (``service.files.download_path``) streamed from an open handle, its file unlinked at once:
-    the disk space returns when the handle closes, whether the client reads to the end or hangs up midway (a file
-    deleted after a completed send stayed behind for every client that left early)."""
+    """A built download (``service.files.download_path``, ``built``) streamed from an open handle, its file unlinked
+    at once: the disk space returns when the handle closes, whether the client reads to the end or hangs up midway (a
+    file deleted after a completed send stayed behind for every client that left early)."""
     handle = path.open("rb")
-    size = path.stat().st_size
-    path.unlink()
+    try:
+        size = os.fstat(handle.fileno()).st_size
+    finally:
+        path.unlink(missing_ok=True)
 
     def chunks() -> Iterator[bytes]:
         with handle:
@@ -88,25 +102,30 @@ def sent_once(path: Path, media_type: str, filename: str) -> StreamingResponse:
                 yield chunk
 
     return StreamingResponse(chunks(), media_type=media_type, headers={
-        "content-length": str(size), "content-disposition": f'attachment; filename="{filename}"'})
+        "content-length": str(size), "content-disposition": f"attachment; filename*=utf-8''{quote(filename)}"})
 
 
 class OneAtATime:
     """Per token, one run of an operation that takes minutes at a time; a second while it runs is a 429.
 
     Such work runs on the ingress's threads, which every route and the token lookup share: a few
-    callers each starting many would hold them all.
+    callers each starting many would hold them all. The run is shielded from the request's
+    cancellation (a client that hangs up, a proxy timeout) and holds the token's turn until it
+    has really finished: a thread cannot be stopped, so a turn freed at the cancellation would
+    let a caller that hangs up and asks again start run after run.
     """
 
     def __init__(self, what: str):
         self.what = what
         self._locks: defaultdict[str | None, asyncio.Lock] = defaultdict(asyncio.Lock)
 
-    @asynccontextmanager
-    async def held(self, token_id: str | None) -> AsyncIterator[None]:
-        """Run the block as this token's one run, or refuse it."""
+    async def run(self, token_id: str | None, work: Coroutine[Any, Any, T]) -> T:
+        """``work``'s result, as this token's one run, or a 429 (``work`` is then never started)."""
         lock = self._locks[token_id]
         if lock.locked():
+            work.close()
             raise TooManyRequests(f"{self.what} of this token is running; wait for its answer before starting another")
-        async with lock:
-            yield
+        await lock.acquire()  # free: no other run of this token can start between the check and here
+        task = asyncio.ensure_future(work)
+        task.add_done_callback(lambda _: lock.release())
+        return await asyncio.shield(task)

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from service.api.auth import READ, WRITE, caller_of
-from service.api.context import hosted, sent_once
+from service.api.context import built, hosted, sent_once
 from service.api.schemas import (
     JobCreated,
     JobStatus,
@@ -68,8 +68,8 @@ async def job_labels(request: Request, job_id: str, format: LabelsFormat = Query
     ctx = hosted(request)
     await asyncio.to_thread(ctx.store.jobs.state, job_id)  # 404 before the stream starts
     if format == "parquet":
-        path = download_path(ctx.settings.download_dir, ".parquet")
-        await asyncio.to_thread(_write_parquet, ctx.store, job_id, path)
+        path = await built(download_path(ctx.settings.download_dir, ".parquet"),
+                           lambda out: _write_parquet(ctx.store, job_id, out))
         return sent_once(path, "application/vnd.apache.parquet", f"{job_id}.parquet")
     return StreamingResponse(_jsonl(ctx.store, job_id), media_type="application/x-ndjson")
 

@@ -101,9 +101,9 @@ async def job_label_issues(request: Request, job_id: str, kind: IssueKind = Quer
 @router.post("/v1/jobs/{job_id}/label-issues", dependencies=[WRITE])
 async def rank_label_issues(request: Request, job_id: str, body: LabelIssuesRequest) -> dict:
     """Rank likely label errors among gold labels or the job's own labels now, and keep the ranking."""
-    async with RECOMPUTING.held(caller_of(request).token_id):
-        return await asyncio.to_thread(quality.label_issues, hosted(request).store, job_id, kind=body.kind,
-                                       limit=body.limit, max_documents=body.max_documents)
+    return await RECOMPUTING.run(caller_of(request).token_id, asyncio.to_thread(
+        quality.label_issues, hosted(request).store, job_id, kind=body.kind, limit=body.limit,
+        max_documents=body.max_documents))
 
 
 @router.get("/v1/jobs/{job_id}/agreement", dependencies=[READ])
@@ -112,13 +112,19 @@ async def job_agreement(request: Request, job_id: str) -> dict:
     return await asyncio.to_thread(quality.annotator_agreement, hosted(request).store, job_id)
 
 
+def _reaggregated(ctx, job_id: str, method: str) -> str:
+    """Relabel a job with ``method``, then refresh what its labels feed (the report; label issues are stale)."""
+    chosen = ctx.runner.aggregate(job_id, method)
+    quality.refresh_report(ctx.store, job_id)
+    quality.forget_label_issues(ctx.store, job_id, ("gold", "llm"))
+    return chosen
+
+
 @router.post("/v1/jobs/{job_id}/aggregate", dependencies=[WRITE])
 async def aggregate_job(request: Request, job_id: str, body: AggregateRequest) -> dict:
     """Recompute a several-annotator job's labels with another method."""
     ctx = hosted(request)
-    async with RECOMPUTING.held(caller_of(request).token_id):
-        method = await asyncio.to_thread(ctx.runner.aggregate, job_id, body.method)
-    await asyncio.to_thread(quality.refresh_report, ctx.store, job_id)  # the labels changed
-    await asyncio.to_thread(quality.forget_label_issues, ctx.store, job_id, ("gold", "llm"))
+    method = await RECOMPUTING.run(caller_of(request).token_id, asyncio.to_thread(_reaggregated, ctx, job_id,
+                                                                                  body.method))
     job = await asyncio.to_thread(ctx.store.jobs.get, job_id)
     return {"job_id": job_id, "aggregation": method, "refinement": job.annotator_spec.get("refinement")}

@@ -161,7 +161,7 @@ class TaxonomyCreated(BaseModel):
     name: str
     version: str
     created: bool
-    advice: list[str] = Field(default=[], description="What would make it label better (labels without examples).")
+    advice: list[str] = Field(default_factory=list, description="What would make it label better (labels without examples).")
 
 
 class SqlRequest(BaseModel):

@@ -102,9 +102,8 @@ async def tune_taxonomy(request: Request, name: str, body: TuneRequest) -> dict:
     ctx, caller = hosted(request), caller_of(request)
     texts = [check_document(f"documents[{i}]", i, d.text, None, max_chars=ctx.settings.max_document_chars)["text"]
              for i, d in enumerate(body.documents)]
-    async with TUNING.held(caller.token_id):
-        return await tune(ctx.runner.panels, name, body.taxonomy_version, body.model, texts,
-                          [d.label for d in body.documents], body.prompts, body.calibrations)
+    return await TUNING.run(caller.token_id, tune(ctx.runner.panels, name, body.taxonomy_version, body.model, texts,
+                                                  [d.label for d in body.documents], body.prompts, body.calibrations))
 
 
 @router.post("/v1/taxonomies:induce", dependencies=[WRITE], status_code=202)

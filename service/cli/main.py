@@ -63,7 +63,7 @@ def taxonomy_validate(file: Path) -> None:
         fail(str(exc))
     console.print(f"{file}: ok — {taxonomy.name}, {len(taxonomy.label_names())} labels, version {taxonomy.content_hash()}")
     for line in advice(taxonomy):
-        console.print(f"{file}: advice: {line}")
+        console.print(f"{file}: advice: {line}", soft_wrap=True)
 
 
 @taxonomy_app.command("induce")
