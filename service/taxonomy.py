@@ -40,7 +40,7 @@ _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _CROSS_CHECKED = "taxonomy_cross_checked"  # context flag: parse_taxonomy runs the cross checks itself
 
 MAX_PROBLEMS = 50  # a file's problems reported at once; more say how many (a hostile file can have one per line)
-MAX_LISTED = 20  # names an unknown parent's message lists
+MAX_LISTED = 20  # names a message lists (unknown parents, a cycle, labels without examples)
 
 
 class _Refused(Exception):
@@ -70,17 +70,19 @@ class _Loader(yaml.SafeLoader):
 
     def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
         """An int, refusing an explicitly tagged base-60 one (``!!int 1:1:1``)."""
-        if ":" in str(node.value):
-            raise yaml.constructor.ConstructorError(None, None, "base-60 numbers (1:20) are not supported; quote "
-                                                    "the value", node.start_mark)
-        return super().construct_yaml_int(node)
+        return super().construct_yaml_int(_not_base_60(node))
 
     def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
         """A float, refusing an explicitly tagged base-60 one."""
-        if ":" in str(node.value):
-            raise yaml.constructor.ConstructorError(None, None, "base-60 numbers (1:20.5) are not supported; quote "
-                                                    "the value", node.start_mark)
-        return super().construct_yaml_float(node)
+        return super().construct_yaml_float(_not_base_60(node))
+
+
+def _not_base_60(node: yaml.ScalarNode) -> yaml.ScalarNode:
+    """The node, unless it is a base-60 number (``1:20``), which is refused at its line."""
+    if ":" in str(node.value):
+        raise yaml.constructor.ConstructorError(None, None, "base-60 numbers (1:20) are not supported; quote the value",
+                                                node.start_mark)
+    return node
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -287,8 +289,7 @@ def advice(taxonomy: Taxonomy) -> list[str]:
     few = [label.name for label in taxonomy.leaves() if len(label.examples) < MIN_EXAMPLES]
     if not few:
         return []
-    listed = ", ".join(few[:MAX_LISTED]) + (f" and {len(few) - MAX_LISTED:,} more" if len(few) > MAX_LISTED else "")
-    return [f"{len(few):,} of {len(taxonomy.leaves()):,} labels have fewer than {MIN_EXAMPLES} examples ({listed}): the "
+    return [f"{len(few):,} of {len(taxonomy.leaves()):,} labels have fewer than {MIN_EXAMPLES} examples ({_listed(few)}): the "
             "default job reads documents against each label's examples, and measured far less accurately without "
             "them (below the majority class on two of three datasets); add 2-4 short, realistic examples a label "
             "(docs/taxonomy.md, 'Write examples')"]
@@ -480,6 +481,12 @@ def _cycles(parent_of: dict[str, str | None]) -> list[list[str]]:
     return cycles
 
 
+def _listed(names: list[str]) -> str:
+    """'a, b, c' with at most ``MAX_LISTED`` names, then how many more."""
+    more = f" and {len(names) - MAX_LISTED:,} more" if len(names) > MAX_LISTED else ""
+    return ", ".join(names[:MAX_LISTED]) + more
+
+
 def _listed_cycle(chain: list[str]) -> str:
     """A cycle as 'a -> b -> a', its first ``MAX_LISTED`` labels only when it is longer."""
     shown = chain if len(chain) <= MAX_LISTED else [*chain[:MAX_LISTED], f"... ({len(chain):,} labels in all)"]
@@ -512,9 +519,8 @@ def _cross_problems(entries: Sequence[tuple[str | None, str | None]], multi_labe
         valid = [n for n in first if n != name]
         close = difflib.get_close_matches(parent, valid, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        listed = ", ".join(repr(n) for n in valid[:MAX_LISTED]) + (f" and {len(valid) - MAX_LISTED:,} more"
-                                                                    if len(valid) > MAX_LISTED else "")
-        problems.append((("labels", i, "parent"), f"unknown parent '{parent}'; {hint}valid parents: {listed}"))
+        problems.append((("labels", i, "parent"), f"unknown parent '{parent}'; {hint}valid parents: "
+                                                    f"{_listed([repr(n) for n in valid])}"))
     problems += [(("labels", i, "parent"), f"unknown parent '{parent}'") for i, _, parent in unknown[MAX_PROBLEMS:]]
     problems += [(("labels", first[chain[0]], "parent"), f"parent cycle {_listed_cycle(chain)}; a label cannot be its "
                   "own ancestor, so remove one of these parents") for chain in _cycles(parent_of)]

@@ -13,7 +13,6 @@ from service.api.auth import ADMIN, READ
 from service.api.context import built, hosted, sent_once
 from service.api.schemas import ClassifierRequest, PredictRequest
 from service.errors import Conflict, cause_of
-from service.files import download_path
 from service.store.classifiers import Classifier, ClassifierSummary
 from service.work.trainings import as_labels
 
@@ -69,8 +68,7 @@ async def export_classifier(request: Request, ref: str) -> StreamingResponse:
     ctx = hosted(request)
     student = await _ready(request, ref)
     name = f"{student.name}-v{student.version}"
-    archive = await built(download_path(ctx.settings.download_dir, ".tar.gz"),
-                          lambda out: _archive(Path(student.path or ""), out, name))
+    archive = await built(ctx.settings.download_dir, ".tar.gz", lambda out: _archive(Path(student.path or ""), out, name))
     return sent_once(archive, "application/gzip", f"{name}.tar.gz")
 
 

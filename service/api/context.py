@@ -17,6 +17,7 @@ from fastapi.responses import StreamingResponse
 from service.api.security import FailureCounter
 from service.api.token_store import TokenStore
 from service.errors import EngineUnavailable, PayloadTooLarge, TooManyRequests
+from service.files import download_path
 from service.settings import Settings
 from service.store import Store
 from service.work.inductions import InductionRunner
@@ -76,8 +77,10 @@ DOWNLOAD_CHUNK = 1 << 20
 T = TypeVar("T")
 
 
-async def built(path: Path, build: Callable[[Path], None]) -> Path:
-    """``path`` after ``build`` wrote it on a worker thread; removed if the build fails or its request is cancelled."""
+async def built(directory: Path, suffix: str, build: Callable[[Path], None]) -> Path:
+    """A fresh download file (``download_path``) that ``build`` wrote on a worker thread; removed if the build fails or
+    its request is cancelled."""
+    path = download_path(directory, suffix)
     try:
         await asyncio.to_thread(build, path)
     except BaseException:
@@ -87,7 +90,7 @@ async def built(path: Path, build: Callable[[Path], None]) -> Path:
 
 
 def sent_once(path: Path, media_type: str, filename: str) -> StreamingResponse:
-    """A built download (``service.files.download_path``, ``built``) streamed from an open handle, its file unlinked
+    """A built download (``built``) streamed from an open handle, its file unlinked
     at once: the disk space returns when the handle closes, whether the client reads to the end or hangs up midway (a
     file deleted after a completed send stayed behind for every client that left early)."""
     handle = path.open("rb")

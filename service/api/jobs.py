@@ -22,7 +22,6 @@ from service.api.security import OPERATOR
 from service.errors import (
     Conflict,
 )
-from service.files import download_path
 from service.store import Store
 from service.store.jobs import JobSummary
 from service.vocabulary import LabelsFormat
@@ -68,8 +67,7 @@ async def job_labels(request: Request, job_id: str, format: LabelsFormat = Query
     ctx = hosted(request)
     await asyncio.to_thread(ctx.store.jobs.state, job_id)  # 404 before the stream starts
     if format == "parquet":
-        path = await built(download_path(ctx.settings.download_dir, ".parquet"),
-                           lambda out: _write_parquet(ctx.store, job_id, out))
+        path = await built(ctx.settings.download_dir, ".parquet", lambda out: _write_parquet(ctx.store, job_id, out))
         return sent_once(path, "application/vnd.apache.parquet", f"{job_id}.parquet")
     return StreamingResponse(_jsonl(ctx.store, job_id), media_type="application/x-ndjson")
 
